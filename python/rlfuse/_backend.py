@@ -1,0 +1,189 @@
+"""Backend discovery and selection shared by every op family.
+
+Backends:
+    "cpu"     C++ with OpenMP in rlfuse._C (built for several ISA levels, one picked at run time)
+    "cuda"    C++/CUDA in rlfuse._cuda (built when nvcc was found at install time)
+    "triton"  Triton kernels in rlfuse.kernels (GPU; on the CPU only under TRITON_INTERPRET=1)
+    "torch"   the plain-torch reference implementation (the specification)
+
+The default is picked from the tensors' device; ``backend=`` and the ``RLFUSE_BACKEND``
+environment variable override it.  Asking for a backend that cannot run here raises
+``RuntimeError`` naming what is missing.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import os
+import platform
+
+import torch
+
+BACKENDS = ("cpu", "cuda", "triton", "torch")
+
+# Dtype codes shared with csrc/include/rlfuse/common.h.
+DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2, torch.float64: 3}
+INDEX_CODES = {torch.int32: 0, torch.int64: 1}
+
+
+def _try_import(name: str):
+    """Import rlfuse.<name> (an extension module); return (module, error string)."""
+    try:
+        return importlib.import_module(f"rlfuse.{name}"), None
+    except ImportError as exc:  # not built, or built for another platform
+        return None, f"{type(exc).__name__}: {exc}"
+
+
+# Probed once at import so that dispatch is plain attribute lookups (traceable by
+# torch.compile); triton itself is imported only when a Triton kernel is first used.
+_EXTENSIONS = {name: _try_import(name) for name in ("_C", "_cuda")}
+_TRITON_FOUND = importlib.util.find_spec("triton") is not None
+
+
+def _load(name: str):
+    return _EXTENSIONS[name]
+
+
+def cpu_module():
+    mod, err = _load("_C")
+    if mod is None:
+        raise RuntimeError(
+            "rlfuse backend 'cpu' is unavailable: the extension rlfuse._C failed to import "
+            f"({err}). Reinstall with `pip install --no-build-isolation -e .`."
+        )
+    return mod
+
+
+def cuda_module():
+    mod, err = _load("_cuda")
+    if mod is None:
+        raise RuntimeError(
+            "rlfuse backend 'cuda' is unavailable: rlfuse._cuda was not built (no nvcc at "
+            f"install time, or RLFUSE_CUDA=OFF) or failed to import ({err})."
+        )
+    return mod
+
+
+def triton_interpreted() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def _triton_error() -> str | None:
+    return None if _TRITON_FOUND else "triton is not installed"
+
+
+def triton_kernels(family: str):
+    """Import rlfuse.kernels.<family> (Triton), or raise a clear error."""
+    err = _triton_error()
+    if err is not None:
+        raise RuntimeError(f"rlfuse backend 'triton' is unavailable: {err}")
+    return importlib.import_module(f"rlfuse.kernels.{family}")
+
+
+def available(backend: str, device: torch.device | str = "cpu") -> bool:
+    """Whether ``backend`` can run ops on tensors of ``device``."""
+    device = torch.device(device)
+    if backend == "torch":
+        return True
+    if backend == "cpu":
+        return device.type == "cpu" and _load("_C")[0] is not None
+    if backend == "cuda":
+        return device.type == "cuda" and _load("_cuda")[0] is not None
+    if backend == "triton":
+        if _triton_error() is not None:
+            return False
+        return device.type == "cuda" or (device.type == "cpu" and triton_interpreted())
+    return False
+
+
+def resolve(backend: str | None, device: torch.device, op: str) -> str:
+    """Pick the backend for one call: argument, then RLFUSE_BACKEND, then by device."""
+    chosen = backend if backend is not None else os.environ.get("RLFUSE_BACKEND") or None
+    if chosen is None:
+        if device.type == "cpu":
+            chosen = "cpu" if available("cpu", device) else "torch"
+        elif device.type == "cuda":
+            if available("cuda", device):
+                chosen = "cuda"
+            elif available("triton", device):
+                chosen = "triton"
+            else:
+                chosen = "torch"
+        else:
+            chosen = "torch"
+        return chosen
+    if chosen not in BACKENDS:
+        raise ValueError(f"{op}: backend must be one of {BACKENDS}, got {chosen!r}")
+    if not available(chosen, device):
+        if chosen == "cpu":
+            if device.type != "cpu":
+                raise RuntimeError(f"{op}: backend 'cpu' cannot run on {device} tensors")
+            cpu_module()  # raises with the import error
+        if chosen == "cuda":
+            if device.type != "cuda":
+                raise RuntimeError(f"{op}: backend 'cuda' needs CUDA tensors, got {device}")
+            cuda_module()
+        if chosen == "triton":
+            err = _triton_error()
+            if err is not None:
+                raise RuntimeError(f"{op}: backend 'triton' is unavailable: {err}")
+            raise RuntimeError(
+                f"{op}: backend 'triton' needs CUDA tensors (or TRITON_INTERPRET=1 for CPU "
+                f"tensors), got {device}"
+            )
+        raise RuntimeError(f"{op}: backend {chosen!r} is unavailable for {device}")
+    return chosen
+
+
+def num_threads() -> int:
+    """Threads for the CPU kernels: follows torch.set_num_threads."""
+    return max(1, torch.get_num_threads())
+
+
+def cuda_stream(device: torch.device) -> int:
+    return torch.cuda.current_stream(device).cuda_stream
+
+
+def info() -> dict:
+    """Versions, and which backends are built and usable on this machine."""
+    out = {
+        "rlfuse": importlib.import_module("rlfuse").__version__,
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "machine": platform.machine(),
+    }
+    try:
+        import triton
+
+        out["triton"] = triton.__version__
+    except ImportError:
+        out["triton"] = None
+    c, c_err = _load("_C")
+    out["backends"] = {
+        "cpu": {
+            "built": c is not None,
+            "available": c is not None,
+            "isa": c.active_isa() if c is not None else None,
+            "openmp": bool(c.openmp()) if c is not None else None,
+            "threads": num_threads(),
+            "error": c_err,
+        },
+    }
+    cu, cu_err = _load("_cuda")
+    has_gpu = torch.cuda.is_available()
+    out["backends"]["cuda"] = {
+        "built": cu is not None,
+        "available": cu is not None and has_gpu,
+        "device": torch.cuda.get_device_name(0) if has_gpu else None,
+        "error": cu_err,
+    }
+    terr = _triton_error()
+    out["backends"]["triton"] = {
+        "built": terr is None,
+        "available": terr is None and (has_gpu or triton_interpreted()),
+        "interpreted": triton_interpreted(),
+        "error": terr,
+    }
+    out["backends"]["torch"] = {"built": True, "available": True}
+    return out

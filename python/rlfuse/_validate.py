@@ -1,0 +1,66 @@
+"""Input checks shared by the ops.  Every message names the offending argument.
+
+Checks run in Python before any kernel, and touch metadata only (no device sync),
+so they are cheap and trace cleanly under torch.compile.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+
+import torch
+
+FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+INT_DTYPES = (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8)
+
+
+def tensor(op: str, name: str, x) -> torch.Tensor:
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{op}: {name} must be a torch.Tensor, got {type(x).__name__}")
+    return x
+
+
+def float_tensor(op: str, name: str, x) -> torch.Tensor:
+    tensor(op, name, x)
+    if x.dtype not in FLOAT_DTYPES:
+        raise TypeError(
+            f"{op}: {name} must be float32, bfloat16, float16 or float64, got {x.dtype}"
+        )
+    return x
+
+
+def int_tensor(op: str, name: str, x) -> torch.Tensor:
+    tensor(op, name, x)
+    if x.dtype not in INT_DTYPES:
+        raise TypeError(f"{op}: {name} must be an integer tensor (int64 or int32), got {x.dtype}")
+    return x
+
+
+def same_device(op: str, ref_name: str, ref: torch.Tensor, **others) -> None:
+    for name, x in others.items():
+        if x is not None and x.device != ref.device:
+            raise ValueError(
+                f"{op}: {name} is on {x.device} but {ref_name} is on {ref.device}; "
+                "move them to one device"
+            )
+
+
+def shape_equals(op: str, name: str, x: torch.Tensor, shape, what: str) -> None:
+    if tuple(x.shape) != tuple(shape):
+        raise ValueError(f"{op}: {name} must have shape {tuple(shape)} ({what}), got {tuple(x.shape)}")
+
+
+def positive_float(op: str, name: str, v) -> float:
+    if isinstance(v, bool) or not isinstance(v, numbers.Real):
+        raise TypeError(f"{op}: {name} must be a real number, got {type(v).__name__}")
+    v = float(v)
+    if not (math.isfinite(v) and v > 0):
+        raise ValueError(f"{op}: {name} must be a finite number > 0, got {v}")
+    return v
+
+
+def integer(op: str, name: str, v) -> int:
+    if isinstance(v, bool) or not isinstance(v, numbers.Integral):
+        raise TypeError(f"{op}: {name} must be an int, got {type(v).__name__}")
+    return int(v)
