@@ -8,9 +8,12 @@ For every row r of ``logits3d`` (rows flattened as ``r = o * n_inner + i``) with
     entropy[r] = -(softmax(z) * log_softmax(z)).sum() = log(S) - W / S
 
 with ``S = sum exp(z - m)``, ``W = sum exp(z - m) * (z - m)``.  The forward reads
-each row once: every lane of a BLOCK_V tile keeps its own running max ``m`` and
-running ``S``/``W`` (rescaled when the max grows, one exp per element); lanes
-are combined at the end of the row.
+each row once, one BLOCK_V tile at a time: a tile is viewed as [LANES, R] with
+R = one 16-byte vector (8 x bf16/fp16, 4 x fp32), every lane (held by a single
+thread) keeps its own running max ``m`` and running ``S``/``W``, rescaled when
+the max grows (one exp per element plus one per lane and tile), and the lanes
+are combined at the end of the row.  The backward is a 2-D grid (rows on grid
+dim 0, vocab tiles on dim 1) that writes every element of dlogits.
 
 Numerics / special values
   * all math in fp32 (the input may be fp32/fp16/bf16/fp64);
@@ -24,11 +27,10 @@ Numerics / special values
     zero gradient row;
   * an id outside [0, V) (and != ignore_index) gives logp = NaN (no OOB read).
 
-Temperature is a runtime fp32 scalar (no recompilation per value); it must be
-positive.
+Temperature is a runtime fp32 scalar (no recompilation per value); inv_temp
+must be positive and finite.
 """
 
-import math
 import os
 
 import torch
@@ -38,7 +40,6 @@ import triton.language as tl
 __all__ = ["forward", "backward"]
 
 _LOG2E = 1.4426950408889634
-_FLT_MAX = 3.4028234663852886e38
 _NEG_BIG = tl.constexpr(-3.4028234663852886e38)  # -FLT_MAX: finite "minus infinity"
 
 _ELEM_SIZE = {torch.float32: 4, torch.float16: 2, torch.bfloat16: 2, torch.float64: 8}
@@ -51,32 +52,39 @@ def _interpret() -> bool:
 
 # Tile sizes.  On a GPU a tile is 16 KiB of logits (8192 x bf16/fp16,
 # 4096 x fp32, 2048 x fp64) handled by 8 warps: 64 bytes (four 16-byte vector
-# loads) per thread and tile, plus the prefetched next tile, which keeps
-# enough bytes in flight for HBM.  Under the interpreter the tiles are
-# smaller (<= 1024 elements), so small test shapes still exercise the
-# multi-tile + tail code path.
+# loads) per thread and tile, plus the prefetched next tile in the forward,
+# which keeps enough bytes in flight for HBM (bf16: ~80 registers/thread, 3
+# CTAs/SM; fp32: ~48 registers).  Rows whose start is not provably 16-byte
+# aligned (a row stride not divisible by 16) cannot use vector loads; their
+# per-element addresses cost registers, so they get 8 KiB tiles.  Under the
+# interpreter the tiles are small (<= 1024 elements), so small test shapes
+# still exercise the multi-tile + tail code path.
 _TILE_BYTES_GPU = 16384
+_TILE_BYTES_GPU_UNALIGNED = 8192
 _MAX_BLOCK_V_INTERP = 1024
 _MIN_BLOCK_V = 16
 
 
-def _block_v(V: int, dtype: torch.dtype) -> int:
+def _launch_params(logits3d: torch.Tensor):
+    """(stride_o, stride_i, BLOCK_V, R, num_warps) for a [n_outer, n_inner, V]
+    view.  Strides of size-1 dims are passed as 0 (never used, and 0 keeps
+    Triton's divisibility-by-16 specialization, hence vector loads)."""
+    n_outer, n_inner, V = logits3d.shape
+    stride_o = logits3d.stride(0) if n_outer > 1 else 0
+    stride_i = logits3d.stride(1) if n_inner > 1 else 0
+    esize = _ELEM_SIZE[logits3d.dtype]
     if _interpret():
         cap = _MAX_BLOCK_V_INTERP
     else:
-        cap = _TILE_BYTES_GPU // _ELEM_SIZE[dtype]
-    return max(_MIN_BLOCK_V, min(triton.next_power_of_2(max(int(V), 1)), cap))
-
-
-def _vec(dtype: torch.dtype, block_v: int) -> int:
-    """Elements per lane in the forward: one 16-byte vector (8 x bf16/fp16,
-    4 x fp32, 2 x fp64), so that each lane's elements sit in one thread."""
-    return max(1, min(16 // _ELEM_SIZE[dtype], block_v))
-
-
-def _num_warps(block_v: int, dtype: torch.dtype) -> int:
+        aligned = stride_o % 16 == 0 and stride_i % 16 == 0 and logits3d.data_ptr() % 16 == 0
+        cap = (_TILE_BYTES_GPU if aligned else _TILE_BYTES_GPU_UNALIGNED) // esize
+    block_v = max(_MIN_BLOCK_V, min(triton.next_power_of_2(max(int(V), 1)), cap))
+    # forward: elements per lane = one 16-byte vector (8 x bf16/fp16, 4 x fp32,
+    # 2 x fp64), so that each lane's elements sit in one thread.
+    r = max(1, min(16 // esize, block_v))
     # 64 bytes per thread and tile; 1..8 warps.
-    return max(1, min(8, block_v * _ELEM_SIZE[dtype] // (64 * 32)))
+    num_warps = max(1, min(8, block_v * esize // (64 * 32)))
+    return stride_o, stride_i, block_v, r, num_warps
 
 
 # ----------------------------------------------------------------------------
@@ -190,6 +198,13 @@ def _logprob_fwd_kernel(
             tl.store(ent_ptr + r, ent)
 
 
+def _check_inv_temp(inv_temp) -> float:
+    inv_temp = float(inv_temp)
+    if not (0.0 < inv_temp < float("inf")):
+        raise ValueError(f"inv_temp must be positive and finite, got {inv_temp}")
+    return inv_temp
+
+
 def _check_inputs(logits3d: torch.Tensor, ids: torch.Tensor):
     if logits3d.dim() != 3:
         raise ValueError(f"logits3d must be 3-D [n_outer, n_inner, V], got {tuple(logits3d.shape)}")
@@ -218,7 +233,7 @@ def forward(logits3d, ids, inv_temp: float, ignore_index: int, with_entropy: boo
     Returns (logp [N], entropy [N] or None, lse [N]), contiguous float32.
     """
     logits3d, ids, n_outer, n_inner, V, N = _check_inputs(logits3d, ids)
-    inv_temp = float(inv_temp)
+    inv_temp = _check_inv_temp(inv_temp)
     dev = logits3d.device
     logp = torch.empty(N, dtype=torch.float32, device=dev)
     lse = torch.empty(N, dtype=torch.float32, device=dev)
@@ -233,7 +248,7 @@ def forward(logits3d, ids, inv_temp: float, ignore_index: int, with_entropy: boo
             ent.fill_(float("nan")).masked_fill_(ign, 0.0)
         return logp, ent, lse
 
-    block_v = _block_v(V, logits3d.dtype)
+    stride_o, stride_i, block_v, r, num_warps = _launch_params(logits3d)
     _logprob_fwd_kernel[(N,)](
         logits3d,
         ids,
@@ -241,16 +256,16 @@ def forward(logits3d, ids, inv_temp: float, ignore_index: int, with_entropy: boo
         ent if with_entropy else logp,  # dummy pointer when unused
         lse,
         n_inner,
-        logits3d.stride(0),
-        logits3d.stride(1),
+        stride_o,
+        stride_i,
         V,
         inv_temp,
         inv_temp * _LOG2E,
         int(ignore_index),
         WITH_ENTROPY=bool(with_entropy),
         BLOCK_V=block_v,
-        R=_vec(logits3d.dtype, block_v),
-        num_warps=_num_warps(block_v, logits3d.dtype),
+        R=r,
+        num_warps=num_warps,
     )
     return logp, ent, lse
 
@@ -329,7 +344,7 @@ def backward(
     with zero rows for ignored tokens.
     """
     logits3d, ids, n_outer, n_inner, V, N = _check_inputs(logits3d, ids)
-    inv_temp = float(inv_temp)
+    inv_temp = _check_inv_temp(inv_temp)
     dx = torch.empty((N, V), dtype=logits3d.dtype, device=logits3d.device)
     if N == 0 or V == 0:
         return dx
@@ -350,7 +365,7 @@ def backward(
     ge = _f32(g_entropy_or_None) if has_ge else lse
     ent = _f32(entropy_or_None) if has_ge else lse
 
-    block_v = _block_v(V, logits3d.dtype)
+    stride_o, stride_i, block_v, _, num_warps = _launch_params(logits3d)
     grid = (N, triton.cdiv(V, block_v))
     _logprob_bwd_kernel[grid](
         logits3d,
@@ -361,14 +376,14 @@ def backward(
         ge,
         dx,
         n_inner,
-        logits3d.stride(0),
-        logits3d.stride(1),
+        stride_o,
+        stride_i,
         V,
         inv_temp,
         int(ignore_index),
         HAS_GLP=has_glp,
         HAS_GE=has_ge,
         BLOCK_V=block_v,
-        num_warps=_num_warps(block_v, logits3d.dtype),
+        num_warps=num_warps,
     )
     return dx

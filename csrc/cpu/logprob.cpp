@@ -64,26 +64,39 @@ inline Acc block_max(const T* x, int64_t n, Acc inv_t) {
   return m;
 }
 
-// Adds e^{z-m} (and e^{z-m}(z-m) when WithEnt) over x[0:n] into the lanes.
+// Adds e^{z-m} (and e^{z-m}(z-m) when WithEnt) over x[0:n] into the lanes.  z <= m
+// here, so t = z - m <= 0; t is clamped at -87.3 inside vexp_nonpos, which keeps
+// e * t finite (and ~0) for -inf entries.
 template <bool WithEnt, typename T, typename Acc>
-inline void block_sums(const T* x, int64_t n, Acc inv_t, Acc m, Acc* s, Acc* w) {
-  // Clamp z-m from below so that -inf entries give e = 0 and e * t = 0.
-  const Acc tmin = Acc(-200);
+inline void block_sums(const T* __restrict__ x, int64_t n, Acc inv_t, Acc m,
+                       Acc* __restrict__ s_out, Acc* __restrict__ w_out) {
+  const Acc tmin = Acc(-87.3365478515625);
+  // Local lanes (registers), written back once: the compiler cannot keep
+  // accumulators that might alias the input in registers otherwise.
+  Acc s[kLanes], w[kLanes];
+  for (int j = 0; j < kLanes; ++j) {
+    s[j] = s_out[j];
+    w[j] = w_out[j];
+  }
   int64_t i = 0;
   for (; i + kLanes <= n; i += kLanes)
     for (int j = 0; j < kLanes; ++j) {
       Acc t = Acc(to_float(x[i + j])) * inv_t - m;
       t = t < tmin ? tmin : t;
-      Acc e = vexp(t);
+      Acc e = vexp_nonpos(t);
       s[j] += e;
       if (WithEnt) w[j] += e * t;
     }
   for (int j = 0; i < n; ++i, ++j) {
     Acc t = Acc(to_float(x[i])) * inv_t - m;
     t = t < tmin ? tmin : t;
-    Acc e = vexp(t);
+    Acc e = vexp_nonpos(t);
     s[j] += e;
     if (WithEnt) w[j] += e * t;
+  }
+  for (int j = 0; j < kLanes; ++j) {
+    s_out[j] = s[j];
+    w_out[j] = w[j];
   }
 }
 

@@ -63,8 +63,15 @@ using cu::Vec16;
 
 constexpr int64_t kMaxGridX = 2147483647LL;  // 2^31 - 1
 constexpr int64_t kMaxGridY = 65535;
-constexpr int kFwdMaxThreads = 1024;
-constexpr int kFwdUnroll = 4;  // 16-byte groups in flight per thread
+constexpr int kFwdMaxThreads = 512;
+constexpr int kFwdMinBlocks = 2;  // >= 2 resident blocks/SM overlap one row's reduction tail
+                                  // with another row's streaming (caps registers at 64)
+// 16-byte groups in flight per thread in the forward (2 for double, whose exp needs more
+// registers; float64 is a reference dtype, not a fast path). Results do not depend on it.
+template <typename T>
+struct FwdUnroll {
+  static constexpr int value = sizeof(T) == 8 ? 2 : 4;
+};
 constexpr int kBwdThreads = 256;
 // Units in flight per thread in the backward (1 for double: its exp needs many registers and
 // ptxas spills on sm_90 with more; float64 is a reference dtype, not a fast path).
@@ -78,8 +85,7 @@ constexpr int kBwdUnitsPerThread = 8;  // units per thread per chunk
 RLFUSE_HD int fwd_block_threads(int64_t V) {
   if (V <= 2048) return 128;
   if (V <= 8192) return 256;
-  if (V <= 65536) return 512;
-  return 1024;
+  return kFwdMaxThreads;
 }
 
 // ------------------------------------------------------------------------------------------
@@ -118,27 +124,34 @@ RLFUSE_HD void lse_raise_max(LseState<A>& st, A mx) {
   st.m = mx;
 }
 
-// Add one value z with z <= st.m (or z NaN). -inf is skipped entirely; NaN reaches s.
-template <typename A, bool kW>
-RLFUSE_HD void lse_add_le(LseState<A>& st, A z) {
-  if (z != neg_inf<A>()) {
-    const A d = z - st.m;
-    const A e = exp_acc(d);
-    st.s = st.s + e;
-    if (kW) st.w = fma_acc(e, d, st.w);
-  }
-}
-
-// Add a group of N values: raise the maximum once to the group's (NaN-ignoring) maximum, then
-// accumulate each value. Mathematically identical to the element-at-a-time update.
+// Add a group of N values: raise the reference maximum once to the group's (NaN-ignoring)
+// maximum, then accumulate every value. Mathematically identical to the element-at-a-time update
+// (which raises m whenever a larger z arrives), and bitwise identical to skipping -inf values:
+//  * once m > -inf, a z == -inf gives d = -inf, e = exp(-inf) = +0, so s + e == s, and
+//    w + e * max(d, lowest) == w + (-0) == w (the clamp only avoids the 0 * -inf NaN);
+//  * while m == -inf (every value so far is -inf or NaN), the group is all -inf/NaN: -inf values
+//    are skipped and a NaN is added to s, so it propagates.
+// A NaN z (m finite) gives d = e = NaN, so s becomes NaN.
 template <typename A, bool kW, int N>
 RLFUSE_HD void lse_add_group(LseState<A>& st, const A (&z)[N]) {
   A mx = z[0];
   RLFUSE_UNROLL
   for (int j = 1; j < N; ++j) mx = fmax_acc(mx, z[j]);
   if (mx > st.m) lse_raise_max<A, kW>(st, mx);
-  RLFUSE_UNROLL
-  for (int j = 0; j < N; ++j) lse_add_le<A, kW>(st, z[j]);
+  if (st.m != neg_inf<A>()) {
+    RLFUSE_UNROLL
+    for (int j = 0; j < N; ++j) {
+      const A d = z[j] - st.m;
+      const A e = exp_acc(d);
+      st.s = st.s + e;
+      if (kW) st.w = fma_acc(e, fmax_acc(d, cu::lowest<A>()), st.w);
+    }
+  } else {
+    RLFUSE_UNROLL
+    for (int j = 0; j < N; ++j) {
+      if (z[j] != z[j]) st.s = st.s + z[j];  // NaN
+    }
+  }
 }
 
 // Combine two states (a from lower-numbered threads). An empty state (s == 0) contributes
@@ -180,7 +193,7 @@ RLFUSE_HD LseState<acc_t<T>> fwd_thread_partial(const T* row, int64_t V, int tid
                                                  acc_t<T> inv_temp) {
   using A = acc_t<T>;
   constexpr int G = Vec16<T>::N;
-  constexpr int U = kFwdUnroll;
+  constexpr int U = FwdUnroll<T>::value;
   LseState<A> st = lse_empty<A>();
   const int64_t B = nthreads;
   const int64_t ngroups = V / G;
@@ -346,7 +359,7 @@ RLFUSE_HD void bwd_chunking(int64_t V, bool vec, int64_t& units_per_chunk, int64
 #if defined(__CUDACC__)
 
 template <typename T, bool kVec, bool kEnt>
-__global__ void __launch_bounds__(kFwdMaxThreads)
+__global__ void __launch_bounds__(kFwdMaxThreads, kFwdMinBlocks)
     token_logprobs_fwd_kernel(const T* __restrict__ logits, int64_t rows, int64_t n_inner,
                               int64_t stride_outer, int64_t stride_inner, int64_t V,
                               const void* __restrict__ ids, bool ids64,

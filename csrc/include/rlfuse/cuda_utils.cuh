@@ -128,6 +128,17 @@ template <typename A>
 RLFUSE_HD A neg_inf() {
   return static_cast<A>(-INFINITY);
 }
+// Most negative finite value.
+template <typename A>
+RLFUSE_HD A lowest();
+template <>
+RLFUSE_HD float lowest<float>() {
+  return -3.40282346638528859812e+38f;
+}
+template <>
+RLFUSE_HD double lowest<double>() {
+  return -1.79769313486231570815e+308;
+}
 template <typename A>
 RLFUSE_HD A quiet_nan() {
   return static_cast<A>(NAN);
@@ -156,9 +167,9 @@ RLFUSE_HD void load_group(const T* p, T (&v)[Vec16<T>::N]) {
     const uint4 raw = __ldg(reinterpret_cast<const uint4*>(p));
 #else
     uint4 raw;
-    memcpy(&raw, p, 16);
+    memcpy(&raw, static_cast<const void*>(p), 16);
 #endif
-    memcpy(&v[0], &raw, 16);
+    memcpy(static_cast<void*>(&v[0]), &raw, 16);
   } else {
     RLFUSE_UNROLL
     for (int j = 0; j < Vec16<T>::N; ++j) v[j] = ld_ro(p + j);
@@ -172,11 +183,11 @@ RLFUSE_HD void store_group(T* p, const T (&v)[N]) {
   if constexpr (kAligned) {
     static_assert(N == Vec16<T>::N, "aligned store needs a full 16-byte group");
     uint4 raw;
-    memcpy(&raw, &v[0], 16);
+    memcpy(&raw, static_cast<const void*>(&v[0]), 16);
 #if defined(__CUDA_ARCH__)
     __stcs(reinterpret_cast<uint4*>(p), raw);
 #else
-    memcpy(p, &raw, 16);
+    memcpy(static_cast<void*>(p), &raw, 16);
 #endif
   } else {
     RLFUSE_UNROLL

@@ -1,0 +1,1 @@
+"""pytest-benchmark configuration: the same cases as `rlfuse bench`, one test per variant."""

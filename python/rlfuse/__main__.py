@@ -1,0 +1,5 @@
+import sys
+
+from rlfuse.cli import main
+
+sys.exit(main())

@@ -1,0 +1,16 @@
+"""The benchmark suite behind ``rlfuse bench``: one module per op family, each with a
+``run(device, quick, ...) -> list[Row]`` function, registered in ``SUITES``."""
+
+from __future__ import annotations
+
+import importlib
+
+SUITES = {
+    "logprob": "rlfuse.bench.logprob",
+}
+
+
+def load(name: str):
+    if name not in SUITES:
+        raise ValueError(f"unknown benchmark {name!r}; choose from {sorted(SUITES)} or 'all'")
+    return importlib.import_module(SUITES[name])

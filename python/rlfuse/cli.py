@@ -1,0 +1,95 @@
+"""Command line: ``rlfuse info`` and ``rlfuse bench <suite>``."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+
+def _cmd_info(args) -> int:
+    from rlfuse import info
+
+    data = info()
+    if args.json:
+        print(json.dumps(data, indent=1))
+        return 0
+    print(f"rlfuse {data['rlfuse']}  python {data['python']}  torch {data['torch']}  "
+          f"triton {data['triton'] or '-'}  ({data['machine']})")
+    print("backends:")
+    for name, b in data["backends"].items():
+        state = "available" if b["available"] else ("built" if b["built"] else "not built")
+        extra = []
+        if name == "cpu" and b["available"]:
+            extra.append(f"isa={b['isa']} openmp={b['openmp']} threads={b['threads']}")
+        if name == "cuda" and b.get("device"):
+            extra.append(b["device"])
+        if name == "triton" and b.get("interpreted"):
+            extra.append("TRITON_INTERPRET=1")
+        if b.get("error") and not b["available"]:
+            extra.append(b["error"])
+        print(f"  {name:7s} {state:10s} {' '.join(extra)}")
+    return 0
+
+
+def _cmd_bench(args) -> int:
+    import torch
+
+    from rlfuse import bench
+    from rlfuse.bench import harness
+
+    names = sorted(bench.SUITES) if args.suite == "all" else [args.suite]
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    meta = harness.machine_description(device)
+    bw = harness.copy_bandwidth(device)
+    meta["copy_bandwidth_gbps"] = round(bw, 1)
+    print(f"# {meta.get('gpu') or meta['cpu']}  threads={meta['threads']}  "
+          f"torch {meta['torch']}  {meta['date']}")
+    print(f"# measured copy bandwidth: {bw:.1f} GB/s (read + write); ratios are "
+          "variant time / rlfuse time (>1: rlfuse faster)")
+    for name in names:
+        suite = bench.load(name)
+        rows = suite.run(device=device, quick=args.quick, repeat=args.repeat,
+                         compile=not args.no_compile,
+                         backends=args.backends.split(",") if args.backends else None)
+        print()
+        print(harness.format_table(rows, bw))
+        for r in rows:
+            for variant, err in r.notes.items():
+                print(f"  note: {r.case} {r.dtype} {r.mode} {variant}: {err}")
+        if args.out:
+            for path in harness.write_outputs(args.out, name, rows, meta):
+                print(f"wrote {path}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="rlfuse", description="rlfuse: fused RL kernels for LLMs")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("info", help="versions and available backends")
+    p.add_argument("--json", action="store_true", help="print JSON")
+    p.set_defaults(func=_cmd_info)
+
+    from rlfuse.bench import SUITES
+
+    p = sub.add_parser("bench", help="time rlfuse ops against torch and peers")
+    p.add_argument("suite", choices=sorted(SUITES) + ["all"], help="which benchmark")
+    p.add_argument("--device", choices=["cpu", "cuda"], help="default: cuda if present")
+    p.add_argument("--quick", action="store_true", help="small cases, few repeats")
+    p.add_argument("--repeat", type=int, default=None, help="timed repetitions per variant")
+    p.add_argument("--no-compile", action="store_true", help="skip torch.compile variants")
+    p.add_argument("--backends", default=None,
+                   help="also time these rlfuse backends, comma separated (e.g. cuda,triton)")
+    p.add_argument("--threads", type=int, default=None, help="torch/OpenMP threads")
+    p.add_argument("--out", default=None, help="write <suite>.json and <suite>.png here")
+    p.set_defaults(func=_cmd_bench)
+
+    args = parser.parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
