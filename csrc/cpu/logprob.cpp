@@ -12,6 +12,7 @@
 // Compiled once per ISA level (see CMakeLists.txt); the lane arrays make the
 // summation order explicit so that the vectoriser cannot change it.
 #include "rlfuse/common.h"
+#include "logprob.h"
 
 #include <algorithm>
 

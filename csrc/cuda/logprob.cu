@@ -248,7 +248,7 @@ RLFUSE_HD A bwd_value(A z, bool is_target, A lse, A H, A g_lp, A g_e, A inv_temp
   const A p = exp_acc(t);
   A ent = A(0);
   if (kEnt) ent = (p == A(0)) ? A(0) : (g_e * p) * (t + H);
-  const A lp = is_target ? g_lp * (A(1) - p) : -(g_lp * p);
+  const A lp = is_target ? g_lp * (A(1) - p) : A(0) - g_lp * p;  // +0 (not -0) when g_lp == 0
   return (lp - ent) * inv_temp;
 }
 
