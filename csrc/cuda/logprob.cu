@@ -112,13 +112,15 @@ RLFUSE_HD LseState<A> lse_empty() {
 // Move the reference maximum up to mx (precondition: mx > st.m, so mx is not NaN and > -inf).
 // With d = m - mx < 0 and c = exp(d):  s' = c * s,  w' = c * (w + d * s).
 // An empty state (m == -inf) just takes m = mx (its s/w are 0 -- or NaN if only NaNs were seen,
-// which is kept so that the NaN propagates).
+// which is kept so that the NaN propagates). When c underflows to 0 the old terms vanish; w' is
+// then set to 0 directly because d may have overflowed to -inf (|m|, |mx| ~ FLT_MAX), which would
+// make 0 * (w + d * s) a NaN.
 template <typename A, bool kW>
 RLFUSE_HD void lse_raise_max(LseState<A>& st, A mx) {
   if (st.m != neg_inf<A>()) {
     const A d = st.m - mx;
     const A c = exp_acc(d);
-    if (kW) st.w = c * fma_acc(d, st.s, st.w);
+    if (kW) st.w = (c == A(0)) ? A(0) : c * fma_acc(d, st.s, st.w);
     st.s = c * st.s;
   }
   st.m = mx;
@@ -155,7 +157,9 @@ RLFUSE_HD void lse_add_group(LseState<A>& st, const A (&z)[N]) {
 }
 
 // Combine two states (a from lower-numbered threads). An empty state (s == 0) contributes
-// nothing, so the 0 * inf products of exp(-inf - M) * ... never arise from it.
+// nothing, so the 0 * inf products of exp(-inf - M) * ... never arise from it; a side whose scale
+// c underflows to 0 contributes 0 to w explicitly (its d may have overflowed to -inf). NaN in
+// either s reaches the result's s (c * NaN, or exp(NaN) when both m are +inf).
 template <typename A, bool kW>
 struct LseCombine {
   RLFUSE_HD LseState<A> operator()(const LseState<A>& a, const LseState<A>& b) const {
@@ -169,7 +173,13 @@ struct LseCombine {
     LseState<A> r;
     r.m = M;
     r.s = fma_acc(ca, a.s, cb * b.s);
-    r.w = kW ? fma_acc(ca, fma_acc(da, a.s, a.w), cb * fma_acc(db, b.s, b.w)) : A(0);
+    if (kW) {
+      const A xa = (ca == A(0)) ? A(0) : fma_acc(da, a.s, a.w);
+      const A xb = (cb == A(0)) ? A(0) : fma_acc(db, b.s, b.w);
+      r.w = fma_acc(ca, xa, cb * xb);
+    } else {
+      r.w = A(0);
+    }
     return r;
   }
 };
@@ -444,7 +454,16 @@ __global__ void __launch_bounds__(kBwdThreads)
 // ------------------------------------------------------------------------------------------
 // launch helpers
 // ------------------------------------------------------------------------------------------
+// Per-thread message of the last failure (static strings only). With GCC/Clang host compilers it
+// is a GNU __thread variable with the global-dynamic TLS model, which keeps this object linkable
+// into a shared library even when it was compiled as PIE without -fPIC (the default on some
+// distributions, where GCC would otherwise pick local-exec); nvcc's front end accepts the
+// tls_model attribute only on __thread.
+#if defined(__GNUC__) && !defined(__CUDA_ARCH__)
+__thread const char* tls_last_error __attribute__((tls_model("global-dynamic"))) = "no error";
+#else
 thread_local const char* tls_last_error = "no error";
+#endif
 
 inline int fail(cudaError_t err, const char* msg) {
   tls_last_error = msg != nullptr ? msg : cudaGetErrorString(err);
@@ -483,10 +502,9 @@ int launch_fwd(const void* logits, int64_t n_outer, int64_t n_inner, int64_t str
   A* en = static_cast<A*>(out_entropy);
   A* ls = static_cast<A*>(out_lse);
   const A it = static_cast<A>(inv_temp);
-#define RLFUSE_FWD_LAUNCH(VEC, ENT)                                                       \
-  token_logprobs_fwd_kernel<T, VEC, ENT><<<grid, block, 0, stream>>>(                     \
-      x, rows, n_inner, stride_outer, stride_inner, V, ids, ids64, lp, en, ls, it, \
-      ignore_index)
+#define RLFUSE_FWD_LAUNCH(VEC, ENT)                                                         \
+  token_logprobs_fwd_kernel<T, VEC, ENT><<<grid, block, 0, stream>>>(                       \
+      x, rows, n_inner, stride_outer, stride_inner, V, ids, ids64, lp, en, ls, it, ignore_index)
   if (vec) {
     if (ent) RLFUSE_FWD_LAUNCH(true, true);
     else RLFUSE_FWD_LAUNCH(true, false);
@@ -521,8 +539,8 @@ int launch_bwd(const void* logits, int64_t n_outer, int64_t n_inner, int64_t str
   const A* gen = static_cast<const A*>(g_entropy);
   T* dx = static_cast<T*>(dlogits);
   const A it = static_cast<A>(inv_temp);
-#define RLFUSE_BWD_LAUNCH(VEC, ENT)                                                              \
-  token_logprobs_bwd_kernel<T, VEC, ENT><<<grid, block, 0, stream>>>(                            \
+#define RLFUSE_BWD_LAUNCH(VEC, ENT)                                                         \
+  token_logprobs_bwd_kernel<T, VEC, ENT><<<grid, block, 0, stream>>>(                       \
       x, rows, n_inner, stride_outer, stride_inner, V, ids, ids64, ls, en, glp, gen, dx, it, \
       ignore_index, upc, nchunks)
   if (vec) {

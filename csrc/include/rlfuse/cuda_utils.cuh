@@ -12,7 +12,9 @@
 // __host__ __device__ parts also work when a .cu file is compiled for the host only).
 #pragma once
 
+#include <cmath>
 #include <cstdint>
+#include <cstring>
 
 #include <cuda_runtime.h>
 #include <cuda_fp16.h>
@@ -219,9 +221,9 @@ RLFUSE_DEVICE S shfl_down_any(const S& v, unsigned delta) {
   return out;
 }
 
-// Fixed-order tree over a full warp: after the call, lane 0 holds
-//   op(...op(op(v0, v1), op(v2, v3))..., ...)   (lower lanes always the left operand).
-// Other lanes hold partial garbage. All 32 lanes must be active.
+// Fixed-order tree over a full warp: after the call, lane 0 holds the combination of all 32
+// values, paired at lane distance 16, then 8, 4, 2, 1, the lower lane always the left operand of
+// op. Other lanes hold partial results. All 32 lanes must be active.
 template <typename S, typename Op>
 RLFUSE_DEVICE S warp_reduce_down(S v, const Op& op) {
   RLFUSE_UNROLL

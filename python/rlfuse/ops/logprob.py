@@ -23,6 +23,7 @@ Three files hold this op: this module (reference, torch.library op, dispatch),
 
 from __future__ import annotations
 
+from contextlib import nullcontext as _nullcontext
 from typing import Optional
 
 import torch
@@ -185,22 +186,24 @@ def _token_logprobs_op(
                 )
         elif backend == "cuda":
             _check_ids_torch(ids, V, ignore_index)
-            _backend.cuda_module().token_logprobs_fwd(
-                logits.data_ptr(), _backend.DTYPE_CODES[logits.dtype], n_outer, n_inner,
-                s_outer, s_inner, V, ids.data_ptr(), _backend.INDEX_CODES[ids.dtype],
-                logp.data_ptr(), ent.data_ptr() if return_entropy else 0, lse.data_ptr(),
-                inv_t, ignore_index, _backend.cuda_stream(logits.device),
-            )
+            with torch.cuda.device(logits.device):
+                _backend.cuda_module().token_logprobs_fwd(
+                    logits.data_ptr(), _backend.DTYPE_CODES[logits.dtype], n_outer, n_inner,
+                    s_outer, s_inner, V, ids.data_ptr(), _backend.INDEX_CODES[ids.dtype],
+                    logp.data_ptr(), ent.data_ptr() if return_entropy else 0, lse.data_ptr(),
+                    inv_t, ignore_index, _backend.cuda_stream(logits.device),
+                )
         elif backend == "triton":
             _check_ids_torch(ids, V, ignore_index)
             view = logits.as_strided((n_outer, n_inner, V), (s_outer, s_inner, 1))
-            lp_t, ent_t, lse_t = _backend.triton_kernels("logprob").forward(
-                view, ids, inv_t, ignore_index, return_entropy
-            )
-            logp.copy_(lp_t)
-            lse.copy_(lse_t)
+            with torch.cuda.device(logits.device) if logits.is_cuda else _nullcontext():
+                lp_t, ent_t, lse_t = _backend.triton_kernels("logprob").forward(
+                    view, ids, inv_t, ignore_index, return_entropy
+                )
+            # The Triton kernels compute in float32; float64 logits get float64 outputs.
+            logp, lse = lp_t.to(out_dtype), lse_t.to(out_dtype)
             if return_entropy:
-                ent.copy_(ent_t)
+                ent = ent_t.to(out_dtype)
         else:  # pragma: no cover - resolve() only returns known names
             raise RuntimeError(f"{_OP}: unknown backend {backend!r}")
     ent_out = ent.view(lead) if return_entropy else ent
@@ -247,9 +250,10 @@ def _token_logprobs_backward_op(
     inv_t = 1.0 / temperature
     if backend == "triton":
         view = logits.as_strided((n_outer, n_inner, V), (s_outer, s_inner, 1))
-        d = _backend.triton_kernels("logprob").backward(
-            view, ids, lse_f, ent_f, g_lp, g_ent, inv_t, ignore_index
-        )
+        with torch.cuda.device(logits.device) if logits.is_cuda else _nullcontext():
+            d = _backend.triton_kernels("logprob").backward(
+                view, ids, lse_f, ent_f, g_lp, g_ent, inv_t, ignore_index
+            )
         return d.view(shape)
     dlogits = torch.empty((N, V), dtype=logits.dtype, device=logits.device)
     if N > 0 and V > 0:
@@ -264,7 +268,10 @@ def _token_logprobs_backward_op(
         if backend == "cpu":
             _backend.cpu_module().token_logprobs_bwd(*args, _backend.num_threads())
         else:
-            _backend.cuda_module().token_logprobs_bwd(*args, _backend.cuda_stream(logits.device))
+            with torch.cuda.device(logits.device):
+                _backend.cuda_module().token_logprobs_bwd(
+                    *args, _backend.cuda_stream(logits.device)
+                )
     return dlogits.view(shape)
 
 
