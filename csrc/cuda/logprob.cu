@@ -1,12 +1,10 @@
 // rlfuse CUDA backend: per-row token log-probabilities and entropy of logits / temperature.
 //
-// Exported (extern "C", no pybind11 here; see csrc/bind_cuda.cpp):
-//   int rlfuse_cuda_device_count();
-//   const char* rlfuse_cuda_last_error();
+// Exported (extern "C", no pybind11 here; bindings in csrc/cuda/logprob_api.cpp):
 //   int rlfuse_token_logprobs_fwd(...);
 //   int rlfuse_token_logprobs_bwd(...);
-// Launchers return 0 on success, else a cudaError_t value; rlfuse_cuda_last_error() then returns
-// a static message for the calling thread's last failure.
+// Launchers return 0 on success, else a cudaError_t value; rlfuse_cuda_last_error() (runtime.cu) then
+// returns a static message for the calling thread's last failure.
 //
 // Layout. Row r (0 <= r < n_outer * n_inner) starts at element offset
 //   (r / n_inner) * stride_outer + (r % n_inner) * stride_inner
@@ -454,20 +452,9 @@ __global__ void __launch_bounds__(kBwdThreads)
 // ------------------------------------------------------------------------------------------
 // launch helpers
 // ------------------------------------------------------------------------------------------
-// Per-thread message of the last failure (static strings only). With GCC/Clang host compilers it
-// is a GNU __thread variable with the global-dynamic TLS model, which keeps this object linkable
-// into a shared library even when it was compiled as PIE without -fPIC (the default on some
-// distributions, where GCC would otherwise pick local-exec); nvcc's front end accepts the
-// tls_model attribute only on __thread.
-#if defined(__GNUC__) && !defined(__CUDA_ARCH__)
-__thread const char* tls_last_error __attribute__((tls_model("global-dynamic"))) = "no error";
-#else
-thread_local const char* tls_last_error = "no error";
-#endif
-
+// Failures are recorded by csrc/cuda/runtime.cu (per-thread message, static strings only).
 inline int fail(cudaError_t err, const char* msg) {
-  tls_last_error = msg != nullptr ? msg : cudaGetErrorString(err);
-  return static_cast<int>(err);
+  return rlfuse_cuda_fail(static_cast<int>(err), msg != nullptr ? msg : cudaGetErrorString(err));
 }
 
 inline int check_launch() {
@@ -582,21 +569,6 @@ inline int validate_common(int dtype, int64_t n_outer, int64_t n_inner, int64_t 
 #if defined(__CUDACC__)
 
 extern "C" {
-
-// Number of visible CUDA devices; 0 when there is no device or no (sufficient) driver; a negative
-// cudaError_t value on any other failure.
-int rlfuse_cuda_device_count() {
-  int n = 0;
-  const cudaError_t err = cudaGetDeviceCount(&n);
-  if (err == cudaSuccess) return n;
-  (void)cudaGetLastError();  // do not leave the error behind for the next launch
-  if (err == cudaErrorNoDevice || err == cudaErrorInsufficientDriver) return 0;
-  rlfuse::logprob::fail(err, cudaGetErrorString(err));
-  return -static_cast<int>(err);
-}
-
-// Message for the calling thread's last failed rlfuse launcher call (static storage).
-const char* rlfuse_cuda_last_error() { return rlfuse::logprob::tls_last_error; }
 
 int rlfuse_token_logprobs_fwd(const void* logits, int dtype, int64_t n_outer, int64_t n_inner,
                               int64_t stride_outer, int64_t stride_inner, int64_t V,

@@ -35,6 +35,10 @@
 #define RLFUSE_UNROLL
 #endif
 
+// Defined in csrc/cuda/runtime.cu: records `msg` as the calling thread's last error and
+// returns `err` (a cudaError_t value), so launchers can `return rlfuse_cuda_fail(...)`.
+extern "C" int rlfuse_cuda_fail(int err, const char* msg);
+
 namespace rlfuse {
 namespace cu {
 
