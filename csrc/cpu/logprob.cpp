@@ -8,6 +8,8 @@
 //   max m grows.  lse = m + log S, logp = z_y - lse, entropy = log S - W / S.
 // Backward, per row:
 //   d_v = (g_lp ([v == y] - p_v) - g_ent p_v (log p_v + H)) / T.
+//   dlogits may alias a contiguous logits buffer (each element is read before it is
+//   written), which the fused linear op uses to compute gradients in place.
 //
 // Compiled once per ISA level (see CMakeLists.txt); the lane arrays make the
 // summation order explicit so that the vectoriser cannot change it.
@@ -178,6 +180,12 @@ void backward_rows(const T* logits, RowGeom g, int64_t rows, int64_t V, const vo
     const Acc b = g_ent ? g_ent[r] * inv_t : Acc(0); // coefficient of -p (log p + H)
     const Acc H = g_ent ? ent[r] : Acc(0);
     const Acc L = lse[r];
+    // The target element: g_lp (1 - p_y) computed directly, no cancellation.  Read
+    // before the loop so that dlogits may alias the logits (in-place use).
+    Acc ty = Acc(to_float(x[y])) * inv_t - L;
+    ty = ty < tmin ? tmin : ty;
+    const Acc py = vexp(ty);
+    const Acc dy = a * (Acc(1) - py) - b * py * (ty + H);
     for (int64_t v = 0; v < V; ++v) {
       Acc t = Acc(to_float(x[v])) * inv_t - L;
       t = t < tmin ? tmin : t;
@@ -186,11 +194,6 @@ void backward_rows(const T* logits, RowGeom g, int64_t rows, int64_t V, const vo
       if constexpr (sizeof(Acc) == 8) d[v] = T(dv);
       else d[v] = from_float<T>(float(dv));
     }
-    // The target element: g_lp (1 - p_y) computed directly, no cancellation.
-    Acc t = Acc(to_float(x[y])) * inv_t - L;
-    Acc ty = t < tmin ? tmin : t;
-    Acc p = vexp(ty);
-    Acc dy = a * (Acc(1) - p) - b * p * (ty + H);
     if constexpr (sizeof(Acc) == 8) d[y] = T(dy);
     else d[y] = from_float<T>(float(dy));
   }
