@@ -6,6 +6,8 @@
 //   block's max is found first, then its exp-sums are added to 16 explicit
 //   lanes (S = sum e^{z-m}, W = sum e^{z-m} (z-m)), rescaled when the running
 //   max m grows.  lse = m + log S, logp = z_y - lse, entropy = log S - W / S.
+//   The exponentials are 2^u with u = (z - m) log2(e) = x c - m log2(e): one FMA
+//   and a short polynomial per element (vexp2_nonpos in common.h).
 // Backward, per row:
 //   d_v = (g_lp ([v == y] - p_v) - g_ent p_v (log p_v + H)) / T.
 //   dlogits may alias a contiguous logits buffer (each element is read before it is
@@ -28,8 +30,10 @@ namespace RLFUSE_ISA {
 
 namespace {
 
-constexpr int kLanes = 16;
+constexpr int kLanes = 16;  // lane_max16 in common.h assumes 16
 constexpr int64_t kBlock = 2048;
+constexpr double kLog2e = 1.4426950408889634;
+constexpr double kLn2 = 0.6931471805599453;
 
 struct RowGeom {
   int64_t n_inner, stride_outer, stride_inner;
@@ -46,36 +50,37 @@ inline int64_t read_id(const void* ids, int ids_dtype, int64_t r) {
 template <typename Acc>
 inline Acc neg_inf() { return -std::numeric_limits<Acc>::infinity(); }
 
-// Max of z over x[0:n] (z = x * inv_t).  NaN is ignored here; it reaches the
-// sums below and propagates from there.
+// Max of the raw logits x[0:n] (temperature > 0, so max(x / T) = max(x) / T).  NaN is
+// ignored here; it reaches the sums below and propagates from there.
 template <typename T, typename Acc>
-inline Acc block_max(const T* x, int64_t n, Acc inv_t) {
+inline Acc block_max(const T* x, int64_t n) {
   Acc lane[kLanes];
   for (int j = 0; j < kLanes; ++j) lane[j] = neg_inf<Acc>();
   int64_t i = 0;
-  for (; i + kLanes <= n; i += kLanes)
-    for (int j = 0; j < kLanes; ++j) {
-      Acc z = Acc(to_float(x[i + j])) * inv_t;
-      lane[j] = z > lane[j] ? z : lane[j];
-    }
+  for (; i + kLanes <= n; i += kLanes) {
+    Acc v[kLanes];
+    for (int j = 0; j < kLanes; ++j) v[j] = Acc(to_float(x[i + j]));
+    lane_max16(lane, v);
+  }
   Acc m = neg_inf<Acc>();
   for (int j = 0; j < kLanes; ++j) m = lane[j] > m ? lane[j] : m;
   for (; i < n; ++i) {
-    Acc z = Acc(to_float(x[i])) * inv_t;
-    m = z > m ? z : m;
+    Acc v = Acc(to_float(x[i]));
+    m = v > m ? v : m;
   }
   return m;
 }
 
-// Adds e^{z-m} (and e^{z-m}(z-m) when WithEnt) over x[0:n] into the lanes.  z <= m
-// here, so t = z - m <= 0; t is clamped at -87.3 inside vexp_nonpos, which keeps
-// e * t finite (and ~0) for -inf entries.
+// Adds e = 2^u, u = (x - mx) c <= 0 with c = log2(e) / T, into the lanes s, and e * u
+// into w when WithEnt (w is kept in log2 units; the caller scales by ln 2).  The
+// difference is formed in logit units first, so u is exactly 0 at the maximum and
+// large logits keep their precision.  -inf entries give u clamped at -126 inside
+// vexp2_nonpos, so e * u stays finite and negligible.
 template <bool WithEnt, typename T, typename Acc>
-inline void block_sums(const T* __restrict__ x, int64_t n, Acc inv_t, Acc m,
+inline void block_sums(const T* __restrict__ x, int64_t n, Acc c, Acc mx,
                        Acc* __restrict__ s_out, Acc* __restrict__ w_out) {
-  const Acc tmin = Acc(-87.3365478515625);
-  // Local lanes (registers), written back once: the compiler cannot keep
-  // accumulators that might alias the input in registers otherwise.
+  const Acc umin = Acc(-126);
+  // Local lanes (registers), written back once.
   Acc s[kLanes], w[kLanes];
   for (int j = 0; j < kLanes; ++j) {
     s[j] = s_out[j];
@@ -84,18 +89,18 @@ inline void block_sums(const T* __restrict__ x, int64_t n, Acc inv_t, Acc m,
   int64_t i = 0;
   for (; i + kLanes <= n; i += kLanes)
     for (int j = 0; j < kLanes; ++j) {
-      Acc t = Acc(to_float(x[i + j])) * inv_t - m;
-      t = t < tmin ? tmin : t;
-      Acc e = vexp_nonpos(t);
+      Acc u = (Acc(to_float(x[i + j])) - mx) * c;
+      u = u < umin ? umin : u;
+      Acc e = vexp2_nonpos(u);
       s[j] += e;
-      if (WithEnt) w[j] += e * t;
+      if (WithEnt) w[j] += e * u;
     }
   for (int j = 0; i < n; ++i, ++j) {
-    Acc t = Acc(to_float(x[i])) * inv_t - m;
-    t = t < tmin ? tmin : t;
-    Acc e = vexp_nonpos(t);
+    Acc u = (Acc(to_float(x[i])) - mx) * c;
+    u = u < umin ? umin : u;
+    Acc e = vexp2_nonpos(u);
     s[j] += e;
-    if (WithEnt) w[j] += e * t;
+    if (WithEnt) w[j] += e * u;
   }
   for (int j = 0; j < kLanes; ++j) {
     s_out[j] = s[j];
@@ -107,6 +112,7 @@ template <bool WithEnt, typename T, typename Acc>
 void forward_rows(const T* logits, RowGeom g, int64_t rows, int64_t V, const void* ids,
                   int ids_dtype, Acc* out_lp, Acc* out_ent, Acc* out_lse, Acc inv_t,
                   int64_t ignore_index, int num_threads, int64_t* bad_row) {
+  const Acc c = inv_t * Acc(kLog2e);
   int64_t first_bad = rows;
 #pragma omp parallel for schedule(static) num_threads(num_threads) reduction(min : first_bad)
   for (int64_t r = 0; r < rows; ++r) {
@@ -122,25 +128,28 @@ void forward_rows(const T* logits, RowGeom g, int64_t rows, int64_t V, const voi
       continue;
     }
     const T* x = logits + g.offset(r);
+    // Lanes: s = sum 2^u, w = sum 2^u u, relative to the running max m of the raw
+    // logits (z = x / T, so the max of z is m / T).
     Acc s[kLanes], w[kLanes];
     for (int j = 0; j < kLanes; ++j) s[j] = w[j] = 0;
     Acc m = neg_inf<Acc>();
     for (int64_t b = 0; b < V; b += kBlock) {
       int64_t n = std::min(kBlock, V - b);
-      Acc bm = block_max(x + b, n, inv_t);
+      Acc bm = block_max<T, Acc>(x + b, n);
       if (bm > m) {
         if (m != neg_inf<Acc>()) {
-          Acc d = bm - m;
-          Acc c = vexp(-d);
+          // Rescale the lanes to the new max: du = (bm - m) c in log2 units.
+          Acc du = (bm - m) * c;
+          Acc scale = vexp2_nonpos(-du);
           for (int j = 0; j < kLanes; ++j) {
-            if (WithEnt) w[j] = c * (w[j] - d * s[j]);
-            s[j] = c * s[j];
+            if (WithEnt) w[j] = scale * (w[j] - du * s[j]);
+            s[j] = scale * s[j];
           }
         }
         m = bm;
       }
       if (m == neg_inf<Acc>()) continue;  // everything so far is -inf (or NaN-only)
-      block_sums<WithEnt>(x + b, n, inv_t, m, s, w);
+      block_sums<WithEnt>(x + b, n, c, m, s, w);
     }
     Acc S = 0, W = 0;
     for (int j = 0; j < kLanes; ++j) {
@@ -152,20 +161,42 @@ void forward_rows(const T* logits, RowGeom g, int64_t rows, int64_t V, const voi
       m = S = std::numeric_limits<Acc>::quiet_NaN();
     }
     Acc log_s = std::log(S);
-    Acc lse = m + log_s;
-    out_lse[r] = lse;
-    out_lp[r] = Acc(to_float(x[y])) * inv_t - lse;
-    if (WithEnt) out_ent[r] = log_s - W / S;
+    out_lse[r] = m * inv_t + log_s;
+    out_lp[r] = (Acc(to_float(x[y])) - m) * inv_t - log_s;
+    if (WithEnt) out_ent[r] = log_s - Acc(kLn2) * (W / S);
   }
   *bad_row = first_bad < rows ? first_bad : -1;
 }
 
+// Copies of kLanes elements between the row and a local chunk; __restrict__ here (the
+// chunk is local) lets them vectorise even though dlogits may alias the logits.
+template <typename T, typename Acc>
+inline void load_chunk(const T* __restrict__ src, Acc* __restrict__ dst) {
+  for (int j = 0; j < kLanes; ++j) dst[j] = Acc(to_float(src[j]));
+}
+template <typename T>
+inline void store_chunk(const T* __restrict__ src, T* __restrict__ dst) {
+  std::memcpy(dst, src, sizeof(T) * kLanes);
+}
+
+template <typename T, typename Acc>
+inline void store(T* d, Acc v) {
+  if constexpr (sizeof(Acc) == 8) *d = T(v);
+  else *d = from_float<T>(float(v));
+}
+
+// d_v = -p_v (a + b (log p_v + H)), a = g_lp / T, b = g_ent / T, in log2 units:
+// u = (x / T - lse) log2(e) = log2 p (the difference is taken before the scaling, so
+// large logits keep their precision), d_v = -2^u (A0 + B1 u), A0 = a + b H, B1 = b ln 2.
+// The row is processed in chunks of kLanes that are loaded whole before any store,
+// so dlogits may alias the logits and the loops still vectorise.
 template <typename T, typename Acc>
 void backward_rows(const T* logits, RowGeom g, int64_t rows, int64_t V, const void* ids,
                    int ids_dtype, const Acc* lse, const Acc* ent, const Acc* g_lp,
                    const Acc* g_ent, T* dlogits, Acc inv_t, int64_t ignore_index,
                    int num_threads) {
-  const Acc tmin = Acc(-200);
+  const Acc log2e = Acc(kLog2e);
+  const Acc umin = Acc(-126);
 #pragma omp parallel for schedule(static) num_threads(num_threads)
   for (int64_t r = 0; r < rows; ++r) {
     T* d = dlogits + r * V;
@@ -176,26 +207,40 @@ void backward_rows(const T* logits, RowGeom g, int64_t rows, int64_t V, const vo
       continue;
     }
     const T* x = logits + g.offset(r);
-    const Acc a = g_lp ? g_lp[r] * inv_t : Acc(0);   // coefficient of -p
-    const Acc b = g_ent ? g_ent[r] * inv_t : Acc(0); // coefficient of -p (log p + H)
+    const Acc a = g_lp ? g_lp[r] * inv_t : Acc(0);
+    const Acc b = g_ent ? g_ent[r] * inv_t : Acc(0);
     const Acc H = g_ent ? ent[r] : Acc(0);
     const Acc L = lse[r];
-    // The target element: g_lp (1 - p_y) computed directly, no cancellation.  Read
-    // before the loop so that dlogits may alias the logits (in-place use).
-    Acc ty = Acc(to_float(x[y])) * inv_t - L;
-    ty = ty < tmin ? tmin : ty;
-    const Acc py = vexp(ty);
-    const Acc dy = a * (Acc(1) - py) - b * py * (ty + H);
-    for (int64_t v = 0; v < V; ++v) {
-      Acc t = Acc(to_float(x[v])) * inv_t - L;
-      t = t < tmin ? tmin : t;
-      Acc p = vexp(t);
-      Acc dv = -p * (a + b * (t + H));
-      if constexpr (sizeof(Acc) == 8) d[v] = T(dv);
-      else d[v] = from_float<T>(float(dv));
+    const Acc A0 = a + b * H;
+    const Acc B1 = b * Acc(kLn2);
+    // The target element: g_lp (1 - p_y) formed directly (no cancellation), read before
+    // the row is overwritten.
+    Acc uy = (Acc(to_float(x[y])) * inv_t - L) * log2e;
+    uy = uy < umin ? umin : uy;
+    const Acc py = uy <= umin ? Acc(0) : vexp2_nonpos(uy);
+    const Acc dy = a * (Acc(1) - py) - py * B1 * uy - py * b * H;
+    int64_t v = 0;
+    for (; v + kLanes <= V; v += kLanes) {
+      Acc xs[kLanes];
+      T out[kLanes];
+      load_chunk(x + v, xs);
+      for (int j = 0; j < kLanes; ++j) {
+        Acc u = (xs[j] * inv_t - L) * log2e;
+        u = u < umin ? umin : u;
+        Acc p = vexp2_nonpos(u);
+        p = u <= umin ? Acc(0) : p;  // exact zeros below 2^-126 (and for -inf logits)
+        store(&out[j], -p * (A0 + B1 * u));
+      }
+      store_chunk(out, d + v);
     }
-    if constexpr (sizeof(Acc) == 8) d[y] = T(dy);
-    else d[y] = from_float<T>(float(dy));
+    for (; v < V; ++v) {
+      Acc u = (Acc(to_float(x[v])) * inv_t - L) * log2e;
+      u = u < umin ? umin : u;
+      Acc p = vexp2_nonpos(u);
+      p = u <= umin ? Acc(0) : p;
+      store(&d[v], -p * (A0 + B1 * u));
+    }
+    store(&d[y], dy);
   }
 }
 

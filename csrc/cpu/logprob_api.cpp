@@ -5,6 +5,7 @@
 #include <cstdint>
 
 #include "cpu/logprob.h"
+#include "cpu/memory.h"
 
 namespace py = pybind11;
 
@@ -34,6 +35,10 @@ void rlfuse_bind_logprob(py::module_& m) {
          uint64_t ent, uint64_t g_lp, uint64_t g_ent, uint64_t dlogits, double inv_temp,
          int64_t ignore_index, int num_threads) {
         py::gil_scoped_release release;
+        static const size_t kElem[] = {4, 2, 2, 8};
+        if (dtype >= 0 && dtype <= 3 && n_outer > 0 && n_inner > 0 && V > 0)
+          rlfuse::cpu::advise_huge_pages(mptr(dlogits),
+                                         size_t(n_outer * n_inner) * size_t(V) * kElem[dtype]);
         RLFUSE_ISA_CALL(token_logprobs_bwd, cptr(logits), dtype, n_outer, n_inner,
                         stride_outer, stride_inner, V, cptr(ids), ids_dtype, cptr(lse),
                         cptr(ent), cptr(g_lp), cptr(g_ent), mptr(dlogits), inv_temp,
