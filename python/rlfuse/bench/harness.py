@@ -79,6 +79,32 @@ def try_measure(fn, device, **kw) -> tuple[float | None, str | None]:
         return None, f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}"
 
 
+def time_variants(
+    fns: dict, device: torch.device | str = "cpu", *, warmup: int = 2, repeat: int = 10
+) -> tuple[dict, dict]:
+    """Median ms of every variant, measured interleaved (one call of each per round), so
+    that load from elsewhere on a noisy machine hits all variants alike.  A variant that
+    raises is reported in the second dict and dropped from later rounds."""
+    times: dict = {name: [] for name in fns}
+    errors: dict = {}
+    for name, fn in fns.items():
+        try:
+            for _ in range(warmup):
+                fn()
+            _sync(device)
+        except Exception as exc:  # a peer or torch.compile may fail on some setups
+            errors[name] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}"
+    live = [n for n in fns if n not in errors]
+    for _ in range(repeat):
+        for name in live:
+            t0 = time.perf_counter()
+            fns[name]()
+            _sync(device)
+            times[name].append(time.perf_counter() - t0)
+    out = {n: (statistics.median(times[n]) * 1e3 if times[n] else None) for n in fns}
+    return out, errors
+
+
 _BANDWIDTH: dict = {}
 
 

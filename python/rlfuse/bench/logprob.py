@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from rlfuse.bench.harness import Row, try_measure
+from rlfuse.bench.harness import Row, time_variants
 from rlfuse.ops import token_logprobs
 
 NAME = "logprob"
@@ -59,14 +59,8 @@ def run(device: str = "cpu", quick: bool = False, repeat: int | None = None,
         nbytes = logits.numel() * logits.element_size()
         dt = str(dtype).replace("torch.", "")
 
-        def timed(fns: dict) -> dict:
-            out, notes = {}, {}
-            for name, fn in fns.items():
-                t, err = try_measure(fn, dev, repeat=repeat)
-                out[name] = t
-                if err:
-                    notes[name] = err
-            return out, notes
+        def timed(fns: dict):
+            return time_variants(fns, dev, repeat=repeat)
 
         # forward
         fns = {"rlfuse": lambda: token_logprobs(logits, ids)}
