@@ -59,7 +59,7 @@ inline Acc block_max(const T* x, int64_t n) {
   int64_t i = 0;
   for (; i + kLanes <= n; i += kLanes) {
     Acc v[kLanes];
-    for (int j = 0; j < kLanes; ++j) v[j] = Acc(to_float(x[i + j]));
+    load16(x + i, v);
     lane_max16(lane, v);
   }
   Acc m = neg_inf<Acc>();
@@ -87,14 +87,17 @@ inline void block_sums(const T* __restrict__ x, int64_t n, Acc c, Acc mx,
     w[j] = w_out[j];
   }
   int64_t i = 0;
-  for (; i + kLanes <= n; i += kLanes)
+  for (; i + kLanes <= n; i += kLanes) {
+    Acc xs[kLanes];
+    load16(x + i, xs);
     for (int j = 0; j < kLanes; ++j) {
-      Acc u = (Acc(to_float(x[i + j])) - mx) * c;
+      Acc u = (xs[j] - mx) * c;
       u = u < umin ? umin : u;
       Acc e = vexp2_nonpos(u);
       s[j] += e;
       if (WithEnt) w[j] += e * u;
     }
+  }
   for (int j = 0; i < n; ++i, ++j) {
     Acc u = (Acc(to_float(x[i])) - mx) * c;
     u = u < umin ? umin : u;
@@ -172,7 +175,7 @@ void forward_rows(const T* logits, RowGeom g, int64_t rows, int64_t V, const voi
 // chunk is local) lets them vectorise even though dlogits may alias the logits.
 template <typename T, typename Acc>
 inline void load_chunk(const T* __restrict__ src, Acc* __restrict__ dst) {
-  for (int j = 0; j < kLanes; ++j) dst[j] = Acc(to_float(src[j]));
+  load16(src, dst);
 }
 template <typename T>
 inline void store_chunk(const T* __restrict__ src, T* __restrict__ dst) {

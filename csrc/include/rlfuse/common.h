@@ -128,6 +128,26 @@ inline float vexp2_nonpos(float u) {
 }
 inline double vexp2_nonpos(double u) { return std::exp2(u); }
 
+// out[j] = float(src[j]) for 16 consecutive elements.  The raw bits are copied in one
+// block first: reading the 16-bit structs one by one makes GCC assemble the vector
+// with 16 inserts.
+inline void load16(const float* __restrict src, float* __restrict out) {
+  std::memcpy(out, src, 16 * sizeof(float));
+}
+inline void load16(const double* __restrict src, double* __restrict out) {
+  std::memcpy(out, src, 16 * sizeof(double));
+}
+inline void load16(const bf16* __restrict src, float* __restrict out) {
+  uint16_t raw[16];
+  std::memcpy(raw, src, sizeof(raw));
+  for (int j = 0; j < 16; ++j) out[j] = bits_to_float(uint32_t(raw[j]) << 16);
+}
+inline void load16(const f16* __restrict src, float* __restrict out) {
+  uint16_t raw[16];
+  std::memcpy(raw, src, sizeof(raw));
+  for (int j = 0; j < 16; ++j) out[j] = to_float(f16{raw[j]});
+}
+
 // lane[j] = max(lane[j], v[j]) for 16 floats.  Written with the widest intrinsics the
 // ISA build has, because GCC scalarises this select-reduction otherwise.  maxps returns
 // its second operand when either is NaN, so NaN in v is ignored here (the exp-sums
