@@ -19,6 +19,7 @@
 #include "logprob.h"
 
 #include <algorithm>
+#include <type_traits>
 
 #ifdef _OPENMP
 #include <omp.h>
@@ -58,9 +59,13 @@ inline Acc block_max(const T* x, int64_t n) {
   for (int j = 0; j < kLanes; ++j) lane[j] = neg_inf<Acc>();
   int64_t i = 0;
   for (; i + kLanes <= n; i += kLanes) {
-    Acc v[kLanes];
-    load16(x + i, v);
-    lane_max16(lane, v);
+    if constexpr (std::is_same_v<T, Acc>) {
+      lane_max16(lane, x + i);
+    } else {
+      Acc v[kLanes];
+      load16(x + i, v);
+      lane_max16(lane, v);
+    }
   }
   Acc m = neg_inf<Acc>();
   for (int j = 0; j < kLanes; ++j) m = lane[j] > m ? lane[j] : m;
@@ -88,8 +93,14 @@ inline void block_sums(const T* __restrict__ x, int64_t n, Acc c, Acc mx,
   }
   int64_t i = 0;
   for (; i + kLanes <= n; i += kLanes) {
-    Acc xs[kLanes];
-    load16(x + i, xs);
+    // float rows are read in place; 16-bit rows are widened into a local chunk first.
+    Acc staged[kLanes];
+    const Acc* xs = staged;
+    if constexpr (std::is_same_v<T, Acc>) {
+      xs = x + i;
+    } else {
+      load16(x + i, staged);
+    }
     for (int j = 0; j < kLanes; ++j) {
       Acc u = (xs[j] - mx) * c;
       u = u < umin ? umin : u;
@@ -224,9 +235,14 @@ void backward_rows(const T* logits, RowGeom g, int64_t rows, int64_t V, const vo
     const Acc dy = a * (Acc(1) - py) - py * B1 * uy - py * b * H;
     int64_t v = 0;
     for (; v + kLanes <= V; v += kLanes) {
-      Acc xs[kLanes];
+      Acc staged[kLanes];
       T out[kLanes];
-      load_chunk(x + v, xs);
+      const Acc* xs = staged;
+      if constexpr (std::is_same_v<T, Acc>) {
+        xs = x + v;  // read in place: out[] is written back only after the whole chunk
+      } else {
+        load_chunk(x + v, staged);
+      }
       for (int j = 0; j < kLanes; ++j) {
         Acc u = (xs[j] * inv_t - L) * log2e;
         u = u < umin ? umin : u;
