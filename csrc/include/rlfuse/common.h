@@ -52,7 +52,8 @@ template <> inline double from_float<double>(float v) { return v; }
 template <> inline bf16 from_float<bf16>(float v) {
   uint32_t u = float_to_bits(v);
   uint32_t rounded = (u + 0x7fffu + ((u >> 16) & 1u)) >> 16;
-  uint32_t nan = ((u & 0x7fffffffu) > 0x7f800000u) ? ((u >> 16) | 0x40u) : rounded;
+  // Signed compare (both sides are non-negative): AVX2 has no unsigned vector compare.
+  uint32_t nan = (int32_t(u & 0x7fffffffu) > int32_t(0x7f800000)) ? ((u >> 16) | 0x40u) : rounded;
   return bf16{uint16_t(nan)};
 }
 template <> inline f16 from_float<f16>(float v) {
