@@ -7,6 +7,7 @@ import importlib
 
 SUITES = {
     "logprob": "rlfuse.bench.logprob",
+    "linear_logprob": "rlfuse.bench.linear_logprob",
 }
 
 

@@ -1,0 +1,309 @@
+"""Benchmark of linear_token_logprobs (fused lm_head + log-prob) against the materialised
+path, torch.compile of it, and Liger-Kernel's fused-linear-cross-entropy scheme.
+
+Variants (all compute per-token log-probs of ``hidden @ weight.T`` and, for "fwd+bwd",
+the gradients of ``sum(logp * adv)`` w.r.t. hidden and weight):
+
+  rlfuse        linear_token_logprobs (chunked; gradient recomputed in backward)
+  eager         logits = hidden @ weight.T; log_softmax(logits).gather(ids)  (materialised)
+  compile       torch.compile of ``eager``
+  liger-style   Liger-Kernel's LigerFusedLinearCrossEntropy scheme in plain torch (its
+                Triton kernels do not run on a CPU): chunks of next_pow2(N / ceil(V / H))
+                rows, logits + softmax gradient per chunk *in the forward*, grad_hidden and
+                grad_weight accumulated there, backward only scales.  It can do this only
+                because its loss is a scalar with a known upstream gradient; per-token
+                log-probs under an arbitrary later loss (what rlfuse returns) cannot.
+  liger         the real LigerFusedLinearCrossEntropyLoss, on CUDA when installed.
+
+Peak memory is measured in a fresh subprocess per variant: after one warm-up
+forward+backward (lazy imports, compilation), the peak RSS is reset (Linux clear_refs) and
+the peak RSS (CPU) or max_memory_allocated (CUDA) of a second forward+backward, minus the
+memory in use before it, is reported ("peak_extra_mb" in Row.notes).  It includes the
+returned gradients (grad_weight is V x H) for every variant alike.  "matmul_floor_ms" is the time of the three matmuls that
+any exact fused scheme needs at least (logits, grad_hidden, grad_weight).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import torch
+
+from rlfuse.bench.harness import Row
+from rlfuse.ops import linear_token_logprobs
+
+NAME = "linear_logprob"
+
+CPU_CASES = [(4096, 1024, 32000, torch.float32)]
+CPU_QUICK = [(512, 256, 8000, torch.float32)]
+GPU_CASES = [(8192, 4096, 128256, torch.bfloat16), (4096, 4096, 151936, torch.bfloat16)]
+GPU_QUICK = [(4096, 4096, 128256, torch.bfloat16)]
+
+
+def make_inputs(N, H, V, dtype, device, seed=0):
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    hidden = torch.randn(N, H, generator=g).to(dtype).to(device)
+    weight = (torch.randn(V, H, generator=g) / H ** 0.5).to(dtype).to(device)
+    ids = torch.randint(0, V, (N,), generator=g).to(device)
+    adv = torch.randn(N, generator=g).to(device)
+    return hidden, weight, ids, adv
+
+
+def eager_logprobs(hidden, weight, ids):
+    logits = hidden @ weight.t()
+    return torch.log_softmax(logits.float(), -1).gather(-1, ids.unsqueeze(-1)).squeeze(-1)
+
+
+class _LigerStyle(torch.autograd.Function):
+    """Liger-Kernel's fused linear cross-entropy scheme in torch: gradients in the forward."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, ids, adv):
+        N, H = hidden.shape
+        V = weight.size(0)
+        inc = -(-V // H)
+        chunk = 1 << max(0, (-(-N // inc) - 1).bit_length())  # next_pow2(ceil(N / inc))
+        grad_h = torch.empty_like(hidden)
+        grad_w = torch.zeros(V, H, dtype=torch.float32, device=hidden.device)
+        loss = torch.zeros((), dtype=torch.float32, device=hidden.device)
+        for s in range(0, N, chunk):
+            e = min(N, s + chunk)
+            hc = hidden[s:e]
+            logits = (hc @ weight.t()).float()
+            lse = torch.logsumexp(logits, -1)
+            lp = logits.gather(-1, ids[s:e, None]).squeeze(-1) - lse
+            a = adv[s:e]
+            loss += -(lp * a).sum()
+            # d(-sum a * logp)/dlogits = a * (softmax - onehot), written over the logits
+            d = logits.sub_(lse[:, None]).exp_()
+            d.scatter_add_(-1, ids[s:e, None], -torch.ones_like(lse[:, None]))
+            d.mul_(a[:, None])
+            d = d.to(hidden.dtype)
+            grad_h[s:e] = d @ weight
+            grad_w.addmm_(d.t().float(), hc.float())
+        ctx.save_for_backward(grad_h, grad_w.to(weight.dtype))
+        return loss
+
+    @staticmethod
+    def backward(ctx, g):
+        grad_h, grad_w = ctx.saved_tensors
+        return grad_h * g, grad_w * g, None, None
+
+
+def _liger_real():
+    try:
+        from liger_kernel.transformers import LigerFusedLinearCrossEntropyLoss
+    except Exception:
+        return None
+    return LigerFusedLinearCrossEntropyLoss
+
+
+def variant_fn(name, hidden, weight, ids, adv, compiled=None):
+    """A closure that runs one forward+backward of ``name``."""
+    h = hidden.detach().requires_grad_()
+    w = weight.detach().requires_grad_()
+    if name == "rlfuse":
+        return lambda: torch.autograd.grad(
+            -(linear_token_logprobs(h, w, ids) * adv).sum(), (h, w))
+    if name == "eager":
+        return lambda: torch.autograd.grad(-(eager_logprobs(h, w, ids) * adv).sum(), (h, w))
+    if name == "compile":
+        f = compiled or torch.compile(eager_logprobs, dynamic=False)
+        return lambda: torch.autograd.grad(-(f(h, w, ids) * adv).sum(), (h, w))
+    if name == "liger-style":
+        return lambda: torch.autograd.grad(_LigerStyle.apply(h, w, ids, adv), (h, w))
+    if name == "liger":
+        cls = _liger_real()
+        if cls is None or not h.is_cuda:
+            raise RuntimeError("Liger-Kernel needs CUDA (and liger_kernel installed)")
+        loss_fn = cls(reduction="sum")
+        # Liger's loss has no per-token weights: an unweighted sum (same matmul work).
+        return lambda: torch.autograd.grad(loss_fn(w, h, ids), (h, w))
+    raise ValueError(name)
+
+
+def forward_fn(name, hidden, weight, ids, compiled=None):
+    if name == "rlfuse":
+        return lambda: linear_token_logprobs(hidden, weight, ids)
+    if name == "eager":
+        return lambda: eager_logprobs(hidden, weight, ids)
+    if name == "compile":
+        f = compiled or torch.compile(eager_logprobs, dynamic=False)
+        return lambda: f(hidden, weight, ids)
+    raise ValueError(name)
+
+
+def _status_bytes(key: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(key + ":"):
+                return int(line.split()[1]) * 1024
+    raise RuntimeError(f"{key} not in /proc/self/status")
+
+
+def _reset_peak_rss() -> bool:
+    """Linux: writing 5 to clear_refs resets the peak RSS (VmHWM) to the current RSS, so
+    the import's and input construction's transients do not count."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def _memory_child(name, N, H, V, dtype_name, device) -> dict:
+    """Run in a fresh process: peak extra memory of one forward+backward of ``name``."""
+    dtype = getattr(torch, dtype_name)
+    inputs = make_inputs(N, H, V, dtype, device)
+    fn = variant_fn(name, *inputs)
+    if device == "cuda":
+        fn()
+        torch.cuda.synchronize()
+        base = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        fn()
+        torch.cuda.synchronize()
+        return {"peak_extra_bytes": torch.cuda.max_memory_allocated() - base}
+    import gc
+
+    fn()  # warm-up: lazy imports, torch.compile, allocator pools are not the op's memory
+    gc.collect()
+    base = _status_bytes("VmRSS")
+    if not _reset_peak_rss():
+        raise RuntimeError("cannot reset the peak RSS (/proc/self/clear_refs)")
+    fn()
+    return {"peak_extra_bytes": _status_bytes("VmHWM") - base}
+
+
+def measure_memory(name, N, H, V, dtype, device, timeout=900) -> tuple[float | None, str | None]:
+    """Peak extra MB of ``name`` in a fresh subprocess (None and the error on failure)."""
+    cmd = [sys.executable, "-m", "rlfuse.bench.linear_logprob", "--memory", name, str(N),
+           str(H), str(V), str(dtype).replace("torch.", ""), str(device)]
+    env = dict(os.environ)
+    env.setdefault("OMP_NUM_THREADS", str(torch.get_num_threads()))
+    # A fixed mmap threshold: freed large blocks go back to the OS, so RSS tracks the live
+    # tensors (glibc's dynamic threshold would otherwise keep freed blocks resident).
+    env.setdefault("MALLOC_MMAP_THRESHOLD_", "131072")
+    env.setdefault("MALLOC_TRIM_THRESHOLD_", "131072")
+    try:
+        out = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
+    except subprocess.TimeoutExpired:
+        return None, "memory subprocess timed out"
+    if out.returncode != 0:
+        return None, (out.stderr.strip().splitlines() or ["failed"])[-1][:200]
+    d = json.loads(out.stdout.strip().splitlines()[-1])
+    return d["peak_extra_bytes"] / 2**20, None
+
+
+def interleaved(fns: dict, device, *, warmup: int = 1, repeat: int = 3):
+    """Median ms per variant, timing the variants round-robin (one call of each per
+    round) so that load from other processes on a shared machine hits all of them alike.
+    A variant that raises reports its error instead (time None)."""
+    import statistics
+    import time
+
+    from rlfuse.bench.harness import _sync
+
+    errors, samples = {}, {k: [] for k in fns}
+    for k, fn in fns.items():
+        try:
+            for _ in range(warmup):
+                fn()
+            _sync(device)
+        except Exception as exc:  # a peer or torch.compile may fail on some setups
+            errors[k] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}"
+    for _ in range(repeat):
+        for k, fn in fns.items():
+            if k in errors:
+                continue
+            t0 = time.perf_counter()
+            fn()
+            _sync(device)
+            samples[k].append(time.perf_counter() - t0)
+    times = {k: (None if k in errors else statistics.median(v) * 1e3)
+             for k, v in samples.items()}
+    return times, errors
+
+
+def run(device: str = "cpu", quick: bool = False, repeat: int | None = None,
+        compile: bool = True, backends: list[str] | None = None) -> list[Row]:
+    dev = torch.device(device)
+    cases = (GPU_QUICK if quick else GPU_CASES) if dev.type == "cuda" else (
+        CPU_QUICK if quick else CPU_CASES)
+    repeat = repeat or (5 if quick else 3)
+    compiled = torch.compile(eager_logprobs, dynamic=False) if compile else None
+    extra = [b for b in (backends or []) if b]
+    rows: list[Row] = []
+    for N, H, V, dtype in cases:
+        hidden, weight, ids, adv = make_inputs(N, H, V, dtype, dev)
+        case = f"N={N} H={H} V={V}"
+        dt = str(dtype).replace("torch.", "")
+        hh = hidden.detach()
+        # a finite gradient-like operand for the matmul floor (uninitialised memory may
+        # hold denormals / NaN, which slow some BLAS kernels down)
+        d = torch.randn(N, V, device=dev).to(dtype) * 1e-3
+
+        # forward only (no_grad): one matmul + the row kernel vs materialised
+        names = ["rlfuse", "eager"] + (["compile"] if compile else [])
+        fns = {n: forward_fn(n, hidden, weight, ids, compiled) for n in names}
+        fns["_floor"] = lambda: hh @ weight.t()
+        with torch.no_grad():
+            times, notes = interleaved(fns, dev, repeat=repeat)
+        notes["matmul_floor_ms"] = round(times.pop("_floor"), 2)
+        rows.append(Row(NAME, case, dt, "fwd", times, 0.0, notes))
+
+        # forward + backward
+        names = ["rlfuse"] + [f"rlfuse[{b}]" for b in extra] + ["eager"]
+        names += (["compile"] if compile else []) + ["liger-style"]
+        if dev.type == "cuda" and _liger_real() is not None:
+            names.append("liger")
+        fns = {}
+        for name in names:
+            if name.startswith("rlfuse["):
+                b = name[7:-1]
+                h_ = hidden.detach().requires_grad_()
+                w_ = weight.detach().requires_grad_()
+                fns[name] = (lambda b=b, h_=h_, w_=w_: torch.autograd.grad(
+                    -(linear_token_logprobs(h_, w_, ids, backend=b) * adv).sum(), (h_, w_)))
+            else:
+                fns[name] = variant_fn(name, hidden, weight, ids, adv, compiled)
+
+        def floor():
+            with torch.no_grad():
+                return hh @ weight.t(), d @ weight, d.t() @ hh
+
+        fns["_floor"] = floor
+        times, notes = interleaved(fns, dev, repeat=repeat)
+        notes["matmul_floor_ms"] = round(times.pop("_floor"), 2)
+        del d
+        peak = {}
+        for name in names:
+            if name.startswith("rlfuse["):
+                continue
+            mb, merr = measure_memory(name, N, H, V, dtype, dev.type)
+            peak[name] = None if mb is None else round(mb, 1)
+            if merr:
+                notes[f"{name} memory"] = merr
+        notes["peak_extra_mb"] = peak
+        if peak.get("rlfuse") and peak.get("eager"):
+            notes["mem_rlfuse/eager"] = round(peak["rlfuse"] / peak["eager"], 3)
+        if times.get("rlfuse") and times.get("eager"):
+            notes["time_rlfuse/eager"] = round(times["rlfuse"] / times["eager"], 3)
+        if times.get("rlfuse") and notes.get("matmul_floor_ms"):
+            notes["time_rlfuse/3_matmuls"] = round(times["rlfuse"] / notes["matmul_floor_ms"], 3)
+        rows.append(Row(NAME, case, dt, "fwd+bwd", times, 0.0, notes))
+        del hidden, weight
+    return rows
+
+
+if __name__ == "__main__":
+    if len(sys.argv) == 8 and sys.argv[1] == "--memory":
+        _, _, name, N, H, V, dtype_name, device = sys.argv
+        print(json.dumps(_memory_child(name, int(N), int(H), int(V), dtype_name, device)))
+    else:
+        print("usage: python -m rlfuse.bench.linear_logprob --memory NAME N H V DTYPE DEVICE")
+        sys.exit(2)

@@ -1,0 +1,248 @@
+"""Hugging Face causal LMs: per-token log-probs of completions without ``model(...).logits``.
+
+    causal_lm_token_logprobs(model, input_ids, *, attention_mask=None, completion_mask=None,
+                             position_ids=None, cu_seqlens=None, temperature=1.0,
+                             return_entropy=False, chunk_size=None, backend=None,
+                             **model_kwargs)
+
+runs the base model (``model.base_model``) to get the last hidden state, takes the output
+embedding (``model.get_output_embeddings()``, weight and bias) and computes, through
+:func:`rlfuse.ops.linear_token_logprobs`,
+
+    out[..., t] = log p(input_ids[t] | the tokens before t in the same sequence)
+
+for every *scored* position t, and 0 elsewhere.  The result is aligned with ``input_ids``
+(the label shift is done here).  A position is scored when
+
+  * it has a predecessor in the same sequence: t > 0, and in the padded layout both t and
+    t - 1 are real tokens (``attention_mask``; left or right padding), in the packed
+    layout t is not the first token of a sequence (``cu_seqlens`` / ``position_ids``), so
+    a sequence's first token is never predicted from the previous sequence's last one;
+  * and ``completion_mask[t]`` is nonzero (default: every such position).
+
+Only the hidden states of scored positions go through the lm_head, so prompt and padding
+rows cost no matmul.  ``transformers`` is not imported by this module.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from rlfuse import _validate
+
+__all__ = ["causal_lm_token_logprobs", "scored_positions"]
+
+_OP = "causal_lm_token_logprobs"
+
+
+def _packed_starts_from_cu(cu_seqlens: torch.Tensor, n: int) -> torch.Tensor:
+    _validate.int_tensor(_OP, "cu_seqlens", cu_seqlens)
+    if cu_seqlens.dim() != 1 or cu_seqlens.numel() < 2:
+        raise ValueError(
+            f"{_OP}: cu_seqlens must be 1-D [S + 1], got shape {tuple(cu_seqlens.shape)}"
+        )
+    cu = cu_seqlens.long()
+    if int(cu[0]) != 0 or int(cu[-1]) != n or bool((cu[1:] < cu[:-1]).any()):
+        raise ValueError(
+            f"{_OP}: cu_seqlens must start at 0, be non-decreasing and end at the number of "
+            f"packed tokens ({n})"
+        )
+    starts = torch.zeros(n, dtype=torch.bool, device=cu.device)
+    starts[cu[:-1][cu[:-1] < n]] = True
+    return starts
+
+
+def scored_positions(input_ids: torch.Tensor, *, attention_mask=None, completion_mask=None,
+                     position_ids=None, cu_seqlens=None) -> torch.Tensor:
+    """Bool mask (shape of ``input_ids``) of the positions whose token is predicted and
+    scored by :func:`causal_lm_token_logprobs`; see the module docstring."""
+    scored = _layout(input_ids, attention_mask, completion_mask, position_ids, cu_seqlens)[0]
+    return scored.reshape(input_ids.shape)
+
+
+def _layout(input_ids, attention_mask, completion_mask, position_ids, cu_seqlens):
+    """(scored [B, T] bool, input_ids [B, T], position_ids or None, attention_mask or None)."""
+    _validate.int_tensor(_OP, "input_ids", input_ids)
+    # Packed: cu_seqlens, or position_ids without attention_mask on one stream ([N] or
+    # [1, N]); a [B, T] batch with B > 1 is padded (its position_ids go to the model).
+    one_stream = input_ids.dim() == 1 or (input_ids.dim() == 2 and input_ids.size(0) == 1)
+    packed = cu_seqlens is not None or (
+        position_ids is not None and attention_mask is None and one_stream)
+    ids2 = input_ids
+    if input_ids.dim() == 1:
+        if not packed:
+            raise ValueError(
+                f"{_OP}: a 1-D input_ids is a packed stream: pass cu_seqlens or position_ids"
+            )
+        ids2 = input_ids.unsqueeze(0)
+    if ids2.dim() != 2 or ids2.numel() == 0:
+        raise ValueError(
+            f"{_OP}: input_ids must be a non-empty [B, T] (padded) or [1, N] / [N] (packed), "
+            f"got shape {tuple(input_ids.shape)}"
+        )
+    B, T = ids2.shape
+    dev = ids2.device
+    comp = None
+    if completion_mask is not None:
+        _validate.tensor(_OP, "completion_mask", completion_mask)
+        if completion_mask.numel() != ids2.numel() or completion_mask.shape[-1] != T:
+            raise ValueError(
+                f"{_OP}: completion_mask must have the shape of input_ids "
+                f"{tuple(input_ids.shape)}, got {tuple(completion_mask.shape)}"
+            )
+        comp = completion_mask.reshape(B, T) != 0
+    pos = None
+    am = None
+    if packed:
+        if B != 1:
+            raise ValueError(
+                f"{_OP}: a packed batch must be one stream [1, N] or [N], got {tuple(input_ids.shape)}"
+            )
+        if attention_mask is not None:
+            raise ValueError(
+                f"{_OP}: pass either attention_mask (padded) or cu_seqlens / position_ids "
+                "(packed), not both"
+            )
+        if cu_seqlens is not None:
+            starts = _packed_starts_from_cu(cu_seqlens.to(dev), T)
+            seq_start = torch.cummax(
+                torch.where(starts, torch.arange(T, device=dev), torch.zeros_like(starts, dtype=torch.long)), 0
+            ).values
+            derived = torch.arange(T, device=dev) - seq_start
+            if position_ids is None:
+                pos = derived.unsqueeze(0)
+            else:
+                pos = position_ids.reshape(1, T)
+                if not torch.equal(pos[0].long(), derived):
+                    raise ValueError(
+                        f"{_OP}: position_ids do not restart at the sequence starts given by "
+                        "cu_seqlens"
+                    )
+        else:
+            _validate.int_tensor(_OP, "position_ids", position_ids)
+            if position_ids.numel() != T:
+                raise ValueError(
+                    f"{_OP}: position_ids must have the shape of input_ids, got "
+                    f"{tuple(position_ids.shape)}"
+                )
+            pos = position_ids.reshape(1, T)
+            p = pos[0].long()
+            # A sequence starts wherever the positions do not continue by +1 (as HF does).
+            starts = torch.ones(T, dtype=torch.bool, device=dev)
+            starts[1:] = p[1:] != p[:-1] + 1
+        has_prev = ~starts.unsqueeze(0)
+    else:
+        if attention_mask is not None:
+            _validate.tensor(_OP, "attention_mask", attention_mask)
+            _validate.shape_equals(_OP, "attention_mask", attention_mask, (B, T), "input_ids")
+            am = attention_mask
+            real = attention_mask != 0
+        else:
+            real = torch.ones(B, T, dtype=torch.bool, device=dev)
+        has_prev = torch.zeros(B, T, dtype=torch.bool, device=dev)
+        has_prev[:, 1:] = real[:, 1:] & real[:, :-1]
+        pos = position_ids
+    scored = has_prev if comp is None else has_prev & comp
+    return scored, ids2, pos, am
+
+
+def _check_no_logit_transform(model) -> None:
+    cfg = getattr(model, "config", None)
+    for name in ("final_logit_softcapping", "logit_softcapping"):
+        if getattr(cfg, name, None) not in (None, 0, 0.0):
+            raise ValueError(
+                f"{_OP}: the model's config sets {name}; soft-capped logits are not supported"
+            )
+    for name in ("logit_scale", "logits_scaling"):
+        if getattr(cfg, name, None) not in (None, 1, 1.0):
+            raise ValueError(
+                f"{_OP}: the model's config sets {name} (logits are rescaled after the "
+                "lm_head); pass an equivalent temperature to linear_token_logprobs instead"
+            )
+
+
+def causal_lm_token_logprobs(
+    model,
+    input_ids: torch.Tensor,
+    *,
+    attention_mask: Optional[torch.Tensor] = None,
+    completion_mask: Optional[torch.Tensor] = None,
+    position_ids: Optional[torch.Tensor] = None,
+    cu_seqlens: Optional[torch.Tensor] = None,
+    temperature: float = 1.0,
+    return_entropy: bool = False,
+    chunk_size: Optional[int] = None,
+    backend: Optional[str] = None,
+    **model_kwargs,
+):
+    """Per-token log-probs (and entropy) of the scored tokens of a HF causal LM.
+
+    Args:
+        model: a ``transformers`` causal LM (``...ForCausalLM``) with ``base_model`` and
+            ``get_output_embeddings()``.
+        input_ids: ``[B, T]`` padded batch, or a packed stream ``[1, N]`` / ``[N]``.
+        attention_mask: ``[B, T]`` (padded layout; left or right padding).
+        completion_mask: shape of ``input_ids``; nonzero marks the tokens to score (e.g.
+            the completion); default: every token that has a predecessor.
+        position_ids: packed layout: positions restarting at 0 for each sequence (HF builds
+            the block-diagonal attention from them); padded layout: passed to the model.
+        cu_seqlens: packed layout: ``[S + 1]`` sequence boundaries (position ids are
+            derived from it when not given).
+        temperature, return_entropy, chunk_size, backend: as in
+            :func:`rlfuse.ops.linear_token_logprobs`.
+        **model_kwargs: passed to the base model.
+
+    Returns:
+        float32 ``logp`` of the shape of ``input_ids`` (0 at unscored positions), or
+        ``(logp, entropy)``.  Use :func:`scored_positions` for the mask of scored positions.
+    """
+    from rlfuse.ops.linear_logprob import linear_token_logprobs
+
+    _check_no_logit_transform(model)
+    scored, ids2, pos, am = _layout(input_ids, attention_mask, completion_mask, position_ids,
+                                    cu_seqlens)
+    base = getattr(model, "base_model", None)
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if base is None or base is model or head is None or not hasattr(head, "weight"):
+        raise TypeError(
+            f"{_OP}: model must be a Hugging Face causal LM with a base model and an output "
+            f"embedding (lm_head), got {type(model).__name__}"
+        )
+    kwargs = dict(model_kwargs)
+    kwargs.setdefault("use_cache", False)
+    out = base(input_ids=ids2, attention_mask=am, position_ids=pos, **kwargs)
+    hidden = out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
+    weight = head.weight
+    bias = getattr(head, "bias", None)
+    if hidden.dtype != weight.dtype:
+        hidden = hidden.to(weight.dtype)
+
+    B, T = ids2.shape
+    sel = scored[:, 1:]                     # position t >= 1 is predicted from hidden[t - 1]
+    h_sel = hidden[:, :-1][sel]             # [M, H]: only the scored rows reach the lm_head
+    y_sel = ids2[:, 1:][sel]
+    zeros = torch.zeros(B, T - 1, dtype=torch.float32, device=hidden.device)
+    if y_sel.numel() == 0:
+        # zeros that stay connected to the graph (an empty sum: no NaN from the hidden)
+        anchor = hidden[:, :0].sum().float() + weight[:0].sum().float()
+        full = torch.zeros(B, T, dtype=torch.float32, device=hidden.device) + anchor
+        res = (full, full.clone()) if return_entropy else full
+        return _reshape(res, input_ids)
+    res = linear_token_logprobs(
+        h_sel, weight, y_sel, bias=bias, temperature=temperature,
+        return_entropy=return_entropy, chunk_size=chunk_size, backend=backend,
+    )
+    vals = res if return_entropy else (res,)
+    outs = []
+    for v in vals:
+        shifted = zeros.to(v.dtype).masked_scatter(sel, v)
+        outs.append(torch.cat([torch.zeros(B, 1, dtype=v.dtype, device=v.device), shifted], 1))
+    return _reshape(tuple(outs) if return_entropy else outs[0], input_ids)
+
+
+def _reshape(res, input_ids):
+    if isinstance(res, tuple):
+        return tuple(r.reshape(input_ids.shape) for r in res)
+    return res.reshape(input_ids.shape)
