@@ -8,6 +8,7 @@ namespace py = pybind11;
 
 // One line per op family.
 void rlfuse_bind_cuda_logprob(py::module_& m);
+void rlfuse_bind_cuda_advantage(py::module_& m);
 
 PYBIND11_MODULE(_cuda, m) {
   m.doc() =
@@ -28,4 +29,5 @@ PYBIND11_MODULE(_cuda, m) {
       "Number of visible CUDA devices (0 when there is no device or no driver).");
 
   rlfuse_bind_cuda_logprob(m);
+  rlfuse_bind_cuda_advantage(m);
 }

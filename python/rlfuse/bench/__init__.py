@@ -8,6 +8,7 @@ import importlib
 SUITES = {
     "logprob": "rlfuse.bench.logprob",
     "linear_logprob": "rlfuse.bench.linear_logprob",
+    "advantages": "rlfuse.bench.advantages",
 }
 
 

@@ -7,6 +7,22 @@ Each op family lives in one module holding its reference implementation, its
 from rlfuse.ops.logprob import token_logprobs, token_logprobs_reference
 from rlfuse.ops.linear_logprob import linear_token_logprobs, linear_token_logprobs_reference
 from rlfuse.ops.sequence import SequenceLogprobs, reduce_sequences, sequence_logprobs
+from rlfuse.ops.advantage import (
+    discounted_returns,
+    discounted_returns_reference,
+    gae,
+    gae_reference,
+    group_advantages,
+    group_advantages_reference,
+    masked_mean,
+    masked_mean_reference,
+    masked_var,
+    masked_var_reference,
+    masked_whiten,
+    masked_whiten_reference,
+    token_rewards,
+    token_rewards_reference,
+)
 
 __all__ = [
     "token_logprobs",
@@ -16,4 +32,18 @@ __all__ = [
     "sequence_logprobs",
     "reduce_sequences",
     "SequenceLogprobs",
+    "gae",
+    "gae_reference",
+    "discounted_returns",
+    "discounted_returns_reference",
+    "masked_mean",
+    "masked_mean_reference",
+    "masked_var",
+    "masked_var_reference",
+    "masked_whiten",
+    "masked_whiten_reference",
+    "group_advantages",
+    "group_advantages_reference",
+    "token_rewards",
+    "token_rewards_reference",
 ]
