@@ -12,6 +12,7 @@ namespace py = pybind11;
 // One line per op family.
 void rlfuse_bind_logprob(py::module_& m);
 void rlfuse_bind_advantage(py::module_& m);
+void rlfuse_bind_policy_loss(py::module_& m);
 
 PYBIND11_MODULE(_C, m) {
   m.doc() = "rlfuse CPU kernels (raw-pointer interface; use rlfuse.ops instead)";
@@ -28,4 +29,5 @@ PYBIND11_MODULE(_C, m) {
 
   rlfuse_bind_logprob(m);
   rlfuse_bind_advantage(m);
+  rlfuse_bind_policy_loss(m);
 }

@@ -9,6 +9,7 @@ namespace py = pybind11;
 // One line per op family.
 void rlfuse_bind_cuda_logprob(py::module_& m);
 void rlfuse_bind_cuda_advantage(py::module_& m);
+void rlfuse_bind_cuda_policy_loss(py::module_& m);
 
 PYBIND11_MODULE(_cuda, m) {
   m.doc() =
@@ -30,4 +31,5 @@ PYBIND11_MODULE(_cuda, m) {
 
   rlfuse_bind_cuda_logprob(m);
   rlfuse_bind_cuda_advantage(m);
+  rlfuse_bind_cuda_policy_loss(m);
 }

@@ -9,6 +9,7 @@ SUITES = {
     "logprob": "rlfuse.bench.logprob",
     "linear_logprob": "rlfuse.bench.linear_logprob",
     "advantages": "rlfuse.bench.advantages",
+    "losses": "rlfuse.bench.losses",
 }
 
 

@@ -23,6 +23,14 @@ from rlfuse.ops.advantage import (
     token_rewards,
     token_rewards_reference,
 )
+from rlfuse.ops.policy_loss import (
+    kl_penalty,
+    kl_penalty_reference,
+    policy_loss,
+    policy_loss_reference,
+    value_loss,
+    value_loss_reference,
+)
 
 __all__ = [
     "token_logprobs",
@@ -46,4 +54,10 @@ __all__ = [
     "group_advantages_reference",
     "token_rewards",
     "token_rewards_reference",
+    "kl_penalty",
+    "kl_penalty_reference",
+    "policy_loss",
+    "policy_loss_reference",
+    "value_loss",
+    "value_loss_reference",
 ]
