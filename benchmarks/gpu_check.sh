@@ -20,13 +20,17 @@ fi
 echo "built in $(( $(date +%s) - t0 ))s"
 python3 -m rlfuse info
 
-echo "== GPU tests"
-python3 -m pytest tests -q -x -p no:cacheprovider -k "gpu or cuda or triton" \
+echo "== tests (all; CUDA and compiled-Triton cases run here)"
+python3 -m pytest tests -q -p no:cacheprovider --maxfail=40 \
   2>&1 | tee "$OUT/tests.log" | tail -25
 tests_rc=${PIPESTATUS[0]}
 
 echo "== benchmark"
 python3 -m rlfuse bench logprob --device cuda --backends cuda,triton --out "$OUT" \
   2>&1 | tee "$OUT/bench.log"
+for suite in losses advantages linear_logprob; do
+  timeout 150 python3 -m rlfuse bench "$suite" --device cuda --quick --backends cuda,triton \
+    2>&1 | tee -a "$OUT/bench.log"
+done
 echo "tests exit code: $tests_rc"
 exit "$tests_rc"
