@@ -373,7 +373,10 @@ def test_peak_memory_is_chunk_times_vocab():
     d = json.loads(out.stdout.strip().splitlines()[-1])
     nv = 4096 * 8000 * 4
     assert d["large"] < nv / 8, d       # O(C x V + N x H), not O(N x V)
-    assert d["materialised"] > nv, d    # the materialised path holds >= one [N, V]
+    # The materialised path holds several [N, V] tensors at once; ru_maxrss is a high-water
+    # mark that earlier, freed allocations may already have raised, so only demand that a
+    # large part of one [N, V] shows up (seen: 121 MB to 1.5 GB depending on the allocator).
+    assert d["materialised"] > nv / 2, d
 
 
 def test_auto_chunk_size():
