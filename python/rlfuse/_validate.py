@@ -64,3 +64,22 @@ def integer(op: str, name: str, v) -> int:
     if isinstance(v, bool) or not isinstance(v, numbers.Integral):
         raise TypeError(f"{op}: {name} must be an int, got {type(v).__name__}")
     return int(v)
+
+
+def temperature(op: str, v) -> float:
+    """A temperature: finite, > 0, and with a finite reciprocal (no subnormals)."""
+    v = positive_float(op, "temperature", v)
+    if not math.isfinite(1.0 / v):
+        raise ValueError(f"{op}: temperature must be a finite number > 0, got {v}")
+    return v
+
+
+def ids_for_ignore_index(ids: torch.Tensor, ignore_index: int) -> torch.Tensor:
+    """Widen narrow integer ids to int64 when ``ignore_index`` does not fit their dtype,
+    so that ``ids == ignore_index`` cannot match a wrapped value (torch casts the Python
+    int to the tensor's dtype)."""
+    if ids.dtype != torch.int64:
+        info = torch.iinfo(ids.dtype)
+        if not (info.min <= ignore_index <= info.max):
+            return ids.to(torch.int64)
+    return ids

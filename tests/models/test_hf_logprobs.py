@@ -146,3 +146,25 @@ def test_no_scored_tokens_gives_zeros():
     lp = causal_lm_token_logprobs(model, ids, attention_mask=am,
                                   completion_mask=torch.zeros_like(ids))
     assert lp.shape == ids.shape and (lp == 0).all()
+
+
+def test_logit_transforms_in_text_config_are_refused():
+    from types import SimpleNamespace as NS
+
+    from rlfuse.models.hf import _check_no_logit_transform
+
+    def cfg(top=None, text=None):
+        c = NS(**(top or {}))
+        t = NS(**(text or {})) if text is not None else c
+        c.get_text_config = lambda: t
+        return NS(config=c)
+
+    _check_no_logit_transform(cfg())  # nothing set: accepted
+    for top, text in [
+        ({}, {"final_logit_softcapping": 30.0}),
+        ({"lm_head_multiplier": 0.04}, None),
+        ({}, {"logits_scaling": 8.0}),
+        ({}, {"output_multiplier": 2.0}),
+    ]:
+        with pytest.raises(ValueError, match="config sets"):
+            _check_no_logit_transform(cfg(top, text))

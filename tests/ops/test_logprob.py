@@ -523,3 +523,26 @@ def test_gpu_batch_invariance(backend):
     full = token_logprobs(logits, ids, return_entropy=True, backend=backend)
     part = token_logprobs(logits[7:9].clone(), ids[7:9].clone(), return_entropy=True, backend=backend)
     assert torch.equal(full[0][7:9], part[0]) and torch.equal(full[1][7:9], part[1])
+
+
+def test_ignore_index_outside_int32_range_with_int32_ids():
+    """torch wraps a Python int to the tensor's dtype in ==; a huge ignore_index must not
+    turn id 0 into an ignored position."""
+    from rlfuse.ops import linear_token_logprobs, sequence_logprobs
+
+    logits = torch.randn(2, 5)
+    ids = torch.tensor([0, 1], dtype=torch.int32)
+    for backend in ("cpu", "torch"):
+        lp = token_logprobs(logits, ids, ignore_index=2**40, backend=backend)
+        torch.testing.assert_close(lp, token_logprobs(logits, ids.long(), backend=backend))
+        assert (lp != 0).all()
+    h, w = torch.randn(2, 3), torch.randn(4, 3)
+    lp = linear_token_logprobs(h, w, ids, ignore_index=2**40)
+    assert (lp != 0).all()
+    res = sequence_logprobs(ids.view(1, 2), logits=logits.view(1, 2, 5), ignore_index=2**32)
+    assert int(res.count[0]) == 2
+
+
+def test_subnormal_temperature_is_rejected():
+    with pytest.raises(ValueError, match="temperature"):
+        token_logprobs(torch.randn(2, 5), torch.tensor([0, 1]), temperature=1e-320)

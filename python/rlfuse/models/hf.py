@@ -149,18 +149,32 @@ def _layout(input_ids, attention_mask, completion_mask, position_ids, cu_seqlens
 
 
 def _check_no_logit_transform(model) -> None:
+    """Refuse models whose logits are transformed after the lm_head (soft-capping or a
+    multiplier): the fused path computes ``hidden @ W.T + b`` only.  Both the top-level
+    config and the text config of composite models are checked."""
     cfg = getattr(model, "config", None)
-    for name in ("final_logit_softcapping", "logit_softcapping"):
-        if getattr(cfg, name, None) not in (None, 0, 0.0):
-            raise ValueError(
-                f"{_OP}: the model's config sets {name}; soft-capped logits are not supported"
-            )
-    for name in ("logit_scale", "logits_scaling"):
-        if getattr(cfg, name, None) not in (None, 1, 1.0):
-            raise ValueError(
-                f"{_OP}: the model's config sets {name} (logits are rescaled after the "
-                "lm_head); pass an equivalent temperature to linear_token_logprobs instead"
-            )
+    configs = [cfg]
+    get_text = getattr(cfg, "get_text_config", None)
+    if callable(get_text):
+        try:
+            text_cfg = get_text()
+        except Exception:  # some configs raise when they have no text part
+            text_cfg = None
+        if text_cfg is not None and text_cfg is not cfg:
+            configs.append(text_cfg)
+    for c in configs:
+        for name in ("final_logit_softcapping", "logit_softcapping"):
+            if getattr(c, name, None) not in (None, 0, 0.0):
+                raise ValueError(
+                    f"{_OP}: the model's config sets {name}; soft-capped logits are not supported"
+                )
+        for name in ("logit_scale", "logits_scaling", "lm_head_multiplier", "output_multiplier"):
+            if getattr(c, name, None) not in (None, 1, 1.0):
+                raise ValueError(
+                    f"{_OP}: the model's config sets {name} (logits are rescaled after the "
+                    "lm_head); call linear_token_logprobs with the temperature that undoes "
+                    "the scaling instead"
+                )
 
 
 def causal_lm_token_logprobs(

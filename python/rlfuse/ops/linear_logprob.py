@@ -236,7 +236,7 @@ def _check_ids(ids: torch.Tensor, V: int, ignore_index: int) -> None:
 
 
 def _active_rows(ids: torch.Tensor, ignore_index: int) -> Optional[torch.Tensor]:
-    """Indices of the rows whose id is not ``ignore_index``; None when every row is."""
+    """Indices of the rows whose id is not ``ignore_index``; None when no row is ignored."""
     ignored = ids == ignore_index
     if not bool(ignored.any()):
         return None
@@ -452,6 +452,8 @@ def _setup_context(ctx, inputs, output):
      fp32_grad_accum, backend) = inputs
     _, ent, lse = output
     ctx.save_for_backward(hidden, weight, token_ids, bias, lse, ent)
+    # Unused outputs give None (not zeros), so the backward skips their terms.
+    ctx.set_materialize_grads(False)
     ctx.temperature = temperature
     ctx.ignore_index = ignore_index
     ctx.return_entropy = return_entropy
@@ -564,8 +566,9 @@ def linear_token_logprobs(
             )
         _validate.shape_equals(_OP, "bias", bias, (V,), "[V] = [weight.size(0)]")
     _validate.same_device(_OP, "hidden", hidden, weight=weight, token_ids=token_ids, bias=bias)
-    temperature = _validate.positive_float(_OP, "temperature", temperature)
+    temperature = _validate.temperature(_OP, temperature)
     ignore_index = _validate.integer(_OP, "ignore_index", ignore_index)
+    token_ids = _validate.ids_for_ignore_index(token_ids, ignore_index)
     if not isinstance(return_entropy, bool):
         raise TypeError(f"{_OP}: return_entropy must be a bool, got {type(return_entropy).__name__}")
     if not isinstance(fp32_grad_accum, bool):

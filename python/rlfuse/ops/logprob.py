@@ -289,6 +289,8 @@ def _setup_context(ctx, inputs, output):
     ctx.return_entropy = return_entropy
     ctx.backend = backend
     ctx.mark_non_differentiable(lse)
+    # Unused outputs give None (not zeros), so the backward skips their terms.
+    ctx.set_materialize_grads(False)
 
 
 def _backward(ctx, g_lp, g_ent, _g_lse):
@@ -351,8 +353,9 @@ def token_logprobs(
         _OP, "token_ids", token_ids, logits.shape[:-1], "logits.shape[:-1]"
     )
     _validate.same_device(_OP, "logits", logits, token_ids=token_ids)
-    temperature = _validate.positive_float(_OP, "temperature", temperature)
+    temperature = _validate.temperature(_OP, temperature)
     ignore_index = _validate.integer(_OP, "ignore_index", ignore_index)
+    token_ids = _validate.ids_for_ignore_index(token_ids, ignore_index)
     if not isinstance(return_entropy, bool):
         raise TypeError(f"{_OP}: return_entropy must be a bool, got {type(return_entropy).__name__}")
     chosen = _backend.resolve(backend, logits.device, _OP)

@@ -187,7 +187,7 @@ def sequence_logprobs(
             backend=backend,
         )
     lp, ent = out if return_entropy else (out, None)
-    counted = token_ids != ignore_index
+    counted = _validate.ids_for_ignore_index(token_ids, ignore_index) != ignore_index
     m = _mask_tensor(_OP, mask, token_ids.shape, token_ids.device)
     if m is not None:
         counted = counted & m
