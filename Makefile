@@ -10,7 +10,7 @@ CONSTRAINTS := -c requirements/constraints.txt
 DEPS_STAMP := $(VENV)/.rlfuse-deps
 PYTEST_ARGS ?=
 
-.PHONY: demo test install deps bench gpu-check clean
+.PHONY: demo test install deps bench gpu-check sanitize fuzz clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -40,6 +40,22 @@ bench: install
 
 gpu-check:
 	bash benchmarks/gpu_check.sh
+
+# _C built with AddressSanitizer + UndefinedBehaviorSanitizer (separate build dir), the op
+# tests run against it (the runtimes preloaded into python), then the normal build is
+# reinstalled.  torch.compile, the Triton interpreter and RSS-measuring tests are left out.
+SAN_PRELOAD = $(shell gcc -print-file-name=libasan.so):$(shell gcc -print-file-name=libubsan.so)
+sanitize: $(DEPS_STAMP)
+	RLFUSE_CUDA=OFF $(PIP) install -q --no-build-isolation --no-deps -e . \
+	  -C build-dir=build/sanitize -C cmake.define.RLFUSE_SANITIZE=address,undefined
+	LD_PRELOAD=$(SAN_PRELOAD) ASAN_OPTIONS=detect_leaks=0 \
+	  UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1 \
+	  $(PY) -m pytest tests/ops tests/models -q -k "not compile and not triton and not peak_memory"; \
+	  rc=$$?; $(PIP) install -q --no-build-isolation --no-deps -e .; exit $$rc
+
+# Longer property-based runs (hypothesis profile "fuzz" in tests/conftest.py).
+fuzz: install
+	HYPOTHESIS_PROFILE=fuzz $(PY) -m pytest tests -q $(PYTEST_ARGS)
 
 clean:
 	rm -rf build
