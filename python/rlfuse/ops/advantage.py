@@ -548,19 +548,14 @@ def _strides2(x: Optional[torch.Tensor]):
     return x.stride(0), x.stride(1)
 
 
-_CODE_WHAT = {1: "mask", 2: "rewards", 3: "values", 4: "last_values"}
-
-
 def _raise_status(op, code, seq, pos, names, tensors, cu=None):
     """Turn a kernel / torch check status into a ValueError naming the argument."""
     if code == 0:
         return
     name = names.get(code, "input")
     t = tensors.get(code)
-    if code == 5:
-        raise ValueError(f"{op}: {names[5]}")
-    if code == 6:
-        raise ValueError(f"{op}: {names[6]}")
+    if code in (5, 6):  # whole-input conditions: the message is the name itself
+        raise ValueError(f"{op}: {names[code]}")
     if code == 4:
         val = t.reshape(-1)[seq].item() if t is not None and t.dim() == 1 else None
         raise ValueError(f"{op}: {name} must be finite; entry {seq} holds {val}")

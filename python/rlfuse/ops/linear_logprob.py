@@ -291,10 +291,10 @@ def _linear_op(
             h_use, ids_use, lp_u, ent_u, lse_u = h2, ids, logp, ent, lse
         else:  # ignored rows (prompt, padding) cost no matmul at all
             h_use, ids_use = h2.index_select(0, idx), ids.index_select(0, idx)
-            M = idx.numel()
-            lp_u = torch.empty(M, dtype=out_dtype, device=dev)
-            lse_u = torch.empty(M, dtype=out_dtype, device=dev)
-            ent_u = torch.empty(M if return_entropy else 0, dtype=out_dtype, device=dev)
+            n_active = idx.numel()
+            lp_u = torch.empty(n_active, dtype=out_dtype, device=dev)
+            lse_u = torch.empty(n_active, dtype=out_dtype, device=dev)
+            ent_u = torch.empty(n_active if return_entropy else 0, dtype=out_dtype, device=dev)
         M = ids_use.numel()
         if M > 0:
             C = _resolve_chunk(chunk_size, M, V, H, hidden.dtype, dev, backend)
