@@ -22,8 +22,9 @@ from rlfuse.ops import (
 from rlfuse.ops.preference import LOSS_TYPES, REFERENCE_FREE_TYPES, STATS
 from tests.helpers import backends_and_devices
 
-BACKENDS = [b for b, _ in backends_and_devices(include_torch=True)]
-KERNEL_BACKENDS = [(b, d) for b, d in backends_and_devices(include_torch=False)]
+# (backend, device) pairs that run here; "cuda" appears on a machine with a GPU.
+BACKENDS = backends_and_devices(include_torch=True)
+KERNEL_BACKENDS = backends_and_devices(include_torch=False)
 
 BETA = 0.3
 EPS = 0.2  # label smoothing where a type uses it
@@ -118,14 +119,20 @@ def _check(loss, stats, grads, want_loss, want_grads, rc_present, x, beta, dtype
     torch.testing.assert_close(stats["losses"].double(), per_pair, **tol)
 
 
-def _run(fn, x, dtype, **kw):
-    c = x["c"].detach().clone().requires_grad_()
-    r = x["r"].detach().clone().requires_grad_()
-    loss, stats = fn(c, r, kw.pop("rc", x["rc"]), kw.pop("rr", x["rr"]), chosen_lengths=x["lc"],
-                     rejected_lengths=x["lr"], **kw)
+def _run(fn, x, dtype, device="cpu", **kw):
+    """Call fn on x moved to device; loss, stats and gradients come back on the CPU."""
+    def dev(t):
+        return None if t is None else t.to(device)
+
+    c = x["c"].detach().to(device).requires_grad_()
+    r = x["r"].detach().to(device).requires_grad_()
+    if "pair_weights" in kw:
+        kw["pair_weights"] = dev(kw["pair_weights"])
+    loss, stats = fn(c, r, dev(kw.pop("rc", x["rc"])), dev(kw.pop("rr", x["rr"])),
+                     chosen_lengths=dev(x["lc"]), rejected_lengths=dev(x["lr"]), **kw)
     grads = torch.autograd.grad(loss, (c, r), allow_unused=True)
     grads = [torch.zeros_like(c) if g is None else g for g in grads]
-    return loss, stats, grads
+    return loss.cpu(), {k: v.cpu() for k, v in stats.items()}, [g.cpu() for g in grads]
 
 
 def _want(types, weights, x, beta, eps, pw=None, ref=True, **kw):
@@ -143,60 +150,61 @@ def _want(types, weights, x, beta, eps, pw=None, ref=True, **kw):
 
 
 # ------------------------------------------------------------------------------ parity
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend,device", BACKENDS)
 @pytest.mark.parametrize("loss_type", LOSS_TYPES)
-def test_every_loss_type_matches_formula(loss_type, backend):
+def test_every_loss_type_matches_formula(loss_type, backend, device):
     eps = _eps_for(loss_type)
     for dtype in (torch.float64, torch.float32):
         x = _inputs(dtype=dtype, seed=LOSS_TYPES.index(loss_type))
         loss, stats, grads = _run(preference_loss, x, dtype, loss_type=loss_type, beta=BETA,
-                                  label_smoothing=eps, backend=backend)
+                                  label_smoothing=eps, backend=backend, device=device)
         assert loss.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
         want, wg, per = _want([loss_type], [1.0], x, BETA, eps)
         _check(loss, stats, grads, want, wg, True, x, BETA, dtype, per)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_reference_free_types_without_reference(backend):
+@pytest.mark.parametrize("backend,device", BACKENDS)
+def test_reference_free_types_without_reference(backend, device):
     x = _inputs(seed=3)
     types = ["simpo", "sft", "orpo"]
     weights = [1.0, 0.7, 0.4]
     loss, stats, grads = _run(preference_loss, x, torch.float64, rc=None, rr=None,
                               loss_type=types, loss_weights=weights, beta=2.0,
-                              label_smoothing=0.1, backend=backend, simpo_gamma=0.8)
+                              label_smoothing=0.1, backend=backend, device=device,
+                              simpo_gamma=0.8)
     want, wg, per = _want(types, weights, x, 2.0, 0.1, ref=False, gamma=0.8)
     _check(loss, stats, grads, want, wg, False, x, 2.0, torch.float64, per)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_weighted_type_list_and_pair_weights(backend):
+@pytest.mark.parametrize("backend,device", BACKENDS)
+def test_weighted_type_list_and_pair_weights(backend, device):
     x = _inputs(P=13, seed=5)
     types = ["sigmoid", "sft", "ipo", "bco_pair", "sigmoid"]
     weights = [1.0, 0.5, -0.25, 2.0, 0.3]
     loss, stats, grads = _run(preference_loss, x, torch.float64, loss_type=types,
                               loss_weights=weights, beta=BETA, pair_weights=x["pw"],
-                              backend=backend)
+                              backend=backend, device=device)
     want, wg, per = _want(types, weights, x, BETA, 0.0, pw=x["pw"])
     _check(loss, stats, grads, want, wg, True, x, BETA, torch.float64, per)
     # the dict form is the same call
     loss2, _, _ = _run(preference_loss, x, torch.float64,
                        loss_type={"sigmoid": 1.3, "sft": 0.5, "ipo": -0.25, "bco_pair": 2.0},
-                       beta=BETA, pair_weights=x["pw"], backend=backend)
+                       beta=BETA, pair_weights=x["pw"], backend=backend, device=device)
     torch.testing.assert_close(loss2, loss, rtol=1e-12, atol=1e-12)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_ipo_openrlhf_switch(backend):
+@pytest.mark.parametrize("backend,device", BACKENDS)
+def test_ipo_openrlhf_switch(backend, device):
     x = _inputs(seed=7)
     loss, stats, grads = _run(preference_loss, x, torch.float64, loss_type="ipo", beta=BETA,
-                              ipo_length_normalize=False, backend=backend)
+                              ipo_length_normalize=False, backend=backend, device=device)
     want, wg, per = _want(["ipo"], [1.0], x, BETA, 0.0, ipo_norm=False)
     _check(loss, stats, grads, want, wg, True, x, BETA, torch.float64, per)
     # the unaveraged form needs no lengths
-    c = x["c"].clone().requires_grad_()
-    l2, _ = preference_loss(c, x["r"], x["rc"], x["rr"], loss_type="ipo", beta=BETA,
+    d = {k: v.to(device) for k, v in x.items()}
+    l2, _ = preference_loss(d["c"], d["r"], d["rc"], d["rr"], loss_type="ipo", beta=BETA,
                             ipo_length_normalize=False, backend=backend)
-    torch.testing.assert_close(l2, want, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(l2.cpu(), want, rtol=1e-10, atol=1e-12)
 
 
 def _f_score(u, kind, alpha):
@@ -208,15 +216,16 @@ def _f_score(u, kind, alpha):
     return (torch.exp(t) - 1) / (alpha - 1)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend,device", BACKENDS)
 @pytest.mark.parametrize("fdiv", ["forward_kl", "js_divergence", "alpha_divergence"])
-def test_f_divergence_scores(fdiv, backend):
+def test_f_divergence_scores(fdiv, backend, device):
     x = _inputs(seed=11)
     x["rc"][1] = x["c"][1] - 300.0  # alpha-divergence exponent past its clamp at 80
     for t in ("sigmoid", "hinge", "ipo", "exo_pair", "robust", "discopop", "sigmoid_norm"):
         eps = _eps_for(t)
         loss, _, grads = _run(preference_loss, x, torch.float64, loss_type=t, beta=BETA,
-                              label_smoothing=eps, backend=backend, f_divergence_type=fdiv,
+                              label_smoothing=eps, backend=backend, device=device,
+                              f_divergence_type=fdiv,
                               f_alpha_divergence_coef=0.6)
         c = x["c"].clone().requires_grad_()
         r = x["r"].clone().requires_grad_()
@@ -236,8 +245,8 @@ def test_f_divergence_scores(fdiv, backend):
             torch.testing.assert_close(g, w, rtol=1e-10, atol=1e-12)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_low_precision_inputs_and_extremes(backend):
+@pytest.mark.parametrize("backend,device", BACKENDS)
+def test_low_precision_inputs_and_extremes(backend, device):
     x = _inputs(P=17, seed=13)
     x["c"][2], x["rc"][2] = -5000.0, 0.0  # |beta delta| in the thousands: no overflow
     x["r"][3], x["rr"][3] = -4000.0, 0.0
@@ -247,7 +256,8 @@ def test_low_precision_inputs_and_extremes(backend):
         for dt, tol in ((torch.float32, 1e-5), (torch.bfloat16, 1e-5)):
             xd = {k: (v.to(dt) if v.is_floating_point() else v) for k, v in x.items()}
             loss, _, grads = _run(preference_loss, xd, dt, loss_type=t, beta=BETA,
-                                  label_smoothing=_eps_for(t), backend=backend)
+                                  label_smoothing=_eps_for(t), backend=backend,
+                                  device=device)
             assert loss.dtype == torch.float32
             assert grads[0].dtype == dt
             # compare with the formula on the same (rounded) inputs
@@ -258,14 +268,14 @@ def test_low_precision_inputs_and_extremes(backend):
                 torch.testing.assert_close(g.double(), w.to(dt).double(), rtol=1e-2, atol=1e-6)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_nan_propagates_and_empty_batch(backend):
-    x = _inputs(P=5)
+@pytest.mark.parametrize("backend,device", BACKENDS)
+def test_nan_propagates_and_empty_batch(backend, device):
+    x = _inputs(P=5, device=device)
     x["c"][1] = float("nan")
     loss, stats = preference_loss(x["c"], x["r"], x["rc"], x["rr"], backend=backend)
     assert torch.isnan(loss)
     assert torch.isnan(stats["losses"][1]) and torch.isfinite(stats["losses"][0])
-    e = torch.empty(0, dtype=torch.float64, requires_grad=True)
+    e = torch.empty(0, dtype=torch.float64, device=device, requires_grad=True)
     loss, stats = preference_loss(e, e.detach(), e.detach(), e.detach(), backend=backend)
     assert loss.item() == 0.0 and stats["losses"].shape == (0,)
     (g,) = torch.autograd.grad(loss, e, allow_unused=True)
