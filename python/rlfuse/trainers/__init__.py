@@ -12,8 +12,9 @@ from rlfuse.trainers.base import NonFiniteError, RewardFunctionError, latest_che
 from rlfuse.trainers.config import (ConfigError, DPOConfig, GRPOConfig, PPOConfig, SFTConfig,
                                     TrainConfig)
 from rlfuse.trainers.grpo import GRPOTrainer, copy_reference
+from rlfuse.trainers.ppo import PPOTrainer, ValueModel
 from rlfuse.trainers.sft import supervised_warmup
 
-__all__ = ["GRPOTrainer", "GRPOConfig", "PPOConfig", "DPOConfig", "SFTConfig", "TrainConfig",
+__all__ = ["GRPOTrainer", "PPOTrainer", "ValueModel", "GRPOConfig", "PPOConfig", "DPOConfig", "SFTConfig", "TrainConfig",
            "ConfigError", "NonFiniteError", "RewardFunctionError", "supervised_warmup",
            "copy_reference", "latest_checkpoint"]
