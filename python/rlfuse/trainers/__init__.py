@@ -13,8 +13,9 @@ from rlfuse.trainers.config import (ConfigError, DPOConfig, GRPOConfig, PPOConfi
                                     TrainConfig)
 from rlfuse.trainers.grpo import GRPOTrainer, copy_reference
 from rlfuse.trainers.ppo import PPOTrainer, ValueModel
+from rlfuse.trainers.dpo import DPOTrainer
 from rlfuse.trainers.sft import supervised_warmup
 
-__all__ = ["GRPOTrainer", "PPOTrainer", "ValueModel", "GRPOConfig", "PPOConfig", "DPOConfig", "SFTConfig", "TrainConfig",
+__all__ = ["DPOTrainer", "GRPOTrainer", "PPOTrainer", "ValueModel", "GRPOConfig", "PPOConfig", "DPOConfig", "SFTConfig", "TrainConfig",
            "ConfigError", "NonFiniteError", "RewardFunctionError", "supervised_warmup",
            "copy_reference", "latest_checkpoint"]

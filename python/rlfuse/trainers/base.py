@@ -299,12 +299,12 @@ class BaseTrainer:
         self.device = self._pick_device()
         self.model, self.tokenizer = load_model_and_tokenizer(model, tokenizer)
         self.model.to(self.device)
-        self._setup_models()
         self.state = {"global_step": 0, "epoch": 0, "position": 0, "nonfinite_steps": 0,
                       "rounds": 0}
         self._perm = None
         self._log_history: list[dict] = []
         self.timers: dict[str, float] = {}
+        self._setup_models()
 
     # -- hooks for subclasses -------------------------------------------------------
     def _check_more(self):

@@ -300,8 +300,10 @@ class DPOConfig(TrainConfig):
     def validate(self):
         super().validate()
         _real(self, "beta", lo=0.0, lo_open=True)
-        _choice(self, "loss_type", ("sigmoid", "hinge", "ipo", "robust"))
-        _real(self, "label_smoothing", lo=0.0, hi=0.5)
+        from rlfuse.ops.preference import LOSS_TYPES
+
+        _choice(self, "loss_type", LOSS_TYPES)
+        _real(self, "label_smoothing", lo=0.0, hi=1.0)
         _check(self.label_smoothing < 0.5 or self.loss_type != "robust", "label_smoothing",
                "must be < 0.5 with loss_type='robust'")
         for name in ("max_length", "max_prompt_length"):

@@ -17,9 +17,12 @@ import torch
 __all__ = ["supervised_warmup", "encode_supervised"]
 
 
-def encode_supervised(tokenizer, examples, *, max_length=None, device="cpu"):
+def encode_supervised(tokenizer, examples, *, max_length=None, max_prompt_length=None,
+                      device="cpu"):
     """Right-padded ``(input_ids, attention_mask, completion_mask, position_ids)`` for
-    ``prompt + solution + eos``; ``completion_mask`` marks the solution and eos tokens."""
+    ``prompt + solution + eos``; ``completion_mask`` marks the solution and eos tokens.
+    A prompt longer than ``max_prompt_length`` keeps its last tokens; a row longer than
+    ``max_length`` is cut at the end."""
     rows, comps = [], []
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     if tokenizer.eos_token_id is None:
@@ -28,6 +31,8 @@ def encode_supervised(tokenizer, examples, *, max_length=None, device="cpu"):
         if not isinstance(ex, dict) or "prompt" not in ex or "solution" not in ex:
             raise ValueError(f"examples[{i}] must be a dict with 'prompt' and 'solution'")
         p = tokenizer(ex["prompt"])["input_ids"]
+        if max_prompt_length is not None:
+            p = p[-max_prompt_length:]
         s = tokenizer(ex["solution"], add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
         ids = p + s
         c = [0] * len(p) + [1] * len(s)
