@@ -548,3 +548,28 @@ def test_from_hidden_bad_input():
         preference_logps(hidden, weight, ids, cu_seqlens=torch.tensor([0, 10, 20]))
     with pytest.raises(ValueError, match="token_ids must lie"):
         preference_logps(hidden, weight, ids + V)
+
+
+def test_from_hidden_torch_compile_fullgraph():
+    torch.manual_seed(3)
+    P, T = 2, 6
+    _, labels, mask = _pairs(P, T, seed=6)
+    hidden = torch.randn(2 * P, T, H, dtype=torch.float32)
+    weight = torch.randn(V, H, dtype=torch.float32) / H ** 0.5
+    ref = torch.randn(2 * P) - 10
+
+    def f(h, w):
+        loss, stats = preference_loss_from_hidden(h, w, labels, mask=mask, beta=BETA,
+                                                  ref_chosen_logps=ref[:P],
+                                                  ref_rejected_logps=ref[P:],
+                                                  loss_type=["sigmoid", "ipo"])
+        return loss, stats["chosen_logps"]
+
+    outs = []
+    for fn in (f, torch.compile(f, fullgraph=True, backend="aot_eager")):
+        h = hidden.clone().requires_grad_()
+        w = weight.clone().requires_grad_()
+        loss, cl = fn(h, w)
+        outs.append((loss, cl, *torch.autograd.grad(loss, (h, w))))
+    for a, b in zip(*outs):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
