@@ -21,7 +21,7 @@ __all__ = ["DEFAULTS", "DEMO", "evaluate", "run"]
 
 # Config fields of the embedded default (anything here can be overridden by the CLI).
 DEFAULTS = {
-    "grpo": dict(output_dir="rlfuse_output/grpo", learning_rate=5e-4,
+    "grpo": dict(output_dir="rlfuse_output/grpo", learning_rate=5e-5,
                  per_device_train_batch_size=64, num_generations=8, max_completion_length=6,
                  temperature=1.0, beta=0.02, max_steps=100, logging_steps=1, save_steps=25,
                  max_grad_norm=1.0, seed=0),
