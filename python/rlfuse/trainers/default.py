@@ -150,12 +150,13 @@ def run(algorithm: str = "grpo", overrides: dict | None = None, *, model_path=No
 
                 shutil.rmtree(sft_dir)
             os.rename(sft_dir + ".tmp", sft_dir)
-    acc["warm-up"] = (evaluate(model, tok, task, eval_rows, max_new_tokens=max_new),
-                      evaluate(model, tok, task, eval_rows, max_new_tokens=max_new,
-                               temperature=1.0))
     t_sft = time.perf_counter() - t0
-    say(f"warm-up done in {t_sft:.0f} s; held-out accuracy greedy {acc['warm-up'][0]:.1%}, "
-        f"sampled {acc['warm-up'][1]:.1%}")
+    if settings["sft_steps"] > 0 or (resume and os.path.isdir(sft_dir)):
+        acc["warm-up"] = (evaluate(model, tok, task, eval_rows, max_new_tokens=max_new),
+                          evaluate(model, tok, task, eval_rows, max_new_tokens=max_new,
+                                   temperature=1.0))
+        say(f"warm-up done in {t_sft:.0f} s; held-out accuracy greedy {acc['warm-up'][0]:.1%}, "
+            f"sampled {acc['warm-up'][1]:.1%}")
 
     from rlfuse.trainers.grpo import copy_reference
 
