@@ -123,21 +123,30 @@ class OpTimer:
 # --------------------------------------------------------------------------------------
 # the two children
 # --------------------------------------------------------------------------------------
-def _rss_reset():
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return True
-    except OSError:
-        return False
-
-
 def _status_kib(key):
     with open("/proc/self/status") as f:
         for line in f:
             if line.startswith(key + ":"):
                 return int(line.split()[1])
     return 0
+
+
+def _memory_start(device) -> float:
+    """Reset the peak-memory counter; returns the baseline (bytes on GPU, KiB of RSS)."""
+    from rlfuse.bench.linear_logprob import _reset_peak_rss
+
+    if torch.device(device).type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+        return torch.cuda.memory_allocated()
+    base = _status_kib("VmRSS")
+    _reset_peak_rss()
+    return base
+
+
+def _memory_peak_mib(device, base) -> float:
+    if torch.device(device).type == "cuda":
+        return (torch.cuda.max_memory_allocated() - base) / 2**20
+    return (_status_kib("VmHWM") - base) / 1024
 
 
 def _dataset(n):
@@ -167,11 +176,7 @@ def child_rlfuse(model_dir, case, device):
                      device=device, **_common(case))
     tr = GRPOTrainer(model_dir, _reward, args=cfg, train_dataset=_dataset(256))
     dev = torch.device(device)
-    if dev.type == "cuda":
-        torch.cuda.reset_peak_memory_stats()
-        base = torch.cuda.memory_allocated()
-    rss0 = _status_kib("VmRSS")
-    _rss_reset()
+    base = _memory_start(device)
     steps, shares = [], []
     with OpTimer() as timer:
         orig_round = tr._train_round
@@ -200,10 +205,7 @@ def child_rlfuse(model_dir, case, device):
             return res
         tr._train_round = timed_round
         tr.train()
-    if dev.type == "cuda":
-        peak = (torch.cuda.max_memory_allocated() - base) / 2**20
-    else:
-        peak = (_status_kib("VmHWM") - rss0) / 1024
+    peak = _memory_peak_mib(device, base)
     w = case["warmup"]
     share = {k: statistics.mean(s[k] for s in shares[w:]) for k in shares[w]}
     return {"step_s": statistics.median(steps[w:]), "peak_mib": peak, "shares": share}
@@ -233,17 +235,9 @@ def child_trl(model_dir, case, device):
             steps.append(time.perf_counter() - self.t0)
 
     tr.add_callback(Timer())
-    dev = torch.device(device)
-    if dev.type == "cuda":
-        torch.cuda.reset_peak_memory_stats()
-        base = torch.cuda.memory_allocated()
-    rss0 = _status_kib("VmRSS")
-    _rss_reset()
+    base = _memory_start(device)
     tr.train()
-    if dev.type == "cuda":
-        peak = (torch.cuda.max_memory_allocated() - base) / 2**20
-    else:
-        peak = (_status_kib("VmHWM") - rss0) / 1024
+    peak = _memory_peak_mib(device, base)
     return {"step_s": statistics.median(steps[case["warmup"]:]), "peak_mib": peak}
 
 
