@@ -11,6 +11,7 @@ SUITES = {
     "advantages": "rlfuse.bench.advantages",
     "losses": "rlfuse.bench.losses",
     "train": "rlfuse.bench.train",
+    "preference": "rlfuse.bench.preference",
 }
 
 

@@ -80,6 +80,7 @@ F_DIVERGENCES = ("reverse_kl", "forward_kl", "js_divergence", "alpha_divergence"
 _FDIV_TYPES = ("sigmoid", "sigmoid_norm", "hinge", "ipo", "exo_pair", "robust", "discopop", "sft")
 _TYPE_ARGS = {"ipo_length_normalize": True, "simpo_gamma": 0.5, "discopop_tau": 0.05,
               "f_divergence_type": "reverse_kl", "f_alpha_divergence_coef": 0.5}
+_MAX_TYPES = 32  # csrc/cuda/preference.cu: kMaxTypes
 STATS = ("chosen_rewards", "rejected_rewards", "margins", "accuracies", "losses")
 _N_STATS = len(STATS)
 
@@ -125,6 +126,8 @@ def _types_and_weights(op, loss_type, loss_weights):
                         f"{{type: weight}}, got {type(loss_type).__name__}")
     if not types:
         raise ValueError(f"{op}: loss_type is an empty list")
+    if len(types) > _MAX_TYPES:
+        raise ValueError(f"{op}: at most {_MAX_TYPES} loss types per call, got {len(types)}")
     for t in types:
         if not isinstance(t, str):
             raise TypeError(f"{op}: every loss_type must be a str, got {type(t).__name__}")
