@@ -670,7 +670,7 @@ def _kl_geometry(x: torch.Tensor):
     if x.dim() < 2:
         y = x.reshape(1, -1)
         return y, 1, y.size(1)
-    y = x.reshape(-1, x.size(-1))
+    y = x.reshape(math.prod(x.shape[:-1]), x.size(-1))  # not -1: the last dim may be 0
     return y, y.size(0), y.size(1)
 
 
