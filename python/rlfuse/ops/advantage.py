@@ -405,7 +405,8 @@ def group_advantages_reference(
         W = sum(w)
         if (W <= 0) if whitening == "biased" else (W <= 1):
             raise ValueError("group_advantages: reinforce_pp_baseline whitens over the batch "
-                             "and needs at least two valid tokens (one for OpenRLHF)")
+                             f"and needs at least {1 if whitening == 'biased' else 2} valid "
+                             "token(s)")  # the kernels' message, word for word
         mean = sum(w[b] * x[b] for b in range(B)) / W
         m2 = sum(w[b] * (x[b] - mean) ** 2 for b in range(B))
         if whitening == "biased":
