@@ -216,6 +216,14 @@ def test_value_loss_properties(backend):
         (loss, stats), (rloss, rstats) = got, want
         rtol = _rtol(dtype, backend)
         _close(loss, rloss, rtol, "loss")
+        if dtype != torch.float64 or backend == "triton":
+            # clip_frac counts tokens whose clipped error is strictly larger: a discrete test
+            # that float32 rounding decides when nothing is really clipped (OpenRLHF's
+            # old + clamp(v - old) is not exactly v in float32, as in OpenRLHF itself), so it
+            # is compared with the reference evaluated in float32, the op's precision
+            f32 = (lambda x: x.float())
+            rstats["clip_frac"] = value_loss_reference(
+                f32(v), f32(vo) if with_old else None, f32(R), m, **kw)[1]["clip_frac"]
         for k in rstats:
             _close(stats[k], rstats[k], rtol, k)
         (g,) = torch.autograd.grad(loss, vv, allow_unused=True)
