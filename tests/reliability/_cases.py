@@ -5,7 +5,7 @@ differentiable ops) as a list of tensors; calls are independent (fresh leaf tens
 Run as a script it prints a digest of every op's cpu-backend outputs, so that a subprocess
 started with another ``OMP_NUM_THREADS`` can be compared bitwise with this process:
 
-    python -m tests.reliability._cases <size> [--threads 1,2,3] [--only <name>]
+    python -m tests.reliability._cases <size> [--threads 1,2,3] [--only <name>,<name>]
 """
 
 from __future__ import annotations
@@ -26,6 +26,8 @@ from rlfuse.ops import (
     masked_var,
     masked_whiten,
     policy_loss,
+    preference_logps,
+    preference_loss,
     reduce_sequences,
     sequence_logprobs,
     token_logprobs,
@@ -134,6 +136,20 @@ def _value_loss(t, backend):
     return [loss, g, *stats.values()]
 
 
+def _preference(t, backend):
+    P = t["ids"].shape[0] // 2
+    h, w = _leaf(t["hidden"][: 2 * P]), _leaf(t["weight"])
+    seq = preference_logps(h, w, t["ids"][: 2 * P], mask=t["mask"][: 2 * P], ld_alpha=0.5,
+                           chunk_size=64, backend=backend)
+    ref = t["lp"][:P, 0] * 4
+    loss, stats = preference_loss(seq.chosen, seq.rejected, ref, ref - 0.3,
+                                  loss_type=["sigmoid", "ipo", "sft"], loss_weights=[1, .5, .2],
+                                  chosen_lengths=seq.chosen_lengths,
+                                  rejected_lengths=seq.rejected_lengths, backend=backend)
+    gh, gw = torch.autograd.grad(loss, (h, w))
+    return [loss, gh, gw, *stats.values()]
+
+
 CASES = {
     "token_logprobs": _token_logprobs,
     "linear_token_logprobs": _linear_token_logprobs,
@@ -145,6 +161,7 @@ CASES = {
     "kl_penalty": _kl_penalty,
     "policy_loss": _policy_loss,
     "value_loss": _value_loss,
+    "preference_logps / preference_loss": _preference,
 }
 
 
@@ -170,11 +187,11 @@ def _full_threads():
 
 
 def _main(argv):
-    """argv: size [--threads 1,2,...] [--only name].  Prints torch's thread count, then one
+    """argv: size [--threads 1,2,...] [--only name,name].  Prints torch's thread count, then one
     line per op (and per thread count with --threads): name [threads] digest."""
     _full_threads()
     size = argv[0] if argv else "medium"
-    names = [argv[argv.index("--only") + 1]] if "--only" in argv else list(CASES)
+    names = argv[argv.index("--only") + 1].split(",") if "--only" in argv else list(CASES)
     print(torch.get_num_threads())
     if "--threads" in argv:
         for n in argv[argv.index("--threads") + 1].split(","):

@@ -102,3 +102,24 @@ def test_every_raise_is_reached_by_a_row():
     assert not missing, "raise statements no row of the error table reaches:\n" + "\n".join(
         missing)
     assert not stale, f"UNREACHABLE entries that match no raise: {stale}"
+
+
+def test_option_caches_do_not_skip_type_checks():
+    """policy_loss and preference_loss cache their resolved options; 1 == 1.0 == True and
+    0 == False hash alike, so the caches must be keyed by type or a valid call would let a
+    wrongly typed twin through."""
+    import torch
+
+    from rlfuse.ops import policy_loss, preference_loss
+
+    x, m = torch.zeros(2, 3), torch.ones(2, 3)
+    policy_loss(x, x, x, m, dp_size=1)
+    with pytest.raises(TypeError, match="dp_size must be an int"):
+        policy_loss(x, x, x, m, dp_size=1.0)
+    policy_loss(x, x, x, m, ref_logp=x, kl_ratio_weighted=True)
+    with pytest.raises(TypeError, match="kl_ratio_weighted must be a bool"):
+        policy_loss(x, x, x, m, ref_logp=x, kl_ratio_weighted=1)
+    p = torch.zeros(3)
+    preference_loss(p, p, p, p, loss_type="ipo", ipo_length_normalize=False)
+    with pytest.raises(TypeError, match="ipo_length_normalize must be a bool"):
+        preference_loss(p, p, p, p, loss_type="ipo", ipo_length_normalize=0)

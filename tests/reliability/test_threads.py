@@ -72,7 +72,7 @@ def test_concurrent_python_threads(name, backend, full_threads):
 # different kernel by thread count unless MKL's strict reproducibility mode is on
 # (measured: [64, 16] x [16, 97] differs at 4+ threads by 1 ulp).  It is checked in a fresh
 # interpreter with MKL_CBWR=AUTO,STRICT, which makes MKL's gemm thread-count invariant.
-BLAS_CASES = {"linear_token_logprobs"}
+BLAS_CASES = {"linear_token_logprobs", "preference_logps / preference_loss"}
 STRICT_BLAS = {"MKL_CBWR": "AUTO,STRICT"}
 
 
@@ -93,11 +93,17 @@ def _subprocess(args, **env) -> list:
 
 
 def test_set_num_threads_bitwise_blas_ops():
-    for name in BLAS_CASES:
-        lines = _subprocess(["medium", "--threads", "1,2,3,4", "--only", name], **STRICT_BLAS)
-        digests = {line.split(" ", 1)[0]: line.rsplit(" ", 1)[1] for line in lines[1:]}
-        assert len(digests) == 4
-        assert len(set(digests.values())) == 1, f"{name}: results depend on the thread count"
+    lines = _subprocess(["medium", "--threads", "1,2,3,4", "--only", ",".join(BLAS_CASES)],
+                        **STRICT_BLAS)
+    digests = {}
+    for line in lines[1:]:  # "threads name digest" (names hold spaces)
+        n, rest = line.split(" ", 1)
+        name, d = rest.rsplit(" ", 1)
+        digests.setdefault(name, {})[n] = d
+    assert set(digests) == BLAS_CASES
+    for name, by_threads in digests.items():
+        assert len(by_threads) == 4
+        assert len(set(by_threads.values())) == 1, f"{name}: results depend on the thread count"
 
 
 @pytest.mark.slow
