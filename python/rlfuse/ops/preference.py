@@ -153,9 +153,11 @@ def _types_and_weights(op, loss_type, loss_weights):
 
 
 def _resolve_impl(op, types, weights, beta, label_smoothing, has_ref, has_len, has_pw,
-                  type_args):
+                  type_args, arg_types=()):
     """(ints, floats) of the kernel configuration and the sorted (aot) terms
-    ((name, weight), ...); raises on inconsistent arguments."""
+    ((name, weight), ...); raises on inconsistent arguments.
+    ``arg_types`` (the types of the type_args values) only keys the cache: 0 == False, so
+    without it ipo_length_normalize=0 would skip its bool check after a call with False."""
     beta = _validate.positive_float(op, "beta", beta)
     eps = _real(op, "label_smoothing", label_smoothing)
     if not 0.0 <= eps <= 1.0:
@@ -226,7 +228,7 @@ def _config(op, loss_type, loss_weights, beta, label_smoothing, has_ref, has_len
         raise TypeError(f"{op}: type arguments must be numbers, bools or strings") from None
     resolve = _resolve_impl if torch.compiler.is_compiling() else _resolve_cached
     return resolve(op, types, weights, float(beta), float(label_smoothing), has_ref, has_len,
-                   has_pw, items)
+                   has_pw, items, tuple(type(v) for _, v in items))
 
 
 def _acc_dtype(x: torch.Tensor) -> torch.dtype:
