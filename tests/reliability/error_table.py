@@ -538,6 +538,8 @@ _PREFERENCE_ROWS = [
         lambda b: _pref(loss_type="robust", label_smoothing=0.5)),
     Row("preference_loss", "`loss_type='exo_pair'` with `label_smoothing` 0 or 1", ValueError,
         lambda b: _pref(loss_type="exo_pair")),
+    Row("preference_loss", "`pair_weights` with `aot` / `aot_unpaired` (per-rank terms)",
+        ValueError, lambda b: _pref(loss_type="aot", pair_weights=F(3))),
     Row("preference_loss", "a reference-based type without reference log-probs", ValueError,
         lambda b: preference_loss(F(3), F(3))),
     Row("preference_loss", "a length-normalised type without lengths", ValueError,
