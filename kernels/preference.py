@@ -2,9 +2,9 @@
 respect to the chosen / rejected sequence log-probs, and the statistics, in one program.
 
 The Python side (``rlfuse.ops.preference``) resolves the configuration; this kernel gets
-contiguous per-pair inputs in the accumulation dtype (float32, or float64 for float64
-chosen_logps), the loss-type codes and weights, and the scalar parameters as a tensor (so
-float64 runs keep float64 parameters).  One program walks the P pairs in blocks of BLOCK:
+contiguous float64 per-pair inputs (the math runs in float64 for every input dtype, as in
+the C++ and CUDA kernels), the loss-type codes and weights, and the scalar parameters as a
+float64 tensor.  One program walks the P pairs in blocks of BLOCK:
 
     pass 1 (only with an "sft" term): sum_i c_i, sum_i L_c,i, sum_i p_i
     pass 2: per pair, every listed type's value and partial derivatives (the formulas of
@@ -171,10 +171,11 @@ def _pref_kernel(
             v = tl.where(code == 5, ((1.0 - eps) * sp_nz - eps * sp_z) * kr, v)
             dz = tl.where(code == 5, (-(1.0 - eps) * sg_nz - eps * sg_z) * kr, dz)
             m = _sigmoid(z / tau)
-            dm = m * _sigmoid(-z / tau) / tau
-            ex = tl.exp(-z)
-            v = tl.where(code == 10, sp_nz * (1.0 - m) + ex * m, v)
-            dz = tl.where(code == 10, -sg_nz * (1.0 - m) - sp_nz * dm - ex * m + ex * dm, dz)
+            mn = _sigmoid(-z / tau)
+            dm = m * mn / tau
+            exm = tl.exp(-z - _softplus(-z / tau))  # e^-z m without overflow
+            v = tl.where(code == 10, sp_nz * (1.0 - m) + exm, v)
+            dz = tl.where(code == 10, -sg_nz * (1.0 - m) - sp_nz * dm - exm + exm * mn / tau, dz)
             dc = dz * beta * dsc
             dr = -dz * beta * dsr
             # ipo / sigmoid_norm (length-averaged scores)
@@ -250,9 +251,16 @@ def _pref_kernel(
 
 
 def preference_loss(c, r, rc, rr, lc, lr, pw, ints, floats, loss, grad_c, grad_r, stats):
-    """Fill loss, grad_c, grad_r and stats ([5, P]) for P >= 1 pairs (layout: ops/preference)."""
-    acc = loss.dtype
+    """Fill loss, grad_c, grad_r and stats ([5, P]) for P >= 1 pairs (layout: ops/preference).
+
+    The math runs in float64 whatever the input dtype (P values cost nothing, and float32
+    intermediates such as forward-KL scores can overflow); float32 outputs are rounded once.
+    """
+    acc = torch.float64
     dev = c.device
+    outs = (loss, grad_c, grad_r, stats)
+    if loss.dtype != acc:
+        loss, grad_c, grad_r, stats = (torch.empty(o.shape, dtype=acc, device=dev) for o in outs)
     P = c.numel()
     fcode, ipo_norm, K = int(ints[0]), int(ints[1]), int(ints[2])
     # (padded to one entry: a kernel argument is never an empty tensor)
@@ -277,3 +285,6 @@ def preference_loss(c, r, rc, rr, lc, lr, pw, ints, floats, loss, grad_c, grad_r
         HAS_REF=rc is not None, HAS_LEN=lc is not None, HAS_PW=pw is not None,
         HAS_SFT=12 in ints[3:3 + K], FDIV=fcode, IPO_NORM=ipo_norm, BLOCK=block,
     )
+    if outs[0] is not loss:
+        for o, t in zip(outs, (loss, grad_c, grad_r, stats)):
+            o.copy_(t)

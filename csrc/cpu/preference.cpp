@@ -9,7 +9,9 @@
 //   2. per pair: the f-divergence scores, every listed loss type's value and partial
 //      derivatives (csrc/cpu/preference.h, shared with the CUDA kernel), the weighted sums,
 //      the statistics; the loss accumulates in pair order.
-// Inputs of any float dtype (lengths also int32 / int64) and any stride are read directly.
+// Inputs of any float dtype (lengths also int32 / int64) and any stride are read directly;
+// the math runs in double for every input dtype, results are stored in float32 (float64 for
+// float64 chosen_logps).
 #include "rlfuse/common.h"
 #include "preference.h"
 
@@ -49,7 +51,10 @@ A clamp1(A x) {
   return x < A(1) ? A(1) : x;  // NaN stays NaN
 }
 
-template <typename A>
+// A: the math (always double: P values cost nothing, and the f-divergence scores and
+// margins of float32 inputs can exceed float32 range in intermediate steps); O: the output
+// dtype (float, or double for float64 chosen_logps).
+template <typename A, typename O>
 void preference_typed(const int64_t* ia, const double* fa) {
   const int64_t P = ia[kP];
   const int K = int(ia[kNumTypes]);
@@ -57,10 +62,10 @@ void preference_typed(const int64_t* ia, const double* fa) {
             rr = read_vec(ia, kRefR), lc = read_vec(ia, kLenC), lr = read_vec(ia, kLenR),
             pw = read_vec(ia, kPw);
   const bool has_ref = rc.p != nullptr, has_len = lc.p != nullptr, has_pw = pw.p != nullptr;
-  A* loss_out = reinterpret_cast<A*>(ia[kLossOut]);
-  A* grad_c = reinterpret_cast<A*>(ia[kGradC]);
-  A* grad_r = reinterpret_cast<A*>(ia[kGradR]);
-  A* stats = reinterpret_cast<A*>(ia[kStatsOut]);
+  O* loss_out = reinterpret_cast<O*>(ia[kLossOut]);
+  O* grad_c = reinterpret_cast<O*>(ia[kGradC]);
+  O* grad_r = reinterpret_cast<O*>(ia[kGradR]);
+  O* stats = reinterpret_cast<O*>(ia[kStatsOut]);
   Params<A> prm{A(fa[kBeta]), A(fa[kEps]), A(fa[kGamma]), A(fa[kTau]), A(fa[kFAlpha]),
                 int(ia[kFDiv]), int(ia[kIpoNorm])};
 
@@ -113,17 +118,17 @@ void preference_typed(const int64_t* ia, const double* fa) {
     const A wi = has_pw ? load<A>(pw, i) : A(1);
     const A li = wi * v;
     loss += li;
-    grad_c[i] = wi * gc * invP + sft_grad;
-    grad_r[i] = wi * gr * invP;
+    grad_c[i] = O(wi * gc * invP + sft_grad);
+    grad_r[i] = O(wi * gr * invP);
     const A rew_c = has_ref ? prm.beta * x.uc : prm.beta * (x.c / x.lc);
     const A rew_r = has_ref ? prm.beta * x.ur : prm.beta * (x.r / x.lr);
-    stats[kSRewC * P + i] = rew_c;
-    stats[kSRewR * P + i] = rew_r;
-    stats[kSMargin * P + i] = rew_c - rew_r;
-    stats[kSAcc * P + i] = rew_c > rew_r ? A(1) : A(0);
-    stats[kSLoss * P + i] = li;
+    stats[kSRewC * P + i] = O(rew_c);
+    stats[kSRewR * P + i] = O(rew_r);
+    stats[kSMargin * P + i] = O(rew_c - rew_r);
+    stats[kSAcc * P + i] = rew_c > rew_r ? O(1) : O(0);
+    stats[kSLoss * P + i] = O(li);
   }
-  *loss_out = loss * invP;
+  *loss_out = O(loss * invP);
 }
 
 }  // namespace
@@ -131,9 +136,9 @@ void preference_typed(const int64_t* ia, const double* fa) {
 void preference_loss_fwd(const int64_t* iargs, const double* fargs) {
   if (iargs[kP] <= 0) return;
   if (iargs[kC + 1] == kFloat64)
-    preference_typed<double>(iargs, fargs);
+    preference_typed<double, double>(iargs, fargs);
   else
-    preference_typed<float>(iargs, fargs);
+    preference_typed<double, float>(iargs, fargs);
 }
 
 }  // namespace RLFUSE_ISA

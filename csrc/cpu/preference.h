@@ -156,11 +156,13 @@ RLFUSE_PREF_HD A pair_term(int code, const Pair<A>& x, const Params<A>& p, A& dc
         v = ((A(1) - eps) * softplus(-z) - eps * softplus(z)) * k;
         dz = (-(A(1) - eps) * sigmoid(-z) - eps * sigmoid(z)) * k;
       } else {  // discopop: logistic (1 - m) + e^-z m,  m = sigmoid(z / tau)
-        const A m = sigmoid(z / p.tau);
-        const A dm = m * sigmoid(-z / p.tau) / p.tau;
-        const A lg = softplus(-z), ex = p_exp(-z);
-        v = lg * (A(1) - m) + ex * m;
-        dz = -sigmoid(-z) * (A(1) - m) - lg * dm - ex * m + ex * dm;
+        // e^-z m = exp(-z - softplus(-z / tau)): finite where e^-z alone overflows and m
+        // underflows (large negative z)
+        const A m = sigmoid(z / p.tau), mn = sigmoid(-z / p.tau);
+        const A dm = m * mn / p.tau;
+        const A lg = softplus(-z), exm = p_exp(-z - softplus(-z / p.tau));
+        v = lg * (A(1) - m) + exm;
+        dz = -sigmoid(-z) * (A(1) - m) - lg * dm - exm + exm * mn / p.tau;
       }
       dc = dz * beta * x.dsc;
       dr = -dz * beta * x.dsr;

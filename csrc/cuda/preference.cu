@@ -12,8 +12,9 @@
 // so results are bitwise reproducible and a pair's gradient and statistics depend on that
 // pair (and, through 1/P and the SFT term, on batch-level sums) only.  The per-pair math is
 // the code of csrc/cpu/preference.h, compiled for the device.  Any float input dtype (lengths
-// also int32 / int64) and stride are read directly; accumulation in float32 (float64 when
-// chosen_logps is float64).
+// also int32 / int64) and stride are read directly; the math runs in double for every input
+// dtype (P values: the cost is nil, and float32 intermediates can overflow), results are
+// stored in float32 (float64 for float64 chosen_logps).
 
 #include <cstdint>
 
@@ -55,14 +56,14 @@ __device__ __forceinline__ A ld(const Vec& x, int64_t i) {
   }
 }
 
-template <typename A>
+template <typename A, typename O>
 struct Args {
   int64_t P;
   Vec c, r, rc, rr, lc, lr, pw;
-  A* loss;
-  A* grad_c;
-  A* grad_r;
-  A* stats;
+  O* loss;
+  O* grad_c;
+  O* grad_r;
+  O* stats;
   Params<A> prm;
   int K;
   int codes[kMaxTypes];
@@ -81,8 +82,8 @@ __device__ __forceinline__ A clamp1(A x) {
   return x < A(1) ? A(1) : x;
 }
 
-template <typename A>
-__global__ void __launch_bounds__(kThreads) preference_kernel(const Args<A> p) {
+template <typename A, typename O>
+__global__ void __launch_bounds__(kThreads) preference_kernel(const Args<A, O> p) {
   __shared__ A smem[32];
   const int64_t P = p.P;
   const bool has_ref = p.rc.p != nullptr, has_len = p.lc.p != nullptr,
@@ -136,23 +137,23 @@ __global__ void __launch_bounds__(kThreads) preference_kernel(const Args<A> p) {
     const A wi = has_pw ? ld<A>(p.pw, i) : A(1);
     const A li = wi * v;
     loss += li;
-    p.grad_c[i] = wi * gc * invP + sft_grad;
-    p.grad_r[i] = wi * gr * invP;
+    p.grad_c[i] = O(wi * gc * invP + sft_grad);
+    p.grad_r[i] = O(wi * gr * invP);
     const A rew_c = has_ref ? p.prm.beta * x.uc : p.prm.beta * (x.c / x.lc);
     const A rew_r = has_ref ? p.prm.beta * x.ur : p.prm.beta * (x.r / x.lr);
-    p.stats[kSRewC * P + i] = rew_c;
-    p.stats[kSRewR * P + i] = rew_r;
-    p.stats[kSMargin * P + i] = rew_c - rew_r;
-    p.stats[kSAcc * P + i] = rew_c > rew_r ? A(1) : A(0);
-    p.stats[kSLoss * P + i] = li;
+    p.stats[kSRewC * P + i] = O(rew_c);
+    p.stats[kSRewR * P + i] = O(rew_r);
+    p.stats[kSMargin * P + i] = O(rew_c - rew_r);
+    p.stats[kSAcc * P + i] = rew_c > rew_r ? O(1) : O(0);
+    p.stats[kSLoss * P + i] = O(li);
   }
   loss = cu::block_reduce(loss, Add{}, A(0), smem);
-  if (threadIdx.x == 0) *p.loss = loss * invP;
+  if (threadIdx.x == 0) *p.loss = O(loss * invP);
 }
 
-template <typename A>
+template <typename A, typename O>
 int preference_typed(const int64_t* ia, const double* fa, cudaStream_t s) {
-  Args<A> p;
+  Args<A, O> p;
   p.P = ia[kP];
   p.c = read_vec(ia, kC);
   p.r = read_vec(ia, kR);
@@ -161,10 +162,10 @@ int preference_typed(const int64_t* ia, const double* fa, cudaStream_t s) {
   p.lc = read_vec(ia, kLenC);
   p.lr = read_vec(ia, kLenR);
   p.pw = read_vec(ia, kPw);
-  p.loss = reinterpret_cast<A*>(ia[kLossOut]);
-  p.grad_c = reinterpret_cast<A*>(ia[kGradC]);
-  p.grad_r = reinterpret_cast<A*>(ia[kGradR]);
-  p.stats = reinterpret_cast<A*>(ia[kStatsOut]);
+  p.loss = reinterpret_cast<O*>(ia[kLossOut]);
+  p.grad_c = reinterpret_cast<O*>(ia[kGradC]);
+  p.grad_r = reinterpret_cast<O*>(ia[kGradR]);
+  p.stats = reinterpret_cast<O*>(ia[kStatsOut]);
   p.prm = Params<A>{A(fa[kBeta]), A(fa[kEps]), A(fa[kGamma]), A(fa[kTau]), A(fa[kFAlpha]),
                     int(ia[kFDiv]), int(ia[kIpoNorm])};
   p.K = int(ia[kNumTypes]);
@@ -172,7 +173,7 @@ int preference_typed(const int64_t* ia, const double* fa, cudaStream_t s) {
     p.codes[k] = int(ia[kTypes + k]);
     p.weights[k] = A(fa[kWeights + k]);
   }
-  preference_kernel<A><<<1, kThreads, 0, s>>>(p);
+  preference_kernel<A, O><<<1, kThreads, 0, s>>>(p);
   const cudaError_t err = cudaGetLastError();
   if (err != cudaSuccess)
     return rlfuse_cuda_fail(static_cast<int>(err), cudaGetErrorString(err));
@@ -188,6 +189,7 @@ extern "C" int rlfuse_preference_loss(const int64_t* ia, const double* fa, void*
   if (ia[kNumTypes] < 0 || ia[kNumTypes] > kMaxTypes)
     return rlfuse_cuda_fail(cudaErrorInvalidValue, "preference_loss: at most 32 loss types");
   cudaStream_t s = static_cast<cudaStream_t>(stream);
-  if (ia[kC + 1] == 3) return preference_typed<double>(ia, fa, s);
-  return preference_typed<float>(ia, fa, s);
+  // double math for every input dtype (P values; see csrc/cpu/preference.cpp)
+  if (ia[kC + 1] == 3) return preference_typed<double, double>(ia, fa, s);
+  return preference_typed<double, float>(ia, fa, s);
 }

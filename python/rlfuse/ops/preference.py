@@ -258,10 +258,14 @@ def _log1mexp(x):
 
 
 def _reference_core(c, r, rc, rr, lc, lr, pw, ints, floats):
-    """loss (differentiable w.r.t. c and r) and the [5, P] statistics, in c's acc dtype."""
+    """loss (differentiable w.r.t. c and r) and the [5, P] statistics, in c's acc dtype
+    (float32, float64 for float64 c).  The math runs in float64 for every input dtype, as in
+    the kernels: P values cost nothing, and float32 intermediates (forward-KL scores, e^-z)
+    can overflow where the result does not."""
     import torch.nn.functional as F
 
-    acc = _acc_dtype(c)
+    out = _acc_dtype(c)
+    acc = torch.float64
     fcode, ipo_norm, K = ints[0], ints[1], ints[2]
     types = [LOSS_TYPES[k] for k in ints[3:3 + K]]
     beta, eps, gamma, tau, falpha = floats[:5]
@@ -306,7 +310,9 @@ def _reference_core(c, r, rc, rr, lc, lr, pw, ints, floats):
         elif t == "discopop":
             z = beta * delta
             m = torch.sigmoid(z / tau)
-            ell = -F.logsigmoid(z) * (1 - m) + torch.exp(-z) * m
+            # TRL's exp(-z) * m, written exp(-z - softplus(-z / tau)) so that it stays
+            # finite where exp(-z) overflows and m underflows
+            ell = -F.logsigmoid(z) * (1 - m) + torch.exp(-z - F.softplus(-z / tau))
         elif t == "sigmoid_norm":
             ell = -F.logsigmoid(beta * (sc / Lc - sr / Lr))
         elif t == "sft":
@@ -329,7 +335,7 @@ def _reference_core(c, r, rc, rr, lc, lr, pw, ints, floats):
             rew_c, rew_r = beta * (c / Lc), beta * (r / Lr)
         stats = torch.stack([rew_c, rew_r, rew_c - rew_r, (rew_c > rew_r).to(acc),
                              per_pair.detach()])
-    return loss, stats
+    return loss.to(out), stats.to(out)
 
 
 def preference_loss_reference(chosen_logps, rejected_logps, ref_chosen_logps=None,
@@ -363,12 +369,12 @@ def _sorted_loss(c, r, rc, rr, terms, beta, eps):
         return 0.0
     import torch.nn.functional as F
 
-    acc = _acc_dtype(c)
+    out, acc = _acc_dtype(c), torch.float64  # float64 math, as _reference_core
     c, r = c.to(acc), r.to(acc)
     rc, rr = rc.detach().to(acc), rr.detach().to(acc)
     total = torch.zeros((), dtype=acc, device=c.device)
     if c.numel() == 0:
-        return total
+        return total.to(out)
     for name, w in terms:
         if name == "aot":
             delta = torch.sort(c - r).values - torch.sort(rc - rr).values
@@ -377,7 +383,7 @@ def _sorted_loss(c, r, rc, rr, terms, beta, eps):
         z = beta * delta
         per_rank = -F.logsigmoid(z) * (1 - eps) - F.logsigmoid(-z) * eps
         total = total + w * per_rank.mean()
-    return total
+    return total.to(out)
 
 
 # ======================================================================================
