@@ -697,7 +697,7 @@ def preference_logps(
         packed  ``token_ids [N]`` (or ``[1, N]``), ``hidden [N, H]`` (or ``[1, N, H]``),
                 ``cu_seqlens [2P + 1]``: sequences 0..P-1 chosen, P..2P-1 rejected.
     A position counts when ``mask`` (if given) is nonzero and its id is not ``ignore_index``;
-    the others cost no matmul (their ids are not checked either).
+    positions holding ``ignore_index`` cost no matmul (masked ones still do).
 
     ``token_weights`` (shape of ``token_ids``) multiply each counted log-prob inside the
     sums (SparsePO-style masks, any per-token weights; differentiable if they require
@@ -707,19 +707,21 @@ def preference_logps(
     ``ref_chosen_logps`` / ``ref_rejected_logps``.
     """
     from rlfuse.ops.linear_logprob import linear_token_logprobs
-    from rlfuse.ops.sequence import _mask_tensor, reduce_sequences
+    from rlfuse.ops.sequence import _mask_tensor
 
     op = "preference_logps"
     P = _pair_layout(op, token_ids, cu_seqlens)
     ignore_index = _validate.integer(op, "ignore_index", ignore_index)
     ids = _validate.ids_for_ignore_index(token_ids, ignore_index)
     m = _mask_tensor(op, mask, token_ids.shape, token_ids.device)
-    if m is not None:  # masked positions (prompt, padding) become ignored: no matmul for them
-        ids = ids.masked_fill(~m, ignore_index)
+    # (Masked positions are not turned into ignore_index, which would skip their matmul:
+    # results then depended on the thread count, tests/reliability/test_threads.py.)
     lp = linear_token_logprobs(hidden, weight, ids, bias=bias, temperature=temperature,
                                ignore_index=ignore_index, chunk_size=chunk_size,
                                backend=backend)
     counted = ids != ignore_index
+    if m is not None:
+        counted = counted & m
     w = None
     if token_weights is not None:
         _validate.float_tensor(op, "token_weights", token_weights)
@@ -732,8 +734,30 @@ def preference_logps(
         wl = _ld_weights(counted, cu_seqlens, ld_alpha, P, lp.dtype)
         w = wl if w is None else w * wl
     values = lp if w is None else lp * w.to(lp.dtype)
-    sums, _, counts = reduce_sequences(values, mask=counted, cu_seqlens=cu_seqlens, _op=op)
+    sums, counts = _sequence_sums(values, counted, cu_seqlens, op)
     return PreferenceLogps(sums[:P], sums[P:], counts[:P], counts[P:], lp)
+
+
+def _sequence_sums(values, counted, cu_seqlens, op):
+    """Per-sequence sums of the counted values and the counts, bitwise independent of the
+    thread count: a float64 running sum (a serial scan per sequence, where torch's sum may
+    split a row among threads), rounded once to the values' dtype."""
+    from rlfuse.ops.sequence import _segments
+
+    v = torch.where(counted, values.to(torch.float64),
+                    torch.zeros((), dtype=torch.float64, device=values.device))
+    if cu_seqlens is None:  # [S, T]
+        counts = counted.sum(-1, dtype=torch.int64)
+        if v.size(1) == 0:
+            return v.sum(-1).to(values.dtype), counts
+        return v.cumsum(-1)[:, -1].to(values.dtype), counts
+    flat = v.reshape(-1)
+    _segments(op, cu_seqlens, flat.numel(), flat.device)  # validates cu_seqlens
+    cu = cu_seqlens.to(device=flat.device, dtype=torch.long)
+    csum = torch.cat([flat.new_zeros(1), flat.cumsum(0)])
+    ccount = torch.cat([cu.new_zeros(1), counted.reshape(-1).long().cumsum(0)])
+    sums = csum[cu[1:]] - csum[cu[:-1]]
+    return sums.to(values.dtype), ccount[cu[1:]] - ccount[cu[:-1]]
 
 
 def preference_loss_from_hidden(
