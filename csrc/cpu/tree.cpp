@@ -6,6 +6,7 @@
 // one thread, so the virtual loss (in-flight counts) of the earlier ones steers the later
 // ones and the bump allocator needs no atomics; expand is parallel over rows (every new row
 // writes its own node and its own parent edge).  Results do not depend on the thread count.
+#include "rlfuse/common.h"
 #include "tree.h"
 
 #include <algorithm>
@@ -70,33 +71,112 @@ int64_t pick(const NodeRef& r, Score&& score) {
   return arg >= 0 ? arg : arg_pending;
 }
 
-int64_t select_puct(const View& t, const tree::SelectParams& p, const NodeRef& r) {
+constexpr int kLanes = 16;
+
+// First index of the maximum of sc[0, K) (-inf entries never win unless all are -inf:
+// then -1).  The maximum is found with 16 independent lanes (vectorised), then its first
+// occurrence by a scan.
+int64_t first_argmax(const float* sc, int64_t K) {
+  float m16[kLanes];
+  for (int j = 0; j < kLanes; ++j) m16[j] = -kInf;
+  int64_t a0 = 0;
+  for (; a0 + kLanes <= K; a0 += kLanes)
+    for (int j = 0; j < kLanes; ++j) m16[j] = sc[a0 + j] > m16[j] ? sc[a0 + j] : m16[j];
+  float m = -kInf;
+  for (int j = 0; j < kLanes; ++j) m = m16[j] > m ? m16[j] : m;
+  for (int64_t a = a0; a < K; ++a) m = sc[a] > m ? sc[a] : m;
+  if (m == -kInf) return -1;
+  for (int64_t a = 0; a < K; ++a)
+    if (sc[a] == m) return a;
+  return -1;
+}
+
+// Argmax of precomputed scores sc[K] over the valid actions; with `pending` (several
+// simulations per step) actions whose child is allocated and not yet expanded come last.
+int64_t pick_scores(const NodeRef& r, float* sc, bool pending) {
+  const int64_t K = r.t.K;
+  const uint8_t* inv = r.t.invalid + r.e;
+  if (!pending) {
+    bool finite_scores = true;
+    for (int64_t a = 0; a < K; ++a) {
+      finite_scores &= sc[a] > -kInf;
+      sc[a] = inv[a] ? -kInf : sc[a];
+    }
+    if (finite_scores) {
+      const int64_t a = first_argmax(sc, K);
+      if (a >= 0) return a;
+    }
+    // some valid action scored -inf (or none is valid): the general rule
+    for (int64_t a = 0; a < K; ++a) sc[a] = inv[a] ? -kInf : sc[a];
+  }
+  return pick(r, [&](int64_t a) { return sc[a]; });
+}
+
+// Virtual visits of every action into v[K] (0 when no simulation of the step is in flight).
+void virtual_visits(const NodeRef& r, float vl, bool any, float* v) {
+  const int64_t K = r.t.K;
+  if (!any || vl == 0.0f) {
+    for (int64_t a = 0; a < K; ++a) v[a] = 0.0f;
+    return;
+  }
+  for (int64_t a = 0; a < K; ++a) v[a] = r.virt(a, vl);
+}
+
+// scratch: 3 K floats.  Branch-free loops over the actions (they vectorise), then the argmax.
+int64_t select_puct(const View& t, const tree::SelectParams& p, const NodeRef& r,
+                    bool in_flight, float* scratch) {
   const int64_t K = t.K;
   const float vl = p.virtual_loss;
-  float lo, hi;
+  float* q = scratch;
+  float* v = scratch + K;
+  float* sc = scratch + 2 * K;
+  const int32_t* ev = t.edge_visits + r.e;
+  const float* rw = t.reward + r.e;
+  const float* dc = t.discount + r.e;
+  const float* cv = t.edge_value + r.e;
+  const float* prior = t.prior + r.e;
+  // q and the min / max over the parent and its visited children, in 16 lanes
+  const float nv = t.value[r.base + r.s];
+  float lo16[kLanes], hi16[kLanes];
+  for (int j = 0; j < kLanes; ++j) lo16[j] = hi16[j] = nv;
+  int64_t a0 = 0;
+  for (; a0 + kLanes <= K; a0 += kLanes) {
+    for (int j = 0; j < kLanes; ++j) {
+      const int64_t a = a0 + j;
+      const float qa = rw[a] + dc[a] * cv[a];
+      q[a] = qa;
+      const bool vis = ev[a] > 0;
+      lo16[j] = vis && qa < lo16[j] ? qa : lo16[j];
+      hi16[j] = vis && qa > hi16[j] ? qa : hi16[j];
+    }
+  }
+  float lo = nv, hi = nv;
+  for (int j = 0; j < kLanes; ++j) {
+    lo = lo16[j] < lo ? lo16[j] : lo;
+    hi = hi16[j] > hi ? hi16[j] : hi;
+  }
+  for (int64_t a = a0; a < K; ++a) {
+    const float qa = rw[a] + dc[a] * cv[a];
+    q[a] = qa;
+    const bool vis = ev[a] > 0;
+    lo = vis && qa < lo ? qa : lo;
+    hi = vis && qa > hi ? qa : hi;
+  }
+  bool normalise = true;
   if (p.qnorm == tree::kTreeMinMax) {
     lo = t.minmax[2 * r.b];
     hi = t.minmax[2 * r.b + 1];
-  } else {
-    lo = hi = t.value[r.base + r.s];
-    for (int64_t a = 0; a < K; ++a) {
-      if (t.edge_visits[r.e + a] > 0) {
-        const float q = r.q(a);
-        lo = q < lo ? q : lo;
-        hi = q > hi ? q : hi;
-      }
-    }
+    normalise = hi > lo;
   }
+  virtual_visits(r, vl, in_flight, v);
   const float n_parent = float(t.visits[r.base + r.s]) + vl * float(t.inflight[r.base + r.s]);
   const float explore = tree::puct_exploration(p.c1, p.c2, n_parent);
-  return pick(r, [&](int64_t a) {
-    const float n = float(t.edge_visits[r.e + a]);
-    const float qn = n > 0 ? (hi > lo || p.qnorm == tree::kParentSiblings
-                                  ? tree::min_max_normalise(r.q(a), lo, hi)
-                                  : 0.0f)
-                           : 0.0f;
-    return tree::puct_score(qn, t.prior[r.e + a], explore, n, r.virt(a, vl));
-  });
+  for (int64_t a = 0; a < K; ++a) {
+    const float n = float(ev[a]);
+    const float qn = normalise ? tree::min_max_normalise(q[a], lo, hi) : 0.0f;
+    sc[a] = tree::puct_score(qn, prior[a], explore, n, v[a]);
+  }
+  return pick_scores(r, sc, in_flight);
 }
 
 // Completed, rescaled and scaled Q-values of a node (mctx qtransform_completed_by_mix_value)
@@ -129,7 +209,8 @@ float gumbel_sigma(const View& t, const tree::SelectParams& p, const NodeRef& r,
 }
 
 int64_t select_gumbel(const View& t, const tree::SelectParams& p, const NodeRef& r, bool root,
-                      float* sigma) {
+                      float* scratch) {
+  float* sigma = scratch;
   const int64_t K = t.K;
   const float vl = p.virtual_loss;
   gumbel_sigma(t, p, r, sigma);
@@ -173,7 +254,7 @@ int64_t select_gumbel(const View& t, const tree::SelectParams& p, const NodeRef&
 }
 
 // One tree, W simulations.  Returns a Status.
-int select_tree(const View& t, const tree::SelectParams& p, int64_t b, float* sigma) {
+int select_tree(const View& t, const tree::SelectParams& p, int64_t b, float* scratch) {
   const int64_t N = t.N, W = p.W, D = int64_t(p.max_depth) + 1;
   const int64_t base = b * N;
   for (int64_t w = 0; w < W; ++w) {
@@ -184,10 +265,12 @@ int select_tree(const View& t, const tree::SelectParams& p, int64_t b, float* si
     path[len++] = 0;
     int64_t leaf = -1, act = -1;
     bool is_new = false;
+    const bool in_flight = w > 0;  // earlier simulations of this step hold virtual loss
     for (int depth = 0;; ++depth) {
       const NodeRef r(t, b, s);
-      const int64_t a = p.rule == tree::kGumbel ? select_gumbel(t, p, r, depth == 0, sigma)
-                                                : select_puct(t, p, r);
+      const int64_t a = p.rule == tree::kGumbel
+                            ? select_gumbel(t, p, r, depth == 0, scratch)
+                            : select_puct(t, p, r, in_flight, scratch);
       if (a < 0) return tree::kNoValidAction;  // the root lost its valid actions
       act = a;
       int32_t c = t.child[r.e + a];
@@ -203,6 +286,8 @@ int select_tree(const View& t, const tree::SelectParams& p, int64_t b, float* si
         t.flags[base + n] = 0;
         t.inflight[base + n] = 0;
         t.visits[base + n] = 0;
+        t.value[base + n] = 0.0f;
+        t.raw_value[base + n] = 0.0f;
         is_new = true;
       }
       path[len++] = c;
@@ -233,9 +318,9 @@ int tree_select(const View& t, const tree::SelectParams& p, int nt, int64_t* whe
   std::vector<int> codes(size_t(t.B), tree::kOk);
 #pragma omp parallel num_threads(nt)
   {
-    std::vector<float> sigma(size_t(t.K) > 0 ? size_t(t.K) : 1);
+    std::vector<float> scratch(3 * size_t(t.K));
 #pragma omp for schedule(static)
-    for (int64_t b = 0; b < t.B; ++b) codes[size_t(b)] = select_tree(t, p, b, sigma.data());
+    for (int64_t b = 0; b < t.B; ++b) codes[size_t(b)] = select_tree(t, p, b, scratch.data());
   }
   for (int64_t b = 0; b < t.B; ++b) {
     if (codes[size_t(b)] != tree::kOk) {
@@ -267,32 +352,30 @@ int tree_expand(const View& t, const tree::ExpandInputs& in, int nt, int64_t* wh
     const int64_t n = in.node[m];
     const int64_t e = (base + n) * K;
     // Softmax over the valid actions (invalid: masked, or a -inf logit).
+    uint8_t* tinv = t.invalid + e;
     float mx = -kInf;
     int valid = 0;
     for (int64_t a = 0; a < K; ++a) {
-      const bool bad = (inv != nullptr && inv[a]) || lg[a] == -kInf;
-      t.invalid[e + a] = bad ? 1 : 0;
-      if (!bad) {
-        ++valid;
-        mx = lg[a] > mx ? lg[a] : mx;
-      }
+      const uint8_t bad = ((inv != nullptr && inv[a]) || lg[a] == -kInf) ? 1 : 0;
+      tinv[a] = bad;
+      valid += 1 - bad;
+      mx = !bad && lg[a] > mx ? lg[a] : mx;
     }
+    float* pr = t.prior + e;
     float sum = 0;
     for (int64_t a = 0; a < K; ++a) {
-      const float ex = t.invalid[e + a] ? 0.0f : std::exp(lg[a] - mx);
-      t.prior[e + a] = ex;
+      const float ex = tinv[a] ? 0.0f : rlfuse::vexp(lg[a] - mx);
+      pr[a] = ex;
       sum += ex;
     }
     const float inv_sum = valid > 0 ? 1.0f / sum : 0.0f;
-    for (int64_t a = 0; a < K; ++a) {
-      t.prior[e + a] *= inv_sum;
-      t.logit[e + a] = lg[a];
-      t.child[e + a] = -1;
-      t.edge_visits[e + a] = 0;
-      t.edge_value[e + a] = 0;
-      t.reward[e + a] = 0;
-      t.discount[e + a] = 0;
-    }
+    for (int64_t a = 0; a < K; ++a) pr[a] *= inv_sum;
+    std::copy(lg, lg + K, t.logit + e);
+    std::fill(t.child + e, t.child + e + K, -1);
+    std::fill(t.edge_visits + e, t.edge_visits + e + K, 0);
+    std::fill(t.edge_value + e, t.edge_value + e + K, 0.0f);
+    std::fill(t.reward + e, t.reward + e + K, 0.0f);
+    std::fill(t.discount + e, t.discount + e + K, 0.0f);
     t.raw_value[base + n] = in.value[m];
     t.value[base + n] = in.value[m];
     t.visits[base + n] = 0;

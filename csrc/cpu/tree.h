@@ -76,6 +76,7 @@ struct SelectParams {
   uint8_t* out_new;
   int32_t* out_path;      // root .. leaf
   int32_t* out_len;
+  int64_t* status;        // CUDA: [2] device (code, first tree / row); null on the CPU
 };
 
 struct ExpandInputs {
@@ -130,6 +131,85 @@ RLFUSE_TREE_HD float gumbel_root_score(float g, float centred_logit, float sigma
 }  // namespace rlfuse
 
 #if !defined(__CUDACC__)
+// Host side (the *_api.cpp files of both extensions): the objects Python builds once.
+#include <stdexcept>
+#include <string>
+#include <vector>
+
+namespace rlfuse {
+namespace tree {
+
+template <typename T>
+T* word_ptr(int64_t p) {
+  return reinterpret_cast<T*>(static_cast<uintptr_t>(p));
+}
+
+inline View make_view(const std::vector<int64_t>& w) {
+  if (w.size() != size_t(kViewWords))
+    throw std::invalid_argument("TreeView: expected " + std::to_string(kViewWords) +
+                                " words, got " + std::to_string(w.size()));
+  View v{};
+  v.B = w[0];
+  v.N = w[1];
+  v.K = w[2];
+  v.parent = word_ptr<int32_t>(w[3]);
+  v.action = word_ptr<int32_t>(w[4]);
+  v.visits = word_ptr<int32_t>(w[5]);
+  v.value = word_ptr<float>(w[6]);
+  v.raw_value = word_ptr<float>(w[7]);
+  v.depth = word_ptr<int32_t>(w[8]);
+  v.flags = word_ptr<uint8_t>(w[9]);
+  v.inflight = word_ptr<int32_t>(w[10]);
+  v.child = word_ptr<int32_t>(w[11]);
+  v.logit = word_ptr<float>(w[12]);
+  v.prior = word_ptr<float>(w[13]);
+  v.edge_visits = word_ptr<int32_t>(w[14]);
+  v.edge_value = word_ptr<float>(w[15]);
+  v.reward = word_ptr<float>(w[16]);
+  v.discount = word_ptr<float>(w[17]);
+  v.invalid = word_ptr<uint8_t>(w[18]);
+  v.next_free = word_ptr<int32_t>(w[19]);
+  v.minmax = word_ptr<float>(w[20]);
+  v.gumbel = word_ptr<float>(w[21]);
+  v.considered = word_ptr<int32_t>(w[22]);
+  v.table = word_ptr<const int32_t>(w[23]);
+  return v;
+}
+
+// SelectConfig words.  ints: rule, max_depth, qnorm, table_rows, table_len, then the
+// output addresses node, parent, action, store, new, path, len; floats: c1, c2, virtual_loss, value_scale,
+// maxvisit_init; on CUDA a 13th int: the int64 [2] status buffer (code, tree or row).
+inline SelectParams make_select(const std::vector<int64_t>& ia, const std::vector<double>& fa,
+                                bool with_status) {
+  const size_t n_int = with_status ? 13 : 12;
+  if (ia.size() != n_int || fa.size() != 5)
+    throw std::invalid_argument("SelectConfig: expected " + std::to_string(n_int) +
+                                " ints and 5 floats");
+  SelectParams p{};
+  p.rule = int(ia[0]);
+  p.max_depth = int(ia[1]);
+  p.qnorm = int(ia[2]);
+  p.table_rows = int(ia[3]);
+  p.table_len = int(ia[4]);
+  p.out_node = word_ptr<int64_t>(ia[5]);
+  p.out_parent = word_ptr<int64_t>(ia[6]);
+  p.out_action = word_ptr<int64_t>(ia[7]);
+  p.out_store = word_ptr<int64_t>(ia[8]);
+  p.out_new = word_ptr<uint8_t>(ia[9]);
+  p.out_path = word_ptr<int32_t>(ia[10]);
+  p.out_len = word_ptr<int32_t>(ia[11]);
+  p.c1 = float(fa[0]);
+  p.c2 = float(fa[1]);
+  p.virtual_loss = float(fa[2]);
+  p.value_scale = float(fa[3]);
+  p.maxvisit_init = float(fa[4]);
+  p.status = with_status ? word_ptr<int64_t>(ia[12]) : nullptr;
+  return p;
+}
+
+}  // namespace tree
+}  // namespace rlfuse
+
 #define RLFUSE_TREE_DECLS(NS)                                                              \
   namespace rlfuse { namespace cpu { namespace NS {                                        \
   /* Each returns kOk or a Status with the first failing tree (or row) in *where. */       \

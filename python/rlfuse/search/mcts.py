@@ -385,8 +385,8 @@ def puct_search(root: Root, recurrent_fn: Callable, num_simulations: int, *,
         raise ValueError(f"{op}: qtransform must be 'parent_siblings' or 'tree_minmax'")
     dev = tree.device
     logits = torch.where(fresh[:, None], root.prior_logits.float(), tree.logits[:, 0])
-    if inv is None and not bool(fresh.all()):
-        inv = tree.invalid[:, 0].bool()
+    if inv is None and not bool(fresh.all()):  # kept roots keep their mask
+        inv = tree.invalid[:, 0].bool() & ~fresh[:, None]
     probs = torch.softmax(mask_logits(logits, inv), -1)
     noisy = dirichlet_noise(probs, fraction=dirichlet_fraction, alpha=dirichlet_alpha,
                             generator=generator)

@@ -72,13 +72,12 @@ class Tree:
         self.batch_size, self.num_actions, self.capacity = B, K, N
         self.device = torch.device(device)
         dev = self.device
+        # Only nodes below next_free hold data: select writes a node's fields when it
+        # allocates it and expand its edge row, so the arrays start uninitialised.
         for name, dt in _NODE_FIELDS:
-            setattr(self, name, torch.zeros(B, N, dtype=dt, device=dev))
+            setattr(self, name, torch.empty(B, N, dtype=dt, device=dev))
         for name, dt in _EDGE_FIELDS:
-            setattr(self, name, torch.zeros(B, N, K, dtype=dt, device=dev))
-        self.parent.fill_(-1)
-        self.action.fill_(-1)
-        self.children.fill_(-1)
+            setattr(self, name, torch.empty(B, N, K, dtype=dt, device=dev))
         self.next_free = torch.zeros(B, dtype=torch.int32, device=dev)
         self.minmax = torch.tensor([math.inf, -math.inf], device=dev).repeat(B, 1)
         # Gumbel root data (set by gumbel_search).
@@ -92,7 +91,7 @@ class Tree:
     def init_roots(self, prior_logits: torch.Tensor, value: torch.Tensor,
                    invalid: torch.Tensor | None = None, trees: torch.Tensor | None = None):
         """(Re)start trees from their roots: node 0 gets the logits, value and invalid mask;
-        everything else is freed.  ``trees`` (bool [B]) limits this to some trees."""
+        every other node is freed (next_free = 1).  ``trees`` (bool [B]) limits this to some trees."""
         B, K = self.batch_size, self.num_actions
         logits = prior_logits.to(self.device, torch.float32)
         inv = (torch.zeros(B, K, dtype=torch.bool, device=self.device) if invalid is None
@@ -102,12 +101,11 @@ class Tree:
         # logits of invalid actions do not matter; keep them finite for the softmax
         prior = torch.softmax(logits.masked_fill(inv, -math.inf), -1).nan_to_num(0.0)
         rows = sel.nonzero().squeeze(1)
-        for name, fill in (("parent", -1), ("action", -1), ("visits", 0), ("value", 0),
-                           ("raw_value", 0), ("depth", 0), ("flags", 0), ("inflight", 0)):
-            getattr(self, name)[rows] = fill
+        for name, fill in (("parent", -1), ("action", -1), ("depth", 0), ("inflight", 0)):
+            getattr(self, name)[rows, 0] = fill
         for name, fill in (("children", -1), ("children_visits", 0), ("children_values", 0),
-                           ("rewards", 0), ("discounts", 0), ("invalid", 0)):
-            getattr(self, name)[rows] = fill
+                           ("rewards", 0), ("discounts", 0)):
+            getattr(self, name)[rows, 0] = fill
         self.logits[rows, 0] = logits[rows]
         self.prior[rows, 0] = prior[rows]
         self.invalid[rows, 0] = inv[rows].to(torch.uint8)
@@ -270,7 +268,7 @@ class TensorStore:
             if x.shape[:1] != (B,):
                 raise ValueError(f"Root.embedding: tensors must have a leading dimension of "
                                  f"size {B} (one row per tree), got {tuple(x.shape)}")
-            buf = torch.zeros((B, N + 1) + tuple(x.shape[1:]), dtype=x.dtype, device=x.device)
+            buf = torch.empty((B, N + 1) + tuple(x.shape[1:]), dtype=x.dtype, device=x.device)
             buf[:, 0] = x
             return buf
         self.buf = _tmap(alloc, root_embedding)
@@ -599,6 +597,7 @@ def select_reference(ph: Phases, w: int) -> None:
                     st["parent"][b][c], st["action"][b][c] = s, a
                     st["depth"][b][c] = st["depth"][b][s] + 1
                     fl[c], inf[c], st["visits"][b][c] = 0, 0, 0
+                    st["value"][b][c] = st["raw_value"][b][c] = 0.0
                     new = True
                 path.append(c)
                 if new or not fl[c] & EXPANDED or fl[c] & TERMINAL or depth + 1 >= ph.max_depth:
