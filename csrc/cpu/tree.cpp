@@ -183,22 +183,24 @@ int64_t select_puct(const View& t, const tree::SelectParams& p, const NodeRef& r
 // into sigma[K]; returns the sum of the real visits.
 float gumbel_sigma(const View& t, const tree::SelectParams& p, const NodeRef& r, float* sigma) {
   const int64_t K = t.K;
+  const int32_t* ev = t.edge_visits + r.e;
+  const float* prior = t.prior + r.e;
   float sum_n = 0, max_n = 0, sum_p = 0, wq = 0;
   for (int64_t a = 0; a < K; ++a) {
-    const float n = float(t.edge_visits[r.e + a]);
+    const float n = float(ev[a]);
+    const float q = r.q(a);
+    sigma[a] = q;
     sum_n += n;
     max_n = n > max_n ? n : max_n;
-    if (n > 0) {
-      const float pr = t.prior[r.e + a] > kTiny ? t.prior[r.e + a] : kTiny;
-      sum_p += pr;
-      wq += pr * r.q(a);
-    }
+    const float pr = prior[a] > kTiny ? prior[a] : kTiny;
+    sum_p += n > 0 ? pr : 0.0f;
+    wq += n > 0 ? pr * q : 0.0f;
   }
   const float raw = t.raw_value[r.base + r.s];
   const float v_mix = sum_n > 0 ? (raw + sum_n * (wq / sum_p)) / (sum_n + 1.0f) : raw;
   float lo = kInf, hi = -kInf;
   for (int64_t a = 0; a < K; ++a) {
-    const float c = t.edge_visits[r.e + a] > 0 ? r.q(a) : v_mix;
+    const float c = ev[a] > 0 ? sigma[a] : v_mix;
     sigma[a] = c;
     lo = c < lo ? c : lo;
     hi = c > hi ? c : hi;
@@ -208,49 +210,50 @@ float gumbel_sigma(const View& t, const tree::SelectParams& p, const NodeRef& r,
   return sum_n;
 }
 
+// scratch: 3 K floats (sigma, virtual visits, scores).
 int64_t select_gumbel(const View& t, const tree::SelectParams& p, const NodeRef& r, bool root,
-                      float* scratch) {
-  float* sigma = scratch;
+                      bool in_flight, float* scratch) {
   const int64_t K = t.K;
+  float* sigma = scratch;
+  float* v = scratch + K;
+  float* sc = scratch + 2 * K;
   const float vl = p.virtual_loss;
   gumbel_sigma(t, p, r, sigma);
   const float* logit = t.logit + r.e;
+  const int32_t* ev = t.edge_visits + r.e;
+  const uint8_t* inv = t.invalid + r.e;
   if (root) {
     // Sequential halving: the simulation index is the number of root visits taken so far,
     // in-flight ones included.
+    virtual_visits(r, 1.0f, in_flight, v);  // in-flight simulations per action
     float max_logit = -kInf;
     int64_t sim = 0;
     for (int64_t a = 0; a < K; ++a) {
       max_logit = logit[a] > max_logit ? logit[a] : max_logit;
-      const int32_t c = t.child[r.e + a];
-      sim += t.edge_visits[r.e + a] + (c >= 0 ? t.inflight[r.base + c] : 0);
+      sim += ev[a] + int32_t(v[a]);
     }
     if (sim >= p.table_len) sim = p.table_len - 1;
     const int32_t row = t.considered[r.b] < p.table_rows ? t.considered[r.b] : p.table_rows - 1;
     const int32_t want = t.table[int64_t(row) * p.table_len + sim];
     const float* g = t.gumbel + r.b * K;
-    const int64_t a = pick(r, [&](int64_t a) {
-      const int32_t c = t.child[r.e + a];
-      const int32_t n = t.edge_visits[r.e + a] + (c >= 0 ? t.inflight[r.base + c] : 0);
-      return tree::gumbel_root_score(g[a], logit[a] - max_logit, sigma[a], n == want);
-    });
-    return a;
+    for (int64_t a = 0; a < K; ++a)
+      sc[a] = tree::gumbel_root_score(g[a], logit[a] - max_logit, sigma[a],
+                                      ev[a] + int32_t(v[a]) == want);
+    return pick_scores(r, sc, in_flight);
   }
   // Interior: argmax softmax(logits + sigma) - N(a) / (1 + sum N), over valid actions.
+  virtual_visits(r, vl, in_flight, v);
   float zmax = -kInf, total = 0;
   for (int64_t a = 0; a < K; ++a) {
-    if (t.invalid[r.e + a]) continue;
     const float z = logit[a] + sigma[a];
-    zmax = z > zmax ? z : zmax;
-    total += float(t.edge_visits[r.e + a]) + r.virt(a, vl);
+    zmax = !inv[a] && z > zmax ? z : zmax;
+    total += inv[a] ? 0.0f : float(ev[a]) + v[a];
   }
+  for (int64_t a = 0; a < K; ++a) sc[a] = inv[a] ? 0.0f : rlfuse::vexp(logit[a] + sigma[a] - zmax);
   float zsum = 0;
-  for (int64_t a = 0; a < K; ++a)
-    if (!t.invalid[r.e + a]) zsum += std::exp(logit[a] + sigma[a] - zmax);
-  return pick(r, [&](int64_t a) {
-    const float pa = std::exp(logit[a] + sigma[a] - zmax) / zsum;
-    return pa - (float(t.edge_visits[r.e + a]) + r.virt(a, vl)) / (1.0f + total);
-  });
+  for (int64_t a = 0; a < K; ++a) zsum += sc[a];
+  for (int64_t a = 0; a < K; ++a) sc[a] = sc[a] / zsum - (float(ev[a]) + v[a]) / (1.0f + total);
+  return pick_scores(r, sc, in_flight);
 }
 
 // One tree, W simulations.  Returns a Status.
@@ -269,7 +272,7 @@ int select_tree(const View& t, const tree::SelectParams& p, int64_t b, float* sc
     for (int depth = 0;; ++depth) {
       const NodeRef r(t, b, s);
       const int64_t a = p.rule == tree::kGumbel
-                            ? select_gumbel(t, p, r, depth == 0, scratch)
+                            ? select_gumbel(t, p, r, depth == 0, in_flight, scratch)
                             : select_puct(t, p, r, in_flight, scratch);
       if (a < 0) return tree::kNoValidAction;  // the root lost its valid actions
       act = a;

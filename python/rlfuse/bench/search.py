@@ -8,7 +8,8 @@ search).  GPU case: B=1024 (rlfuse only, plus mctx on the CPU is not comparable)
 environment (:class:`HashEnv`) maps (state, action) to an integer hash and looks rewards,
 values and prior logits up in fixed tables, identically in torch, JAX and plain Python.
 
-Times are ms per search of the whole batch; the pure-Python MCTS (PUCT, the mctx rules,
+rlfuse reuses one preallocated Tree (``Tree.clear()``, ``tree=``) across searches.  Times
+are ms per search of the whole batch; the pure-Python MCTS (PUCT, the mctx rules,
 one node object per node, one tree after another) runs on fewer trees and its time is
 scaled to the full batch (it is linear in the number of trees).  Every row's notes give
 the expansions per second.
@@ -157,7 +158,7 @@ def _mctx_fns(env: HashEnv, B: int, sims: int):
 
 def run(device: str = "cpu", quick: bool = False, repeat: int | None = None,
         compile: bool = True, backends: list[str] | None = None) -> list[Row]:
-    from rlfuse.search import gumbel_search, puct_search
+    from rlfuse.search import Tree, gumbel_search, puct_search
 
     dev = torch.device(device)
     gpu = dev.type == "cuda"
@@ -177,13 +178,13 @@ def run(device: str = "cpu", quick: bool = False, repeat: int | None = None,
             for b in range(B_py):
                 python_mcts(lg_py[b], v_py[b], s_py[b], sims, tables, env.P, env.discount)
 
+        storage = Tree(B, A, sims + 1, dev)  # preallocated once, cleared per search
+
         for mode in ("puct", "gumbel"):
-            if mode == "puct":
-                def ours(backend=None):
-                    return puct_search(root, env.step, sims, backend=backend)
-            else:
-                def ours(backend=None):
-                    return gumbel_search(root, env.step, sims, backend=backend)
+            search = puct_search if mode == "puct" else gumbel_search
+
+            def ours(backend=None, search=search):
+                return search(root, env.step, sims, tree=storage.clear(), backend=backend)
             fns = {"rlfuse": ours}
             for b in backends or []:
                 if b and b != "torch":

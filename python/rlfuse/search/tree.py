@@ -116,6 +116,13 @@ class Tree:
         self.next_free[rows] = 1
         self.minmax[rows] = torch.tensor([math.inf, -math.inf], device=self.device)
 
+    def clear(self) -> "Tree":
+        """Free every node (and drop the payloads), keeping the storage: a cleared tree
+        passed as ``tree=`` to a search is filled from scratch without allocating."""
+        self.next_free.zero_()
+        self.payload = None
+        return self
+
     # ----------------------------------------------------------------------------------
     # readable accessors
     def qvalues(self, node: int | torch.Tensor = 0) -> torch.Tensor:
