@@ -307,3 +307,27 @@ def test_bad_input():
         puct_search(root, env.step, 4, tree=t.subtree(torch.tensor([0, 1]), capacity=4))
     with pytest.raises(ValueError, match="next_embedding"):
         puct_search(root, lambda e, a: env.step(e, a)[:4] + (torch.zeros(3),), 4)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("W", [1, 4])
+def test_cuda_matches_cpu(W):
+    """The CUDA kernels (warp per tree) against the CPU kernels: same trees, same actions."""
+    env_cpu = HashEnv(40, seed=4)
+    gpu = HashEnv(40, seed=4, device="cuda")
+    root = env_cpu.root(33)
+    root_gpu = Root(*(x.cuda() for x in root))
+    for search, kw in ((puct_search, dict(dirichlet_fraction=0.0, temperature=0.0)),
+                       (gumbel_search, dict(gumbel_scale=0.0))):
+        a = search(root, env_cpu.step, 48, parallel=W, **kw)
+        b = search(root_gpu, gpu.step, 48, parallel=W, **kw)
+        assert torch.equal(a.action, b.action.cpu())
+        assert torch.equal(a.root_visit_counts, b.root_visit_counts.cpu())
+        for name in ("visits", "parent", "children_visits"):
+            used = torch.arange(a.tree.capacity)[None] < a.tree.next_free[:, None]
+            assert torch.equal(getattr(a.tree, name)[used], getattr(b.tree, name).cpu()[used])
+        torch.testing.assert_close(a.tree.value, b.tree.value.cpu(), rtol=1e-4, atol=1e-4)
+    # subtree extraction on the device
+    sub = b.tree.subtree(b.action)
+    ref = a.tree.subtree(a.action)
+    assert torch.equal(sub.next_free.cpu(), ref.next_free)

@@ -12,6 +12,7 @@ from rlfuse.search.mcts import (
     gumbel_action,
     gumbel_noise,
     gumbel_search,
+    mask_logits,
     puct_search,
     select_action,
     sequential_halving_table,
@@ -22,5 +23,5 @@ from rlfuse.search.tree import Phases, Tree
 __all__ = [
     "Expansion", "Phases", "RecurrentOutput", "Root", "SearchResult", "Tree",
     "completed_qvalues", "dirichlet_noise", "gumbel_action", "gumbel_noise", "gumbel_search",
-    "puct_search", "select_action", "sequential_halving_table", "visit_policy",
+    "mask_logits", "puct_search", "select_action", "sequential_halving_table", "visit_policy",
 ]
