@@ -13,6 +13,7 @@ namespace py = pybind11;
 void rlfuse_bind_logprob(py::module_& m);
 void rlfuse_bind_advantage(py::module_& m);
 void rlfuse_bind_policy_loss(py::module_& m);
+void rlfuse_bind_preference(py::module_& m);
 void rlfuse_bind_tree(py::module_& m);
 
 PYBIND11_MODULE(_C, m) {
@@ -31,5 +32,6 @@ PYBIND11_MODULE(_C, m) {
   rlfuse_bind_logprob(m);
   rlfuse_bind_advantage(m);
   rlfuse_bind_policy_loss(m);
+  rlfuse_bind_preference(m);
   rlfuse_bind_tree(m);
 }

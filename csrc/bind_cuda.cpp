@@ -11,6 +11,7 @@ void rlfuse_bind_cuda_logprob(py::module_& m);
 void rlfuse_bind_cuda_advantage(py::module_& m);
 void rlfuse_bind_cuda_policy_loss(py::module_& m);
 void rlfuse_bind_cuda_tree(py::module_& m);
+void rlfuse_bind_cuda_preference(py::module_& m);
 
 PYBIND11_MODULE(_cuda, m) {
   m.doc() =
@@ -34,4 +35,5 @@ PYBIND11_MODULE(_cuda, m) {
   rlfuse_bind_cuda_advantage(m);
   rlfuse_bind_cuda_policy_loss(m);
   rlfuse_bind_cuda_tree(m);
+  rlfuse_bind_cuda_preference(m);
 }

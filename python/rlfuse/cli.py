@@ -1,4 +1,4 @@
-"""Command line: ``rlfuse info`` and ``rlfuse bench <suite>``."""
+"""Command line: ``rlfuse info``, ``rlfuse bench <suite>`` and ``rlfuse train <algorithm>``."""
 
 from __future__ import annotations
 
@@ -87,7 +87,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", default=None, help="write <suite>.json and <suite>.png here")
     p.set_defaults(func=_cmd_bench)
 
-    args = parser.parse_args(argv)
+    from rlfuse.trainers.cli import add_parser as _add_train_parser
+
+    _add_train_parser(sub)
+    args, extra = parser.parse_known_args(argv)
+    if getattr(args, "parse_unknown", False):
+        return args.func(args, extra)
+    if extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     return args.func(args)
 
 

@@ -11,6 +11,8 @@ SUITES = {
     "advantages": "rlfuse.bench.advantages",
     "losses": "rlfuse.bench.losses",
     "search": "rlfuse.bench.search",
+    "train": "rlfuse.bench.train",
+    "preference": "rlfuse.bench.preference",
 }
 
 
