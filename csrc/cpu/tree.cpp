@@ -266,7 +266,7 @@ int select_tree(const View& t, const tree::SelectParams& p, int64_t b, float* sc
     int32_t len = 0;
     int32_t s = 0;
     path[len++] = 0;
-    int64_t leaf = -1, act = -1;
+    int64_t act = -1;
     bool is_new = false;
     const bool in_flight = w > 0;  // earlier simulations of this step hold virtual loss
     for (int depth = 0;; ++depth) {
@@ -278,37 +278,17 @@ int select_tree(const View& t, const tree::SelectParams& p, int64_t b, float* sc
       act = a;
       int32_t c = t.child[r.e + a];
       if (c < 0) {
-        const int32_t n = t.next_free[b];
-        if (n >= N) return tree::kTreeFull;
-        t.next_free[b] = n + 1;
-        c = n;
-        t.child[r.e + a] = n;
-        t.parent[base + n] = s;
-        t.action[base + n] = int32_t(a);
-        t.depth[base + n] = t.depth[base + s] + 1;
-        t.flags[base + n] = 0;
-        t.inflight[base + n] = 0;
-        t.visits[base + n] = 0;
-        t.value[base + n] = 0.0f;
-        t.raw_value[base + n] = 0.0f;
+        c = tree::allocate_node(t, b, s, a);
+        if (c < 0) return tree::kTreeFull;
         is_new = true;
       }
       path[len++] = c;
       const uint8_t f = t.flags[base + c];
-      if (is_new || !(f & tree::kExpanded) || (f & tree::kTerminal) || depth + 1 >= p.max_depth) {
-        leaf = c;
+      if (is_new || !(f & tree::kExpanded) || (f & tree::kTerminal) || depth + 1 >= p.max_depth)
         break;
-      }
       s = c;
     }
-    // Virtual loss: the walk counts for the later simulations of this step.
-    for (int32_t i = 0; i < len; ++i) t.inflight[base + path[i]] += 1;
-    p.out_node[o] = leaf;
-    p.out_parent[o] = path[len - 2];
-    p.out_action[o] = act;
-    p.out_store[o] = is_new ? leaf : N;
-    p.out_new[o] = is_new ? 1 : 0;
-    p.out_len[o] = len;
+    tree::finish_walk(t, p, b, o, path, len, act, is_new);
   }
   return tree::kOk;
 }
@@ -379,112 +359,22 @@ int tree_expand(const View& t, const tree::ExpandInputs& in, int nt, int64_t* wh
     std::fill(t.edge_value + e, t.edge_value + e + K, 0.0f);
     std::fill(t.reward + e, t.reward + e + K, 0.0f);
     std::fill(t.discount + e, t.discount + e + K, 0.0f);
-    t.raw_value[base + n] = in.value[m];
-    t.value[base + n] = in.value[m];
-    t.visits[base + n] = 0;
-    const bool term = (in.terminal != nullptr && in.terminal[m]) || valid == 0;
-    t.flags[base + n] = tree::kExpanded | (term ? tree::kTerminal : 0);
-    const int64_t pe = (base + in.parent[m]) * K + in.action[m];
-    t.reward[pe] = in.reward[m];
-    t.discount[pe] = in.discount[m];
+    tree::expand_node_fields(t, in, m, base, n, valid);
   }
   *where = first_bad;
   return first_bad < M ? tree::kNotFinite : tree::kOk;
 }
 
 int tree_backup(const View& t, const tree::BackupInputs& in, int nt) {
-  const int64_t N = t.N, K = t.K, W = in.W, D = in.path_stride;
 #pragma omp parallel for num_threads(nt) schedule(static)
-  for (int64_t b = 0; b < t.B; ++b) {
-    const int64_t base = b * N;
-    float lo = t.minmax[2 * b], hi = t.minmax[2 * b + 1];
-    for (int64_t w = 0; w < W; ++w) {
-      const int32_t* path = in.path + (b * W + w) * D;
-      const int32_t len = in.len[b * W + w];
-      const int32_t leaf = path[len - 1];
-      float g = t.raw_value[base + leaf];
-      {
-        const float cnt = float(t.visits[base + leaf]);
-        t.value[base + leaf] = (t.value[base + leaf] * cnt + g) / (cnt + 1.0f);
-        t.visits[base + leaf] += 1;
-        t.inflight[base + leaf] -= 1;
-      }
-      for (int32_t i = len - 1; i >= 1; --i) {
-        const int32_t c = path[i], s = path[i - 1];
-        const int64_t pe = (base + s) * K + t.action[base + c];
-        g = t.reward[pe] + t.discount[pe] * g;
-        const float cnt = float(t.visits[base + s]);
-        t.value[base + s] = (t.value[base + s] * cnt + g) / (cnt + 1.0f);
-        t.visits[base + s] += 1;
-        t.inflight[base + s] -= 1;
-        t.edge_visits[pe] += 1;
-        t.edge_value[pe] = t.value[base + c];
-        const float q = t.reward[pe] + t.discount[pe] * t.value[base + c];
-        lo = q < lo ? q : lo;
-        hi = q > hi ? q : hi;
-      }
-    }
-    t.minmax[2 * b] = lo;
-    t.minmax[2 * b + 1] = hi;
-  }
+  for (int64_t b = 0; b < t.B; ++b) tree::backup_tree(t, in, b);
   return tree::kOk;
 }
 
 void tree_subtree(const View& src, const View& dst, const int64_t* actions, int32_t* src_of,
                   int nt) {
-  const int64_t K = src.K;
-#pragma omp parallel num_threads(nt)
-  {
-    std::vector<int32_t> new_of(size_t(src.N));
-#pragma omp for schedule(static)
-    for (int64_t b = 0; b < src.B; ++b) {
-      const int64_t sb = b * src.N, db = b * dst.N;
-      int32_t* so = src_of + db;
-      for (int64_t i = 0; i < dst.N; ++i) so[i] = -1;
-      dst.next_free[b] = 0;
-      dst.minmax[2 * b] = kInf;
-      dst.minmax[2 * b + 1] = -kInf;
-      const int32_t r = src.child[sb * K + actions[b]];  // child of the root
-      if (r < 0 || !(src.flags[sb + r] & tree::kExpanded)) continue;
-      // Breadth-first renumbering: dst node i is src node so[i]; the queue is so itself.
-      std::fill(new_of.begin(), new_of.end(), -1);
-      int32_t count = 0;
-      so[count] = r;
-      new_of[r] = count++;
-      const int32_t d0 = src.depth[sb + r];
-      for (int32_t i = 0; i < count; ++i) {
-        const int32_t s = so[i];
-        const int64_t se = (sb + s) * K, de = (db + i) * K;
-        for (int64_t a = 0; a < K; ++a) {
-          int32_t c = src.child[se + a];
-          if (c >= 0 && !(src.flags[sb + c] & tree::kExpanded)) c = -1;  // never expanded
-          if (c >= 0 && count < dst.N) {
-            so[count] = c;
-            new_of[c] = count++;
-          } else if (c >= 0) {
-            c = -1;  // destination full (the caller sizes it so that this cannot happen)
-          }
-          dst.child[de + a] = c >= 0 ? new_of[c] : -1;
-          dst.logit[de + a] = src.logit[se + a];
-          dst.prior[de + a] = src.prior[se + a];
-          dst.edge_visits[de + a] = c >= 0 ? src.edge_visits[se + a] : 0;
-          dst.edge_value[de + a] = c >= 0 ? src.edge_value[se + a] : 0.0f;
-          dst.reward[de + a] = c >= 0 ? src.reward[se + a] : 0.0f;
-          dst.discount[de + a] = c >= 0 ? src.discount[se + a] : 0.0f;
-          dst.invalid[de + a] = src.invalid[se + a];
-        }
-        dst.parent[db + i] = i == 0 ? -1 : new_of[src.parent[sb + s]];
-        dst.action[db + i] = i == 0 ? -1 : src.action[sb + s];
-        dst.raw_value[db + i] = src.raw_value[sb + s];
-        dst.value[db + i] = src.value[sb + s];
-        dst.visits[db + i] = src.visits[sb + s];
-        dst.depth[db + i] = src.depth[sb + s] - d0;
-        dst.flags[db + i] = src.flags[sb + s];
-        dst.inflight[db + i] = 0;
-      }
-      dst.next_free[b] = count;
-    }
-  }
+#pragma omp parallel for num_threads(nt) schedule(static)
+  for (int64_t b = 0; b < src.B; ++b) tree::subtree_tree(src, dst, actions, src_of, b);
 }
 
 }  // namespace RLFUSE_ISA

@@ -18,7 +18,8 @@
 #if defined(__CUDACC__)
 #define RLFUSE_TREE_HD __host__ __device__ __forceinline__
 #else
-#define RLFUSE_TREE_HD inline
+// static: each ISA build of tree.cpp gets its own copy (no cross-ISA linking).
+#define RLFUSE_TREE_HD static inline
 #include "isa.h"
 #endif
 
@@ -125,6 +126,143 @@ RLFUSE_TREE_HD float gumbel_root_score(float g, float centred_logit, float sigma
   float s = g + centred_logit + sigma;
   s = s > -1e9f ? s : -1e9f;
   return on_schedule ? s : -__builtin_inff();
+}
+
+// ---------------------------------------------------------------------------------------
+// Per-tree sequential phases, shared by both backends (CPU: a thread per tree in turn;
+// CUDA: a thread per tree).
+// ---------------------------------------------------------------------------------------
+// Backup of tree b's W recorded paths: g <- raw_value(leaf), then g <- r + discount * g up
+// each edge; running means, visits, edge visits / values, min / max; releases the virtual
+// loss (in-flight counts).
+RLFUSE_TREE_HD void backup_tree(const View& t, const BackupInputs& in, int64_t b) {
+  const int64_t N = t.N, K = t.K, W = in.W, D = in.path_stride;
+  const int64_t base = b * N;
+  float lo = t.minmax[2 * b], hi = t.minmax[2 * b + 1];
+  for (int64_t w = 0; w < W; ++w) {
+    const int32_t* path = in.path + (b * W + w) * D;
+    const int32_t len = in.len[b * W + w];
+    const int32_t leaf = path[len - 1];
+    float g = t.raw_value[base + leaf];
+    float cnt = float(t.visits[base + leaf]);
+    t.value[base + leaf] = (t.value[base + leaf] * cnt + g) / (cnt + 1.0f);
+    t.visits[base + leaf] += 1;
+    t.inflight[base + leaf] -= 1;
+    for (int32_t i = len - 1; i >= 1; --i) {
+      const int32_t c = path[i], s = path[i - 1];
+      const int64_t pe = (base + s) * K + t.action[base + c];
+      g = t.reward[pe] + t.discount[pe] * g;
+      cnt = float(t.visits[base + s]);
+      t.value[base + s] = (t.value[base + s] * cnt + g) / (cnt + 1.0f);
+      t.visits[base + s] += 1;
+      t.inflight[base + s] -= 1;
+      t.edge_visits[pe] += 1;
+      t.edge_value[pe] = t.value[base + c];
+      const float q = t.reward[pe] + t.discount[pe] * t.value[base + c];
+      lo = q < lo ? q : lo;
+      hi = q > hi ? q : hi;
+    }
+  }
+  t.minmax[2 * b] = lo;
+  t.minmax[2 * b + 1] = hi;
+}
+
+// Allocate the child of node s for action a in tree b (bump allocator) and write its node
+// fields; returns its id, or -1 when the tree is full.
+RLFUSE_TREE_HD int32_t allocate_node(const View& t, int64_t b, int32_t s, int64_t a) {
+  const int64_t base = b * t.N;
+  const int32_t n = t.next_free[b];
+  if (n >= t.N) return -1;
+  t.next_free[b] = n + 1;
+  t.child[(base + s) * t.K + a] = n;
+  t.parent[base + n] = s;
+  t.action[base + n] = int32_t(a);
+  t.depth[base + n] = t.depth[base + s] + 1;
+  t.flags[base + n] = 0;
+  t.inflight[base + n] = 0;
+  t.visits[base + n] = 0;
+  t.value[base + n] = 0.0f;
+  t.raw_value[base + n] = 0.0f;
+  return n;
+}
+
+// End of simulation o's walk in tree b: its path counts as virtual loss for the later
+// simulations of the step; the outputs of the walk.
+RLFUSE_TREE_HD void finish_walk(const View& t, const SelectParams& p, int64_t b, int64_t o,
+                                const int32_t* path, int32_t len, int64_t act, bool is_new) {
+  const int64_t base = b * t.N;
+  for (int32_t i = 0; i < len; ++i) t.inflight[base + path[i]] += 1;
+  const int64_t leaf = path[len - 1];
+  p.out_node[o] = leaf;
+  p.out_parent[o] = path[len - 2];
+  p.out_action[o] = act;
+  p.out_store[o] = is_new ? leaf : t.N;
+  p.out_new[o] = is_new ? 1 : 0;
+  p.out_len[o] = len;
+}
+
+// The node fields that expand writes for row m (node n of the tree at `base`), and the
+// parent edge's reward and discount; `valid` = number of valid actions at the node.
+RLFUSE_TREE_HD void expand_node_fields(const View& t, const ExpandInputs& in, int64_t m,
+                                       int64_t base, int64_t n, int valid) {
+  t.raw_value[base + n] = in.value[m];
+  t.value[base + n] = in.value[m];
+  t.visits[base + n] = 0;
+  const bool term = (in.terminal != nullptr && in.terminal[m]) || valid == 0;
+  t.flags[base + n] = kExpanded | (term ? kTerminal : 0);
+  const int64_t pe = (base + in.parent[m]) * t.K + in.action[m];
+  t.reward[pe] = in.reward[m];
+  t.discount[pe] = in.discount[m];
+}
+
+// Breadth-first copy of the subtree under tree b's root child actions[b] into dst; a child
+// gets its destination id (and its parent link) when it is queued; src_of[b, i] is the
+// source of dst node i (the queue).  An unexpanded child comes back as an empty tree.
+RLFUSE_TREE_HD void subtree_tree(const View& src, const View& dst, const int64_t* actions,
+                                 int32_t* src_of, int64_t b) {
+  const int64_t K = src.K, sb = b * src.N, db = b * dst.N;
+  int32_t* so = src_of + db;
+  for (int64_t i = 0; i < dst.N; ++i) so[i] = -1;
+  dst.next_free[b] = 0;
+  dst.minmax[2 * b] = __builtin_inff();
+  dst.minmax[2 * b + 1] = -__builtin_inff();
+  const int32_t r = src.child[sb * K + actions[b]];
+  if (r < 0 || !(src.flags[sb + r] & kExpanded)) return;
+  int32_t count = 1;
+  so[0] = r;
+  dst.parent[db] = -1;
+  dst.action[db] = -1;
+  const int32_t d0 = src.depth[sb + r];
+  for (int32_t i = 0; i < count; ++i) {
+    const int32_t s = so[i];
+    const int64_t se = (sb + s) * K, de = (db + i) * K;
+    for (int64_t a = 0; a < K; ++a) {
+      int32_t c = src.child[se + a];
+      if (c >= 0 && (!(src.flags[sb + c] & kExpanded) || count >= dst.N)) c = -1;
+      int32_t nc = -1;
+      if (c >= 0) {
+        nc = count++;
+        so[nc] = c;
+        dst.parent[db + nc] = i;
+        dst.action[db + nc] = int32_t(a);
+      }
+      dst.child[de + a] = nc;
+      dst.logit[de + a] = src.logit[se + a];
+      dst.prior[de + a] = src.prior[se + a];
+      dst.edge_visits[de + a] = c >= 0 ? src.edge_visits[se + a] : 0;
+      dst.edge_value[de + a] = c >= 0 ? src.edge_value[se + a] : 0.0f;
+      dst.reward[de + a] = c >= 0 ? src.reward[se + a] : 0.0f;
+      dst.discount[de + a] = c >= 0 ? src.discount[se + a] : 0.0f;
+      dst.invalid[de + a] = src.invalid[se + a];
+    }
+    dst.raw_value[db + i] = src.raw_value[sb + s];
+    dst.value[db + i] = src.value[sb + s];
+    dst.visits[db + i] = src.visits[sb + s];
+    dst.depth[db + i] = src.depth[sb + s] - d0;
+    dst.flags[db + i] = src.flags[sb + s];
+    dst.inflight[db + i] = 0;
+  }
+  dst.next_free[b] = count;
 }
 
 }  // namespace tree

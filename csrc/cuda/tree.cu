@@ -230,7 +230,7 @@ __global__ void select_kernel(View t, SelectParams p) {
     int32_t len = 1;
     int32_t s = 0;
     if (lane == 0) path[0] = 0;
-    int64_t leaf = -1, act = -1;
+    int64_t act = -1;
     bool is_new = false;
     for (int depth = 0;; ++depth) {
       const Node r(t, b, s);
@@ -243,46 +243,24 @@ __global__ void select_kernel(View t, SelectParams p) {
       act = a;
       int32_t c = t.child[r.e + a];
       if (c < 0) {
-        const int32_t n = t.next_free[b];
-        if (n >= N) {
+        __syncwarp();  // every lane has read the node before lane 0 allocates
+        if (lane == 0) c = tree::allocate_node(t, b, s, a);
+        c = __shfl_sync(kFull, c, 0);
+        if (c < 0) {
           if (lane == 0) record(p.status, tree::kTreeFull, b);
           return;
         }
-        c = n;
         is_new = true;
-        __syncwarp();
-        if (lane == 0) {
-          t.next_free[b] = n + 1;
-          t.child[r.e + a] = n;
-          t.parent[base + n] = s;
-          t.action[base + n] = a;
-          t.depth[base + n] = t.depth[base + s] + 1;
-          t.flags[base + n] = 0;
-          t.inflight[base + n] = 0;
-          t.visits[base + n] = 0;
-          t.value[base + n] = 0.0f;
-          t.raw_value[base + n] = 0.0f;
-        }
       }
       if (lane == 0) path[len] = c;
       ++len;
       __syncwarp();
       const uint8_t f = t.flags[base + c];
-      if (is_new || !(f & tree::kExpanded) || (f & tree::kTerminal) || depth + 1 >= p.max_depth) {
-        leaf = c;
+      if (is_new || !(f & tree::kExpanded) || (f & tree::kTerminal) || depth + 1 >= p.max_depth)
         break;
-      }
       s = c;
     }
-    if (lane == 0) {
-      for (int32_t i = 0; i < len; ++i) t.inflight[base + path[i]] += 1;
-      p.out_node[o] = leaf;
-      p.out_parent[o] = path[len - 2];
-      p.out_action[o] = act;
-      p.out_store[o] = is_new ? leaf : N;
-      p.out_new[o] = is_new ? 1 : 0;
-      p.out_len[o] = len;
-    }
+    if (lane == 0) tree::finish_walk(t, p, b, o, path, len, act, is_new);
     __syncwarp();
   }
 }
@@ -334,100 +312,17 @@ __global__ void expand_kernel(View t, tree::ExpandInputs in, int64_t* status) {
     t.reward[e + a] = 0.0f;
     t.discount[e + a] = 0.0f;
   }
-  if (lane == 0) {
-    t.raw_value[base + n] = in.value[m];
-    t.value[base + n] = in.value[m];
-    t.visits[base + n] = 0;
-    const bool term = (in.terminal != nullptr && in.terminal[m]) || valid == 0;
-    t.flags[base + n] = tree::kExpanded | (term ? tree::kTerminal : 0);
-    const int64_t pe = (base + in.parent[m]) * K + in.action[m];
-    t.reward[pe] = in.reward[m];
-    t.discount[pe] = in.discount[m];
-  }
+  if (lane == 0) tree::expand_node_fields(t, in, m, base, n, valid);
 }
 
 __global__ void backup_kernel(View t, tree::BackupInputs in) {
   const int64_t b = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
-  if (b >= t.B) return;
-  const int64_t N = t.N, K = t.K, W = in.W, D = in.path_stride;
-  const int64_t base = b * N;
-  float lo = t.minmax[2 * b], hi = t.minmax[2 * b + 1];
-  for (int64_t w = 0; w < W; ++w) {
-    const int32_t* path = in.path + (b * W + w) * D;
-    const int32_t len = in.len[b * W + w];
-    const int32_t leaf = path[len - 1];
-    float g = t.raw_value[base + leaf];
-    float cnt = float(t.visits[base + leaf]);
-    t.value[base + leaf] = (t.value[base + leaf] * cnt + g) / (cnt + 1.0f);
-    t.visits[base + leaf] += 1;
-    t.inflight[base + leaf] -= 1;
-    for (int32_t i = len - 1; i >= 1; --i) {
-      const int32_t c = path[i], s = path[i - 1];
-      const int64_t pe = (base + s) * K + t.action[base + c];
-      g = t.reward[pe] + t.discount[pe] * g;
-      cnt = float(t.visits[base + s]);
-      t.value[base + s] = (t.value[base + s] * cnt + g) / (cnt + 1.0f);
-      t.visits[base + s] += 1;
-      t.inflight[base + s] -= 1;
-      t.edge_visits[pe] += 1;
-      t.edge_value[pe] = t.value[base + c];
-      const float q = t.reward[pe] + t.discount[pe] * t.value[base + c];
-      lo = fminf(lo, q);
-      hi = fmaxf(hi, q);
-    }
-  }
-  t.minmax[2 * b] = lo;
-  t.minmax[2 * b + 1] = hi;
+  if (b < t.B) tree::backup_tree(t, in, b);
 }
 
-// Breadth-first copy; a child gets its destination id (and its parent link) when it is
-// queued, so no source -> destination map is needed.
 __global__ void subtree_kernel(View src, View dst, const int64_t* actions, int32_t* src_of) {
   const int64_t b = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
-  if (b >= src.B) return;
-  const int64_t K = src.K, sb = b * src.N, db = b * dst.N;
-  int32_t* so = src_of + db;
-  for (int64_t i = 0; i < dst.N; ++i) so[i] = -1;
-  dst.next_free[b] = 0;
-  dst.minmax[2 * b] = kInf;
-  dst.minmax[2 * b + 1] = -kInf;
-  const int32_t r = src.child[sb * K + actions[b]];
-  if (r < 0 || !(src.flags[sb + r] & tree::kExpanded)) return;
-  int32_t count = 1;
-  so[0] = r;
-  dst.parent[db] = -1;
-  dst.action[db] = -1;
-  const int32_t d0 = src.depth[sb + r];
-  for (int32_t i = 0; i < count; ++i) {
-    const int32_t s = so[i];
-    const int64_t se = (sb + s) * K, de = (db + i) * K;
-    for (int64_t a = 0; a < K; ++a) {
-      int32_t c = src.child[se + a];
-      if (c >= 0 && (!(src.flags[sb + c] & tree::kExpanded) || count >= dst.N)) c = -1;
-      int32_t nc = -1;
-      if (c >= 0) {
-        nc = count++;
-        so[nc] = c;
-        dst.parent[db + nc] = i;
-        dst.action[db + nc] = int32_t(a);
-      }
-      dst.child[de + a] = nc;
-      dst.logit[de + a] = src.logit[se + a];
-      dst.prior[de + a] = src.prior[se + a];
-      dst.edge_visits[de + a] = c >= 0 ? src.edge_visits[se + a] : 0;
-      dst.edge_value[de + a] = c >= 0 ? src.edge_value[se + a] : 0.0f;
-      dst.reward[de + a] = c >= 0 ? src.reward[se + a] : 0.0f;
-      dst.discount[de + a] = c >= 0 ? src.discount[se + a] : 0.0f;
-      dst.invalid[de + a] = src.invalid[se + a];
-    }
-    dst.raw_value[db + i] = src.raw_value[sb + s];
-    dst.value[db + i] = src.value[sb + s];
-    dst.visits[db + i] = src.visits[sb + s];
-    dst.depth[db + i] = src.depth[sb + s] - d0;
-    dst.flags[db + i] = src.flags[sb + s];
-    dst.inflight[db + i] = 0;
-  }
-  dst.next_free[b] = count;
+  if (b < src.B) tree::subtree_tree(src, dst, actions, src_of, b);
 }
 
 inline int check_launch() {
