@@ -47,7 +47,7 @@ struct NodeRef {
     const int32_t c = t.child[e + a];
     return c >= 0 && !(t.flags[base + c] & tree::kExpanded);
   }
-  float q(int64_t a) const { return t.reward[e + a] + t.discount[e + a] * t.edge_value[e + a]; }
+  float q(int64_t a) const { return t.edge_q[e + a]; }
 };
 
 // Argmax over the selectable actions (valid and not pending); when every valid action is
@@ -131,9 +131,7 @@ int64_t select_puct(const View& t, const tree::SelectParams& p, const NodeRef& r
   float* v = scratch + K;
   float* sc = scratch + 2 * K;
   const int32_t* ev = t.edge_visits + r.e;
-  const float* rw = t.reward + r.e;
-  const float* dc = t.discount + r.e;
-  const float* cv = t.edge_value + r.e;
+  const float* eq = t.edge_q + r.e;
   const float* prior = t.prior + r.e;
   // q and the min / max over the parent and its visited children, in 16 lanes
   const float nv = t.value[r.base + r.s];
@@ -143,7 +141,7 @@ int64_t select_puct(const View& t, const tree::SelectParams& p, const NodeRef& r
   for (; a0 + kLanes <= K; a0 += kLanes) {
     for (int j = 0; j < kLanes; ++j) {
       const int64_t a = a0 + j;
-      const float qa = rw[a] + dc[a] * cv[a];
+      const float qa = eq[a];
       q[a] = qa;
       const bool vis = ev[a] > 0;
       lo16[j] = vis && qa < lo16[j] ? qa : lo16[j];
@@ -156,7 +154,7 @@ int64_t select_puct(const View& t, const tree::SelectParams& p, const NodeRef& r
     hi = hi16[j] > hi ? hi16[j] : hi;
   }
   for (int64_t a = a0; a < K; ++a) {
-    const float qa = rw[a] + dc[a] * cv[a];
+    const float qa = eq[a];
     q[a] = qa;
     const bool vis = ev[a] > 0;
     lo = vis && qa < lo ? qa : lo;
@@ -357,6 +355,7 @@ int tree_expand(const View& t, const tree::ExpandInputs& in, int nt, int64_t* wh
     std::fill(t.child + e, t.child + e + K, -1);
     std::fill(t.edge_visits + e, t.edge_visits + e + K, 0);
     std::fill(t.edge_value + e, t.edge_value + e + K, 0.0f);
+    std::fill(t.edge_q + e, t.edge_q + e + K, 0.0f);
     std::fill(t.reward + e, t.reward + e + K, 0.0f);
     std::fill(t.discount + e, t.discount + e + K, 0.0f);
     tree::expand_node_fields(t, in, m, base, n, valid);

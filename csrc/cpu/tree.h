@@ -9,6 +9,8 @@
 //     of the current step that passed through the node: virtual loss)
 //   per edge [B, N, K]: child (-1: not allocated), logit (prior logit), prior (softmax of
 //     the valid logits), visits, value (value of the child), reward, discount, invalid
+//     and edge_q = reward + discount * value (kept by backup, so that select reads one
+//     array instead of three)
 //   per tree [B]: next_free (bump allocator), minmax [B, 2] (min / max Q seen in backups)
 //   Gumbel root data: gumbel [B, K] (noise + logits are combined at the root), considered
 //     [B] (number of considered actions) and the sequential-halving table [rows, len].
@@ -33,7 +35,7 @@ enum QNorm : int { kParentSiblings = 0, kTreeMinMax = 1 };
 enum Status : int { kOk = 0, kTreeFull = 1, kNotFinite = 2, kNoValidAction = 3 };
 
 // Number of int64 words in the pointer block that describes a tree (tree.py _VIEW_FIELDS).
-constexpr int kViewWords = 24;
+constexpr int kViewWords = 25;
 
 struct View {
   int64_t B, N, K;
@@ -58,6 +60,8 @@ struct View {
   float* gumbel;          // [B, K] or null (PUCT)
   int32_t* considered;    // [B] or null (PUCT)
   const int32_t* table;   // [table_rows, table_len] or null (PUCT)
+  float* edge_q;          // [B, N, K] Q = reward + discount * value, kept by backup (read by
+                          // select: one array instead of three)
 };
 
 struct SelectParams {
@@ -159,6 +163,7 @@ RLFUSE_TREE_HD void backup_tree(const View& t, const BackupInputs& in, int64_t b
       t.edge_visits[pe] += 1;
       t.edge_value[pe] = t.value[base + c];
       const float q = t.reward[pe] + t.discount[pe] * t.value[base + c];
+      t.edge_q[pe] = q;
       lo = q < lo ? q : lo;
       hi = q > hi ? q : hi;
     }
@@ -251,6 +256,7 @@ RLFUSE_TREE_HD void subtree_tree(const View& src, const View& dst, const int64_t
       dst.prior[de + a] = src.prior[se + a];
       dst.edge_visits[de + a] = c >= 0 ? src.edge_visits[se + a] : 0;
       dst.edge_value[de + a] = c >= 0 ? src.edge_value[se + a] : 0.0f;
+      dst.edge_q[de + a] = c >= 0 ? src.edge_q[se + a] : 0.0f;
       dst.reward[de + a] = c >= 0 ? src.reward[se + a] : 0.0f;
       dst.discount[de + a] = c >= 0 ? src.discount[se + a] : 0.0f;
       dst.invalid[de + a] = src.invalid[se + a];
@@ -311,6 +317,7 @@ inline View make_view(const std::vector<int64_t>& w) {
   v.gumbel = word_ptr<float>(w[21]);
   v.considered = word_ptr<int32_t>(w[22]);
   v.table = word_ptr<const int32_t>(w[23]);
+  v.edge_q = word_ptr<float>(w[24]);
   return v;
 }
 

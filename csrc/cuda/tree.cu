@@ -88,9 +88,7 @@ struct Node {
   int32_t s;
   __device__ Node(const View& tv, int64_t bb, int32_t ss)
       : t(tv), b(bb), base(bb * tv.N), e((bb * tv.N + ss) * tv.K), s(ss) {}
-  __device__ float q(int64_t a) const {
-    return t.reward[e + a] + t.discount[e + a] * t.edge_value[e + a];
-  }
+  __device__ float q(int64_t a) const { return t.edge_q[e + a]; }
   __device__ float inflight_child(int64_t a) const {
     const int32_t c = t.child[e + a];
     return c >= 0 ? float(t.inflight[base + c]) : 0.0f;
@@ -309,6 +307,7 @@ __global__ void expand_kernel(View t, tree::ExpandInputs in, int64_t* status) {
     t.child[e + a] = -1;
     t.edge_visits[e + a] = 0;
     t.edge_value[e + a] = 0.0f;
+    t.edge_q[e + a] = 0.0f;
     t.reward[e + a] = 0.0f;
     t.discount[e + a] = 0.0f;
   }

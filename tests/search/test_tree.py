@@ -15,7 +15,7 @@ from .envs import HashEnv
 
 TREE_ARRAYS = ("parent", "action", "visits", "value", "raw_value", "depth", "flags", "inflight",
                "children", "logits", "prior", "children_visits", "children_values", "rewards",
-               "discounts", "invalid", "next_free")
+               "discounts", "invalid", "children_q", "next_free")
 
 
 def _terminal_bandit(rewards):

@@ -54,6 +54,7 @@ _EDGE_FIELDS = (
     ("children", torch.int32), ("logits", torch.float32), ("prior", torch.float32),
     ("children_visits", torch.int32), ("children_values", torch.float32),
     ("rewards", torch.float32), ("discounts", torch.float32), ("invalid", torch.uint8),
+    ("children_q", torch.float32),
 )
 _STATUS = {1: "tree full", 2: "recurrent_fn returned a non-finite value", 3: "no valid action"}
 
@@ -104,7 +105,7 @@ class Tree:
         for name, fill in (("parent", -1), ("action", -1), ("depth", 0), ("inflight", 0)):
             getattr(self, name)[rows, 0] = fill
         for name, fill in (("children", -1), ("children_visits", 0), ("children_values", 0),
-                           ("rewards", 0), ("discounts", 0)):
+                           ("rewards", 0), ("discounts", 0), ("children_q", 0)):
             getattr(self, name)[rows, 0] = fill
         self.logits[rows, 0] = logits[rows]
         self.prior[rows, 0] = prior[rows]
@@ -160,9 +161,10 @@ class Tree:
         if v is None:
             ptrs = [self.batch_size, self.capacity, self.num_actions]
             ptrs += [getattr(self, n).data_ptr() for n, _ in _NODE_FIELDS]
-            ptrs += [getattr(self, n).data_ptr() for n, _ in _EDGE_FIELDS]
+            ptrs += [getattr(self, n).data_ptr() for n, _ in _EDGE_FIELDS[:-1]]
             ptrs += [self.next_free.data_ptr(), self.minmax.data_ptr(), self.gumbel.data_ptr(),
-                     self.considered.data_ptr(), self.table.data_ptr()]
+                     self.considered.data_ptr(), self.table.data_ptr(),
+                     self.children_q.data_ptr()]
             v = self._views[key] = module.TreeView(ptrs)
         return v
 
@@ -648,7 +650,7 @@ def expand_reference(ph: Phases, w, reward, discount, logits, value, invalid, te
         st["invalid"][b][n] = [int(x) for x in bad]
         st["logits"][b][n] = lg[m]
         for name, fill in (("children", -1), ("children_visits", 0), ("children_values", 0.0),
-                           ("rewards", 0.0), ("discounts", 0.0)):
+                           ("rewards", 0.0), ("discounts", 0.0), ("children_q", 0.0)):
             st[name][b][n] = [fill] * K
         st["raw_value"][b][n] = st["value"][b][n] = v[m]
         st["visits"][b][n] = 0
@@ -684,6 +686,7 @@ def backup_reference(ph: Phases, w: int) -> None:
                 st["children_visits"][b][s][a] += 1
                 st["children_values"][b][s][a] = val[c]
                 q = st["rewards"][b][s][a] + st["discounts"][b][s][a] * val[c]
+                st["children_q"][b][s][a] = q
                 lo, hi = min(lo, q), max(hi, q)
         st["minmax"][b] = [lo, hi]
     _store(tr, st)
@@ -716,7 +719,8 @@ def subtree_reference(src: Tree, dst: Tree, actions: torch.Tensor, src_of: torch
             d["children"][b][i] = kids
             for name in ("logits", "prior", "invalid"):
                 d[name][b][i] = list(s[name][b][n])
-            for name in ("children_visits", "children_values", "rewards", "discounts"):
+            for name in ("children_visits", "children_values", "rewards", "discounts",
+                         "children_q"):
                 d[name][b][i] = [x if k >= 0 else 0 for x, k in zip(s[name][b][n], kids)]
             d["parent"][b][i] = -1 if i == 0 else new_of[s["parent"][b][n]]
             d["action"][b][i] = -1 if i == 0 else s["action"][b][n]
