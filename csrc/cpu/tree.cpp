@@ -183,22 +183,59 @@ float gumbel_sigma(const View& t, const tree::SelectParams& p, const NodeRef& r,
   const int64_t K = t.K;
   const int32_t* ev = t.edge_visits + r.e;
   const float* prior = t.prior + r.e;
+  const float* eq = t.edge_q + r.e;
+  // sums and maxima in 16 independent lanes (vectorised), then across the lanes
+  float sn[kLanes] = {}, mn[kLanes] = {}, sp[kLanes] = {}, sw[kLanes] = {};
+  int64_t a0 = 0;
+  for (; a0 + kLanes <= K; a0 += kLanes) {
+    for (int j = 0; j < kLanes; ++j) {
+      const int64_t a = a0 + j;
+      const float n = float(ev[a]);
+      const float pr = prior[a] > kTiny ? prior[a] : kTiny;
+      sn[j] += n;
+      mn[j] = n > mn[j] ? n : mn[j];
+      sp[j] += n > 0 ? pr : 0.0f;
+      sw[j] += n > 0 ? pr * eq[a] : 0.0f;
+    }
+  }
   float sum_n = 0, max_n = 0, sum_p = 0, wq = 0;
-  for (int64_t a = 0; a < K; ++a) {
+  for (int j = 0; j < kLanes; ++j) {
+    sum_n += sn[j];
+    max_n = mn[j] > max_n ? mn[j] : max_n;
+    sum_p += sp[j];
+    wq += sw[j];
+  }
+  for (int64_t a = a0; a < K; ++a) {
     const float n = float(ev[a]);
-    const float q = r.q(a);
-    sigma[a] = q;
+    const float pr = prior[a] > kTiny ? prior[a] : kTiny;
     sum_n += n;
     max_n = n > max_n ? n : max_n;
-    const float pr = prior[a] > kTiny ? prior[a] : kTiny;
     sum_p += n > 0 ? pr : 0.0f;
-    wq += n > 0 ? pr * q : 0.0f;
+    wq += n > 0 ? pr * eq[a] : 0.0f;
   }
   const float raw = t.raw_value[r.base + r.s];
   const float v_mix = sum_n > 0 ? (raw + sum_n * (wq / sum_p)) / (sum_n + 1.0f) : raw;
+  float lo16[kLanes], hi16[kLanes];
+  for (int j = 0; j < kLanes; ++j) {
+    lo16[j] = kInf;
+    hi16[j] = -kInf;
+  }
+  for (a0 = 0; a0 + kLanes <= K; a0 += kLanes) {
+    for (int j = 0; j < kLanes; ++j) {
+      const int64_t a = a0 + j;
+      const float c = ev[a] > 0 ? eq[a] : v_mix;
+      sigma[a] = c;
+      lo16[j] = c < lo16[j] ? c : lo16[j];
+      hi16[j] = c > hi16[j] ? c : hi16[j];
+    }
+  }
   float lo = kInf, hi = -kInf;
-  for (int64_t a = 0; a < K; ++a) {
-    const float c = ev[a] > 0 ? sigma[a] : v_mix;
+  for (int j = 0; j < kLanes; ++j) {
+    lo = lo16[j] < lo ? lo16[j] : lo;
+    hi = hi16[j] > hi ? hi16[j] : hi;
+  }
+  for (int64_t a = a0; a < K; ++a) {
+    const float c = ev[a] > 0 ? eq[a] : v_mix;
     sigma[a] = c;
     lo = c < lo ? c : lo;
     hi = c > hi ? c : hi;
