@@ -185,10 +185,9 @@ def run(device: str = "cpu", quick: bool = False, repeat: int | None = None,
 
             def ours(backend=None, search=search):
                 return search(root, env.step, sims, tree=storage.clear(), backend=backend)
+            # `backends` is not used: the tree backend follows the device (cpu / cuda) and
+            # there is no Triton one.
             fns = {"rlfuse": ours}
-            for b in backends or []:
-                if b and b != "torch":
-                    fns[f"rlfuse[{b}]"] = lambda b=b: ours(b)
             notes = {}
             if mctx_fns is not None:
                 fns["mctx"] = mctx_fns[mode]
