@@ -166,9 +166,23 @@ int64_t select_puct(const View& t, const tree::SelectParams& p, const NodeRef& r
     hi = t.minmax[2 * r.b + 1];
     normalise = hi > lo;
   }
-  virtual_visits(r, vl, in_flight, v);
   const float n_parent = float(t.visits[r.base + r.s]) + vl * float(t.inflight[r.base + r.s]);
   const float explore = tree::puct_exploration(p.c1, p.c2, n_parent);
+  if (!in_flight) {
+    // No virtual loss and no pending leaves (the first simulation of a step): one fused
+    // pass (scores, invalid actions at -inf), then the first maximum.
+    const uint8_t* inv = t.invalid + r.e;
+    for (int64_t a = 0; a < K; ++a) {
+      const float n = float(ev[a]);
+      const float qn = normalise ? tree::min_max_normalise(q[a], lo, hi) : 0.0f;
+      const float score = tree::puct_score(qn, prior[a], explore, n, 0.0f);
+      sc[a] = inv[a] ? -kInf : score;
+    }
+    const int64_t a = first_argmax(sc, K);
+    if (a >= 0) return a;
+    return pick_scores(r, sc, false);  // every valid score is -inf: the general rule
+  }
+  virtual_visits(r, vl, in_flight, v);
   for (int64_t a = 0; a < K; ++a) {
     const float n = float(ev[a]);
     const float qn = normalise ? tree::min_max_normalise(q[a], lo, hi) : 0.0f;
