@@ -112,6 +112,13 @@ int64_t pick_scores(const NodeRef& r, float* sc, bool pending) {
   return pick(r, [&](int64_t a) { return sc[a]; });
 }
 
+// The choice when no simulation of the step is in flight (nothing is pending): sc[] holds
+// the scores with the invalid actions already at -inf.
+int64_t pick_masked(const NodeRef& r, float* sc) {
+  const int64_t a = first_argmax(sc, r.t.K);
+  return a >= 0 ? a : pick_scores(r, sc, false);  // every valid score is -inf
+}
+
 // Virtual visits of every action into v[K] (0 when no simulation of the step is in flight).
 void virtual_visits(const NodeRef& r, float vl, bool any, float* v) {
   const int64_t K = r.t.K;
@@ -178,9 +185,7 @@ int64_t select_puct(const View& t, const tree::SelectParams& p, const NodeRef& r
       const float score = tree::puct_score(qn, prior[a], explore, n, 0.0f);
       sc[a] = inv[a] ? -kInf : score;
     }
-    const int64_t a = first_argmax(sc, K);
-    if (a >= 0) return a;
-    return pick_scores(r, sc, false);  // every valid score is -inf: the general rule
+    return pick_masked(r, sc);
   }
   virtual_visits(r, vl, in_flight, v);
   for (int64_t a = 0; a < K; ++a) {
@@ -285,10 +290,12 @@ int64_t select_gumbel(const View& t, const tree::SelectParams& p, const NodeRef&
     const int32_t row = t.considered[r.b] < p.table_rows ? t.considered[r.b] : p.table_rows - 1;
     const int32_t want = t.table[int64_t(row) * p.table_len + sim];
     const float* g = t.gumbel + r.b * K;
-    for (int64_t a = 0; a < K; ++a)
-      sc[a] = tree::gumbel_root_score(g[a], logit[a] - max_logit, sigma[a],
-                                      ev[a] + int32_t(v[a]) == want);
-    return pick_scores(r, sc, in_flight);
+    for (int64_t a = 0; a < K; ++a) {
+      const float score = tree::gumbel_root_score(g[a], logit[a] - max_logit, sigma[a],
+                                                  ev[a] + int32_t(v[a]) == want);
+      sc[a] = inv[a] ? -kInf : score;
+    }
+    return in_flight ? pick_scores(r, sc, true) : pick_masked(r, sc);
   }
   // Interior: argmax softmax(logits + sigma) - N(a) / (1 + sum N), over valid actions.
   virtual_visits(r, vl, in_flight, v);
@@ -301,8 +308,11 @@ int64_t select_gumbel(const View& t, const tree::SelectParams& p, const NodeRef&
   for (int64_t a = 0; a < K; ++a) sc[a] = inv[a] ? 0.0f : rlfuse::vexp(logit[a] + sigma[a] - zmax);
   float zsum = 0;
   for (int64_t a = 0; a < K; ++a) zsum += sc[a];
-  for (int64_t a = 0; a < K; ++a) sc[a] = sc[a] / zsum - (float(ev[a]) + v[a]) / (1.0f + total);
-  return pick_scores(r, sc, in_flight);
+  for (int64_t a = 0; a < K; ++a) {
+    const float score = sc[a] / zsum - (float(ev[a]) + v[a]) / (1.0f + total);
+    sc[a] = inv[a] ? -kInf : score;
+  }
+  return in_flight ? pick_scores(r, sc, true) : pick_masked(r, sc);
 }
 
 // One tree, W simulations.  Returns a Status.
