@@ -151,6 +151,18 @@ def test_searches_match_reference_backend():
         torch.testing.assert_close(a.action_weights, b.action_weights)
 
 
+def test_invariant_check_catches_corruption():
+    env = HashEnv(5)
+    out = puct_search(env.root(3), env.step, 20, parallel=2)
+    out.tree.check_invariants()
+    for name, b, idx, delta in (("value", 1, (0,), 0.01), ("visits", 2, (0,), 1),
+                                ("children_visits", 0, (0, 1), 1)):
+        t = puct_search(env.root(3), env.step, 20, parallel=2).tree
+        getattr(t, name)[(b,) + idx] += delta
+        with pytest.raises(AssertionError):
+            t.check_invariants()
+
+
 def test_parallel_simulations_spread_and_invariants():
     # W = 8 simulations per step at a root with 8 actions: the virtual loss (and the rule
     # that a pending leaf is not chosen twice) sends each to a different action.

@@ -177,14 +177,15 @@ class Tree:
         """Raise AssertionError if the arrays are inconsistent (used by the tests): every
         allocated non-root node is the child of exactly its parent's edge, edge visits equal
         the child's visits, a non-terminal expanded node has 1 + the sum of its edge visits
-        (unless revisited at max_depth), values lie within the returns seen, nothing is in
-        flight between steps."""
+        (unless revisited at max_depth), each value is the mean of the returns through the
+        node (so within their range), nothing is in flight between steps."""
         B, N, K = self.batch_size, self.capacity, self.num_actions
         nf = self.next_free.tolist()
         par, act, vis = self.parent.tolist(), self.action.tolist(), self.visits.tolist()
         flags, infl = self.flags.tolist(), self.inflight.tolist()
         ch, cv = self.children.tolist(), self.children_visits.tolist()
-        val = self.value.tolist()
+        val, raw = self.value.tolist(), self.raw_value.tolist()
+        rew, disc, cval = self.rewards.tolist(), self.discounts.tolist(), self.children_values.tolist()
         for b in range(B):
             n_alloc = nf[b]
             assert 0 <= n_alloc <= N, f"tree {b}: next_free {n_alloc} outside [0, {N}]"
@@ -207,6 +208,20 @@ class Tree:
                 if not flags[b][n] & TERMINAL and any(x >= 0 for x in ch[b][n]):
                     assert vis[b][n] >= 1 + sum(cv[b][n]), f"tree {b} node {n}: visits"
                 assert math.isfinite(val[b][n]), f"tree {b} node {n}: value not finite"
+                # value = mean of the returns through the node: its own evaluation for the
+                # visits that ended there, Q(a) = r + discount * V(child) for the others
+                if n < n_alloc and vis[b][n] > 0:
+                    qs = [(cv[b][n][a], rew[b][n][a] + disc[b][n][a] * cval[b][n][a])
+                          for a in range(K) if ch[b][n][a] >= 0 and cv[b][n][a] > 0]
+                    own = vis[b][n] - sum(k for k, _ in qs)
+                    total = own * raw[b][n] + sum(k * q for k, q in qs)
+                    scale = max([1.0, abs(raw[b][n])] + [abs(q) for _, q in qs])
+                    assert abs(val[b][n] * vis[b][n] - total) <= 1e-4 * vis[b][n] * scale, \
+                        f"tree {b} node {n}: value is not the mean of its returns"
+                    lo = min([raw[b][n]] + [q for _, q in qs]) if own > 0 else min(q for _, q in qs)
+                    hi = max([raw[b][n]] + [q for _, q in qs]) if own > 0 else max(q for _, q in qs)
+                    assert lo - 1e-4 * scale <= val[b][n] <= hi + 1e-4 * scale, \
+                        f"tree {b} node {n}: value outside its returns' range"
             assert len(seen) == max(n_alloc - 1, 0), f"tree {b}: unreachable nodes"
 
     # ----------------------------------------------------------------------------------
