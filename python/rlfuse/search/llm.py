@@ -421,13 +421,14 @@ class StepSearch:
             info = tree.node(b, n)
             pl = tree.embedding(b, n)
             parent = int(info["parent"]) if n else -1
+            a = int(info["action"])
             nodes.append({
                 "id": n, "parent": parent,
                 "step": pl.state.steps[-1] if pl.state.steps else "",
                 "depth": pl.state.depth, "visits": int(info["visits"]),
                 "value": float(info["value"]),
-                "q": float(tree.children_values[b, parent, int(info["action"])]) if n
-                else float(info["value"]),
+                "q": float(tree.rewards[b, parent, a] + tree.discounts[b, parent, a]
+                           * tree.children_values[b, parent, a]) if n else float(info["value"]),
                 "prior": float(tree.prior[b, parent, int(info["action"])]) if n else 1.0,
                 "terminal": bool(pl.terminal), "reward": pl.reward,
             })

@@ -49,7 +49,7 @@ def warmup(model, tokenizer, task, *, steps: int = 400, batch_size: int = 64, lr
             loss.backward()
             opt.step()
             sched.step()
-            losses.append(float(loss))
+            losses.append(float(loss.detach()))
     tok.padding_side = side
     model.eval()
     return losses

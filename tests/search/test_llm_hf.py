@@ -1,0 +1,182 @@
+"""Step-level search over a real (tiny) Hugging Face model: the batched step generation
+with KV reuse against full-sequence log-probs, stopping, merging, token counters, and the
+search end to end on ChainTask with exports loaded the way TRL's data paths load them."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from rlfuse.models.hf import causal_lm_token_logprobs
+from rlfuse.models.tiny import tiny_causal_lm, tiny_tokenizer
+from rlfuse.search.llm import StepSearch, beam_search, best_of_n
+from rlfuse.search.llm_gen import HFStepModel, KVSlice
+from rlfuse.tasks import ChainTask
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """The tiny models are launch-bound: one thread is faster than two, and much faster
+    on a loaded 2-core runner where two OpenMP threads contend."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    tok = tiny_tokenizer()
+    return tiny_causal_lm(tok, hidden_size=32, num_layers=2, seed=3).eval(), tok
+
+
+def _full_logprob(model, ids, n):
+    lp = causal_lm_token_logprobs(model, torch.tensor([ids]))
+    return float(lp[0, len(ids) - n:].detach().double().sum())
+
+
+def _check_candidates(model, cand_lists):
+    for cands in cand_lists:
+        for c in cands:
+            ref = _full_logprob(model, c.state.ids, c.num_tokens)
+            assert c.logprob == pytest.approx(ref, abs=2e-4), c.text
+
+
+def test_steps_match_full_sequence_logprobs_through_reused_caches(tiny):
+    """Candidates' log-probs equal a fresh forward over prompt + steps, for root prompts of
+    different lengths (left-padded batch) and for children expanded from their parents'
+    cache slices (two levels, so the slices are re-packed with other rows)."""
+    model, tok = tiny
+    gen = HFStepModel(model, tok, max_new_tokens=6, temperature=1.5, seed=0)
+    roots = gen.root_states([0, 1, 2], ["12+3=", "1+1-4+5=", "7="])
+    level1 = gen.sample_steps(roots, 3)
+    _check_candidates(model, level1)
+    # force some children to be delimiter-ended so they carry caches
+    kids = [c.state for cs in level1 for c in cs]
+    for st in kids:
+        if st.kv is None:           # terminal candidates: give them a prefill path instead
+            continue
+        assert isinstance(st.kv, KVSlice) and st.kv.stop - st.kv.start == len(st.ids) - 1
+    level2 = gen.sample_steps(kids, 2)
+    _check_candidates(model, level2)
+    # and the rollout path (the candidate is the first step of a full continuation)
+    rolled = gen.sample_rollouts(kids[:4], 2, max_steps=2)
+    _check_candidates(model, [[c for c, _ in row] for row in rolled])
+    for row, st in zip(rolled, kids[:4]):
+        for c, comp in row:
+            assert comp.startswith(st.completion + c.text)
+
+
+def test_kv_slice_equals_a_fresh_prefill(tiny):
+    model, tok = tiny
+    gen = HFStepModel(model, tok, max_new_tokens=8, temperature=2.0, seed=1)
+    (root,) = gen.root_states([0], ["3+4="])
+    cands = gen.sample_steps([root], 4)[0]
+    fresh = HFStepModel(model, tok, kv_reuse=False)
+    for c in cands:
+        if c.state.kv is None:
+            continue
+        st = fresh.root_states([0], ["x"])[0]
+        st.ids = list(c.state.ids)
+        fresh._prefill([st])
+        for (k1, v1), (k2, v2) in zip(c.state.kv.layers, st.kv.layers):
+            a = c.state.kv
+            torch.testing.assert_close(k1[a.row, :, a.start:a.stop],
+                                       k2[st.kv.row, :, st.kv.start:st.kv.stop],
+                                       rtol=1e-5, atol=1e-5)
+            torch.testing.assert_close(v1[a.row, :, a.start:a.stop],
+                                       v2[st.kv.row, :, st.kv.start:st.kv.stop],
+                                       rtol=1e-5, atol=1e-5)
+
+
+def test_steps_stop_at_the_delimiter_and_greedy_duplicates_merge(tiny):
+    model, tok = tiny
+    gen = HFStepModel(model, tok, max_new_tokens=12, temperature=3.0, seed=2)
+    roots = gen.root_states(list(range(4)), ["1+2=", "3-4+5=", "9=", "10+10="])
+    for cands in gen.sample_steps(roots, 4):
+        for c in cands:
+            if c.ended == "delimiter":
+                assert c.text.endswith("\n") and c.text.count("\n") == 1
+                assert tok.convert_tokens_to_ids("\n") == c.state.ids[-1]
+            elif c.ended == "length":
+                assert c.num_tokens == 12 and "\n" not in c.text
+            else:
+                assert c.state.ids[-1] == tok.eos_token_id
+    s = StepSearch(model, tok, reward_fn=lambda p, c: 0.0, value_fn="zero", num_candidates=3,
+                   num_simulations=2, parallel=1, max_depth=2,
+                   sampling=dict(temperature=0.0, max_new_tokens_per_step=4), backend="torch")
+    (r,) = s.run(["5+5="])
+    assert r.root_visit_counts[1:] == [0, 0]      # greedy: three identical candidates -> one
+    assert len(r.children(0)) == 1
+
+
+def test_prefix_reuse_halves_reencoded_tokens(tiny):
+    model, tok = tiny
+    task = ChainTask()
+    probs = task.dataset(3, seed=5)
+    s = StepSearch(model, tok, reward_fn=lambda p, c: float(task.is_correct(c, p["answer"])),
+                   num_candidates=3, num_simulations=6, parallel=2, max_depth=3,
+                   sampling=dict(max_new_tokens_per_step=6), backend="torch")
+    res = s.run(probs)
+    st = s.stats
+    assert st["generated"] == sum(r.tokens_generated for r in res) > 0
+    assert 2 * st["encoded"] <= st["encoded_naive"]
+    assert st["model_seconds"] <= st["decode_seconds"] <= st["wall_seconds"]
+    off = StepSearch(model, tok, reward_fn=lambda p, c: 0.0, num_candidates=3,
+                     num_simulations=6, parallel=2, max_depth=3, kv_reuse=False,
+                     sampling=dict(max_new_tokens_per_step=6), backend="torch")
+    off.run(probs)
+    assert off.stats["encoded"] > st["encoded"]       # every expansion re-encodes its prefix
+
+
+@pytest.mark.slow
+def test_end_to_end_on_chain_task_and_exports_load_into_trl_data_paths(tmp_path):
+    """Warm a tiny model up on one-step sums, search, compare with the baselines, export,
+    and load the JSONL files as TRL's SFT / DPO data paths do."""
+    datasets = pytest.importorskip("datasets")
+    from trl.data_utils import (is_conversational, maybe_apply_chat_template,
+                                unpair_preference_dataset)
+
+    from rlfuse.search.llm_demo import compare, warmup
+    from rlfuse.search.llm_export import export_jsonl
+
+    torch.manual_seed(0)
+    task = ChainTask(terms=2, max_operand=6)
+    tok = tiny_tokenizer()
+    model = tiny_causal_lm(tok, hidden_size=64, num_layers=2, seed=0)
+    losses = warmup(model, tok, task, steps=150, batch_size=32, lr=5e-3)
+    assert losses[-1] < losses[0] / 4
+    problems = task.dataset(8, seed=11)
+    rep = compare(model, tok, task, problems, num_simulations=8, num_candidates=4, parallel=2,
+                  temperature=1.5, backend="torch")
+    for name in ("mcts", "best_of_n", "majority_vote", "beam"):
+        assert 0.0 <= rep[name]["accuracy"] <= 1.0 and rep[name]["tokens"] > 0
+    assert rep["mcts"]["accuracy"] > 0                      # the search finds right answers
+    # best-of-N used at least the MCTS budget of every problem it could
+    assert rep["best_of_n"]["tokens"] >= rep["mcts"]["tokens"]
+    assert rep["search"]["reencode_reduction"] >= 2
+    written = export_jsonl(rep["results"], str(tmp_path))
+    assert written["sft"][1] > 0 and written["dpo"][1] > 0 and written["prm"][1] > 0
+    sft = datasets.load_dataset("json", data_files=written["sft"][0], split="train")
+    assert {"prompt", "completion"} <= set(sft.column_names)
+    row = maybe_apply_chat_template(sft[0], tok)
+    assert not is_conversational(sft[0]) and row["prompt"] + row["completion"] \
+        == sft[0]["prompt"] + sft[0]["completion"]
+    for r in sft:
+        assert task.is_correct(r["completion"], next(p["answer"] for p in problems
+                                                      if p["prompt"] == r["prompt"]))
+    dpo = datasets.load_dataset("json", data_files=written["dpo"][0], split="train")
+    assert {"prompt", "chosen", "rejected"} <= set(dpo.column_names)
+    unpaired = unpair_preference_dataset(dpo.select_columns(["prompt", "chosen", "rejected"]))
+    assert len(unpaired) == 2 * len(dpo) and set(unpaired["label"]) <= {True, False}
+    prm = datasets.load_dataset("json", data_files=written["prm"][0], split="train")
+    assert {"prompt", "completions", "labels"} <= set(prm.column_names)
+    assert all(len(c) == len(lab) for c, lab in zip(prm["completions"], prm["labels"]))
+    # the baselines run on their own as well
+    (b,) = best_of_n(model, tok, problems[:1], reward_fn=lambda p, c: 0.0, n=2,
+                     sampling=dict(max_new_tokens_per_step=8))
+    assert len(b.samples) == 2
+    (bm,) = beam_search(model, tok, problems[:1], reward_fn=lambda p, c: 0.0,
+                        value_fn="zero", beam_width=1, num_candidates=2, max_depth=2,
+                        sampling=dict(max_new_tokens_per_step=8))
+    assert bm.tokens_generated > 0
