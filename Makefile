@@ -30,7 +30,7 @@ install: $(DEPS_STAMP)
 	$(VENV)/bin/rlfuse info
 
 demo: install
-	$(VENV)/bin/rlfuse bench logprob --quick
+	$(VENV)/bin/rlfuse train grpo
 
 test: install
 	$(PY) -m pytest tests -q $(PYTEST_ARGS)

@@ -1,4 +1,5 @@
-"""Command line: ``rlfuse info``, ``rlfuse bench <suite>`` and ``rlfuse search``."""
+"""Command line: ``rlfuse info``, ``rlfuse bench <suite>``, ``rlfuse train <algorithm>`` and
+``rlfuse search``."""
 
 from __future__ import annotations
 
@@ -93,7 +94,14 @@ def main(argv: list[str] | None = None) -> int:
     llm_demo.add_arguments(p)
     p.set_defaults(func=llm_demo.main)
 
-    args = parser.parse_args(argv)
+    from rlfuse.trainers.cli import add_parser as _add_train_parser
+
+    _add_train_parser(sub)
+    args, extra = parser.parse_known_args(argv)
+    if getattr(args, "parse_unknown", False):
+        return args.func(args, extra)
+    if extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     return args.func(args)
 
 
