@@ -227,7 +227,7 @@ def test_beam_search_keeps_the_best_valued_prefixes():
 def test_exports(tmp_path):
     (r,) = _search(ScriptedStepModel(SCRIPT)).run(["Q"])
     sft = sft_records([r])
-    assert sft == [{"prompt": "Q", "completion": "b\nB2", "reward": 1.0}]
+    assert sft == [{"prompt": "Q", "completion": "b\nB2", "solution": "b\nB2", "reward": 1.0}]
     dpo = preference_records([r])
     step = [d for d in dpo if d["kind"] == "step"]
     trace = [d for d in dpo if d["kind"] == "trace"]

@@ -4,6 +4,9 @@ search end to end on ChainTask with exports loaded the way TRL's data paths load
 
 from __future__ import annotations
 
+import math
+
+import datasets
 import pytest
 import torch
 
@@ -130,15 +133,20 @@ def test_prefix_reuse_halves_reencoded_tokens(tiny):
 
 
 @pytest.mark.slow
-def test_end_to_end_on_chain_task_and_exports_load_into_trl_data_paths(tmp_path):
+def test_end_to_end_on_chain_task_and_exports_train_the_bundled_trainers(tmp_path):
     """Warm a tiny model up on one-step sums, search, compare with the baselines, export,
-    and load the JSONL files as TRL's SFT / DPO data paths do."""
-    datasets = pytest.importorskip("datasets")
-    from trl.data_utils import (is_conversational, maybe_apply_chat_template,
-                                unpair_preference_dataset)
+    and feed the JSONL files to the bundled SFT warm-up and DPO trainer (and TRL's
+    preference-data helper)."""
+    import json
+
+    from trl.data_utils import unpair_preference_dataset
 
     from rlfuse.search.llm_demo import compare, warmup
     from rlfuse.search.llm_export import export_jsonl
+    from rlfuse.trainers.config import DPOConfig
+    from rlfuse.trainers.dpo import DPOTrainer
+    from rlfuse.trainers.grpo import copy_reference
+    from rlfuse.trainers.sft import supervised_warmup
 
     torch.manual_seed(0)
     task = ChainTask(terms=2, max_operand=6)
@@ -157,21 +165,26 @@ def test_end_to_end_on_chain_task_and_exports_load_into_trl_data_paths(tmp_path)
     assert rep["search"]["reencode_reduction"] >= 2
     written = export_jsonl(rep["results"], str(tmp_path))
     assert written["sft"][1] > 0 and written["dpo"][1] > 0 and written["prm"][1] > 0
-    sft = datasets.load_dataset("json", data_files=written["sft"][0], split="train")
-    assert {"prompt", "completion"} <= set(sft.column_names)
-    row = maybe_apply_chat_template(sft[0], tok)
-    assert not is_conversational(sft[0]) and row["prompt"] + row["completion"] \
-        == sft[0]["prompt"] + sft[0]["completion"]
-    for r in sft:
-        assert task.is_correct(r["completion"], next(p["answer"] for p in problems
-                                                      if p["prompt"] == r["prompt"]))
-    dpo = datasets.load_dataset("json", data_files=written["dpo"][0], split="train")
-    assert {"prompt", "chosen", "rejected"} <= set(dpo.column_names)
-    unpaired = unpair_preference_dataset(dpo.select_columns(["prompt", "chosen", "rejected"]))
-    assert len(unpaired) == 2 * len(dpo) and set(unpaired["label"]) <= {True, False}
-    prm = datasets.load_dataset("json", data_files=written["prm"][0], split="train")
-    assert {"prompt", "completions", "labels"} <= set(prm.column_names)
-    assert all(len(c) == len(lab) for c, lab in zip(prm["completions"], prm["labels"]))
+    load = lambda name: [json.loads(x) for x in open(written[name][0])]  # noqa: E731
+    sft, dpo, prm = load("sft"), load("dpo"), load("prm")
+    answer = {p["prompt"]: p["answer"] for p in problems}
+    assert all(task.is_correct(r["completion"], answer[r["prompt"]]) for r in sft)
+    # SFT data path: the bundled warm-up trains on the exported traces
+    sft_losses = supervised_warmup(model, tok, sft, steps=2, batch_size=4, learning_rate=1e-3)
+    assert len(sft_losses) == 2 and all(math.isfinite(x) for x in sft_losses)
+    # DPO data path: the bundled trainer takes the pairs as they are
+    tr = DPOTrainer(model, copy_reference(model),
+                    args=DPOConfig(output_dir=str(tmp_path / "dpo"), learning_rate=1e-3,
+                                   per_device_train_batch_size=2, max_steps=1, progress=False,
+                                   plot=False, seed=0),
+                    train_dataset=dpo, tokenizer=tok)
+    tr.train()
+    assert len(tr.ref_logps) == len(dpo)
+    unpaired = unpair_preference_dataset(
+        datasets.Dataset.from_list([{k: r[k] for k in ("prompt", "chosen", "rejected")}
+                                    for r in dpo]))
+    assert len(unpaired) == 2 * len(dpo)
+    assert all(len(r["completions"]) == len(r["labels"]) == len(r["values"]) for r in prm)
     # the baselines run on their own as well
     (b,) = best_of_n(model, tok, problems[:1], reward_fn=lambda p, c: 0.0, n=2,
                      sampling=dict(max_new_tokens_per_step=8))

@@ -25,32 +25,13 @@ __all__ = ["compare", "default_model", "warmup"]
 
 def warmup(model, tokenizer, task, *, steps: int = 400, batch_size: int = 64, lr: float = 3e-3,
            seed: int = 0) -> list[float]:
-    """Supervised warm-up on ``task``'s solutions (loss on the solution and EOS only);
-    returns the loss of every step."""
-    tok = tokenizer
-    side, tok.padding_side = tok.padding_side, "right"
-    data = task.dataset(steps * batch_size, seed=seed)
-    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps, pct_start=0.1)
-    model.train()
-    losses = []
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        for s in range(steps):
-            ex = data[s * batch_size:(s + 1) * batch_size]
-            texts = [e["prompt"] + e["solution"] + tok.eos_token for e in ex]
-            enc = tok(texts, return_tensors="pt", padding=True)
-            labels = enc.input_ids.masked_fill(enc.attention_mask == 0, -100)
-            for i, e in enumerate(ex):
-                n_prompt = len(tok(e["prompt"]).input_ids)
-                labels[i, :n_prompt] = -100
-            loss = model(**enc, labels=labels).loss
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-            sched.step()
-            losses.append(float(loss.detach()))
-    tok.padding_side = side
+    """Supervised warm-up on ``task``'s solutions through
+    :func:`rlfuse.trainers.sft.supervised_warmup`; returns the loss of every step."""
+    from rlfuse.trainers.sft import supervised_warmup
+
+    examples = task.dataset(max(1000, steps * batch_size // 4), seed=seed)
+    losses = supervised_warmup(model, tokenizer, examples, steps=steps, batch_size=batch_size,
+                               learning_rate=lr, seed=seed)
     model.eval()
     return losses
 

@@ -1,7 +1,9 @@
 """Training data from step-search trees, as JSONL with the column names TRL uses.
 
-* :func:`sft_records`: correct full traces, ``{"prompt", "completion", "reward"}`` (the
-  prompt-completion format of SFT trainers); one record per distinct trace.
+* :func:`sft_records`: correct full traces, ``{"prompt", "completion", "solution",
+  "reward"}``: ``completion`` is the prompt-completion column of TRL's SFT trainer,
+  ``solution`` (the same text) the column of :mod:`rlfuse.tasks` that
+  :func:`rlfuse.trainers.sft.supervised_warmup` reads; one record per distinct trace.
 * :func:`preference_records`: ``{"prompt", "chosen", "rejected", "kind", "margin"}`` (the
   DPO columns).  ``kind="step"``: two sibling steps of one expanded node whose Q values
   differ by at least ``margin`` (the prompt is the problem's prompt plus the steps before
@@ -44,7 +46,8 @@ def sft_records(results: Sequence, *, min_reward: float = 1.0) -> list[dict]:
         for comp, reward, _src in r.traces:
             if reward >= min_reward and comp not in seen:
                 seen.add(comp)
-                out.append({"prompt": r.prompt, "completion": comp, "reward": reward})
+                out.append({"prompt": r.prompt, "completion": comp, "solution": comp,
+                            "reward": reward})
     return out
 
 
