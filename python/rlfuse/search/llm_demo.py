@@ -57,10 +57,12 @@ def _accuracy(rewards) -> float:
 def compare(model, tokenizer, task, problems, *, num_simulations: int = 32,
             num_candidates: int = 4, parallel: int = 4, beam_width: int = 2,
             max_new_tokens_per_step: int = 16, temperature: float = 1.0,
-            value_fn=None, seed: int = 0, backend: Optional[str] = None) -> dict:
+            value_fn=None, seed: int = 0, backend: Optional[str] = None,
+            **search_kwargs) -> dict:
     """MCTS, best-of-N (verifier), majority vote and beam search on ``problems`` with the
-    same per-problem generated-token budget (MCTS's).  Returns a dict of figures and the
-    MCTS ``results`` (for the exports)."""
+    same per-problem generated-token budget (MCTS's).  ``search_kwargs`` go to
+    :class:`~rlfuse.search.llm.StepSearch` (``algorithm``, ``c_puct``...).  Returns a dict
+    of figures and the MCTS ``results`` (for the exports)."""
     reward_fn = lambda p, c: float(task.is_correct(c, p["answer"]))  # noqa: E731
     steps = max(len(task.steps(p["solution"])) for p in problems)
     max_depth = steps + 1                     # the steps, then the EOS "step"
@@ -68,7 +70,8 @@ def compare(model, tokenizer, task, problems, *, num_simulations: int = 32,
     search = StepSearch(model, tokenizer, reward_fn=reward_fn, value_fn=value_fn,
                         step_delimiter=task.step_delimiter, num_candidates=num_candidates,
                         num_simulations=num_simulations, parallel=parallel,
-                        max_depth=max_depth, sampling=sampling, seed=seed, backend=backend)
+                        max_depth=max_depth, sampling=sampling, seed=seed, backend=backend,
+                        **search_kwargs)
     t0 = time.perf_counter()
     results = search.run(problems)
     t_mcts = time.perf_counter() - t0
