@@ -193,3 +193,18 @@ def test_end_to_end_on_chain_task_and_exports_train_the_bundled_trainers(tmp_pat
                         value_fn="zero", beam_width=1, num_candidates=2, max_depth=2,
                         sampling=dict(max_new_tokens_per_step=8))
     assert bm.tokens_generated > 0
+
+
+def test_sampler_matches_the_tempered_nucleus_distribution():
+    from rlfuse.search.llm_gen import _sample
+
+    g = torch.Generator().manual_seed(0)
+    z = torch.tensor([[0.0, 1.0, 2.0, -1.0]]).repeat(100000, 1)
+    freq = torch.bincount(_sample(z, 1.0, 1.0, g), minlength=4).double() / len(z)
+    torch.testing.assert_close(freq, torch.softmax(z[0].double(), -1), atol=6e-3, rtol=0)
+    # T = 2, top_p = 0.7: sorted probs .455 .276 .167 .101 -> the nucleus is the first two
+    freq = torch.bincount(_sample(z, 2.0, 0.7, g), minlength=4).double() / len(z)
+    p = torch.softmax(z[0].double() / 2, -1)
+    want = torch.tensor([0.0, p[1], p[2], 0.0], dtype=torch.float64) / (p[1] + p[2])
+    torch.testing.assert_close(freq, want, atol=6e-3, rtol=0)
+    assert torch.equal(_sample(z[:3], 0.0, 1.0, g), torch.tensor([2, 2, 2]))

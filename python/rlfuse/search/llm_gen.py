@@ -213,7 +213,7 @@ class ScriptedStepModel(StepModel):
 def _sample(logits: torch.Tensor, temperature: float, top_p: float, generator) -> torch.Tensor:
     """One token per row from ``softmax(logits / temperature)`` restricted to the nucleus
     ``top_p``; by the exponential race (argmax of ``z - log E``, E ~ Exp(1), the Gumbel-max
-    trick), which costs two element-wise passes instead of a multinomial draw."""
+    trick), a few element-wise passes instead of a multinomial draw."""
     if temperature == 0:
         return logits.argmax(-1)
     z = logits / temperature
@@ -224,8 +224,8 @@ def _sample(logits: torch.Tensor, temperature: float, top_p: float, generator) -
         inside = (sp.cumsum(-1) - sp) < top_p
         floor = sp.masked_fill(~inside, float("inf")).min(-1, keepdim=True).values
         z = z.masked_fill(p < floor, float("-inf"))
-    e = torch.empty_like(z).exponential_(generator=generator)
-    return (z - e.log()).argmax(-1)
+    u = torch.rand(z.shape, generator=generator, device=z.device, dtype=z.dtype)
+    return (z - (-u.log()).log()).argmax(-1)     # E = -log U ~ Exp(1)
 
 
 class HFStepModel(StepModel):
