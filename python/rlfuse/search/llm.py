@@ -64,15 +64,19 @@ def _pos_int(name, v, lo=1):
     return v
 
 
+def _check_fns(reward_fn, value_fn) -> None:
+    if not callable(reward_fn):
+        raise TypeError("reward_fn must be callable: reward_fn(problem, completion) -> float")
+    if not (value_fn is None or value_fn == "zero" or callable(value_fn)):
+        raise TypeError("value_fn must be None (rollouts), 'zero' or a callable "
+                        "value_fn(prefixes) -> values")
+
+
 class _Evaluator:
     """Terminal rewards and node values with checks; counts the calls and their time."""
 
     def __init__(self, gen: StepModel, problems, reward_fn, value_fn, max_depth: int):
-        if not callable(reward_fn):
-            raise TypeError("reward_fn must be callable: reward_fn(problem, completion) -> float")
-        if not (value_fn is None or value_fn == "zero" or callable(value_fn)):
-            raise TypeError("value_fn must be None (rollouts), 'zero' or a callable "
-                            "value_fn(prefixes) -> values")
+        _check_fns(reward_fn, value_fn)
         self.gen, self.problems = gen, problems
         self.reward_fn, self.value_fn, self.max_depth = reward_fn, value_fn, max_depth
         self.traces: dict[int, list[tuple[str, float, str]]] = collections.defaultdict(list)
@@ -253,11 +257,7 @@ class StepSearch:
             raise ValueError(f"select must be 'reward' or 'visits', got {select!r}")
         self.gen = make_step_model(model, tokenizer, step_delimiter=step_delimiter,
                                    sampling=sampling, kv_reuse=kv_reuse, seed=seed)
-        if not callable(reward_fn):
-            raise TypeError("reward_fn must be callable: reward_fn(problem, completion) -> float")
-        if not (value_fn is None or value_fn == "zero" or callable(value_fn)):
-            raise TypeError("value_fn must be None (rollouts), 'zero' or a callable "
-                            "value_fn(prefixes) -> values")
+        _check_fns(reward_fn, value_fn)
         self.reward_fn, self.value_fn = reward_fn, value_fn
         self.algorithm, self.prior, self.select = algorithm, prior, select
         self.search_kwargs = dict(c_puct=c_puct, c_base=c_base,
