@@ -104,6 +104,8 @@ def compare(model, tokenizer, task, problems, *, num_simulations: int = 32,
         "search": {"wall_seconds": st["wall_seconds"], "model_seconds": model_s,
                    "overhead_seconds": st["overhead_seconds"],
                    "overhead_fraction": st["overhead_seconds"] / st["wall_seconds"],
+                   "search_seconds": st["search_seconds"],
+                   "search_fraction": st["search_seconds"] / st["wall_seconds"],
                    "forward_calls": st["forward_calls"],
                    "tokens_generated": st["generated"], "tokens_encoded": st["encoded"],
                    "tokens_encoded_naive": st["encoded_naive"],
@@ -121,7 +123,8 @@ def format_report(rep: dict) -> str:
     s = rep["search"]
     lines.append(
         f"mcts: {s['wall_seconds']:.1f} s wall, {s['model_seconds']:.1f} s in model forwards "
-        f"({s['forward_calls']} calls), overhead {100 * s['overhead_fraction']:.1f}% ; "
+        f"({s['forward_calls']} calls), overhead {100 * s['overhead_fraction']:.1f}% "
+        f"({100 * s['search_fraction']:.1f}% outside the generation calls); "
         f"prefix tokens re-encoded {s['tokens_encoded']} vs {s['tokens_encoded_naive']} when "
         f"re-sending every prefix ({s['reencode_reduction']:.1f}x fewer)")
     return "\n".join(lines)
