@@ -344,8 +344,6 @@ class HFStepModel(StepModel):
             self.counters.decode_seconds += time.perf_counter() - t0
 
     def _decode_impl(self, states, repeats, max_new_tokens, stop_ids) -> "_Decoded":
-        from transformers import DynamicCache
-
         from rlfuse.ops import token_logprobs
 
         need = [st for st in states if st.kv is None and len(st.ids) > 1]
@@ -359,14 +357,17 @@ class HFStepModel(StepModel):
         if C > 0:
             ref = next(st.kv for st in states if st.kv is not None)
             for li, (k0, v0) in enumerate(ref.layers):
-                K = k0.new_zeros(R, k0.shape[1], C, k0.shape[-1])
-                V = v0.new_zeros(R, v0.shape[1], C, v0.shape[-1])
+                K = k0.new_empty(R, k0.shape[1], C, k0.shape[-1])
+                V = v0.new_empty(R, v0.shape[1], C, v0.shape[-1])
                 for i, st in enumerate(states):
+                    rows, pad = slice(i * repeats, (i + 1) * repeats), C - lens[i]
+                    # padding must be finite (masked scores still multiply the values)
+                    K[rows, :, :pad] = 0
+                    V[rows, :, :pad] = 0
                     if lens[i]:
                         kv = st.kv
-                        rows = slice(i * repeats, (i + 1) * repeats)
-                        K[rows, :, C - lens[i]:] = kv.layers[li][0][kv.row, :, kv.start:kv.stop]
-                        V[rows, :, C - lens[i]:] = kv.layers[li][1][kv.row, :, kv.start:kv.stop]
+                        K[rows, :, pad:] = kv.layers[li][0][kv.row, :, kv.start:kv.stop]
+                        V[rows, :, pad:] = kv.layers[li][1][kv.row, :, kv.start:kv.stop]
                 layer_kv.append((K, V))
         # the attention mask of every step is a prefix of one preallocated buffer
         mask = torch.ones(N, C + max_new_tokens, dtype=torch.long, device=dev)
@@ -376,8 +377,7 @@ class HFStepModel(StepModel):
         # Re-sent: the one uncached last token per sampled row (prompts were prefilled once).
         self.counters.encoded += R
         self.counters.encoded_naive += repeats * sum(n + 1 for n in lens)
-        cache = DynamicCache(ddp_cache_data=layer_kv, config=self.model.config) if C > 0 \
-            else DynamicCache(config=self.model.config)
+        cache = _cache_from(layer_kv, self.model.config)
         tok = torch.tensor([st.ids[-1] for st in states],
                            device=dev).repeat_interleave(repeats)[:, None]
         pos = torch.tensor(lens, device=dev).repeat_interleave(repeats)[:, None]
@@ -487,6 +487,24 @@ class HFStepModel(StepModel):
             text = self.tokenizer.decode(rows[r][:n], skip_special_tokens=True)
             out.append((st.completion + text, n))
         return out
+
+
+def _cache_from(layer_kv: list, config):
+    """A ``DynamicCache`` holding ``layer_kv`` without copying it (the constructor's
+    ``ddp_cache_data`` path concatenates, i.e. copies, every layer)."""
+    from transformers import DynamicCache
+    from transformers.cache_utils import DynamicLayer
+
+    cache = DynamicCache(config=config)
+    if not layer_kv:
+        return cache
+    if len(cache.layers) != len(layer_kv) or \
+            any(type(layer) is not DynamicLayer for layer in cache.layers):
+        return DynamicCache(ddp_cache_data=layer_kv, config=config)
+    for layer, (k, v) in zip(cache.layers, layer_kv):
+        layer.lazy_initialization(k, v)
+        layer.keys, layer.values = k, v
+    return cache
 
 
 class KVSlice(NamedTuple):
