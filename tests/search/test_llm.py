@@ -248,3 +248,14 @@ def test_exports(tmp_path):
     assert rows == json.loads(json.dumps(dpo))
     with pytest.raises(TypeError, match="list of SearchResult"):
         sft_records(r)
+
+
+def test_visit_selection_without_a_finished_trace_returns_the_partial_path():
+    """Step expansion with a value function and too few simulations to reach a terminal:
+    no trace is scored, so the answer is the most visited path, with reward nan."""
+    values = {"Q": 0.5, "Qa\n": 0.2, "Qb\n": 0.9}
+    s = _search(ScriptedStepModel(SCRIPT), value_fn=lambda ps: [values[p] for p in ps],
+                num_simulations=2)
+    (r,) = s.run(["Q"])
+    assert r.traces == [] and r.completion in ("a\n", "b\n") and math.isnan(r.reward)
+    assert r.completion == max(r.children(0), key=lambda n: (n["visits"], n["q"]))["step"]

@@ -208,3 +208,20 @@ def test_sampler_matches_the_tempered_nucleus_distribution():
     want = torch.tensor([0.0, p[1], p[2], 0.0], dtype=torch.float64) / (p[1] + p[2])
     torch.testing.assert_close(freq, want, atol=6e-3, rtol=0)
     assert torch.equal(_sample(z[:3], 0.0, 1.0, g), torch.tensor([2, 2, 2]))
+
+
+def test_cli_search_runs_and_writes_the_exports(tmp_path, capsys):
+    import json
+    import os
+
+    from rlfuse.cli import main
+
+    out = tmp_path / "search"
+    assert main(["search", "--problems", "3", "--simulations", "4", "--candidates", "2",
+                 "--parallel", "2", "--warmup-steps", "20", "--out", str(out)]) == 0
+    text = capsys.readouterr().out
+    for name in ("mcts", "best_of_n", "majority_vote", "beam", "re-encoded"):
+        assert name in text
+    assert sorted(os.listdir(out)) == ["dpo.jsonl", "prm.jsonl", "sft.jsonl", "summary.json"]
+    summary = json.load(open(out / "summary.json"))
+    assert summary["problems"] == 3 and summary["mcts"]["tokens"] > 0

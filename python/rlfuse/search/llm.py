@@ -221,7 +221,9 @@ class StepSearch:
         prior: ``"logprob"`` (softmax of mean token log-probs) or ``"uniform"``.
         select: how the answer is chosen: ``"reward"`` (the best-rewarded full trace
             scored in the search, ties by visits) or ``"visits"`` (follow the most
-            visited children from the root).
+            visited children from the root; when that path ends at a node that was not
+            expanded, its partial completion with reward nan).  ``"reward"`` falls back to
+            ``"visits"`` when no full trace was scored.
         c_puct, c_base, dirichlet_fraction, dirichlet_alpha, gumbel_scale,
         max_num_considered_actions, virtual_loss: passed to the tree search.
         kv_reuse, seed: for HF models (see :class:`HFStepModel`).
@@ -440,25 +442,23 @@ class StepSearch:
                             root_visit_counts=tree.root_visit_counts()[b].tolist())
 
     def _choose(self, nodes, traces, tree, b):
-        if self.select == "visits":
-            n = nodes[0]
-            while not n["terminal"]:
-                kids = [c for c in nodes if c["parent"] == n["id"]]
-                if not kids:
-                    break
-                n = max(kids, key=lambda c: (c["visits"], c["value"]))
-            if n["terminal"]:
-                pl = tree.embedding(b, n["id"])
-                return pl.state.completion, float(n["reward"])
-        if not traces:
-            return "", float("nan")
-        visits = {}
-        for nd in nodes:
-            if nd["terminal"]:
-                pl = tree.embedding(b, nd["id"])
-                visits[pl.state.completion] = max(visits.get(pl.state.completion, 0), nd["visits"])
-        best = max(traces, key=lambda t: (t[1], visits.get(t[0], 0)))
-        return best[0], best[1]
+        if self.select == "reward" and traces:
+            visits = {}
+            for nd in nodes:
+                if nd["terminal"]:
+                    c = tree.embedding(b, nd["id"]).state.completion
+                    visits[c] = max(visits.get(c, 0), nd["visits"])
+            best = max(traces, key=lambda t: (t[1], visits.get(t[0], 0)))
+            return best[0], best[1]
+        # the most visited path; a partial completion (reward nan) when it ends unexpanded
+        kids: dict[int, list] = {}
+        for nd in nodes[1:]:
+            kids.setdefault(nd["parent"], []).append(nd)
+        n = nodes[0]
+        while not n["terminal"] and n["id"] in kids:
+            n = max(kids[n["id"]], key=lambda c: (c["visits"], c["q"]))
+        reward = float(n["reward"]) if n["terminal"] else float("nan")
+        return tree.embedding(b, n["id"]).state.completion, reward
 
 
 def make_step_model(model, tokenizer=None, *, step_delimiter="\n", sampling=None,
