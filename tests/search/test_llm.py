@@ -120,6 +120,23 @@ def test_rollout_expansion_values_nodes_by_their_rollouts():
     assert b["visits"] >= kids["a\n"]["visits"]
     assert ("b\nB2", 1.0, "rollout") in r.traces
     assert r.completion == "b\nB2" and r.reward == 1.0
+    # a child's first candidate continues the rollout that created it: its expansion
+    # samples K - 1 new rollouts, not K
+    assert model.calls[0] == [""] and all(len(c) == 1 for c in model.calls[1:])
+    assert r.tokens_generated < 2 * 4 * len(model.calls)
+
+
+def test_rollout_reuse_saves_exactly_the_inherited_rollouts():
+    script = {"": [("a\n", -1.0, False)], "a\n": [("A1", -1.0, True), ("A2", -1.0, True)]}
+    model = ScriptedStepModel(script)
+    s = StepSearch(model, reward_fn=lambda p, c: float(c == "a\nA2"), num_candidates=2,
+                   num_simulations=1, parallel=1, max_depth=3, backend="torch")
+    (r,) = s.run(["Q"])
+    # root: 2 rollouts "a\n" + "A1" (4 chars each, merged into one action); expanding
+    # a\n continues both (A1, A1: merged) and samples none: no new tokens
+    assert r.tokens_generated == 8
+    kid = r.children(0)[0]
+    assert kid["value"] == pytest.approx(0.0) and kid["visits"] == 1
 
 
 def test_gumbel_and_visit_selection():

@@ -68,6 +68,14 @@ def test_steps_match_full_sequence_logprobs_through_reused_caches(tiny):
     for row, st in zip(rolled, kids[:4]):
         for c, comp in row:
             assert comp.startswith(st.completion + c.text)
+    # continuing a stored rollout: the next step, its log-prob and cache, with no sampling
+    before = gen.counters.generated
+    nxt = [gen.continue_tail(c.state, c.tail) for row in rolled for c, _ in row
+           if c.tail is not None]
+    nxt = [c for c in nxt if c is not None]
+    assert gen.counters.generated == before and nxt
+    _check_candidates(model, [nxt])
+    _check_candidates(model, gen.sample_steps([c.state for c in nxt if c.state.kv], 2))
 
 
 def test_kv_slice_equals_a_fresh_prefill(tiny):

@@ -271,19 +271,31 @@ class StepSearch:
         self.stats: dict = {}
 
     # one batch of expansions: K candidates for every state, merged, with priors
-    def _expand(self, ev: _Evaluator, states: list[StepState]):
+    def _expand(self, ev: _Evaluator, states: list[StepState], tails=None):
         """Kept candidates (None for merged duplicates), prior logits [S, K], invalid
         [S, K] and each state's own evaluation: its value (step expansion) or the
-        rewards of its K rollouts (rollout expansion)."""
+        rewards of its newly sampled rollouts (rollout expansion).  ``tails[i]``: the
+        ``(tail, reward)`` of the rollouts that already went through state i; up to K of
+        them are continued as candidates instead of sampling new ones."""
         K = self.K
         if self.expansion == "rollout":
+            reused: list[list[Candidate]] = [[] for _ in states]
+            for i, st in enumerate(states):
+                for tail, rew in (tails[i] if tails else [])[:K]:
+                    c = self.gen.continue_tail(st, tail)
+                    if c is not None:
+                        c.returns = [rew]
+                        c.tails = [(c.tail, rew)] if c.tail is not None else []
+                        reused[i].append(c)
             left = self.max_depth - min(st.depth for st in states)
-            rows = self.gen.sample_rollouts(states, K, left)
+            rows = self.gen.sample_rollouts(states, [K - len(r) for r in reused], left)
             cand_lists, own = [], []
-            for st, row in zip(states, rows):
+            for st, old, row in zip(states, reused, rows):
                 for c, comp in row:
-                    c.returns = [ev.reward(st.problem, comp, "rollout")]
-                cand_lists.append([c for c, _ in row])
+                    rew = ev.reward(st.problem, comp, "rollout")
+                    c.returns = [rew]
+                    c.tails = [(c.tail, rew)] if c.tail is not None else []
+                cand_lists.append(old + [c for c, _ in row])
                 own.append([c.returns[0] for c, _ in row])
         else:
             cand_lists = self.gen.sample_steps(states, K)
@@ -299,6 +311,7 @@ class StepSearch:
                 if c is None:
                     invalid[i, j] = True
                     kept[first[j]].returns.extend(cands[j].returns)
+                    kept[first[j]].tails.extend(cands[j].tails)
                     self.gen.release(cands[j].state)
                 elif self.prior == "logprob":
                     logits[i, j] = c.mean_logprob
@@ -338,12 +351,13 @@ class StepSearch:
                 payloads.append(_Payload(st))
                 grow.append(i)
         if grow:
-            kept, lg, inv, own = self._expand(ev, [payloads[i].state for i in grow])
+            kept, lg, inv, own = self._expand(ev, [payloads[i].state for i in grow],
+                                              [parents[i].cands[actions[i]].tails for i in grow])
             for j, i in enumerate(grow):
                 payloads[i].cands = kept[j]
-                if self.expansion == "rollout":
+                if self.expansion == "rollout":      # every rollout through the node
                     seen = parents[i].cands[actions[i]].returns + own[j]
-                    value[i] = sum(seen) / len(seen)
+                    value[i] = sum(seen) / max(len(seen), 1)
                 else:
                     value[i] = own[j]
             idx = torch.tensor(grow)
@@ -361,7 +375,8 @@ class StepSearch:
         ev = _Evaluator(self.gen, problems, self.reward_fn, self.value_fn, self.max_depth)
         roots = self.gen.root_states(list(range(B)), prompts)
         kept, logits, invalid, own = self._expand(ev, roots)
-        root_vals = [sum(v) / len(v) for v in own] if self.expansion == "rollout" else own
+        root_vals = [sum(v) / max(len(v), 1) for v in own] if self.expansion == "rollout" \
+            else own
         root_payloads = [_Payload(st, cands=k) for st, k in zip(roots, kept)]
 
         def recurrent_fn(embedding, action, exp):

@@ -22,7 +22,7 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass, field
-from typing import NamedTuple, Optional, Sequence
+from typing import Any, NamedTuple, Optional, Sequence
 
 import torch
 
@@ -94,6 +94,8 @@ class Candidate:
     ended: str
     state: StepState
     returns: list = field(default_factory=list)   # rewards of the rollouts through it
+    tail: Any = None            # the rest of the rollout this step was cut from (or None)
+    tails: list = field(default_factory=list)     # (tail, reward) of those rollouts
 
     @property
     def terminal(self) -> bool:
@@ -125,10 +127,16 @@ class StepModel:
         ``(the state's completion followed by the continuation, tokens generated)``."""
         raise NotImplementedError
 
-    def sample_rollouts(self, states: Sequence[StepState], k: int,
+    def sample_rollouts(self, states: Sequence[StepState], k,
                         max_steps: int) -> list[list[tuple[Candidate, str]]]:
-        """``k`` sampled completions to the end for each state, each split into its first
-        step (a :class:`Candidate`) and the full completion text."""
+        """``k`` (an int, or one count per state) sampled completions to the end for each
+        state, each split into its first step (a :class:`Candidate` whose ``tail`` points
+        at the rest of the rollout) and the full completion text."""
+        raise NotImplementedError
+
+    def continue_tail(self, state: StepState, tail) -> Optional[Candidate]:
+        """The next step of a stored rollout ``tail`` after ``state`` (no generation), or
+        None when the rollout has nothing left."""
         raise NotImplementedError
 
     def release(self, state: StepState) -> None:
@@ -163,33 +171,55 @@ class ScriptedStepModel(StepModel):
             raise KeyError(f"ScriptedStepModel: no candidates scripted for prefix {key!r}")
         return entries
 
+    def _cands(self, st: StepState, k: int) -> list[Candidate]:
+        entries = self._entries(st)
+        cands = []
+        for j in range(k):
+            text, lp, terminal = entries[j % len(entries)]
+            child = StepState(problem=st.problem, prompt=st.prompt, steps=st.steps + (text,))
+            n = max(len(text), 1)
+            self.counters.add_generated(st.problem, n)
+            cands.append(Candidate(text, n, float(lp) * n, "eos" if terminal else "delimiter",
+                                   child))
+        return cands
+
     def sample_steps(self, states, k):
         self.calls.append([s.completion for s in states])
-        out = []
-        for st in states:
-            entries = self._entries(st)
-            cands = []
-            for j in range(k):
-                text, lp, terminal = entries[j % len(entries)]
-                child = StepState(problem=st.problem, prompt=st.prompt, steps=st.steps + (text,))
-                n = max(len(text), 1)
-                self.counters.add_generated(st.problem, n)
-                cands.append(Candidate(text, n, float(lp) * n, "eos" if terminal else "delimiter",
-                                       child))
-            out.append(cands)
-        return out
+        return [self._cands(st, k) for st in states]
 
     def sample_rollouts(self, states, k, max_steps):
+        ks = [k] * len(states) if isinstance(k, int) else list(k)
+        self.calls.append([s.completion for s, n in zip(states, ks) if n])
         out = []
-        for st, cands in zip(states, self.sample_steps(states, k)):
+        for st, n in zip(states, ks):
             row = []
-            for c in cands:
+            for c in self._cands(st, n):
                 if c.terminal:
                     row.append((c, c.state.completion))
-                else:
-                    row.append((c, self.rollout([c.state], max_steps - 1)[0][0]))
+                    continue
+                comp = self.rollout([c.state], max_steps - 1)[0][0]
+                c.tail = (comp, len(c.state.completion))
+                row.append((c, comp))
             out.append(row)
         return out
+
+    def continue_tail(self, state, tail):
+        comp, off = tail
+        rest = comp[off:]
+        if not rest:
+            return None
+        cut = rest.find(self.step_delimiter)
+        text = rest[:cut + len(self.step_delimiter)] if cut >= 0 else rest
+        n = len(text)
+        lp = next((e[1] for e in self.script.get((state.prompt, state.completion),
+                                                 self.script.get(state.completion, []))
+                   if e[0] == text), -1.0)
+        child = StepState(problem=state.problem, prompt=state.prompt,
+                          steps=state.steps + (text,))
+        c = Candidate(text, n, float(lp) * n, "delimiter" if cut >= 0 else "eos", child)
+        if cut >= 0:
+            c.tail = (comp, off + n)
+        return c
 
     def rollout(self, states, max_steps, repeats=1):
         out = []
@@ -333,10 +363,10 @@ class HFStepModel(StepModel):
         for i, st in enumerate(states):
             st.kv = KVSlice(layers, i, T - lens[i], T) if lens[i] else None
 
-    def _decode(self, states: list[StepState], repeats: int, max_new_tokens: int,
+    def _decode(self, states: list[StepState], repeats, max_new_tokens: int,
                 stop_ids: torch.Tensor) -> "_Decoded":
-        """Sample ``repeats`` continuations per state (state-major rows) until a token of
-        ``stop_ids`` or ``max_new_tokens``."""
+        """Sample ``repeats`` continuations per state (an int, or one count per state;
+        state-major rows) until a token of ``stop_ids`` or ``max_new_tokens``."""
         t0 = time.perf_counter()
         try:
             return self._decode_impl(states, repeats, max_new_tokens, stop_ids)
@@ -349,7 +379,13 @@ class HFStepModel(StepModel):
         need = [st for st in states if st.kv is None and len(st.ids) > 1]
         if need:
             self._prefill(need)
-        N, R = len(states), len(states) * repeats
+        N = len(states)
+        reps = [repeats] * N if isinstance(repeats, int) else list(repeats)
+        R = sum(reps)
+        start = [0]
+        for n in reps:
+            start.append(start[-1] + n)
+        rep_t = torch.tensor(reps, device=self.device)
         lens = [len(st.ids) - 1 for st in states]    # cached tokens per state
         C = max(lens)
         dev = self.device
@@ -360,7 +396,7 @@ class HFStepModel(StepModel):
                 K = k0.new_empty(R, k0.shape[1], C, k0.shape[-1])
                 V = v0.new_empty(R, v0.shape[1], C, v0.shape[-1])
                 for i, st in enumerate(states):
-                    rows, pad = slice(i * repeats, (i + 1) * repeats), C - lens[i]
+                    rows, pad = slice(start[i], start[i + 1]), C - lens[i]
                     # padding must be finite (masked scores still multiply the values)
                     K[rows, :, :pad] = 0
                     V[rows, :, :pad] = 0
@@ -373,14 +409,14 @@ class HFStepModel(StepModel):
         mask = torch.ones(N, C + max_new_tokens, dtype=torch.long, device=dev)
         for i in range(N):
             mask[i, :C - lens[i]] = 0
-        mask = mask.repeat_interleave(repeats, 0)
+        mask = mask.repeat_interleave(rep_t, 0)
         # Re-sent: the one uncached last token per sampled row (prompts were prefilled once).
         self.counters.encoded += R
-        self.counters.encoded_naive += repeats * sum(n + 1 for n in lens)
+        self.counters.encoded_naive += sum(r * (n + 1) for r, n in zip(reps, lens))
         cache = _cache_from(layer_kv, self.model.config)
         tok = torch.tensor([st.ids[-1] for st in states],
-                           device=dev).repeat_interleave(repeats)[:, None]
-        pos = torch.tensor(lens, device=dev).repeat_interleave(repeats)[:, None]
+                           device=dev).repeat_interleave(rep_t)[:, None]
+        pos = torch.tensor(lens, device=dev).repeat_interleave(rep_t)[:, None]
         done = torch.zeros(R, dtype=torch.bool, device=dev)
         out_tok, out_lp = [], []
         pad = torch.full((R,), self.pad_id, dtype=torch.long, device=dev)
@@ -404,7 +440,7 @@ class HFStepModel(StepModel):
         length = torch.where(stopped, hits.int().argmax(1) + 1, torch.full((R,), T, device=dev))
         return _Decoded(toks, length, stopped, torch.stack(out_lp, 1),
                         [(layer.keys, layer.values) for layer in cache.layers], C,
-                        [n for n in lens for _ in range(repeats)], toks.tolist())
+                        [n for n, r in zip(lens, reps) for _ in range(r)], toks.tolist())
 
     def _child(self, st: StepState, d: "_Decoded", r: int, n: int, with_kv: bool) -> StepState:
         """The state after the first ``n`` sampled tokens of row ``r`` (one step)."""
@@ -453,26 +489,46 @@ class HFStepModel(StepModel):
         return self._candidates(states, k, d, d.length)
 
     def sample_rollouts(self, states, k, max_steps):
-        if not states:
-            return []
-        d = self._decode(list(states), k, max(1, max_steps) * self.max_new_tokens, self.eos_ids)
-        hits = torch.isin(d.toks, self.stop_ids)
-        first = torch.where(hits.any(1), hits.int().argmax(1) + 1, d.length)
-        first = torch.minimum(first, d.length)
-        cands = self._candidates(states, k, d, first)
-        lens, rows = d.length.tolist(), d.rows
+        ks = [k] * len(states) if isinstance(k, int) else list(k)
+        live = [i for i, n in enumerate(ks) if n > 0]
+        out: list[list] = [[] for _ in states]
+        if not live:
+            return out
+        d = self._decode([states[i] for i in live], [ks[i] for i in live],
+                         max(1, max_steps) * self.max_new_tokens, self.eos_ids)
+        lens = d.length.tolist()
+        lpc = torch.nn.functional.pad(d.lp.double().cumsum(1), (1, 0)).tolist()
         eos = set(self.eos_ids.tolist())
-        out = []
-        for i, st in enumerate(states):
-            row = []
-            for j in range(k):
-                r = i * k + j
+        r = 0
+        for i in live:
+            st = states[i]
+            for _ in range(ks[i]):
                 self.counters.add_generated(st.problem, lens[r])
-                ids = [t for t in rows[r][:lens[r]] if t not in eos]
-                row.append((cands[i][j], st.completion + self.tokenizer.decode(
-                    ids, skip_special_tokens=True)))
-            out.append(row)
+                ids = [t for t in d.rows[r][:lens[r]] if t not in eos]
+                comp = st.completion + self.tokenizer.decode(ids, skip_special_tokens=True)
+                out[i].append((self._split(st, (d, r, 0, lens[r], lpc[r])), comp))
+                r += 1
         return out
+
+    def continue_tail(self, state, tail):
+        return self._split(state, tail)
+
+    def _split(self, st: StepState, tail) -> Optional[Candidate]:
+        """The next step of a sampled rollout: row ``r`` of ``d`` from token ``start``."""
+        d, r, start, length, lpc = tail
+        seg = d.rows[r][start:length]
+        if not seg:
+            return None
+        n = next((j + 1 for j, t in enumerate(seg) if t in self._stop_set), len(seg))
+        text, ended = self._step_text(seg[:n], set(self.eos_ids.tolist()))
+        child = StepState(problem=st.problem, prompt=st.prompt, steps=st.steps + (text,),
+                          ids=st.ids + seg[:n])
+        if ended == "delimiter" and self.kv_reuse:
+            child.kv = KVSlice(d.layers, r, d.C - d.lens[r], d.C + start + n)
+        c = Candidate(text, n, lpc[start + n] - lpc[start], ended, child)
+        if ended == "delimiter":
+            c.tail = (d, r, start + n, length, lpc)
+        return c
 
     def rollout(self, states, max_steps, repeats=1):
         if not states:
