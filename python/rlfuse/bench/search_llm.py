@@ -16,8 +16,6 @@ prefix (target: at least 2x fewer) and whether MCTS accuracy >= best-of-N's.
 
 from __future__ import annotations
 
-import torch
-
 from rlfuse.bench.harness import Row
 
 NAME = "search_llm"

@@ -433,20 +433,22 @@ class StepSearch:
 
     def _result(self, b, problem, prompt, tree, ev) -> SearchResult:
         n_nodes = int(tree.num_nodes()[b])
+        cols = {name: getattr(tree, name)[b, :n_nodes].tolist()
+                for name in ("parent", "action", "visits", "value")}
+        par = tree.parent[b, :n_nodes].long().clamp(min=0)
+        act = tree.action[b, :n_nodes].long().clamp(min=0)
+        q = (tree.rewards[b, par, act] + tree.discounts[b, par, act]
+             * tree.children_values[b, par, act]).tolist()
+        prior = tree.prior[b, par, act].tolist()
         nodes = []
         for n in range(n_nodes):
-            info = tree.node(b, n)
             pl = tree.embedding(b, n)
-            parent = int(info["parent"]) if n else -1
-            a = int(info["action"])
             nodes.append({
-                "id": n, "parent": parent,
+                "id": n, "parent": cols["parent"][n] if n else -1,
                 "step": pl.state.steps[-1] if pl.state.steps else "",
-                "depth": pl.state.depth, "visits": int(info["visits"]),
-                "value": float(info["value"]),
-                "q": float(tree.rewards[b, parent, a] + tree.discounts[b, parent, a]
-                           * tree.children_values[b, parent, a]) if n else float(info["value"]),
-                "prior": float(tree.prior[b, parent, int(info["action"])]) if n else 1.0,
+                "depth": pl.state.depth, "visits": cols["visits"][n],
+                "value": cols["value"][n], "q": q[n] if n else cols["value"][n],
+                "prior": prior[n] if n else 1.0,
                 "terminal": bool(pl.terminal), "reward": pl.reward,
             })
         traces = list(ev.traces.get(b, []))

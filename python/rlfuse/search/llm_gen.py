@@ -304,7 +304,8 @@ class HFStepModel(StepModel):
         delim = [i for i, t in enumerate(texts) if step_delimiter in t]
         if not delim:
             raise ValueError(f"no token of the tokenizer contains step_delimiter {step_delimiter!r}")
-        self._stop_set = set(delim) | set(self.eos_ids.tolist())
+        self._eos = set(self.eos_ids.tolist())
+        self._stop_set = set(delim) | self._eos
         self.stop_ids = torch.tensor(sorted(self._stop_set), device=self.device)
 
     def _eos_set(self) -> set:
@@ -520,7 +521,7 @@ class HFStepModel(StepModel):
         if not seg:
             return None
         n = next((j + 1 for j, t in enumerate(seg) if t in self._stop_set), len(seg))
-        text, ended = self._step_text(seg[:n], set(self.eos_ids.tolist()))
+        text, ended = self._step_text(seg[:n], self._eos)
         child = StepState(problem=st.problem, prompt=st.prompt, steps=st.steps + (text,),
                           ids=st.ids + seg[:n])
         if ended == "delimiter" and self.kv_reuse:
