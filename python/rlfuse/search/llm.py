@@ -111,6 +111,8 @@ class _Evaluator:
         out = self.value_fn(prefixes)
         self.seconds += time.perf_counter() - t0
         try:
+            if isinstance(out, torch.Tensor):
+                out = out.detach()
             vals = torch.as_tensor(out, dtype=torch.float64).cpu()
         except (TypeError, ValueError, RuntimeError):
             raise TypeError(f"value_fn must return a sequence or tensor of {len(states)} "
@@ -211,7 +213,13 @@ class StepSearch:
             with ``tokenizer=None``.
         reward_fn: ``reward_fn(problem, completion) -> float`` for terminal nodes.
         value_fn: ``value_fn(prefixes: list[str]) -> values`` (``len(prefixes)`` numbers),
-            ``None`` for one rollout per new node scored by ``reward_fn``, or ``"zero"``.
+            or ``"zero"``; ``None`` (default): rollout expansion, each node is valued by
+            the mean ``reward_fn`` of the rollouts through it.
+        expansion: ``"rollout"`` (K rollouts to the end per expansion, their first steps
+            are the actions; stored rollouts through a node are continued first) or
+            ``"step"`` (K next steps; the node valued by ``value_fn``, or by one rollout
+            when ``value_fn`` is None).  Default: ``"rollout"`` without a ``value_fn``,
+            else ``"step"``.
         num_candidates: K sampled next steps per expanded node.
         num_simulations: simulations per tree (including the ``parallel`` ones per step).
         parallel: W simulations per tree per step (one generation batch for all of them).
