@@ -233,3 +233,25 @@ def test_cli_search_runs_and_writes_the_exports(tmp_path, capsys):
     assert sorted(os.listdir(out)) == ["dpo.jsonl", "prm.jsonl", "sft.jsonl", "summary.json"]
     summary = json.load(open(out / "summary.json"))
     assert summary["problems"] == 3 and summary["mcts"]["tokens"] > 0
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "qwen2"])
+def test_other_architectures_reuse_caches_exactly(arch):
+    """Learned absolute positions (GPT-2) and grouped-query attention (Qwen2) through the
+    same packed caches: candidates' log-probs equal a fresh forward."""
+    from transformers import GPT2Config, GPT2LMHeadModel, Qwen2Config, Qwen2ForCausalLM
+
+    tok = tiny_tokenizer()
+    torch.manual_seed(0)
+    if arch == "gpt2":
+        model = GPT2LMHeadModel(GPT2Config(n_layer=2, n_embd=32, n_head=2, vocab_size=len(tok)))
+    else:
+        model = Qwen2ForCausalLM(Qwen2Config(num_hidden_layers=2, hidden_size=32,
+                                             num_attention_heads=4, num_key_value_heads=2,
+                                             intermediate_size=64, vocab_size=len(tok)))
+    model.eval()
+    gen = HFStepModel(model, tok, max_new_tokens=6, temperature=1.5, seed=0)
+    level1 = gen.sample_steps(gen.root_states([0, 1], ["12+3=", "1+1-4+5="]), 3)
+    kids = [c.state for cs in level1 for c in cs]
+    rolled = gen.sample_rollouts(kids, 2, max_steps=2)
+    _check_candidates(model, level1 + [[c for c, _ in row] for row in rolled])
