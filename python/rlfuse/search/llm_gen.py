@@ -383,29 +383,11 @@ class HFStepModel(StepModel):
         N = len(states)
         reps = [repeats] * N if isinstance(repeats, int) else list(repeats)
         R = sum(reps)
-        start = [0]
-        for n in reps:
-            start.append(start[-1] + n)
         rep_t = torch.tensor(reps, device=self.device)
         lens = [len(st.ids) - 1 for st in states]    # cached tokens per state
         C = max(lens)
         dev = self.device
-        layer_kv = []
-        if C > 0:
-            ref = next(st.kv for st in states if st.kv is not None)
-            for li, (k0, v0) in enumerate(ref.layers):
-                K = k0.new_empty(R, k0.shape[1], C, k0.shape[-1])
-                V = v0.new_empty(R, v0.shape[1], C, v0.shape[-1])
-                for i, st in enumerate(states):
-                    rows, pad = slice(start[i], start[i + 1]), C - lens[i]
-                    # padding must be finite (masked scores still multiply the values)
-                    K[rows, :, :pad] = 0
-                    V[rows, :, :pad] = 0
-                    if lens[i]:
-                        kv = st.kv
-                        K[rows, :, pad:] = kv.layers[li][0][kv.row, :, kv.start:kv.stop]
-                        V[rows, :, pad:] = kv.layers[li][1][kv.row, :, kv.start:kv.stop]
-                layer_kv.append((K, V))
+        layer_kv = _pack(states, lens, C, rep_t, reps) if C > 0 else []
         # the attention mask of every step is a prefix of one preallocated buffer
         mask = torch.ones(N, C + max_new_tokens, dtype=torch.long, device=dev)
         for i in range(N):
@@ -544,6 +526,43 @@ class HFStepModel(StepModel):
             text = self.tokenizer.decode(rows[r][:n], skip_special_tokens=True)
             out.append((st.completion + text, n))
         return out
+
+
+def _pack(states, lens, C: int, rep_t: torch.Tensor, reps: list) -> list:
+    """Per layer (keys, values) ``[R, H, C, D]``: every state's cache slice right-aligned
+    in C columns (zeros in front: padding must be finite, masked scores still multiply
+    the values), repeated ``reps[i]`` times.  One gather per layer per source batch."""
+    N = len(states)
+    dev = next(st.kv for st in states if st.kv is not None).layers[0][0].device
+    groups: dict[int, tuple] = {}
+    for i, st in enumerate(states):
+        if lens[i]:
+            groups.setdefault(id(st.kv.layers), (st.kv.layers, []))[1].append(i)
+    cols = torch.arange(C, device=dev)
+    plan = []
+    for layers, idx in groups.values():
+        rows = torch.tensor([states[i].kv.row for i in idx], device=dev)
+        first = torch.tensor([states[i].kv.start for i in idx], device=dev)
+        off = C - torch.tensor([lens[i] for i in idx], device=dev)
+        src = (first[:, None] + cols[None, :] - off[:, None]).clamp_(min=0)    # [n, C]
+        valid = (cols[None, :] >= off[:, None])[:, None, :, None]             # [n, 1, C, 1]
+        plan.append((layers, torch.tensor(idx, device=dev), rows[:, None], src, valid))
+    empty = [i for i in range(N) if not lens[i]]
+    out = []
+    for li, (k0, v0) in enumerate(plan[0][0]):
+        packed = []
+        for t0 in (k0, v0):
+            dst = t0.new_empty(N, t0.shape[1], C, t0.shape[-1])
+            if empty:
+                dst[empty] = 0
+            for layers, idx, rows, src, valid in plan:
+                src_t = layers[li][0 if t0 is k0 else 1]
+                g = src_t[rows, :, src].permute(0, 2, 1, 3)                   # [n, H, C, D]
+                dst[idx] = torch.where(valid, g, torch.zeros((), dtype=g.dtype, device=dev))
+            packed.append(dst if max(reps) == 1 and min(reps) == 1
+                          else dst.repeat_interleave(rep_t, 0))
+        out.append(tuple(packed))
+    return out
 
 
 def _cache_from(layer_kv: list, config):
