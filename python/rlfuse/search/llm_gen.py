@@ -408,7 +408,10 @@ class HFStepModel(StepModel):
                                    position_ids=pos, past_key_values=cache,
                                    use_cache=True).logits[:, -1].float()
             nxt = _sample(logits, self.temperature, self.top_p, self.generator)
-            out_lp.append(token_logprobs(logits, nxt))
+            # log-probs of the raw distribution: kept as logits and done in one call at
+            # the end while they are small, else one call per step
+            out_lp.append(logits if R * logits.shape[-1] * max_new_tokens <= _LOGITS_BATCH
+                          else token_logprobs(logits, nxt))
             nxt = torch.where(done, pad, nxt)
             out_tok.append(nxt)
             done |= torch.isin(nxt, stop_ids)
@@ -421,7 +424,11 @@ class HFStepModel(StepModel):
         stopped = hits.any(1)
         # a row's length: up to and including its first stop token, else every token
         length = torch.where(stopped, hits.int().argmax(1) + 1, torch.full((R,), T, device=dev))
-        return _Decoded(toks, length, stopped, torch.stack(out_lp, 1),
+        if out_lp[0].dim() == 2:     # (after a row stops its ids are padding: never read)
+            lp = token_logprobs(torch.stack(out_lp, 1), toks)
+        else:
+            lp = torch.stack(out_lp, 1)
+        return _Decoded(toks, length, stopped, lp,
                         [(layer.keys, layer.values) for layer in cache.layers], C,
                         [n for n, r in zip(lens, reps) for _ in range(r)], toks.tolist())
 
@@ -526,6 +533,9 @@ class HFStepModel(StepModel):
             text = self.tokenizer.decode(rows[r][:n], skip_special_tokens=True)
             out.append((st.completion + text, n))
         return out
+
+
+_LOGITS_BATCH = 1 << 24     # logits kept for one log-prob call per decode (64 MiB f32)
 
 
 def _pack(states, lens, C: int, rep_t: torch.Tensor, reps: list) -> list:
