@@ -13,6 +13,7 @@ SUITES = {
     "search": "rlfuse.bench.search",
     "train": "rlfuse.bench.train",
     "preference": "rlfuse.bench.preference",
+    "search_llm": "rlfuse.bench.search_llm",
 }
 
 

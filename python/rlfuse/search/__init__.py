@@ -19,6 +19,7 @@ from rlfuse.search.mcts import (
     visit_policy,
 )
 from rlfuse.search.tree import Phases, Tree
+from rlfuse.search.llm import StepSearch, beam_search, best_of_n, majority_vote  # noqa: E402, F401
 
 __all__ = [
     "Expansion", "Phases", "RecurrentOutput", "Root", "SearchResult", "Tree",
