@@ -167,14 +167,8 @@ int64_t select_puct(const View& t, const tree::SelectParams& p, const NodeRef& r
     lo = vis && qa < lo ? qa : lo;
     hi = vis && qa > hi ? qa : hi;
   }
-  bool normalise = true;
-  if (p.qnorm == tree::kTreeMinMax) {
-    lo = t.minmax[2 * r.b];
-    hi = t.minmax[2 * r.b + 1];
-    normalise = hi > lo;
-  }
-  const float n_parent = float(t.visits[r.base + r.s]) + vl * float(t.inflight[r.base + r.s]);
-  const float explore = tree::puct_exploration(p.c1, p.c2, n_parent);
+  const bool normalise = tree::qnorm_bounds(t, p, r.b, &lo, &hi);
+  const float explore = tree::puct_exploration(p.c1, p.c2, tree::parent_visits(t, p, r.b, r.s));
   if (!in_flight) {
     // No virtual loss and no pending leaves (the first simulation of a step): one fused
     // pass (scores, invalid actions at -inf), then the first maximum.

@@ -125,6 +125,23 @@ RLFUSE_TREE_HD float min_max_normalise(float q, float lo, float hi) {
   return (q - lo) / (d > 1e-8f ? d : 1e-8f);
 }
 
+// PUCT bounds for the Q normalisation: with kTreeMinMax the tree's min / max Q (lo / hi
+// are replaced); returns whether Q is normalised at all (kTreeMinMax before two distinct
+// values were seen: no).
+RLFUSE_TREE_HD bool qnorm_bounds(const View& t, const SelectParams& p, int64_t b, float* lo,
+                                 float* hi) {
+  if (p.qnorm != kTreeMinMax) return true;
+  *lo = t.minmax[2 * b];
+  *hi = t.minmax[2 * b + 1];
+  return *hi > *lo;
+}
+
+// N(s) with the virtual visits of the simulations in flight through node s.
+RLFUSE_TREE_HD float parent_visits(const View& t, const SelectParams& p, int64_t b, int32_t s) {
+  const int64_t n = b * t.N + s;
+  return float(t.visits[n]) + p.virtual_loss * float(t.inflight[n]);
+}
+
 // Gumbel sequential-halving score at the root (mctx seq_halving.score_considered).
 RLFUSE_TREE_HD float gumbel_root_score(float g, float centred_logit, float sigma, bool on_schedule) {
   float s = g + centred_logit + sigma;

@@ -116,14 +116,8 @@ __device__ int select_puct(const View& t, const SelectParams& p, const Node& r, 
   }
   lo = warp_min(lo);
   hi = warp_max(hi);
-  bool normalise = true;
-  if (p.qnorm == tree::kTreeMinMax) {
-    lo = t.minmax[2 * r.b];
-    hi = t.minmax[2 * r.b + 1];
-    normalise = hi > lo;
-  }
-  const float n_parent = float(t.visits[r.base + r.s]) + vl * float(t.inflight[r.base + r.s]);
-  const float explore = tree::puct_exploration(p.c1, p.c2, n_parent);
+  const bool normalise = tree::qnorm_bounds(t, p, r.b, &lo, &hi);
+  const float explore = tree::puct_exploration(p.c1, p.c2, tree::parent_visits(t, p, r.b, r.s));
   Cand best{0, -kInf, int(K)};
   for (int64_t a = lane; a < K; a += kWarp) {
     const float n = float(t.edge_visits[r.e + a]);
