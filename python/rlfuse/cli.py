@@ -1,4 +1,5 @@
-"""Command line: ``rlfuse info``, ``rlfuse bench <suite>`` and ``rlfuse train <algorithm>``."""
+"""Command line: ``rlfuse info``, ``rlfuse bench <suite>``, ``rlfuse train <algorithm>`` and
+``rlfuse search``."""
 
 from __future__ import annotations
 
@@ -86,6 +87,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=int, default=None, help="torch/OpenMP threads")
     p.add_argument("--out", default=None, help="write <suite>.json and <suite>.png here")
     p.set_defaults(func=_cmd_bench)
+
+    from rlfuse.search import llm_demo
+
+    p = sub.add_parser("search", help="step-level MCTS over a LM vs best-of-N and beam")
+    llm_demo.add_arguments(p)
+    p.set_defaults(func=llm_demo.main)
 
     from rlfuse.trainers.cli import add_parser as _add_train_parser
 
