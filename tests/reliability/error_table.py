@@ -508,7 +508,7 @@ _PREFERENCE_ROWS = [
         lambda b: _pref(loss_type=["sigmoid"] * 33)),
     Row("preference_loss", "a `loss_type` entry not a str", TypeError,
         lambda b: _pref(loss_type=["sigmoid", 1])),
-    Row("preference_loss", "`loss_type` unknown", ValueError, lambda b: _pref(loss_type="aot")),
+    Row("preference_loss", "`loss_type` unknown", ValueError, lambda b: _pref(loss_type="kto_pair")),
     Row("preference_loss", "`loss_type` dict and `loss_weights` both given", ValueError,
         lambda b: _pref(loss_type={"sigmoid": 1.0}, loss_weights=[1.0])),
     Row("preference_loss", "`loss_weights` not a list", TypeError,

@@ -174,3 +174,20 @@ def test_cli_rejects_bad_fields_before_loading(capsys):
     assert main(["train", "grpo", "--no_such_field", "1"]) == 2
     assert main(["train", "ppo", "--gamma", "2"]) == 2
     assert "gamma" in capsys.readouterr().err
+
+
+def test_cli_default_run_small(tmp_path, capsys):
+    """The embedded default end to end, shrunk: warm-up, GRPO, table, files."""
+    from rlfuse.cli import main
+
+    out = tmp_path / "demo"
+    assert main(["train", "grpo", "--sft-steps", "3", "--hidden-size", "32", "--eval-size", "8",
+                 "--max_steps", "1", "--per_device_train_batch_size", "8",
+                 "--num_generations", "4", "--output_dir", str(out), "--save_steps", "1"]) == 0
+    text = capsys.readouterr().out
+    assert "held-out accuracy (8 addition problems)" in text and "after GRPO" in text
+    ev = json.load(open(out / "eval.json"))
+    assert set(ev["accuracy"]) == {"initial", "warm-up", "GRPO"}
+    for f in ("metrics.jsonl", "training_curves.png", "checkpoint-1/model.safetensors",
+              "sft_model/config.json"):
+        assert (out / f).exists(), f

@@ -699,7 +699,10 @@ class BaseTrainer:
         out = self.args.output_dir
         ckpts = sorted((int(m.group(1)), n) for n in os.listdir(out) if (m := _CKPT.match(n)))
         for _step, name in ckpts[:-limit]:
-            shutil.rmtree(os.path.join(out, name), ignore_errors=True)
+            # renamed first, so a kill while deleting never leaves a partial checkpoint-N
+            doomed = os.path.join(out, f".del-{name}")
+            os.rename(os.path.join(out, name), doomed)
+            shutil.rmtree(doomed, ignore_errors=True)
 
     def load_checkpoint(self, path: str):
         """Restore models, optimizer, scheduler, RNG, step and data position."""

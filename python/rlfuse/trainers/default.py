@@ -21,7 +21,7 @@ __all__ = ["DEFAULTS", "DEMO", "evaluate", "run"]
 
 # Config fields of the embedded default (anything here can be overridden by the CLI).
 DEFAULTS = {
-    "grpo": dict(output_dir="rlfuse_output/grpo", learning_rate=5e-4,
+    "grpo": dict(output_dir="rlfuse_output/grpo", learning_rate=5e-5,
                  per_device_train_batch_size=64, num_generations=8, max_completion_length=6,
                  temperature=1.0, beta=0.02, max_steps=100, logging_steps=1, save_steps=25,
                  max_grad_norm=1.0, seed=0),
@@ -150,12 +150,13 @@ def run(algorithm: str = "grpo", overrides: dict | None = None, *, model_path=No
 
                 shutil.rmtree(sft_dir)
             os.rename(sft_dir + ".tmp", sft_dir)
-    acc["warm-up"] = (evaluate(model, tok, task, eval_rows, max_new_tokens=max_new),
-                      evaluate(model, tok, task, eval_rows, max_new_tokens=max_new,
-                               temperature=1.0))
     t_sft = time.perf_counter() - t0
-    say(f"warm-up done in {t_sft:.0f} s; held-out accuracy greedy {acc['warm-up'][0]:.1%}, "
-        f"sampled {acc['warm-up'][1]:.1%}")
+    if settings["sft_steps"] > 0 or (resume and os.path.isdir(sft_dir)):
+        acc["warm-up"] = (evaluate(model, tok, task, eval_rows, max_new_tokens=max_new),
+                          evaluate(model, tok, task, eval_rows, max_new_tokens=max_new,
+                                   temperature=1.0))
+        say(f"warm-up done in {t_sft:.0f} s; held-out accuracy greedy {acc['warm-up'][0]:.1%}, "
+            f"sampled {acc['warm-up'][1]:.1%}")
 
     from rlfuse.trainers.grpo import copy_reference
 
