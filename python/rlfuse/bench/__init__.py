@@ -10,6 +10,7 @@ SUITES = {
     "linear_logprob": "rlfuse.bench.linear_logprob",
     "advantages": "rlfuse.bench.advantages",
     "losses": "rlfuse.bench.losses",
+    "trl": "rlfuse.bench.trl",
 }
 
 
