@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from tests.helpers import require_peer
+from tests.integrations._common import assert_refuses_unknown_version
 
 pytestmark = pytest.mark.peer
 
@@ -297,15 +298,5 @@ def test_unpatch_restores_identity(trl):
 
 def test_unknown_version_refused(trl, monkeypatch):
     rt, utils, _ = trl
-    import importlib.metadata
-
-    from rlfuse.integrations import UnsupportedVersionError
-
-    rt.unpatch()
-    real = importlib.metadata.version
-    monkeypatch.setattr(importlib.metadata, "version",
-                        lambda p: "2.0.0" if p == "trl" else real(p))
-    before = utils.selective_log_softmax
-    with pytest.raises(UnsupportedVersionError, match=r"trl 2\.0\.0"):
-        rt.patch()
-    assert not rt.is_patched() and utils.selective_log_softmax is before
+    assert_refuses_unknown_version(rt, "trl", "2.0.0", monkeypatch,
+                                   lambda: utils.selective_log_softmax)

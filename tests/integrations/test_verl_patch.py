@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from tests.helpers import require_peer
+from tests.integrations._common import assert_refuses_unknown_version
 
 pytestmark = pytest.mark.peer
 
@@ -275,15 +276,4 @@ def test_unpatch_restores_identity_and_rebinds_importers(verl):
 
 def test_unknown_version_refused(verl, monkeypatch):
     rv, ca, _ = verl
-    import importlib.metadata
-
-    from rlfuse.integrations import UnsupportedVersionError
-
-    rv.unpatch()
-    real = importlib.metadata.version
-    monkeypatch.setattr(importlib.metadata, "version",
-                        lambda p: "1.0.0" if p == "verl" else real(p))
-    before = ca.agg_loss
-    with pytest.raises(UnsupportedVersionError, match=r"verl 1\.0\.0"):
-        rv.patch()
-    assert not rv.is_patched() and ca.agg_loss is before
+    assert_refuses_unknown_version(rv, "verl", "1.0.0", monkeypatch, lambda: ca.agg_loss)

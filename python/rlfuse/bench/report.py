@@ -23,7 +23,7 @@ import os
 import sys
 import traceback
 
-from rlfuse.bench.harness import Row, write_outputs
+from rlfuse.bench.harness import Row, _plot, write_outputs
 
 NOISE_NOTE = (
     "Times are medians of interleaved repetitions; on a shared machine single runs still "
@@ -90,30 +90,8 @@ def memory_plot(out_dir: str, name: str, rows: list[Row], meta: dict) -> str | N
     with_mem = [r for r in rows if _peak(r)]
     if not with_mem:
         return None
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return None
-    variants = [v for v in _variants(with_mem) if any(_peak(r).get(v) for r in with_mem)]
-    fig, ax = plt.subplots(figsize=(max(6, 1.6 * len(with_mem)), 4.5))
-    width = 0.8 / max(len(variants), 1)
-    for k, v in enumerate(variants):
-        ax.bar([i + k * width for i in range(len(with_mem))],
-               [_peak(r).get(v) or 0.0 for r in with_mem], width, label=v)
-    ax.set_xticks([i + 0.4 - width / 2 for i in range(len(with_mem))])
-    ax.set_xticklabels([f"{r.case}\n{r.dtype} {r.mode}" for r in with_mem], fontsize=7)
-    ax.set_ylabel("peak extra memory (MB, lower is better)")
-    ax.set_title(f"rlfuse bench {name} memory - {meta.get('gpu') or meta.get('cpu', '')}",
-                 fontsize=9)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    path = os.path.join(out_dir, f"{name}_memory.png")
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _plot(out_dir, name, with_mem, meta, value=lambda r, v: _peak(r).get(v),
+                 ylabel="peak extra memory (MB, lower is better)", suffix="_memory")
 
 
 def write_report(out_dir: str, results: dict, meta: dict, errors: dict | None = None) -> str:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import importlib.metadata
 import sys
 import warnings
@@ -100,3 +101,42 @@ def _modules(prefix: str):
     for name, mod in list(sys.modules.items()):
         if mod is not None and (name == prefix or name.startswith(prefix + ".")):
             yield mod
+
+
+class Integration:
+    """The public ``patch`` / ``unpatch`` / ``patched`` / ``is_patched`` of one peer:
+    ``apply(patcher)`` makes the replacements through a :class:`Patcher`."""
+
+    def __init__(self, package: str, known: tuple, tested: str, apply):
+        self.package, self.known, self.tested, self.apply = package, known, tested, apply
+        self._patcher = None
+
+    def is_patched(self) -> bool:
+        return self._patcher is not None
+
+    def patch(self) -> None:
+        if self.is_patched():
+            return
+        check_version(self.package, self.known, self.tested)
+        p = Patcher()
+        try:
+            self.apply(p)
+        except BaseException:
+            p.undo(self.package)
+            raise
+        self._patcher = p
+
+    def unpatch(self) -> None:
+        if self._patcher is not None:
+            self._patcher.undo(self.package)
+            self._patcher = None
+
+    @contextlib.contextmanager
+    def patched(self):
+        was = self.is_patched()
+        self.patch()
+        try:
+            yield
+        finally:
+            if not was:
+                self.unpatch()

@@ -29,13 +29,12 @@ Patched (TRL 1.x, tested with 1.16; each replacement keeps TRL's signature):
 
 from __future__ import annotations
 
-import contextlib
 import functools
 
 import torch
 
 from rlfuse import ops
-from rlfuse.integrations._patching import Patcher, check_version
+from rlfuse.integrations._patching import Integration, Patcher
 
 __all__ = ["patch", "unpatch", "patched", "is_patched", "KNOWN_VERSIONS", "TESTED_VERSION"]
 
@@ -43,7 +42,6 @@ KNOWN_VERSIONS = ((1,),)
 TESTED_VERSION = "1.16.0"
 _IGNORE = -100
 _DEVICES = ("cpu", "cuda")
-_STATE: dict = {"patcher": None}
 
 
 def _ok(t: torch.Tensor) -> bool:
@@ -304,48 +302,36 @@ def _log_ratio(self, lp, old, maskf):
 
 
 # --------------------------------------------------------------------------------- API
+def _apply(p: Patcher) -> None:
+    import trl.trainer.grpo_trainer as grpo
+    import trl.trainer.utils as utils
+
+    for new, old in _make_logit_fns(utils).values():
+        p.rebind("trl", old, new)
+    p.setattr(utils, "_ChunkedLogProbFunction", _make_lm_head(utils._ChunkedLogProbFunction))
+    p.setattr(utils, "_use_triton", _make_use_triton(utils._use_triton))
+    p.setattr(grpo.GRPOTrainer, "_compute_loss",
+              _make_compute_loss(vars(grpo.GRPOTrainer)["_compute_loss"], utils))
+
+
+_INTEGRATION = Integration("trl", KNOWN_VERSIONS, TESTED_VERSION, _apply)
+
+
 def is_patched() -> bool:
-    return _STATE["patcher"] is not None
+    return _INTEGRATION.is_patched()
 
 
 def patch() -> None:
     """Route TRL's functions to rlfuse (idempotent).  Raises
     :class:`~rlfuse.integrations.UnsupportedVersionError` for an unknown TRL version."""
-    if is_patched():
-        return
-    check_version("trl", KNOWN_VERSIONS, TESTED_VERSION)
-    import trl.trainer.grpo_trainer as grpo
-    import trl.trainer.utils as utils
-
-    p = Patcher()
-    try:
-        for name, (new, old) in _make_logit_fns(utils).items():
-            p.rebind("trl", old, new)
-        p.setattr(utils, "_ChunkedLogProbFunction", _make_lm_head(utils._ChunkedLogProbFunction))
-        p.setattr(utils, "_use_triton", _make_use_triton(utils._use_triton))
-        p.setattr(grpo.GRPOTrainer, "_compute_loss",
-                  _make_compute_loss(vars(grpo.GRPOTrainer)["_compute_loss"], utils))
-    except BaseException:
-        p.undo("trl")
-        raise
-    _STATE["patcher"] = p
+    _INTEGRATION.patch()
 
 
 def unpatch() -> None:
     """Restore every original TRL object (no-op when not patched)."""
-    p = _STATE["patcher"]
-    if p is not None:
-        p.undo("trl")
-        _STATE["patcher"] = None
+    _INTEGRATION.unpatch()
 
 
-@contextlib.contextmanager
 def patched():
     """``with patched(): ...`` patches TRL for the block (unless it already was)."""
-    was = is_patched()
-    patch()
-    try:
-        yield
-    finally:
-        if not was:
-            unpatch()
+    return _INTEGRATION.patched()

@@ -23,13 +23,12 @@ own function for that call (listed in docs/integrations.md).
 
 from __future__ import annotations
 
-import contextlib
 import functools
 
 import torch
 
 from rlfuse import ops
-from rlfuse.integrations._patching import Patcher, check_version
+from rlfuse.integrations._patching import Integration, Patcher
 from rlfuse.ops.policy_loss import KL_KINDS
 
 __all__ = ["patch", "unpatch", "patched", "is_patched", "KNOWN_VERSIONS", "TESTED_VERSION"]
@@ -38,7 +37,6 @@ KNOWN_VERSIONS = ((0, 9),)
 TESTED_VERSION = "0.9.1"
 SEMANTICS = "verl"
 
-_STATE: dict = {"patcher": None}
 
 # verl estimator name -> (core_algos function name, rlfuse replacement factory)
 _ESTIMATORS = {
@@ -252,57 +250,45 @@ def _make_losses(ca, tf) -> dict:
 
 
 # --------------------------------------------------------------------------------- API
+def _apply(p: Patcher) -> None:
+    import verl.trainer.ppo.core_algos as ca
+    import verl.utils.torch_functional as tf
+
+    originals = {name: getattr(ca, fn) for name, fn in _ESTIMATORS.items()}
+    estimators = _make_estimators(originals)
+    for name in _ESTIMATORS:
+        new = estimators[name]
+        p.setitem(ca.ADV_ESTIMATOR_REGISTRY, name, new)
+        p.rebind("verl", originals[name], new)
+    losses = _make_losses(ca, tf)
+    for name, fn_name in _POLICY_LOSSES.items():
+        old = getattr(ca, fn_name)
+        p.setitem(ca.POLICY_LOSS_REGISTRY, name, losses[name])
+        p.rebind("verl", old, losses[name])
+    for name in ("kl_penalty", "agg_loss"):
+        p.rebind("verl", getattr(ca, name), losses[name])
+    for name in ("logprobs_from_logits", "entropy_from_logits"):
+        p.rebind("verl", getattr(tf, name), losses[name])
+
+
+_INTEGRATION = Integration("verl", KNOWN_VERSIONS, TESTED_VERSION, _apply)
+
+
 def is_patched() -> bool:
-    return _STATE["patcher"] is not None
+    return _INTEGRATION.is_patched()
 
 
 def patch() -> None:
     """Route verl's functions to rlfuse (idempotent).  Raises
     :class:`~rlfuse.integrations.UnsupportedVersionError` for an unknown verl version."""
-    if is_patched():
-        return
-    check_version("verl", KNOWN_VERSIONS, TESTED_VERSION)
-    import verl.trainer.ppo.core_algos as ca
-    import verl.utils.torch_functional as tf
-
-    p = Patcher()
-    try:
-        originals = {name: getattr(ca, fn) for name, fn in _ESTIMATORS.items()}
-        estimators = _make_estimators(originals)
-        for name, fn_name in _ESTIMATORS.items():
-            new = estimators[name]
-            p.setitem(ca.ADV_ESTIMATOR_REGISTRY, name, new)
-            p.rebind("verl", originals[name], new)
-        losses = _make_losses(ca, tf)
-        for name, fn_name in _POLICY_LOSSES.items():
-            old = getattr(ca, fn_name)
-            p.setitem(ca.POLICY_LOSS_REGISTRY, name, losses[name])
-            p.rebind("verl", old, losses[name])
-        for name in ("kl_penalty", "agg_loss"):
-            p.rebind("verl", getattr(ca, name), losses[name])
-        for name in ("logprobs_from_logits", "entropy_from_logits"):
-            p.rebind("verl", getattr(tf, name), losses[name])
-    except BaseException:
-        p.undo("verl")
-        raise
-    _STATE["patcher"] = p
+    _INTEGRATION.patch()
 
 
 def unpatch() -> None:
     """Restore every original verl object (no-op when not patched)."""
-    p = _STATE["patcher"]
-    if p is not None:
-        p.undo("verl")
-        _STATE["patcher"] = None
+    _INTEGRATION.unpatch()
 
 
-@contextlib.contextmanager
 def patched():
     """``with patched(): ...`` patches verl for the block (unless it already was)."""
-    was = is_patched()
-    patch()
-    try:
-        yield
-    finally:
-        if not was:
-            unpatch()
+    return _INTEGRATION.patched()
