@@ -115,6 +115,8 @@ class Integration:
         return self._patcher is not None
 
     def patch(self) -> None:
+        """Make the replacements (idempotent).  Raises :class:`UnsupportedVersionError`
+        for an unknown version of the package, before touching anything."""
         if self.is_patched():
             return
         check_version(self.package, self.known, self.tested)
@@ -127,12 +129,14 @@ class Integration:
         self._patcher = p
 
     def unpatch(self) -> None:
+        """Restore every original object (no-op when not patched)."""
         if self._patcher is not None:
             self._patcher.undo(self.package)
             self._patcher = None
 
     @contextlib.contextmanager
     def patched(self):
+        """``with patched(): ...`` patches for the block (unless it already was)."""
         was = self.is_patched()
         self.patch()
         try:

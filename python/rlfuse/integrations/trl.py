@@ -317,21 +317,8 @@ def _apply(p: Patcher) -> None:
 _INTEGRATION = Integration("trl", KNOWN_VERSIONS, TESTED_VERSION, _apply)
 
 
-def is_patched() -> bool:
-    return _INTEGRATION.is_patched()
-
-
-def patch() -> None:
-    """Route TRL's functions to rlfuse (idempotent).  Raises
-    :class:`~rlfuse.integrations.UnsupportedVersionError` for an unknown TRL version."""
-    _INTEGRATION.patch()
-
-
-def unpatch() -> None:
-    """Restore every original TRL object (no-op when not patched)."""
-    _INTEGRATION.unpatch()
-
-
-def patched():
-    """``with patched(): ...`` patches TRL for the block (unless it already was)."""
-    return _INTEGRATION.patched()
+# patch(): route the functions to rlfuse (idempotent; UnsupportedVersionError for an unknown
+# version); unpatch(): every original object back; patched(): a context manager doing both;
+# is_patched().
+patch, unpatch = _INTEGRATION.patch, _INTEGRATION.unpatch
+patched, is_patched = _INTEGRATION.patched, _INTEGRATION.is_patched
