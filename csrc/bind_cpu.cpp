@@ -13,6 +13,7 @@ namespace py = pybind11;
 void rlfuse_bind_logprob(py::module_& m);
 void rlfuse_bind_advantage(py::module_& m);
 void rlfuse_bind_policy_loss(py::module_& m);
+void rlfuse_bind_preference(py::module_& m);
 
 PYBIND11_MODULE(_C, m) {
   m.doc() = "rlfuse CPU kernels (raw-pointer interface; use rlfuse.ops instead)";
@@ -30,4 +31,5 @@ PYBIND11_MODULE(_C, m) {
   rlfuse_bind_logprob(m);
   rlfuse_bind_advantage(m);
   rlfuse_bind_policy_loss(m);
+  rlfuse_bind_preference(m);
 }

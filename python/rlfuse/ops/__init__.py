@@ -31,6 +31,12 @@ from rlfuse.ops.policy_loss import (
     value_loss,
     value_loss_reference,
 )
+from rlfuse.ops.preference import (
+    preference_logps,
+    preference_loss,
+    preference_loss_from_hidden,
+    preference_loss_reference,
+)
 
 __all__ = [
     "token_logprobs",
@@ -60,4 +66,8 @@ __all__ = [
     "policy_loss_reference",
     "value_loss",
     "value_loss_reference",
+    "preference_loss",
+    "preference_loss_reference",
+    "preference_logps",
+    "preference_loss_from_hidden",
 ]

@@ -1,0 +1,550 @@
+"""preference_loss / preference_logps / preference_loss_from_hidden (DPO family).
+
+Every loss type against formulas written out here (TRL 1.16 DPOTrainer, CPOTrainer (simpo),
+ORPOTrainer (orpo) loss math) in float64, on every backend that runs here; gradients; the
+from-hidden path against materialised logits of a tiny model built from a config; bad input.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from rlfuse.ops import (
+    preference_logps,
+    preference_loss,
+    preference_loss_from_hidden,
+    preference_loss_reference,
+)
+from rlfuse.ops.preference import LOSS_TYPES, REFERENCE_FREE_TYPES, STATS
+from tests.helpers import backends_and_devices
+
+# (backend, device) pairs that run here; "cuda" appears on a machine with a GPU.
+BACKENDS = backends_and_devices(include_torch=True)
+KERNEL_BACKENDS = backends_and_devices(include_torch=False)
+
+BETA = 0.3
+EPS = 0.2  # label smoothing where a type uses it
+
+
+def _inputs(P=9, seed=0, dtype=torch.float64, device="cpu"):
+    g = torch.Generator().manual_seed(seed)
+    lc = torch.randint(0, 30, (P,), generator=g)
+    lr = torch.randint(1, 30, (P,), generator=g)
+    lc[0] = 0  # an empty chosen completion (lengths clamp to 1 where divided by)
+    # summed log-probs with per-token means in (-2, 0), so orpo's log(1 - e^mean) is finite
+    c = -(torch.rand(P, generator=g, dtype=torch.float64) * 1.9 + 0.05) * lc.clamp(min=1)
+    r = -(torch.rand(P, generator=g, dtype=torch.float64) * 1.9 + 0.05) * lr.clamp(min=1)
+    rc = c + torch.randn(P, generator=g, dtype=torch.float64) * 2
+    rr = r + torch.randn(P, generator=g, dtype=torch.float64) * 2
+    pw = torch.rand(P, generator=g, dtype=torch.float64) + 0.5
+    cast = lambda t: t.to(dtype).to(device)  # noqa: E731
+    return dict(c=cast(c), r=cast(r), rc=cast(rc), rr=cast(rr), lc=lc.to(device),
+                lr=lr.to(device), pw=cast(pw))
+
+
+def _eps_for(t):
+    return EPS if t in ("sigmoid", "exo_pair", "robust", "simpo") else 0.0
+
+
+# ---------------------------------------------------------------- formulas, written out here
+def _sp(x):  # softplus = -logsigmoid(-x)
+    return F.softplus(x)
+
+
+def _formula(t, c, r, rc, rr, lc, lr, beta, eps, *, ipo_norm=True, gamma=0.5, tau=0.05):
+    """Per-pair term of loss type t, written from the papers / TRL 1.16."""
+    uc, ur = (c - rc, r - rr) if rc is not None else (c, r)
+    Lc, Lr = lc.double().clamp(min=1), lr.double().clamp(min=1)
+    z = beta * (uc - ur)
+    a, b = beta * uc, beta * ur
+    sig = torch.sigmoid
+    if t == "sigmoid":
+        return (1 - eps) * _sp(-z) + eps * _sp(z)
+    if t == "hinge":
+        return torch.clamp(1 - z, min=0)
+    if t == "ipo":
+        d = (uc / Lc - ur / Lr) if ipo_norm else (uc - ur)
+        return (d - 1 / (2 * beta)) ** 2
+    if t == "exo_pair":
+        q = sig(z)
+        return q * (torch.log(q) - math.log(1 - eps)) + (1 - q) * (torch.log(1 - q) - math.log(eps))
+    if t == "nca_pair":
+        return _sp(-a) + 0.5 * _sp(a) + 0.5 * _sp(b)
+    if t == "robust":
+        return ((1 - eps) * _sp(-z) - eps * _sp(z)) / (1 - 2 * eps)
+    if t == "bco_pair":
+        return _sp(-a) + _sp(b)
+    if t == "sppo_hard":
+        return (uc - 1 / (2 * beta)) ** 2 + (ur + 1 / (2 * beta)) ** 2
+    if t == "apo_zero":
+        return (1 - sig(a)) + sig(b)
+    if t == "apo_down":
+        return sig(a) + (1 - sig(a - b))
+    if t == "discopop":
+        m = sig(z / tau)
+        return _sp(-z) * (1 - m) + torch.exp(-z) * m
+    if t == "sigmoid_norm":
+        return _sp(-beta * (uc / Lc - ur / Lr))
+    if t == "sft":
+        return (-c.sum() / lc.double().sum().clamp(min=1)).expand_as(c)
+    if t == "simpo":
+        y = beta * (c / Lc - r / Lr) - gamma
+        return (1 - eps) * _sp(-y) + eps * _sp(y)
+    if t == "orpo":
+        ac, ar = c / Lc, r / Lr
+        o = (ac - ar) - (torch.log(1 - torch.exp(ac)) - torch.log(1 - torch.exp(ar)))
+        return beta * _sp(-o)
+    raise AssertionError(t)
+
+
+def _check(loss, stats, grads, want_loss, want_grads, rc_present, x, beta, dtype, per_pair):
+    tol = dict(rtol=1e-10, atol=1e-12) if dtype == torch.float64 else dict(rtol=2e-5, atol=2e-6)
+    torch.testing.assert_close(loss.double(), want_loss, **tol)
+    for g, w in zip(grads, want_grads):
+        torch.testing.assert_close(g.double(), w, **tol)
+    c, r = x["c"].double(), x["r"].double()
+    if rc_present:
+        rew_c, rew_r = beta * (c - x["rc"].double()), beta * (r - x["rr"].double())
+    else:
+        rew_c = beta * c / x["lc"].double().clamp(min=1)
+        rew_r = beta * r / x["lr"].double().clamp(min=1)
+    torch.testing.assert_close(stats["chosen_rewards"].double(), rew_c, **tol)
+    torch.testing.assert_close(stats["rejected_rewards"].double(), rew_r, **tol)
+    torch.testing.assert_close(stats["margins"].double(), rew_c - rew_r, **tol)
+    torch.testing.assert_close(stats["accuracies"].double(), (rew_c > rew_r).double())
+    torch.testing.assert_close(stats["losses"].double(), per_pair, **tol)
+
+
+def _run(fn, x, dtype, device="cpu", **kw):
+    """Call fn on x moved to device; loss, stats and gradients come back on the CPU."""
+    def dev(t):
+        return None if t is None else t.to(device)
+
+    c = x["c"].detach().to(device).requires_grad_()
+    r = x["r"].detach().to(device).requires_grad_()
+    if "pair_weights" in kw:
+        kw["pair_weights"] = dev(kw["pair_weights"])
+    loss, stats = fn(c, r, dev(kw.pop("rc", x["rc"])), dev(kw.pop("rr", x["rr"])),
+                     chosen_lengths=dev(x["lc"]), rejected_lengths=dev(x["lr"]), **kw)
+    grads = torch.autograd.grad(loss, (c, r), allow_unused=True)
+    grads = [torch.zeros_like(c) if g is None else g for g in grads]
+    return loss.cpu(), {k: v.cpu() for k, v in stats.items()}, [g.cpu() for g in grads]
+
+
+def _want(types, weights, x, beta, eps, pw=None, ref=True, **kw):
+    c = x["c"].detach().double().requires_grad_()
+    r = x["r"].detach().double().requires_grad_()
+    rc, rr = (x["rc"].double(), x["rr"].double()) if ref else (None, None)
+    per = sum(w * _formula(t, c, r, rc, rr, x["lc"], x["lr"], beta, eps, **kw)
+              for t, w in zip(types, weights))
+    if pw is not None:
+        per = per * pw.double()
+    loss = per.mean()
+    g = torch.autograd.grad(loss, (c, r), allow_unused=True)
+    g = [torch.zeros_like(c) if gi is None else gi for gi in g]
+    return loss.detach(), g, per.detach()
+
+
+# ------------------------------------------------------------------------------ parity
+@pytest.mark.parametrize("backend,device", BACKENDS)
+@pytest.mark.parametrize("loss_type", LOSS_TYPES)
+def test_every_loss_type_matches_formula(loss_type, backend, device):
+    eps = _eps_for(loss_type)
+    for dtype in (torch.float64, torch.float32):
+        x = _inputs(dtype=dtype, seed=LOSS_TYPES.index(loss_type))
+        loss, stats, grads = _run(preference_loss, x, dtype, loss_type=loss_type, beta=BETA,
+                                  label_smoothing=eps, backend=backend, device=device)
+        assert loss.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
+        want, wg, per = _want([loss_type], [1.0], x, BETA, eps)
+        _check(loss, stats, grads, want, wg, True, x, BETA, dtype, per)
+
+
+@pytest.mark.parametrize("backend,device", BACKENDS)
+def test_reference_free_types_without_reference(backend, device):
+    x = _inputs(seed=3)
+    types = ["simpo", "sft", "orpo"]
+    weights = [1.0, 0.7, 0.4]
+    loss, stats, grads = _run(preference_loss, x, torch.float64, rc=None, rr=None,
+                              loss_type=types, loss_weights=weights, beta=2.0,
+                              label_smoothing=0.1, backend=backend, device=device,
+                              simpo_gamma=0.8)
+    want, wg, per = _want(types, weights, x, 2.0, 0.1, ref=False, gamma=0.8)
+    _check(loss, stats, grads, want, wg, False, x, 2.0, torch.float64, per)
+
+
+@pytest.mark.parametrize("backend,device", BACKENDS)
+def test_weighted_type_list_and_pair_weights(backend, device):
+    x = _inputs(P=13, seed=5)
+    types = ["sigmoid", "sft", "ipo", "bco_pair", "sigmoid"]
+    weights = [1.0, 0.5, -0.25, 2.0, 0.3]
+    loss, stats, grads = _run(preference_loss, x, torch.float64, loss_type=types,
+                              loss_weights=weights, beta=BETA, pair_weights=x["pw"],
+                              backend=backend, device=device)
+    want, wg, per = _want(types, weights, x, BETA, 0.0, pw=x["pw"])
+    _check(loss, stats, grads, want, wg, True, x, BETA, torch.float64, per)
+    # the dict form is the same call
+    loss2, _, _ = _run(preference_loss, x, torch.float64,
+                       loss_type={"sigmoid": 1.3, "sft": 0.5, "ipo": -0.25, "bco_pair": 2.0},
+                       beta=BETA, pair_weights=x["pw"], backend=backend, device=device)
+    torch.testing.assert_close(loss2, loss, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("backend,device", BACKENDS)
+def test_ipo_openrlhf_switch(backend, device):
+    x = _inputs(seed=7)
+    loss, stats, grads = _run(preference_loss, x, torch.float64, loss_type="ipo", beta=BETA,
+                              ipo_length_normalize=False, backend=backend, device=device)
+    want, wg, per = _want(["ipo"], [1.0], x, BETA, 0.0, ipo_norm=False)
+    _check(loss, stats, grads, want, wg, True, x, BETA, torch.float64, per)
+    # the unaveraged form needs no lengths
+    d = {k: v.to(device) for k, v in x.items()}
+    l2, _ = preference_loss(d["c"], d["r"], d["rc"], d["rr"], loss_type="ipo", beta=BETA,
+                            ipo_length_normalize=False, backend=backend)
+    torch.testing.assert_close(l2.cpu(), want, rtol=1e-10, atol=1e-12)
+
+
+def _f_score(u, kind, alpha):
+    if kind == "forward_kl":
+        return 1 - torch.exp(-u)
+    if kind == "js_divergence":
+        return math.log(2) + F.logsigmoid(u)
+    t = torch.clamp((alpha - 1) * u, max=80.0)
+    return (torch.exp(t) - 1) / (alpha - 1)
+
+
+@pytest.mark.parametrize("backend,device", BACKENDS)
+@pytest.mark.parametrize("fdiv", ["forward_kl", "js_divergence", "alpha_divergence"])
+def test_f_divergence_scores(fdiv, backend, device):
+    x = _inputs(seed=11)
+    x["rc"][1] = x["c"][1] - 300.0  # alpha-divergence exponent past its clamp at 80
+    for t in ("sigmoid", "hinge", "ipo", "exo_pair", "robust", "discopop", "sigmoid_norm"):
+        eps = _eps_for(t)
+        loss, _, grads = _run(preference_loss, x, torch.float64, loss_type=t, beta=BETA,
+                              label_smoothing=eps, backend=backend, device=device,
+                              f_divergence_type=fdiv,
+                              f_alpha_divergence_coef=0.6)
+        c = x["c"].clone().requires_grad_()
+        r = x["r"].clone().requires_grad_()
+        # the formula with s(u) in place of u, through shifted reference log-probs
+        sc, sr = _f_score(c - x["rc"], fdiv, 0.6), _f_score(r - x["rr"], fdiv, 0.6)
+        if t in ("ipo", "sigmoid_norm"):
+            Lc, Lr = x["lc"].double().clamp(min=1), x["lr"].double().clamp(min=1)
+            d = sc / Lc - sr / Lr
+            per = (d - 1 / (2 * BETA)) ** 2 if t == "ipo" else F.softplus(-BETA * d)
+        else:
+            per = _formula(t, sc, sr, torch.zeros_like(sc), torch.zeros_like(sr), x["lc"],
+                           x["lr"], BETA, eps)
+        want = per.mean()
+        wg = torch.autograd.grad(want, (c, r))
+        torch.testing.assert_close(loss, want, rtol=1e-10, atol=1e-12)
+        for g, w in zip(grads, wg):
+            torch.testing.assert_close(g, w, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("backend,device", BACKENDS)
+def test_low_precision_inputs_and_extremes(backend, device):
+    x = _inputs(P=17, seed=13)
+    x["c"][2], x["rc"][2] = -5000.0, 0.0  # |beta delta| in the thousands: no overflow
+    x["r"][3], x["rr"][3] = -4000.0, 0.0
+    for t in ("sigmoid", "nca_pair", "bco_pair", "apo_down", "robust", "hinge"):
+        want, wg, _ = _want([t], [1.0], x, BETA, _eps_for(t))
+        assert torch.isfinite(want)
+        for dt, tol in ((torch.float32, 1e-5), (torch.bfloat16, 1e-5)):
+            xd = {k: (v.to(dt) if v.is_floating_point() else v) for k, v in x.items()}
+            loss, _, grads = _run(preference_loss, xd, dt, loss_type=t, beta=BETA,
+                                  label_smoothing=_eps_for(t), backend=backend,
+                                  device=device)
+            assert loss.dtype == torch.float32
+            assert grads[0].dtype == dt
+            # compare with the formula on the same (rounded) inputs
+            xr = {k: (v.double() if v.is_floating_point() else v) for k, v in xd.items()}
+            w2, wg2, _ = _want([t], [1.0], xr, BETA, _eps_for(t))
+            torch.testing.assert_close(loss.double(), w2, rtol=tol, atol=tol)
+            for g, w in zip(grads, wg2):
+                torch.testing.assert_close(g.double(), w.to(dt).double(), rtol=1e-2, atol=1e-6)
+
+
+@pytest.mark.parametrize("backend,device", BACKENDS)
+def test_nan_propagates_and_empty_batch(backend, device):
+    x = _inputs(P=5, device=device)
+    x["c"][1] = float("nan")
+    loss, stats = preference_loss(x["c"], x["r"], x["rc"], x["rr"], backend=backend)
+    assert torch.isnan(loss)
+    assert torch.isnan(stats["losses"][1]) and torch.isfinite(stats["losses"][0])
+    e = torch.empty(0, dtype=torch.float64, device=device, requires_grad=True)
+    loss, stats = preference_loss(e, e.detach(), e.detach(), e.detach(), backend=backend)
+    assert loss.item() == 0.0 and stats["losses"].shape == (0,)
+    (g,) = torch.autograd.grad(loss, e, allow_unused=True)
+    assert g is None or g.shape == (0,)
+
+
+# ------------------------------------------------------------------- kernels specifically
+@pytest.mark.parametrize("backend,device", KERNEL_BACKENDS)
+def test_kernel_outputs_fully_written_and_batch_invariant(backend, device):
+    """Stats of a pair do not depend on the other pairs (bitwise), nor on their order."""
+    x = _inputs(P=40, seed=17, dtype=torch.float32, device=device)
+    kw = dict(loss_type=["sigmoid", "apo_zero", "ipo"], beta=BETA, backend=backend)
+    _, s_all = preference_loss(x["c"], x["r"], x["rc"], x["rr"], chosen_lengths=x["lc"],
+                               rejected_lengths=x["lr"], **kw)
+    for k in STATS:
+        assert not torch.isnan(s_all[k]).any(), k
+    perm = torch.randperm(40)[:23].to(device)
+    sub = {k: v.index_select(0, perm) for k, v in x.items()}
+    _, s_sub = preference_loss(sub["c"], sub["r"], sub["rc"], sub["rr"],
+                               chosen_lengths=sub["lc"], rejected_lengths=sub["lr"], **kw)
+    for k in STATS:
+        assert torch.equal(s_sub[k], s_all[k].index_select(0, perm)), k
+
+
+def test_strided_views_and_stacked_batch():
+    """chosen / rejected as halves of one stacked tensor, references as strided views."""
+    x = _inputs(P=8, seed=19)
+    stacked = torch.cat([x["c"], x["r"]]).requires_grad_()
+    ref = torch.stack([x["rc"], x["rr"]], 1)  # [P, 2]: column views have stride 2
+    loss, _ = preference_loss(stacked[:8], stacked[8:], ref[:, 0], ref[:, 1], beta=BETA,
+                              loss_type="sigmoid", backend="cpu")
+    (g,) = torch.autograd.grad(loss, stacked)
+    want, wg, _ = _want(["sigmoid"], [1.0], x, BETA, 0.0)
+    torch.testing.assert_close(loss, want, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(g, torch.cat(wg), rtol=1e-12, atol=1e-12)
+
+
+def test_gradcheck_cpu_kernel():
+    x = _inputs(P=6, seed=23)
+    for t in ("sigmoid", "discopop", "orpo", "sft", "apo_down"):
+        def f(c, r, t=t):
+            return preference_loss(c, r, x["rc"], x["rr"], chosen_lengths=x["lc"],
+                                   rejected_lengths=x["lr"], loss_type=t, beta=BETA,
+                                   backend="cpu")[0]
+
+        c = x["c"].clone().requires_grad_()
+        r = x["r"].clone().requires_grad_()
+        assert torch.autograd.gradcheck(f, (c, r))
+
+
+def test_torch_compile_fullgraph_and_opcheck():
+    from rlfuse.ops.preference import _preference_op
+
+    x = _inputs(P=10, seed=29, dtype=torch.float32)
+
+    def f(c, r, rc, rr, lc, lr):
+        loss, stats = preference_loss(c, r, rc, rr, chosen_lengths=lc, rejected_lengths=lr,
+                                      loss_type=["sigmoid", "sft"], loss_weights=[1.0, 0.5],
+                                      beta=BETA)
+        return loss * 2, stats["margins"]
+
+    cf = torch.compile(f, fullgraph=True, backend="aot_eager")
+    c = x["c"].clone().requires_grad_()
+    out, m = cf(c, x["r"], x["rc"], x["rr"], x["lc"], x["lr"])
+    (g,) = torch.autograd.grad(out, c)
+    c2 = x["c"].clone().requires_grad_()
+    out2, m2 = f(c2, x["r"], x["rc"], x["rr"], x["lc"], x["lr"])
+    (g2,) = torch.autograd.grad(out2, c2)
+    torch.testing.assert_close(out, out2)
+    torch.testing.assert_close(g, g2)
+    torch.testing.assert_close(m, m2)
+    args = (x["c"].clone().requires_grad_(), x["r"].clone().requires_grad_(), x["rc"], x["rr"],
+            x["lc"], x["lr"], x["pw"], [0, 1, 2, 0, 12], [BETA, 0.0, 0.5, 0.05, 0.5, 1.0, 0.5],
+            "cpu")
+    torch.library.opcheck(_preference_op, args)
+
+
+def test_eager_function_and_library_op_agree(monkeypatch):
+    import rlfuse.ops.preference as pref
+
+    x = _inputs(P=12, seed=31, dtype=torch.float32)
+    outs = []
+    for flag in (True, False):
+        monkeypatch.setattr(pref, "_EAGER_AUTOGRAD_FUNCTION", flag)
+        loss, stats, grads = _run(preference_loss, x, torch.float32, loss_type="robust",
+                                  label_smoothing=0.1, beta=BETA, backend="cpu")
+        outs.append((loss, stats["losses"], *grads))
+    for a, b in zip(*outs):
+        assert torch.equal(a, b)
+
+
+# ------------------------------------------------------------------------------ bad input
+def test_reference_needed():
+    x = _inputs()
+    for t in [t for t in LOSS_TYPES if t not in REFERENCE_FREE_TYPES]:
+        with pytest.raises(ValueError, match="ref_chosen_logps"):
+            preference_loss(x["c"], x["r"], loss_type=t, chosen_lengths=x["lc"],
+                            rejected_lengths=x["lr"], label_smoothing=_eps_for(t))
+    with pytest.raises(ValueError, match="both ref_chosen_logps and ref_rejected_logps"):
+        preference_loss(x["c"], x["r"], x["rc"], None)
+
+
+@pytest.mark.parametrize("kwargs,exc,match", [
+    (dict(loss_type="dpo"), ValueError, "unknown loss_type 'dpo'"),
+    (dict(loss_type="aot"), ValueError, "sort across the batch"),
+    (dict(loss_type=[]), ValueError, "empty"),
+    (dict(loss_type=3), TypeError, "loss_type must be"),
+    (dict(loss_type=["sigmoid", "hinge"], loss_weights=[1.0]), ValueError, "loss_weights has 1"),
+    (dict(loss_weights=[float("nan")]), ValueError, "loss_weights must be finite"),
+    (dict(beta=0.0), ValueError, "beta"),
+    (dict(beta="x"), TypeError, "beta"),
+    (dict(label_smoothing=1.5), ValueError, "label_smoothing"),
+    (dict(loss_type="robust", label_smoothing=0.5), ValueError, r"\[0, 0.5\)"),
+    (dict(loss_type="exo_pair"), ValueError, r"\(0, 1\)"),
+    (dict(bogus=1), TypeError, "bogus"),
+    (dict(f_divergence_type="kl"), ValueError, "f_divergence_type"),
+    (dict(loss_type="nca_pair", f_divergence_type="js_divergence"), ValueError, "works with"),
+    (dict(discopop_tau=0.0), ValueError, "discopop_tau"),
+    (dict(backend="nope"), ValueError, "backend"),
+])
+def test_bad_arguments(kwargs, exc, match):
+    x = _inputs()
+    with pytest.raises(exc, match=match):
+        preference_loss(x["c"], x["r"], x["rc"], x["rr"], **kwargs)
+
+
+def test_bad_tensors():
+    x = _inputs()
+    c, r, rc, rr = x["c"], x["r"], x["rc"], x["rr"]
+    with pytest.raises(TypeError, match="chosen_logps"):
+        preference_loss([1.0], r, rc, rr)
+    with pytest.raises(TypeError, match="rejected_logps"):
+        preference_loss(c, r.long(), rc, rr)
+    with pytest.raises(ValueError, match="1-D"):
+        preference_loss(c.view(3, 3), r, rc, rr)
+    with pytest.raises(ValueError, match="rejected_logps must have shape"):
+        preference_loss(c, r[:4], rc, rr)
+    with pytest.raises(ValueError, match="ref_rejected_logps must have shape"):
+        preference_loss(c, r, rc, rr[:2])
+    with pytest.raises(ValueError, match="chosen_lengths and rejected_lengths"):
+        preference_loss(c, r, rc, rr, loss_type="ipo")
+    with pytest.raises(ValueError, match="both chosen_lengths"):
+        preference_loss(c, r, rc, rr, chosen_lengths=x["lc"])
+    with pytest.raises(TypeError, match="chosen_lengths"):
+        preference_loss(c, r, rc, rr, chosen_lengths=x["lc"].bool(), rejected_lengths=x["lr"])
+    with pytest.raises(ValueError, match="pair_weights must have shape"):
+        preference_loss(c, r, rc, rr, pair_weights=x["pw"][:3])
+
+
+# ================================================================== from hidden states
+V, H = 97, 24
+
+
+def _tiny_model():
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    cfg = LlamaConfig(vocab_size=V, hidden_size=H, intermediate_size=48, num_hidden_layers=1,
+                      num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=64)
+    torch.manual_seed(0)
+    return AutoModelForCausalLM.from_config(cfg).double()
+
+
+def _pairs(P=3, T=11, seed=0):
+    """Stacked [2P, T] completions (label-shifted ids) with a completion mask."""
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, V, (2 * P, T + 1), generator=g)
+    lens = torch.randint(2, T + 1, (2 * P,), generator=g)
+    lens[0] = T
+    prompt = torch.randint(1, 4, (2 * P,), generator=g)
+    pos = torch.arange(T)
+    mask = (pos >= prompt.unsqueeze(1) - 1) & (pos < (prompt + lens).clamp(max=T).unsqueeze(1))
+    return ids[:, :-1], ids[:, 1:], mask
+
+
+def _materialised(hidden, weight, labels, mask, token_w=None):
+    logits = hidden @ weight.t()
+    lp = torch.log_softmax(logits, -1).gather(-1, labels.unsqueeze(-1)).squeeze(-1)
+    w = mask.double() if token_w is None else mask.double() * token_w
+    return (lp * w).sum(-1), mask.sum(-1)
+
+
+@pytest.mark.parametrize("layout", ["padded", "packed"])
+def test_from_hidden_matches_materialised_logits(layout):
+    model = _tiny_model()
+    inp, labels, mask = _pairs()
+    P = inp.size(0) // 2
+    hidden = model.model(input_ids=inp).last_hidden_state.detach().requires_grad_()
+    weight = model.lm_head.weight
+    g = torch.Generator().manual_seed(1)
+    ref_c = torch.randn(P, generator=g, dtype=torch.float64) - 15
+    ref_r = torch.randn(P, generator=g, dtype=torch.float64) - 15
+    kw = dict(loss_type=["sigmoid", "ipo", "sft"], loss_weights=[1.0, 0.3, 0.2], beta=BETA)
+    # materialised path, the reference loss on top
+    s, n = _materialised(hidden, weight, labels, mask)
+    want, wstats = preference_loss_reference(s[:P], s[P:], ref_c, ref_r, chosen_lengths=n[:P],
+                                             rejected_lengths=n[P:], **kw)
+    want_g = torch.autograd.grad(want, (hidden, weight))
+    if layout == "padded":
+        loss, stats = preference_loss_from_hidden(hidden, weight, labels, mask=mask,
+                                                  ref_chosen_logps=ref_c,
+                                                  ref_rejected_logps=ref_r, chunk_size=5, **kw)
+        got_g = torch.autograd.grad(loss, (hidden, weight))
+    else:
+        m = mask.reshape(-1)
+        keep = m.nonzero().squeeze(1)  # pack the counted positions only
+        cu = torch.zeros(2 * P + 1, dtype=torch.int32)
+        cu[1:] = mask.sum(-1).cumsum(0)
+        h_flat = hidden.reshape(-1, H)
+        loss, stats = preference_loss_from_hidden(h_flat[keep], weight,
+                                                  labels.reshape(-1)[keep], cu_seqlens=cu,
+                                                  ref_chosen_logps=ref_c,
+                                                  ref_rejected_logps=ref_r, chunk_size=7, **kw)
+        got_g = torch.autograd.grad(loss, (hidden, weight))
+    torch.testing.assert_close(loss, want, rtol=1e-10, atol=1e-12)
+    for a, b in zip(got_g, want_g):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12)
+    torch.testing.assert_close(stats["chosen_logps"], s[:P].detach(), rtol=1e-10, atol=1e-10)
+    assert torch.equal(stats["rejected_lengths"], n[P:])
+    for k in STATS:
+        torch.testing.assert_close(stats[k], wstats[k], rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("layout", ["padded", "packed"])
+def test_token_weights_and_ld_alpha(layout):
+    """token_weights multiply inside the sums; ld_alpha weights the tail as TRL does."""
+    torch.manual_seed(2)
+    P, T = 3, 9
+    inp, labels, mask = _pairs(P, T, seed=4)
+    hidden = torch.randn(2 * P, T, H, dtype=torch.float64)
+    weight = torch.randn(V, H, dtype=torch.float64) / H ** 0.5
+    tw = torch.rand(2 * P, T, dtype=torch.float64)
+    alpha = 0.4
+    # TRL's LD-DPO masks (dpo_trainer.py): shared = first min(Lc, Lr) completion tokens
+    comp_pos = mask.long().cumsum(1)
+    lens = mask.sum(1)
+    shared = torch.minimum(lens[:P], lens[P:]).repeat(2)
+    shared_mask = (comp_pos > 0) & (comp_pos <= shared.unsqueeze(1))
+    tail_mask = comp_pos > shared.unsqueeze(1)
+    ld = shared_mask.double() + alpha * tail_mask.double()
+    s, n = _materialised(hidden, weight, labels, mask, token_w=tw * ld)
+    if layout == "padded":
+        got = preference_logps(hidden, weight, labels, mask=mask, token_weights=tw,
+                               ld_alpha=alpha)
+    else:
+        cu = torch.zeros(2 * P + 1, dtype=torch.int64)
+        cu[1:] = torch.full((2 * P,), T).cumsum(0)
+        got = preference_logps(hidden.reshape(-1, H), weight, labels.reshape(-1),
+                               mask=mask.reshape(-1), cu_seqlens=cu,
+                               token_weights=tw.reshape(-1), ld_alpha=alpha)
+    torch.testing.assert_close(got.chosen, s[:P], rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(got.rejected, s[P:], rtol=1e-10, atol=1e-10)
+    assert torch.equal(got.chosen_lengths, n[:P]) and torch.equal(got.rejected_lengths, n[P:])
+
+
+def test_from_hidden_bad_input():
+    hidden = torch.randn(4, 5, H)
+    weight = torch.randn(V, H)
+    ids = torch.randint(0, V, (4, 5))
+    with pytest.raises(ValueError, match="even number"):
+        preference_loss_from_hidden(hidden[:3], weight, ids[:3], ref_chosen_logps=torch.zeros(1),
+                                    ref_rejected_logps=torch.zeros(1))
+    with pytest.raises(ValueError, match="ref_chosen_logps"):  # before any log-prob work
+        preference_loss_from_hidden(hidden, weight, ids)
+    with pytest.raises(ValueError, match=r"ref_chosen_logps must have shape \(2,\)"):
+        preference_loss_from_hidden(hidden, weight, ids, ref_chosen_logps=torch.zeros(3),
+                                    ref_rejected_logps=torch.zeros(3))
+    with pytest.raises(ValueError, match="token_weights must have shape"):
+        preference_logps(hidden, weight, ids, token_weights=torch.ones(4, 4))
+    with pytest.raises(ValueError, match="packed"):
+        preference_logps(hidden, weight, ids, cu_seqlens=torch.tensor([0, 10, 20]))
+    with pytest.raises(ValueError, match="token_ids must lie"):
+        preference_logps(hidden, weight, ids + V)
