@@ -27,7 +27,9 @@ from rlfuse.bench.harness import Row, _plot, write_outputs
 
 NOISE_NOTE = (
     "Times are medians of interleaved repetitions; on a shared machine single runs still "
-    "vary by tens of percent, so compare ratios within one row rather than across runs."
+    "vary by tens of percent, so compare ratios within one row rather than across runs. "
+    "A share of the copy bandwidth above 100% means the op's data stayed in cache, or the "
+    "copy was measured while the machine was busier than during the op."
 )
 
 
