@@ -1,4 +1,5 @@
-"""Command line: ``rlfuse info`` and ``rlfuse bench <suite>``."""
+"""Command line: ``rlfuse info``, ``rlfuse bench <suite>``, ``rlfuse train <algorithm>`` and
+``rlfuse search``."""
 
 from __future__ import annotations
 
@@ -93,7 +94,20 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", default=None, help="write <suite>.json and <suite>.png here (all: also report.md)")
     p.set_defaults(func=_cmd_bench)
 
-    args = parser.parse_args(argv)
+    from rlfuse.search import llm_demo
+
+    p = sub.add_parser("search", help="step-level MCTS over a LM vs best-of-N and beam")
+    llm_demo.add_arguments(p)
+    p.set_defaults(func=llm_demo.main)
+
+    from rlfuse.trainers.cli import add_parser as _add_train_parser
+
+    _add_train_parser(sub)
+    args, extra = parser.parse_known_args(argv)
+    if getattr(args, "parse_unknown", False):
+        return args.func(args, extra)
+    if extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     return args.func(args)
 
 

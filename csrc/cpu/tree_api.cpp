@@ -1,0 +1,99 @@
+// pybind11 entry points of the tree family in rlfuse._C (compiled once; the kernels behind
+// them are per-ISA, see isa.h).  A tree's arrays are preallocated by python/rlfuse/search,
+// so their addresses are handed over once, as a TreeView; the per-search settings and
+// output buffers likewise as a SelectConfig.  The calls of the search loop then take only
+// these two objects, the number of simulations of the step and the recurrent outputs.
+#include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
+
+#include <cstdint>
+#include <stdexcept>
+#include <string>
+#include <vector>
+
+#include "cpu/tree.h"
+
+namespace py = pybind11;
+using rlfuse::tree::View;
+
+namespace {
+
+template <typename T>
+T* ptr(int64_t p) {
+  return reinterpret_cast<T*>(static_cast<uintptr_t>(p));
+}
+
+}  // namespace
+
+void rlfuse_bind_tree(py::module_& m) {
+  py::class_<View>(m, "TreeView", py::module_local(), "Addresses and sizes of one batch of trees (search/tree.py).")
+      .def(py::init(&rlfuse::tree::make_view));
+  py::class_<rlfuse::tree::SelectParams>(
+      m, "SelectConfig", py::module_local(), "Selection rule, constants and output buffers of one search.")
+      .def(py::init([](const std::vector<int64_t>& ia, const std::vector<double>& fa) {
+        return rlfuse::tree::make_select(ia, fa, false);
+      }));
+
+  m.def(
+      "tree_select",
+      [](const View& t, rlfuse::tree::SelectParams p, int W, int nt) {
+        p.W = W;
+        int64_t where = -1;
+        int rc;
+        {
+          py::gil_scoped_release release;
+          rc = RLFUSE_ISA_CALL(tree_select, t, p, nt, &where);
+        }
+        return py::make_tuple(rc, where);
+      },
+      "W simulations per tree from the roots to new leaves; returns (status, first tree).");
+  m.def(
+      "tree_expand",
+      [](const View& t, const rlfuse::tree::SelectParams& p, int W, int64_t reward,
+         int64_t discount, int64_t logits, int64_t value, int64_t invalid, int64_t terminal,
+         int nt) {
+        rlfuse::tree::ExpandInputs in{};
+        in.M = t.B * W;
+        in.W = W;
+        in.node = p.out_node;
+        in.parent = p.out_parent;
+        in.action = p.out_action;
+        in.is_new = p.out_new;
+        in.reward = ptr<const float>(reward);
+        in.discount = ptr<const float>(discount);
+        in.logits = ptr<const float>(logits);
+        in.value = ptr<const float>(value);
+        in.invalid = ptr<const uint8_t>(invalid);
+        in.terminal = ptr<const uint8_t>(terminal);
+        int64_t where = -1;
+        int rc;
+        {
+          py::gil_scoped_release release;
+          rc = RLFUSE_ISA_CALL(tree_expand, t, in, nt, &where);
+        }
+        return py::make_tuple(rc, where);
+      },
+      "Write the new leaves of the last select (float32 contiguous rows; invalid / terminal "
+      "uint8 or 0); returns (status, first bad row).");
+  m.def(
+      "tree_backup",
+      [](const View& t, const rlfuse::tree::SelectParams& p, int W, int nt) {
+        rlfuse::tree::BackupInputs in{};
+        in.W = W;
+        in.path_stride = p.max_depth + 1;
+        in.path = p.out_path;
+        in.len = p.out_len;
+        py::gil_scoped_release release;
+        RLFUSE_ISA_CALL(tree_backup, t, in, nt);
+      },
+      "Back up the paths of the last select and release their virtual loss.");
+  m.def(
+      "tree_subtree",
+      [](const View& src, const View& dst, int64_t actions, int64_t src_of, int nt) {
+        py::gil_scoped_release release;
+        RLFUSE_ISA_CALL(tree_subtree, src, dst, ptr<const int64_t>(actions),
+                        ptr<int32_t>(src_of), nt);
+      },
+      "Copy the subtree under each root's child `actions[b]` (int64 [B]) into dst, renumbered "
+      "breadth first; src_of (int32 [B, dst.N]) receives the source node of each dst node.");
+}

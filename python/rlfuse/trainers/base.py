@@ -1,0 +1,792 @@
+"""The shared trainer base: model loading, data order, rollout, reward scoring, the
+optimizer step with non-finite skipping, logging, atomic checkpoints and exact resume,
+and ``torch.distributed`` (DDP) setup.
+
+One training *step* is one optimizer update.  Subclasses implement :meth:`_train_round`
+(one rollout and the updates made from it) and say which modules they train.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import random
+import re
+import shutil
+import sys
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from rlfuse.trainers.config import ConfigError, TrainConfig
+
+__all__ = ["BaseTrainer", "NonFiniteError", "RewardFunctionError", "load_model_and_tokenizer",
+           "latest_checkpoint"]
+
+_CKPT = re.compile(r"^checkpoint-(\d+)$")
+
+
+class NonFiniteError(RuntimeError):
+    """Too many steps had a non-finite loss or gradient norm."""
+
+
+class RewardFunctionError(RuntimeError):
+    """A reward function raised or returned an invalid value (the message names the sample)."""
+
+
+# --------------------------------------------------------------------------------------
+# distributed
+# --------------------------------------------------------------------------------------
+def dist_info():
+    """(rank, world_size, initialised by us) after initialising the process group when
+    launched by ``torchrun`` (``WORLD_SIZE`` > 1)."""
+    import torch.distributed as dist
+
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1 and not dist.is_initialized():
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        dist.init_process_group(backend=backend)
+        return dist.get_rank(), dist.get_world_size(), True
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size(), False
+    return 0, 1, False
+
+
+def _all_reduce_sum(x: torch.Tensor, world: int) -> torch.Tensor:
+    if world > 1:
+        import torch.distributed as dist
+
+        dist.all_reduce(x, op=dist.ReduceOp.SUM)
+    return x
+
+
+def _barrier(world: int):
+    if world > 1:
+        import torch.distributed as dist
+
+        dist.barrier()
+
+
+# --------------------------------------------------------------------------------------
+# models
+# --------------------------------------------------------------------------------------
+def load_model_and_tokenizer(model, tokenizer=None):
+    """``model`` as given (a ``PreTrainedModel``) or loaded from a path / hub name with
+    ``AutoModelForCausalLM``; ``tokenizer`` as given or ``AutoTokenizer`` from the model's
+    path."""
+    if isinstance(model, str):
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        path = model
+        model = AutoModelForCausalLM.from_pretrained(path)
+        if tokenizer is None:
+            tokenizer = AutoTokenizer.from_pretrained(path)
+    elif not isinstance(model, torch.nn.Module):
+        raise TypeError(f"model must be a path or a PreTrainedModel, got {type(model).__name__}")
+    if tokenizer is None:
+        raise ValueError("tokenizer is required when model is a PreTrainedModel")
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return model, tokenizer
+
+
+class _LogprobModule(torch.nn.Module):
+    """Wraps a causal LM so that the fused log-prob forward runs through ``forward``
+    (what DDP needs to synchronise gradients)."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids, attention_mask, completion_mask, position_ids, temperature,
+                return_entropy):
+        from rlfuse.models.hf import causal_lm_token_logprobs
+
+        return causal_lm_token_logprobs(self.model, input_ids, attention_mask=attention_mask,
+                                        completion_mask=completion_mask,
+                                        position_ids=position_ids, temperature=temperature,
+                                        return_entropy=return_entropy)
+
+
+# --------------------------------------------------------------------------------------
+# rollout
+# --------------------------------------------------------------------------------------
+@dataclass
+class Rollout:
+    """A batch of prompts and sampled completions, left-padded prompts + right-padded
+    completions (``P`` and ``C`` tokens)."""
+
+    prompt_ids: torch.Tensor        # [B, P]
+    prompt_mask: torch.Tensor       # [B, P]
+    completion_ids: torch.Tensor    # [B, C]
+    completion_mask: torch.Tensor   # [B, C] (up to and including the first eos)
+    prompts: list
+    completions: list
+    columns: dict = field(default_factory=dict)   # other dataset columns, one per sample
+    extra: dict = field(default_factory=dict)     # tensors computed by the algorithm
+
+    @property
+    def input_ids(self):
+        return torch.cat([self.prompt_ids, self.completion_ids], 1)
+
+    @property
+    def attention_mask(self):
+        return torch.cat([self.prompt_mask, self.completion_mask], 1)
+
+    def select(self, idx: slice) -> "Rollout":
+        cols = {k: v[idx] for k, v in self.columns.items()}
+        extra = {k: v[idx] for k, v in self.extra.items()}
+        return Rollout(self.prompt_ids[idx], self.prompt_mask[idx], self.completion_ids[idx],
+                       self.completion_mask[idx], self.prompts[idx], self.completions[idx],
+                       cols, extra)
+
+
+def encode_prompts(tokenizer, prompts, max_prompt_length, device):
+    """Left-padded prompt ids and mask (prompts longer than ``max_prompt_length`` keep
+    their last tokens, as TRL does)."""
+    rows = []
+    for p in prompts:
+        ids = tokenizer(p)["input_ids"]
+        if max_prompt_length is not None:
+            ids = ids[-max_prompt_length:]
+        rows.append(ids)
+    P = max(len(r) for r in rows)
+    pad = tokenizer.pad_token_id
+    ids = torch.full((len(rows), P), pad, dtype=torch.long)
+    mask = torch.zeros(len(rows), P, dtype=torch.long)
+    for i, r in enumerate(rows):
+        if r:
+            ids[i, P - len(r):] = torch.tensor(r)
+            mask[i, P - len(r):] = 1
+    return ids.to(device), mask.to(device)
+
+
+def completion_mask_from_ids(completion_ids, eos_token_id, pad_token_id):
+    """1 up to and including the first eos, 0 after; and whether each row was truncated
+    (no eos)."""
+    is_eos = completion_ids == eos_token_id
+    C = completion_ids.size(1)
+    idx = torch.arange(C, device=completion_ids.device).expand_as(completion_ids)
+    first = torch.where(is_eos.any(1), is_eos.int().argmax(1),
+                        torch.full_like(is_eos[:, 0], C, dtype=torch.long))
+    mask = (idx <= first.unsqueeze(1)).long()
+    return mask, ~is_eos.any(1)
+
+
+def position_ids_from_mask(attention_mask):
+    """Positions counted over real tokens (what ``generate`` uses for left padding)."""
+    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+
+
+def score_completions(reward_funcs, weights, prompts, completions, columns, *, step=None):
+    """Call every reward function (TRL signature ``f(prompts, completions, **columns)``)
+    and return ``(rewards [B] float64 with NaN where every function returned None,
+    per-function rewards [B, F], number of None values)``.
+
+    A function that raises is re-run sample by sample to name the first sample that fails;
+    a NaN/inf or non-number value, or a list of the wrong length, raises
+    :class:`RewardFunctionError` naming the function, the sample, its prompt and completion.
+    """
+    B = len(completions)
+    out = torch.full((B, len(reward_funcs)), float("nan"), dtype=torch.float64)
+    n_none = 0
+    for j, fn in enumerate(reward_funcs):
+        name = getattr(fn, "__name__", None) or type(fn).__name__
+        try:
+            vals = fn(prompts=prompts, completions=completions, **columns)
+        except Exception as exc:
+            bad = None
+            for i in range(B):
+                try:
+                    fn(prompts=prompts[i:i + 1], completions=completions[i:i + 1],
+                       **{k: v[i:i + 1] for k, v in columns.items()})
+                except Exception:
+                    bad = i
+                    break
+            where = (f" on sample {bad} (prompt={prompts[bad]!r}, completion={completions[bad]!r})"
+                     if bad is not None else " on the batch")
+            raise RewardFunctionError(
+                f"reward function {name!r} raised {type(exc).__name__}: {exc}{where}"
+                + (f" at step {step}" if step is not None else "")) from exc
+        vals = list(vals) if vals is not None else None
+        if vals is None or len(vals) != B:
+            raise RewardFunctionError(
+                f"reward function {name!r} must return a list of {B} values (one per "
+                f"completion), got {None if vals is None else len(vals)}")
+        for i, v in enumerate(vals):
+            if v is None:
+                n_none += 1
+                continue
+            try:
+                fv = float(v)
+            except (TypeError, ValueError):
+                fv = None
+            if fv is None or not math.isfinite(fv):
+                raise RewardFunctionError(
+                    f"reward function {name!r} returned {v!r} for sample {i} (prompt="
+                    f"{prompts[i]!r}, completion={completions[i]!r})"
+                    + (f" at step {step}" if step is not None else "")
+                    + "; return None to leave a sample out of the group statistics")
+            out[i, j] = fv
+    w = torch.tensor(weights, dtype=torch.float64)
+    valid = ~torch.isnan(out)
+    total = torch.where(valid, out * w, torch.zeros_like(out)).sum(1)
+    total = torch.where(valid.any(1), total, torch.full_like(total, float("nan")))
+    return total, out, n_none
+
+
+# --------------------------------------------------------------------------------------
+# checkpoints
+# --------------------------------------------------------------------------------------
+def latest_checkpoint(output_dir: str):
+    """Path of the complete checkpoint with the highest step in ``output_dir``, or None.
+    Checkpoints are written to a temporary directory and renamed, so a directory named
+    ``checkpoint-N`` is always complete."""
+    if not os.path.isdir(output_dir):
+        return None
+    best = None
+    for name in os.listdir(output_dir):
+        m = _CKPT.match(name)
+        path = os.path.join(output_dir, name)
+        if m and os.path.isfile(os.path.join(path, "trainer_state.json")):
+            if best is None or int(m.group(1)) > best[0]:
+                best = (int(m.group(1)), path)
+    return best[1] if best else None
+
+
+def _fsync_dir(path):
+    with contextlib.suppress(OSError):
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def _fsync_tree(path):
+    for root, _dirs, files in os.walk(path):
+        for f in files:
+            with open(os.path.join(root, f), "rb") as fh:
+                os.fsync(fh.fileno())
+        _fsync_dir(root)
+
+
+# --------------------------------------------------------------------------------------
+# the base trainer
+# --------------------------------------------------------------------------------------
+class BaseTrainer:
+    config_class = TrainConfig
+    required_columns: tuple = ("prompt",)
+    algorithm = "base"
+
+    def __init__(self, model, args, train_dataset, tokenizer=None):
+        # 1. everything that can be checked without a model
+        if args is None:
+            args = self.config_class()
+        if not isinstance(args, self.config_class):
+            raise ConfigError(f"args must be a {self.config_class.__name__}, got "
+                              f"{type(args).__name__}")
+        args.validate()
+        self.args = args
+        self._check_dataset(train_dataset)
+        self.train_dataset = train_dataset
+        self._check_more()
+        self.rank, self.world_size, self._owns_pg = dist_info()
+        # 2. models
+        self.device = self._pick_device()
+        self.model, self.tokenizer = load_model_and_tokenizer(model, tokenizer)
+        self.model.to(self.device)
+        self.state = {"global_step": 0, "epoch": 0, "position": 0, "nonfinite_steps": 0,
+                      "rounds": 0}
+        self._perm = None
+        self._log_history: list[dict] = []
+        self.timers: dict[str, float] = {}
+        self._setup_models()
+
+    # -- hooks for subclasses -------------------------------------------------------
+    def _check_more(self):
+        """Checks of the arguments given to the subclass constructor (before any model)."""
+
+    def _setup_models(self):
+        raise NotImplementedError
+
+    def _trainable_modules(self) -> dict:
+        """name -> module whose parameters are trained and checkpointed."""
+        return {"model": self.model}
+
+    def _items_per_round(self) -> int:
+        """Dataset rows one round consumes on each process."""
+        raise NotImplementedError
+
+    def _steps_per_round(self) -> int:
+        return 1
+
+    # -- setup ----------------------------------------------------------------------
+    def _pick_device(self):
+        d = self.args.device
+        if d == "auto":
+            if torch.cuda.is_available():
+                local = int(os.environ.get("LOCAL_RANK", "0"))
+                return torch.device("cuda", local)
+            return torch.device("cpu")
+        return torch.device(d)
+
+    def _check_dataset(self, ds):
+        if ds is None:
+            raise ValueError("train_dataset is required")
+        try:
+            n = len(ds)
+        except TypeError:
+            raise TypeError("train_dataset must support len() and indexing (a list of dicts "
+                            "or a datasets.Dataset)") from None
+        if n == 0:
+            raise ValueError("train_dataset is empty")
+        first = ds[0]
+        if not isinstance(first, dict):
+            raise TypeError(f"train_dataset rows must be dicts, got {type(first).__name__}")
+        missing = [c for c in self.required_columns if c not in first]
+        if missing:
+            raise ValueError(f"train_dataset is missing the column(s) {missing} "
+                             f"(needs {list(self.required_columns)})")
+
+    def _make_optimizer(self, params):
+        a = self.args
+        opt = torch.optim.AdamW(params, lr=a.learning_rate, betas=(a.adam_beta1, a.adam_beta2),
+                                eps=a.adam_epsilon, weight_decay=a.weight_decay)
+        total = self.total_steps()
+        warm = a.warmup_steps
+
+        def lr_lambda(step):
+            if warm and step < warm:
+                return (step + 1) / (warm + 1)
+            if a.lr_scheduler_type == "constant":
+                return 1.0
+            frac = min(1.0, (step - warm) / max(1, total - warm))
+            if a.lr_scheduler_type == "linear":
+                return 1.0 - frac
+            return 0.5 * (1.0 + math.cos(math.pi * frac))
+
+        self.optimizer = opt
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda)
+
+    def _wrap_ddp(self, module):
+        """``module`` wrapped in DDP when running with several processes."""
+        if self.world_size > 1:
+            from torch.nn.parallel import DistributedDataParallel as DDP
+
+            ids = [self.device.index] if self.device.type == "cuda" else None
+            return DDP(module, device_ids=ids)
+        return module
+
+    def total_steps(self) -> int:
+        a = self.args
+        if a.max_steps > 0:
+            return a.max_steps
+        rounds = math.ceil(a.num_train_epochs * len(self.train_dataset)
+                           / (self._items_per_round() * self.world_size))
+        return max(1, rounds) * self._steps_per_round()
+
+    # -- data -----------------------------------------------------------------------
+    def _next_rows(self) -> list[dict]:
+        """This process's rows for the next round (a seeded permutation per epoch; every
+        process draws from the same permutation, rank by rank)."""
+        n = self._items_per_round()
+        need = n * self.world_size
+        N = len(self.train_dataset)
+        if need > N:
+            raise ValueError(f"train_dataset has {N} rows; one round needs {need}")
+        if self.state["position"] + need > N:
+            self.state["epoch"] += 1
+            self.state["position"] = 0
+            self._perm = None
+        if self._perm is None or self._perm[0] != self.state["epoch"]:
+            g = torch.Generator().manual_seed(self.args.seed + self.state["epoch"])
+            self._perm = (self.state["epoch"], torch.randperm(N, generator=g).tolist())
+        start = self.state["position"] + self.rank * n
+        idx = self._perm[1][start:start + n]
+        self.state["position"] += need
+        return [self.train_dataset[i] for i in idx]
+
+    # -- the optimizer step ---------------------------------------------------------
+    def _params(self):
+        return [p for m in self._trainable_modules().values() for p in m.parameters()
+                if p.requires_grad]
+
+    def _optimizer_step(self, loss_value: float, metrics: dict) -> bool:
+        """Clip, check for non-finite loss / gradients (all processes agree), then step or
+        skip.  Returns whether the step was taken."""
+        params = self._params()
+        max_norm = self.args.max_grad_norm if self.args.max_grad_norm is not None else float("inf")
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
+        bad_loss = not math.isfinite(loss_value)
+        bad_grad = not bool(torch.isfinite(grad_norm))
+        flags = torch.tensor([float(bad_loss), float(bad_grad)])
+        flags = _all_reduce_sum(flags, self.world_size)
+        metrics["grad_norm"] = float(grad_norm)
+        if flags.sum() > 0:
+            self.optimizer.zero_grad(set_to_none=True)
+            self.state["nonfinite_steps"] += 1
+            metrics["skipped"] = 1
+            metric = "loss" if flags[0] > 0 else "grad_norm"
+            value = loss_value if flags[0] > 0 else float(grad_norm)
+            n = self.state["nonfinite_steps"]
+            self._print(f"step {self.state['global_step'] + 1}: non-finite {metric} ({value}); "
+                        f"step skipped ({n}/{self.args.max_nonfinite_steps})")
+            if n >= self.args.max_nonfinite_steps:
+                last = latest_checkpoint(self.args.output_dir)
+                raise NonFiniteError(
+                    f"stopping at step {self.state['global_step'] + 1}: {metric} is {value} "
+                    f"({n} steps with a non-finite loss or gradient norm, "
+                    f"max_nonfinite_steps={self.args.max_nonfinite_steps}); last good "
+                    f"checkpoint: {last or 'none'}")
+            self.scheduler.step()
+            return False
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        metrics["skipped"] = 0
+        return True
+
+    # -- micro-batches and rounds --------------------------------------------------
+    def _ddp_modules(self) -> list:
+        """Modules whose gradient all-reduce waits for the last micro-batch."""
+        return [m for m in (getattr(self, "policy", None), getattr(self, "value", None))
+                if m is not None and hasattr(m, "no_sync")]
+
+    def _global_tokens(self, mask) -> float:
+        """Completion tokens of this round over every process (global normalisation)."""
+        n = mask.sum().to(torch.float64).reshape(1)
+        return float(_all_reduce_sum(n, self.world_size))
+
+    def micro_batch_loss(self, mb, global_tokens: float):
+        raise NotImplementedError
+
+    def accumulate_gradients(self, r) -> tuple[float, dict]:
+        """Forward/backward over the micro-batches of ``r`` (``per_device_train_batch_size``
+        rows each; DDP synchronises on the last); returns (summed loss, stats averaged over
+        micro-batches).  Gradients are left in ``.grad``."""
+        mb = self.args.per_device_train_batch_size
+        n = len(r.prompts)
+        global_tokens = self._global_tokens(r.completion_mask)
+        total, acc = 0.0, {}
+        starts = list(range(0, n, mb))
+        for k, i in enumerate(starts):
+            with contextlib.ExitStack() as stack:
+                if k < len(starts) - 1:
+                    for m in self._ddp_modules():
+                        stack.enter_context(m.no_sync())
+                loss, stats = self.micro_batch_loss(r.select(slice(i, i + mb)), global_tokens)
+                t0 = time.perf_counter()
+                loss.backward()
+                self._time("backward", t0)
+            total += float(loss.detach())
+            for key, v in stats.items():
+                acc[key] = acc.get(key, 0.0) + float(v) / len(starts)
+        return total, acc
+
+    def make_rollout(self, rows) -> "Rollout":
+        raise NotImplementedError
+
+    def _round_metrics(self, r, loss, stats, metrics, t_round) -> dict:
+        raise NotImplementedError
+
+    def _train_round(self):
+        """Generate and score one rollout, then make ``_steps_per_round()`` optimizer steps
+        over it."""
+        t_round = time.perf_counter()
+        r = self.make_rollout(self._next_rows())
+        out = []
+        for _ in range(self._steps_per_round()):
+            if self.state["global_step"] >= self._total:
+                break
+            loss, stats = self.accumulate_gradients(r)
+            metrics = {"step": self.state["global_step"] + 1}
+            t0 = time.perf_counter()
+            self._optimizer_step(loss, metrics)
+            self._time("optimizer", t0)
+            self.state["global_step"] += 1
+            out.append(self._round_metrics(r, loss, stats, metrics, t_round))
+        return out
+
+    # -- generation -----------------------------------------------------------------
+    def _unwrap(self, m):
+        return m.module if hasattr(m, "module") and not hasattr(m, "generate") else m
+
+    @torch.no_grad()
+    def generate(self, prompts: list, num_per_prompt: int = 1) -> Rollout:
+        """Sample completions (``generate`` with the KV cache and the config's sampling
+        parameters) for each prompt, ``num_per_prompt`` times, in prompt order."""
+        a = self.args
+        tok = self.tokenizer
+        t0 = time.perf_counter()
+        p_ids, p_mask = encode_prompts(tok, prompts, a.max_prompt_length, self.device)
+        p_ids = p_ids.repeat_interleave(num_per_prompt, 0)
+        p_mask = p_mask.repeat_interleave(num_per_prompt, 0)
+        model = self.model
+        was = model.training
+        model.eval()
+        out = model.generate(input_ids=p_ids, attention_mask=p_mask, do_sample=True,
+                             temperature=a.temperature, top_p=a.top_p, top_k=a.top_k or 0,
+                             max_new_tokens=a.max_completion_length,
+                             pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
+        model.train(was)
+        c_ids = out[:, p_ids.size(1):]
+        c_mask, truncated = completion_mask_from_ids(c_ids, tok.eos_token_id, tok.pad_token_id)
+        c_ids = torch.where(c_mask.bool(), c_ids, torch.full_like(c_ids, tok.pad_token_id))
+        if a.mask_truncated_completions:
+            c_mask = c_mask * (~truncated).long().unsqueeze(1)
+        texts = tok.batch_decode(c_ids, skip_special_tokens=True)
+        rep = [p for p in prompts for _ in range(num_per_prompt)]
+        r = Rollout(p_ids, p_mask, c_ids, c_mask, rep, texts)
+        r.extra["truncated"] = truncated
+        self._time("generate", t0)
+        return r
+
+    def completion_logprobs(self, module, r: Rollout, *, return_entropy=False):
+        """Per-token log-probs ``[B, C]`` (and entropies) of the completion tokens under
+        ``module`` (a causal LM or its DDP-wrapped :class:`_LogprobModule`)."""
+        ids = r.input_ids
+        attn = r.attention_mask
+        P = r.prompt_ids.size(1)
+        comp = torch.cat([torch.zeros_like(r.prompt_mask), r.completion_mask], 1)
+        pos = position_ids_from_mask(attn)
+        if not isinstance(module, torch.nn.Module) or not isinstance(
+                getattr(module, "module", module), _LogprobModule):
+            module = _LogprobModule(module)
+        res = module(ids, attn, comp, pos, self.args.temperature, return_entropy)
+        if return_entropy:
+            return res[0][:, P:], res[1][:, P:]
+        return res[:, P:]
+
+    def batched_logprobs(self, model, r):
+        """Completion log-probs of every row of ``r`` under ``model`` (micro-batched)."""
+        mb = self.args.per_device_train_batch_size
+        outs = [self.completion_logprobs(model, r.select(slice(i, i + mb)))
+                for i in range(0, len(r.prompts), mb)]
+        C = r.completion_ids.size(1)
+        return torch.cat([o[:, :C] for o in outs], 0)
+
+    # -- scoring --------------------------------------------------------------------
+    def score(self, r: Rollout):
+        t0 = time.perf_counter()
+        weights = self.args.reward_weights or [1.0] * len(self.reward_funcs)
+        total, per_func, n_none = score_completions(
+            self.reward_funcs, weights, r.prompts, r.completions, r.columns,
+            step=self.state["global_step"] + 1)
+        self._time("reward", t0)
+        return total, per_func, n_none
+
+    # -- timing / logging -----------------------------------------------------------
+    def _time(self, key, t0):
+        self.timers[key] = self.timers.get(key, 0.0) + time.perf_counter() - t0
+
+    def _print(self, msg):
+        if self.rank == 0:
+            print(msg, flush=True)
+
+    def _metrics_path(self):
+        return os.path.join(self.args.output_dir, "metrics.jsonl")
+
+    def _log(self, metrics: dict):
+        self._log_history.append(metrics)
+        if self.rank != 0:
+            return
+        with open(self._metrics_path(), "a") as f:
+            f.write(json.dumps(metrics) + "\n")
+        if self.args.progress and metrics["step"] % self.args.logging_steps == 0:
+            total = self._total
+            parts = [f"step {metrics['step']}/{total}"]
+            for key, fmt in (("reward", "{:.3f}"), ("kl", "{:.4f}"), ("entropy", "{:.3f}"),
+                             ("loss", "{:.4f}"), ("tokens_per_s", "{:.0f}")):
+                if key in metrics:
+                    parts.append(f"{key} " + fmt.format(metrics[key]))
+            bar_w = 20
+            done = int(bar_w * metrics["step"] / max(total, 1))
+            print(f"[{'#' * done}{'.' * (bar_w - done)}] " + " | ".join(parts), flush=True)
+
+    def plot(self, path=None):
+        """PNG of the logged curves (reward, KL, entropy, loss, ...) in output_dir."""
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        hist = self._read_metrics()
+        keys = [k for k in ("reward", "kl", "entropy", "loss", "value_loss", "accuracy",
+                            "completion_length", "grad_norm")
+                if any(k in h for h in hist)]
+        if not hist or not keys:
+            return None
+        fig, axes = plt.subplots(1, len(keys), figsize=(3.2 * len(keys), 2.8))
+        axes = [axes] if len(keys) == 1 else list(axes)
+        for ax, k in zip(axes, keys):
+            pts = [(h["step"], h[k]) for h in hist if k in h]
+            ax.plot([p[0] for p in pts], [p[1] for p in pts])
+            ax.set_title(k)
+            ax.set_xlabel("step")
+        fig.suptitle(f"rlfuse {self.algorithm}")
+        fig.tight_layout()
+        path = path or os.path.join(self.args.output_dir, "training_curves.png")
+        fig.savefig(path, dpi=80)
+        plt.close(fig)
+        return path
+
+    def _read_metrics(self):
+        p = self._metrics_path()
+        if not os.path.exists(p):
+            return []
+        with open(p) as f:
+            return [json.loads(line) for line in f if line.strip()]
+
+    # -- checkpoints ----------------------------------------------------------------
+    def save_checkpoint(self) -> str:
+        """Write ``output_dir/checkpoint-<step>`` atomically: every file goes to a temporary
+        directory, which is fsynced and renamed into place (a kill at any point leaves the
+        previous checkpoints untouched and no partial ``checkpoint-*``)."""
+        from safetensors.torch import save_model
+
+        step = self.state["global_step"]
+        out = self.args.output_dir
+        final = os.path.join(out, f"checkpoint-{step}")
+        tmp = os.path.join(out, f".tmp-checkpoint-{step}")
+        if self.rank == 0:
+            shutil.rmtree(tmp, ignore_errors=True)
+            os.makedirs(tmp)
+        _barrier(self.world_size)
+        rng = {"python": random.getstate(), "torch": torch.get_rng_state(),
+               "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
+        try:
+            import numpy as np
+
+            rng["numpy"] = np.random.get_state()
+        except ImportError:
+            pass
+        torch.save(rng, os.path.join(tmp, f"rng_state_{self.rank}.pth"))
+        if self.rank == 0:
+            for name, module in self._trainable_modules().items():
+                save_model(self._unwrap(module), os.path.join(tmp, f"{name}.safetensors"))
+            torch.save(self.optimizer.state_dict(), os.path.join(tmp, "optimizer.pt"))
+            torch.save(self.scheduler.state_dict(), os.path.join(tmp, "scheduler.pt"))
+            self._save_extra(tmp)
+            state = dict(self.state, world_size=self.world_size, algorithm=self.algorithm,
+                         config=self.args.to_dict())
+            with open(os.path.join(tmp, "trainer_state.json"), "w") as f:
+                json.dump(state, f, indent=1)
+        _barrier(self.world_size)
+        if self.rank == 0:
+            _fsync_tree(tmp)
+            if os.path.exists(final):
+                shutil.rmtree(final)
+            os.rename(tmp, final)
+            _fsync_dir(out)
+            self._rotate_checkpoints()
+        _barrier(self.world_size)
+        return final
+
+    def _save_extra(self, path):
+        """Subclass hook: extra files in a checkpoint."""
+
+    def _load_extra(self, path):
+        """Subclass hook."""
+
+    def _rotate_checkpoints(self):
+        limit = self.args.save_total_limit
+        if limit is None:
+            return
+        out = self.args.output_dir
+        ckpts = sorted((int(m.group(1)), n) for n in os.listdir(out) if (m := _CKPT.match(n)))
+        for _step, name in ckpts[:-limit]:
+            # renamed first, so a kill while deleting never leaves a partial checkpoint-N
+            doomed = os.path.join(out, f".del-{name}")
+            os.rename(os.path.join(out, name), doomed)
+            shutil.rmtree(doomed, ignore_errors=True)
+
+    def load_checkpoint(self, path: str):
+        """Restore models, optimizer, scheduler, RNG, step and data position."""
+        from safetensors.torch import load_model
+
+        with open(os.path.join(path, "trainer_state.json")) as f:
+            state = json.load(f)
+        if state.get("world_size", 1) != self.world_size:
+            raise ValueError(f"checkpoint {path} was written with world_size "
+                             f"{state.get('world_size')}, this run has {self.world_size}")
+        for name, module in self._trainable_modules().items():
+            load_model(self._unwrap(module), os.path.join(path, f"{name}.safetensors"),
+                       device=str(self.device))
+        self.optimizer.load_state_dict(torch.load(os.path.join(path, "optimizer.pt"),
+                                                  weights_only=False))
+        self.scheduler.load_state_dict(torch.load(os.path.join(path, "scheduler.pt"),
+                                                  weights_only=False))
+        self._load_extra(path)
+        rng = torch.load(os.path.join(path, f"rng_state_{self.rank}.pth"), weights_only=False)
+        random.setstate(rng["python"])
+        torch.set_rng_state(rng["torch"])
+        if rng.get("cuda") is not None and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(rng["cuda"])
+        if "numpy" in rng:
+            import numpy as np
+
+            np.random.set_state(rng["numpy"])
+        for k in self.state:
+            if k in state:
+                self.state[k] = state[k]
+        self._perm = None
+        # metrics after the checkpoint belong to the interrupted run: drop them
+        if self.rank == 0 and os.path.exists(self._metrics_path()):
+            keep = [h for h in self._read_metrics() if h.get("step", 0) <= self.state["global_step"]]
+            with open(self._metrics_path(), "w") as f:
+                for h in keep:
+                    f.write(json.dumps(h) + "\n")
+
+    # -- the loop -------------------------------------------------------------------
+    def _seed_everything(self):
+        seed = self.args.seed + self.rank
+        random.seed(seed)
+        torch.manual_seed(seed)
+        try:
+            import numpy as np
+
+            np.random.seed(seed % 2**32)
+        except ImportError:
+            pass
+
+    def train(self, resume_from_checkpoint=None) -> dict:
+        """Run to ``max_steps`` (or ``num_train_epochs``).  ``resume_from_checkpoint``:
+        a checkpoint path, or True for the latest complete one in ``output_dir`` (a fresh
+        start when there is none)."""
+        a = self.args
+        if self.rank == 0:
+            os.makedirs(a.output_dir, exist_ok=True)
+        _barrier(self.world_size)
+        self._seed_everything()
+        self._total = self.total_steps()
+        ckpt = None
+        if resume_from_checkpoint is True:
+            ckpt = latest_checkpoint(a.output_dir)
+        elif resume_from_checkpoint:
+            ckpt = str(resume_from_checkpoint)
+        if ckpt is not None:
+            self.load_checkpoint(ckpt)
+            self._print(f"resumed from {ckpt} at step {self.state['global_step']}")
+        elif self.rank == 0 and os.path.exists(self._metrics_path()):
+            os.remove(self._metrics_path())
+        t_start = time.perf_counter()
+        while self.state["global_step"] < self._total:
+            before = self.state["global_step"]
+            for m in self._train_round():
+                self._log(m)
+            self.state["rounds"] += 1
+            after = self.state["global_step"]
+            if a.save_steps and (after // a.save_steps > before // a.save_steps):
+                self.save_checkpoint()
+        if a.save_steps and latest_checkpoint(a.output_dir) != os.path.join(
+                a.output_dir, f"checkpoint-{self.state['global_step']}"):
+            self.save_checkpoint()
+        if self.rank == 0 and a.plot:
+            self.plot()
+        return {"global_step": self.state["global_step"],
+                "train_runtime": time.perf_counter() - t_start,
+                "nonfinite_steps": self.state["nonfinite_steps"], "timers": dict(self.timers)}

@@ -1,0 +1,201 @@
+"""The embedded default run behind ``rlfuse train grpo|ppo|dpo`` with no model: a tiny
+character-level Llama and tokenizer built locally, a synthetic arithmetic task with
+verifiable answers, a supervised warm-up, the RL phase, and a before/after accuracy
+table on held-out problems.
+
+Files in ``output_dir``: ``sft_model/`` (the warmed-up model, reused by ``--resume``),
+``metrics.jsonl``, ``training_curves.png``, ``checkpoint-*/``, ``eval.json``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+
+import torch
+
+from rlfuse.trainers.config import DPOConfig, GRPOConfig, PPOConfig
+
+__all__ = ["DEFAULTS", "DEMO", "evaluate", "run"]
+
+# Config fields of the embedded default (anything here can be overridden by the CLI).
+DEFAULTS = {
+    "grpo": dict(output_dir="rlfuse_output/grpo", learning_rate=5e-5,
+                 per_device_train_batch_size=64, num_generations=8, max_completion_length=6,
+                 temperature=1.0, beta=0.02, max_steps=100, logging_steps=1, save_steps=25,
+                 max_grad_norm=1.0, seed=0),
+    "ppo": dict(output_dir="rlfuse_output/ppo", learning_rate=3e-4,
+                per_device_train_batch_size=32, gradient_accumulation_steps=2,
+                max_completion_length=6, num_ppo_epochs=2, kl_coef=0.02, gamma=1.0,
+                lam=0.95, vf_coef=0.5, cliprange_value=0.2, max_steps=60, save_steps=20,
+                seed=0),
+    "dpo": dict(output_dir="rlfuse_output/dpo", learning_rate=5e-4,
+                per_device_train_batch_size=32, beta=0.1, max_steps=60, save_steps=20, seed=0),
+}
+CONFIGS = {"grpo": GRPOConfig, "ppo": PPOConfig, "dpo": DPOConfig}
+
+# Settings of the demo itself (not trainer config fields).
+DEMO = dict(task="addition", digits=2, hidden_size=64, num_layers=2, sft_steps=1200,
+            sft_batch_size=32, sft_learning_rate=3e-3, train_size=4000, eval_size=200)
+
+
+@torch.no_grad()
+def evaluate(model, tokenizer, task, examples, *, max_new_tokens, temperature=None,
+             batch_size=256, seed=1234) -> float:
+    """Accuracy of ``model`` on ``examples`` (greedy, or sampled at ``temperature``)."""
+    from rlfuse.trainers.base import encode_prompts
+
+    was = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    correct = 0
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        for i in range(0, len(examples), batch_size):
+            chunk = examples[i:i + batch_size]
+            ids, mask = encode_prompts(tokenizer, [e["prompt"] for e in chunk], None, device)
+            kw = dict(do_sample=False) if temperature is None else dict(
+                do_sample=True, temperature=temperature, top_k=0, top_p=1.0)
+            out = model.generate(input_ids=ids, attention_mask=mask,
+                                 max_new_tokens=max_new_tokens,
+                                 pad_token_id=tokenizer.pad_token_id,
+                                 eos_token_id=tokenizer.eos_token_id, **kw)
+            texts = tokenizer.batch_decode(out[:, ids.size(1):], skip_special_tokens=True)
+            correct += sum(task.is_correct(t, e["answer"]) for t, e in zip(texts, chunk))
+    model.train(was)
+    return correct / max(1, len(examples))
+
+
+def _preference_pairs(model, tokenizer, task, examples, *, max_new_tokens, seed):
+    """prompt/chosen/rejected rows: the right solution against a sampled wrong one (or a
+    perturbed answer when the model's samples are all right)."""
+    import random
+
+    from rlfuse.trainers.base import encode_prompts
+
+    rng = random.Random(seed)
+    rows = []
+    device = next(model.parameters()).device
+    with torch.no_grad(), torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        for i in range(0, len(examples), 256):
+            chunk = examples[i:i + 256]
+            ids, mask = encode_prompts(tokenizer, [e["prompt"] for e in chunk], None, device)
+            out = model.generate(input_ids=ids, attention_mask=mask, do_sample=True,
+                                 temperature=1.0, top_k=0, max_new_tokens=max_new_tokens,
+                                 pad_token_id=tokenizer.pad_token_id,
+                                 eos_token_id=tokenizer.eos_token_id)
+            texts = tokenizer.batch_decode(out[:, ids.size(1):], skip_special_tokens=True)
+            for t, e in zip(texts, chunk):
+                wrong = t if not task.is_correct(t, e["answer"]) else None
+                if wrong is None or wrong.strip() == "":
+                    wrong = str(int(e["answer"]) + rng.choice([-10, -1, 1, 10]))
+                rows.append({"prompt": e["prompt"], "chosen": e["solution"], "rejected": wrong})
+    return rows
+
+
+def run(algorithm: str = "grpo", overrides: dict | None = None, *, model_path=None,
+        resume: bool = False, demo: dict | None = None) -> dict:
+    """Run the embedded default (or, with ``model_path``, the same task on that model)."""
+    from rlfuse.models.tiny import tiny_causal_lm, tiny_tokenizer
+    from rlfuse.tasks import make_task
+    from rlfuse.trainers.base import dist_info, load_model_and_tokenizer
+    from rlfuse.trainers.sft import supervised_warmup
+
+    if algorithm not in CONFIGS:
+        raise ValueError(f"algorithm must be one of {sorted(CONFIGS)}, got {algorithm!r}")
+    settings = dict(DEMO, **(demo or {}))
+    values = dict(DEFAULTS[algorithm], **(overrides or {}))
+    args = CONFIGS[algorithm].from_dict(values)      # validated before any model exists
+    rank, _world, _ = dist_info()
+    say = print if rank == 0 else (lambda *a, **k: None)
+    torch.manual_seed(args.seed)
+    task_kw = {"digits": settings["digits"]} if settings["task"] == "addition" else {}
+    task = make_task(settings["task"], **task_kw)
+    train_rows = task.dataset(settings["train_size"], seed=args.seed + 1)
+    eval_rows = task.dataset(settings["eval_size"], seed=args.seed + 2)
+    max_new = max(len(e["solution"]) for e in train_rows + eval_rows) + 2
+    if algorithm != "dpo":
+        args.max_completion_length = max(args.max_completion_length, max_new)
+
+    os.makedirs(args.output_dir, exist_ok=True)
+    sft_dir = os.path.join(args.output_dir, "sft_model")
+    t0 = time.perf_counter()
+    if model_path is not None:
+        model, tok = load_model_and_tokenizer(model_path)
+    else:
+        tok = tiny_tokenizer()
+        model = tiny_causal_lm(tok, hidden_size=settings["hidden_size"],
+                               num_layers=settings["num_layers"], seed=args.seed)
+    acc = {"initial": (evaluate(model, tok, task, eval_rows, max_new_tokens=max_new),
+                       evaluate(model, tok, task, eval_rows, max_new_tokens=max_new,
+                                temperature=1.0))}
+    if resume and os.path.isdir(sft_dir):
+        from transformers import AutoModelForCausalLM
+
+        model = AutoModelForCausalLM.from_pretrained(sft_dir)
+        say(f"loaded the warmed-up model from {sft_dir}")
+    elif settings["sft_steps"] > 0:
+        say(f"supervised warm-up: {settings['sft_steps']} steps on {settings['task']} ...")
+        supervised_warmup(model, tok, train_rows, steps=settings["sft_steps"],
+                          batch_size=settings["sft_batch_size"],
+                          learning_rate=settings["sft_learning_rate"], seed=args.seed,
+                          log_every=0)
+        if rank == 0:
+            model.save_pretrained(sft_dir + ".tmp")
+            tok.save_pretrained(sft_dir + ".tmp")
+            if os.path.isdir(sft_dir):
+                import shutil
+
+                shutil.rmtree(sft_dir)
+            os.rename(sft_dir + ".tmp", sft_dir)
+    t_sft = time.perf_counter() - t0
+    if settings["sft_steps"] > 0 or (resume and os.path.isdir(sft_dir)):
+        acc["warm-up"] = (evaluate(model, tok, task, eval_rows, max_new_tokens=max_new),
+                          evaluate(model, tok, task, eval_rows, max_new_tokens=max_new,
+                                   temperature=1.0))
+        say(f"warm-up done in {t_sft:.0f} s; held-out accuracy greedy {acc['warm-up'][0]:.1%}, "
+            f"sampled {acc['warm-up'][1]:.1%}")
+
+    from rlfuse.trainers.grpo import copy_reference
+
+    if algorithm == "grpo":
+        from rlfuse.trainers.grpo import GRPOTrainer
+
+        ref = copy_reference(model) if args.beta > 0 else None
+        trainer = GRPOTrainer(model, task.reward, args=args, train_dataset=train_rows,
+                              tokenizer=tok, ref_model=ref)
+    elif algorithm == "ppo":
+        from rlfuse.trainers.ppo import PPOTrainer
+
+        trainer = PPOTrainer(model, task.reward, args=args, train_dataset=train_rows,
+                             tokenizer=tok, ref_model=copy_reference(model))
+    else:
+        from rlfuse.trainers.dpo import DPOTrainer
+
+        pairs = _preference_pairs(model, tok, task, train_rows[:1000], max_new_tokens=max_new,
+                                  seed=args.seed)
+        trainer = DPOTrainer(model, copy_reference(model), args=args, train_dataset=pairs,
+                             tokenizer=tok)
+    t1 = time.perf_counter()
+    result = trainer.train(resume_from_checkpoint=True if resume else None)
+    t_rl = time.perf_counter() - t1
+    acc[algorithm.upper()] = (evaluate(model, tok, task, eval_rows, max_new_tokens=max_new),
+                              evaluate(model, tok, task, eval_rows, max_new_tokens=max_new,
+                                       temperature=1.0))
+    if rank == 0:
+        n = len(eval_rows)
+        print()
+        print(f"held-out accuracy ({n} {settings['task']} problems)   greedy   sampled (T=1)")
+        for name, (g, s) in acc.items():
+            label = f"after {name}" if name != "initial" else "initial model"
+            print(f"  {label:<38s} {g:7.1%}  {s:8.1%}")
+        print(f"warm-up {t_sft:.0f} s, {algorithm} {result['global_step']} steps {t_rl:.0f} s; "
+              f"metrics: {os.path.join(args.output_dir, 'metrics.jsonl')}")
+        with open(os.path.join(args.output_dir, "eval.json"), "w") as f:
+            json.dump({"accuracy": {k: {"greedy": g, "sampled": s} for k, (g, s) in acc.items()},
+                       "warmup_seconds": t_sft, "rl_seconds": t_rl, "steps": result["global_step"],
+                       "eval_size": n}, f, indent=1)
+    result["accuracy"] = acc
+    return result
