@@ -22,7 +22,6 @@ from __future__ import annotations
 import json
 import os
 import statistics
-import subprocess
 import sys
 import tempfile
 
@@ -118,20 +117,10 @@ def _peak(device):
 
 
 def _child(variant: str, case: dict, device: str, timeout: float = 1200):
-    cmd = [sys.executable, "-m", "rlfuse.bench.trl", "--child", variant, json.dumps(case),
-           device]
-    env = dict(os.environ)
-    env.setdefault("OMP_NUM_THREADS", str(torch.get_num_threads()))
-    env.setdefault("MALLOC_MMAP_THRESHOLD_", "131072")
-    env.setdefault("MALLOC_TRIM_THRESHOLD_", "131072")
-    env.setdefault("TOKENIZERS_PARALLELISM", "false")
-    try:
-        out = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
-    except subprocess.TimeoutExpired:
-        return None, "subprocess timed out"
-    if out.returncode != 0:
-        return None, (out.stderr.strip().splitlines() or ["failed"])[-1][:200]
-    return json.loads(out.stdout.strip().splitlines()[-1]), None
+    from rlfuse.bench.linear_logprob import json_subprocess
+
+    return json_subprocess("rlfuse.bench.trl", ["--child", variant, json.dumps(case), device],
+                           timeout, env_extra={"TOKENIZERS_PARALLELISM": "false"})
 
 
 def run(device: str = "cpu", quick: bool = False, repeat: int | None = None,
