@@ -50,11 +50,17 @@ def _cmd_bench(args) -> int:
           f"torch {meta['torch']}  {meta['date']}")
     print(f"# measured copy bandwidth: {bw:.1f} GB/s (read + write); ratios are "
           "variant time / rlfuse time (>1: rlfuse faster)")
+    run_kwargs = dict(device=device, quick=args.quick, repeat=args.repeat,
+                      compile=not args.no_compile,
+                      backends=args.backends.split(",") if args.backends else None)
+    if args.suite == "all" and args.out:  # every suite, then DIR/report.md
+        from rlfuse.bench import report
+
+        report.run_all(args.out, names, meta, run_kwargs)
+        return 0
     for name in names:
         suite = bench.load(name)
-        rows = suite.run(device=device, quick=args.quick, repeat=args.repeat,
-                         compile=not args.no_compile,
-                         backends=args.backends.split(",") if args.backends else None)
+        rows = suite.run(**run_kwargs)
         print()
         print(harness.format_table(rows, bw))
         for r in rows:
@@ -85,7 +91,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--backends", default=None,
                    help="also time these rlfuse backends, comma separated (e.g. cuda,triton)")
     p.add_argument("--threads", type=int, default=None, help="torch/OpenMP threads")
-    p.add_argument("--out", default=None, help="write <suite>.json and <suite>.png here")
+    p.add_argument("--out", default=None, help="write <suite>.json and <suite>.png here (all: also report.md)")
     p.set_defaults(func=_cmd_bench)
 
     from rlfuse.search import llm_demo

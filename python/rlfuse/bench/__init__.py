@@ -14,6 +14,7 @@ SUITES = {
     "train": "rlfuse.bench.train",
     "preference": "rlfuse.bench.preference",
     "search_llm": "rlfuse.bench.search_llm",
+    "trl": "rlfuse.bench.trl",
 }
 
 
