@@ -10,9 +10,10 @@ peak memory is measured per process and load on a shared machine hits both alike
 
 * step time: median wall time of the measured steps (after warm-up steps), generation,
   reward, reference log-probs, forward, backward and optimizer included;
-* peak memory: the growth of the process's peak RSS during training (the high-water mark
-  is reset after setup through ``/proc/self/clear_refs``; CPU) or
-  ``torch.cuda.max_memory_allocated`` (GPU);
+* peak memory: the growth of the process's peak RSS over the measured steps (the
+  high-water mark is reset after the warm-up steps through ``/proc/self/clear_refs``, so
+  lazy imports and first-call allocations do not count; CPU) or
+  ``torch.cuda.max_memory_allocated`` over those steps (GPU);
 * for rlfuse, the share of step time in generation, model forward / backward and the
   rlfuse ops (``linear_token_logprobs`` and ``policy_loss``, forward and backward, timed
   by autograd hooks around them, plus ``group_advantages``).
@@ -176,12 +177,14 @@ def child_rlfuse(model_dir, case, device):
                      device=device, **_common(case))
     tr = GRPOTrainer(model_dir, _reward, args=cfg, train_dataset=_dataset(256))
     dev = torch.device(device)
-    base = _memory_start(device)
+    mem = {}
     steps, shares = [], []
     with OpTimer() as timer:
         orig_round = tr._train_round
 
         def timed_round():
+            if len(steps) == case["warmup"]:      # peak over the measured steps only
+                mem["base"] = _memory_start(device)
             tr.timers.clear()
             timer.seconds = 0.0
             t0 = time.perf_counter()
@@ -205,7 +208,7 @@ def child_rlfuse(model_dir, case, device):
             return res
         tr._train_round = timed_round
         tr.train()
-    peak = _memory_peak_mib(device, base)
+    peak = _memory_peak_mib(device, mem["base"])
     w = case["warmup"]
     share = {k: statistics.mean(s[k] for s in shares[w:]) for k in shares[w]}
     return {"step_s": statistics.median(steps[w:]), "peak_mib": peak, "shares": share}
@@ -225,8 +228,12 @@ def child_trl(model_dir, case, device):
                      train_dataset=Dataset.from_list(_dataset(256)), processing_class=tok)
     steps = []
 
+    mem = {}
+
     class Timer(TrainerCallback):
         def on_step_begin(self, args, state, control, **kw):
+            if len(steps) == case["warmup"]:      # peak over the measured steps only
+                mem["base"] = _memory_start(device)
             self.t0 = time.perf_counter()
 
         def on_step_end(self, args, state, control, **kw):
@@ -235,9 +242,8 @@ def child_trl(model_dir, case, device):
             steps.append(time.perf_counter() - self.t0)
 
     tr.add_callback(Timer())
-    base = _memory_start(device)
     tr.train()
-    peak = _memory_peak_mib(device, base)
+    peak = _memory_peak_mib(device, mem["base"])
     return {"step_s": statistics.median(steps[case["warmup"]:]), "peak_mib": peak}
 
 
