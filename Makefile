@@ -10,7 +10,7 @@ CONSTRAINTS := -c requirements/constraints.txt
 DEPS_STAMP := $(VENV)/.rlfuse-deps
 PYTEST_ARGS ?=
 
-.PHONY: demo test install deps bench gpu-check sanitize fuzz clean
+.PHONY: demo test install deps bench gpu-check sanitize sanitize-ci fuzz clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -45,13 +45,26 @@ gpu-check:
 # tests run against it (the runtimes preloaded into python), then the normal build is
 # reinstalled.  torch.compile, the Triton interpreter and RSS-measuring tests are left out.
 SAN_PRELOAD = $(shell gcc -print-file-name=libasan.so):$(shell gcc -print-file-name=libubsan.so)
-sanitize: $(DEPS_STAMP)
-	RLFUSE_CUDA=OFF $(PIP) install -q --no-build-isolation --no-deps -e . \
+SAN_INSTALL = RLFUSE_CUDA=OFF $(PIP) install -q --no-build-isolation --no-deps -e . \
 	  -C build-dir=build/sanitize -C cmake.define.RLFUSE_SANITIZE=address,undefined
-	LD_PRELOAD=$(SAN_PRELOAD) ASAN_OPTIONS=detect_leaks=0 \
-	  UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1 \
-	  $(PY) -m pytest tests/ops tests/models -q -k "not compile and not triton and not peak_memory"; \
-	  rc=$$?; $(PIP) install -q --no-build-isolation --no-deps -e .; exit $$rc
+SAN_RUN = LD_PRELOAD=$(SAN_PRELOAD) ASAN_OPTIONS=detect_leaks=0:abort_on_error=1 \
+	  UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1 $(PY) -m pytest -q -p no:cacheprovider
+SAN_RESTORE = $(PIP) install -q --no-build-isolation --no-deps -e .
+sanitize: $(DEPS_STAMP)
+	$(SAN_INSTALL)
+	$(SAN_RUN) tests/ops tests/models -k "not compile and not triton and not peak_memory"; \
+	  rc=$$?; $(SAN_RESTORE); exit $$rc
+
+# The bounded subset CI runs after `make test` (a couple of minutes on 2 cores): the
+# reliability property tests, error table and concurrent calls on the cpu backend, whose
+# random shapes, views and extreme values drive every C++ kernel.
+SAN_CI_TESTS = tests/reliability/test_properties_logprob.py \
+	  tests/reliability/test_properties_advantage.py tests/reliability/test_properties_policy.py \
+	  tests/reliability/test_errors.py tests/reliability/test_threads.py
+sanitize-ci: $(DEPS_STAMP)
+	$(SAN_INSTALL)
+	$(SAN_RUN) $(SAN_CI_TESTS) -k "(cpu and not triton and not blas) or row_raises"; \
+	  rc=$$?; $(SAN_RESTORE); exit $$rc
 
 # Longer property-based runs (hypothesis profile "fuzz" in tests/conftest.py).
 fuzz: install

@@ -93,7 +93,8 @@ def _kl_value_grad(d, lrc, oc, KM: tl.constexpr, KIND: tl.constexpr):
         else:
             v = 0.5 * d * d
             g = d
-    vc = _clamp(v, -oc, oc)
+    # oc = _BIG means no clamp: an overflowing estimate stays inf (as the reference), not 3e38
+    vc = tl.where(oc >= 3.0e38, v, _clamp(v, -oc, oc))
     g = tl.where(vc == v, g, 0.0)
     return v, vc, g
 

@@ -255,8 +255,9 @@ def preference_loss(c, r, rc, rr, lc, lr, pw, ints, floats, loss, grad_c, grad_r
     dev = c.device
     P = c.numel()
     fcode, ipo_norm, K = int(ints[0]), int(ints[1]), int(ints[2])
-    codes = torch.tensor(list(ints[3:3 + K]), dtype=torch.int32, device=dev)
-    weights = torch.tensor(list(floats[5:5 + K]), dtype=acc, device=dev)
+    # (padded to one entry: a kernel argument is never an empty tensor)
+    codes = torch.tensor(list(ints[3:3 + K]) or [0], dtype=torch.int32, device=dev)
+    weights = torch.tensor(list(floats[5:5 + K]) or [0.0], dtype=acc, device=dev)
     beta, eps, gamma, tau, falpha = (float(v) for v in floats[:5])
     w_sft = sum(w for code, w in zip(ints[3:3 + K], floats[5:5 + K]) if code == 12)
     log1m_eps = math.log1p(-eps) if eps < 1 else -math.inf

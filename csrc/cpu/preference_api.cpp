@@ -21,7 +21,7 @@ void rlfuse_bind_preference(py::module_& m) {
         if (ia.size() < size_t(kNumPrefIFixed) || fa.size() < size_t(kNumPrefFFixed))
           throw std::invalid_argument("rlfuse._C.preference_loss_fwd: argument lists too short");
         const int64_t K = ia[kNumTypes];
-        if (K < 1 || ia.size() != size_t(kNumPrefIFixed + K) ||
+        if (K < 0 || ia.size() != size_t(kNumPrefIFixed + K) ||
             fa.size() != size_t(kNumPrefFFixed + K))
           throw std::invalid_argument(
               "rlfuse._C.preference_loss_fwd: expected " + std::to_string(kNumPrefIFixed) +

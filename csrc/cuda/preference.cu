@@ -185,8 +185,8 @@ int preference_typed(const int64_t* ia, const double* fa, cudaStream_t s) {
 extern "C" int rlfuse_preference_loss(const int64_t* ia, const double* fa, void* stream) {
   using namespace rlfuse::prefcu;
   if (ia[kP] <= 0) return 0;
-  if (ia[kNumTypes] < 1 || ia[kNumTypes] > kMaxTypes)
-    return rlfuse_cuda_fail(cudaErrorInvalidValue, "preference_loss: 1..32 loss types");
+  if (ia[kNumTypes] < 0 || ia[kNumTypes] > kMaxTypes)
+    return rlfuse_cuda_fail(cudaErrorInvalidValue, "preference_loss: at most 32 loss types");
   cudaStream_t s = static_cast<cudaStream_t>(stream);
   if (ia[kC + 1] == 3) return preference_typed<double>(ia, fa, s);
   return preference_typed<float>(ia, fa, s);

@@ -25,7 +25,7 @@ void rlfuse_bind_cuda_preference(py::module_& m) {
         if (ia.size() < size_t(kNumPrefIFixed) || fa.size() < size_t(kNumPrefFFixed))
           throw std::invalid_argument("rlfuse._cuda.preference_loss: argument lists too short");
         const int64_t K = ia[kNumTypes];
-        if (K < 1 || ia.size() != size_t(kNumPrefIFixed + K) ||
+        if (K < 0 || ia.size() != size_t(kNumPrefIFixed + K) ||
             fa.size() != size_t(kNumPrefFFixed + K))
           throw std::invalid_argument("rlfuse._cuda.preference_loss: expected " +
                                       std::to_string(kNumPrefIFixed) + " + K int and " +

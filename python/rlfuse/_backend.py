@@ -13,10 +13,12 @@ environment variable override it.  Asking for a backend that cannot run here rai
 
 from __future__ import annotations
 
+import functools
 import importlib
 import importlib.util
 import os
 import platform
+import threading
 
 import torch
 
@@ -73,12 +75,50 @@ def _triton_error() -> str | None:
     return None if _TRITON_FOUND else "triton is not installed"
 
 
+# The Triton interpreter patches triton.language globally while it runs a kernel, so two
+# Python threads interpreting kernels at once break each other: interpreted launches are
+# serialised (compiled GPU launches are not affected).
+_INTERPRETER_LOCK = threading.RLock()
+
+
+class _Serialised:
+    def __init__(self, module):
+        self._module = module
+
+    def __getattr__(self, name):
+        obj = getattr(self._module, name)
+        if callable(obj) and hasattr(obj, "__getitem__"):  # a @triton.jit kernel: kernel[grid]
+            return _SerialisedKernel(obj)
+        return _locked(obj) if callable(obj) else obj
+
+
+class _SerialisedKernel:
+    def __init__(self, kernel):
+        self._kernel = kernel
+
+    def __getitem__(self, grid):
+        return _locked(self._kernel[grid])
+
+    def __getattr__(self, name):
+        return getattr(self._kernel, name)
+
+
+def _locked(fn):
+    @functools.wraps(fn)
+    def locked(*args, **kwargs):
+        with _INTERPRETER_LOCK:
+            return fn(*args, **kwargs)
+
+    return locked
+
+
 def triton_kernels(family: str):
     """Import rlfuse.kernels.<family> (Triton), or raise a clear error."""
     err = _triton_error()
     if err is not None:
         raise RuntimeError(f"rlfuse backend 'triton' is unavailable: {err}")
-    return importlib.import_module(f"rlfuse.kernels.{family}")
+    module = importlib.import_module(f"rlfuse.kernels.{family}")
+    return _Serialised(module) if triton_interpreted() else module
 
 
 def available(backend: str, device: torch.device | str = "cpu") -> bool:

@@ -19,7 +19,7 @@ from rlfuse.ops import (
     preference_loss_from_hidden,
     preference_loss_reference,
 )
-from rlfuse.ops.preference import LOSS_TYPES, REFERENCE_FREE_TYPES, STATS
+from rlfuse.ops.preference import LOSS_TYPES, REFERENCE_FREE_TYPES, SORTED_TYPES, STATS
 from tests.helpers import backends_and_devices
 
 # (backend, device) pairs that run here; "cuda" appears on a machine with a GPU.
@@ -191,6 +191,40 @@ def test_weighted_type_list_and_pair_weights(backend, device):
                        loss_type={"sigmoid": 1.3, "sft": 0.5, "ipo": -0.25, "bco_pair": 2.0},
                        beta=BETA, pair_weights=x["pw"], backend=backend, device=device)
     torch.testing.assert_close(loss2, loss, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("backend,device", BACKENDS)
+def test_sorted_types_aot(backend, device):
+    """aot / aot_unpaired: sigmoid loss of differences of sorted batch log-ratios (ranks)."""
+    x = _inputs(P=11, seed=37)
+    eps = 0.1
+    for types, weights in ((["aot"], [1.0]), (["aot_unpaired"], [1.0]),
+                           (["sigmoid", "aot", "aot_unpaired", "sft"], [1.0, 0.4, 0.3, 0.2])):
+        loss, stats, grads = _run(preference_loss, x, torch.float64, loss_type=types,
+                                  loss_weights=weights, beta=BETA, label_smoothing=eps,
+                                  backend=backend, device=device)
+        c = x["c"].clone().requires_grad_()
+        r = x["r"].clone().requires_grad_()
+        want = 0.0
+        per = torch.zeros_like(c)
+        for t, w in zip(types, weights):
+            if t in SORTED_TYPES:
+                if t == "aot":
+                    d = (c - r).sort().values - (x["rc"] - x["rr"]).sort().values
+                else:
+                    d = (c - x["rc"]).sort().values - (r - x["rr"]).sort().values
+                want = want + w * ((1 - eps) * _sp(-BETA * d) + eps * _sp(BETA * d)).mean()
+            else:
+                e = eps if t == "sigmoid" else 0.0
+                f = w * _formula(t, c, r, x["rc"], x["rr"], x["lc"], x["lr"], BETA, e)
+                per = per + f
+                want = want + f.mean()
+        wg = torch.autograd.grad(want, (c, r))
+        torch.testing.assert_close(loss, want.detach(), rtol=1e-10, atol=1e-12)
+        for g, w in zip(grads, wg):
+            torch.testing.assert_close(g, w, rtol=1e-10, atol=1e-12)
+        # the per-pair statistics carry the per-pair types only
+        torch.testing.assert_close(stats["losses"], per.detach(), rtol=1e-10, atol=1e-12)
 
 
 @pytest.mark.parametrize("backend,device", BACKENDS)
@@ -370,7 +404,7 @@ def test_eager_function_and_library_op_agree(monkeypatch):
 # ------------------------------------------------------------------------------ bad input
 def test_reference_needed():
     x = _inputs()
-    for t in [t for t in LOSS_TYPES if t not in REFERENCE_FREE_TYPES]:
+    for t in [t for t in LOSS_TYPES + SORTED_TYPES if t not in REFERENCE_FREE_TYPES]:
         with pytest.raises(ValueError, match="ref_chosen_logps"):
             preference_loss(x["c"], x["r"], loss_type=t, chosen_lengths=x["lc"],
                             rejected_lengths=x["lr"], label_smoothing=_eps_for(t))
@@ -380,7 +414,8 @@ def test_reference_needed():
 
 @pytest.mark.parametrize("kwargs,exc,match", [
     (dict(loss_type="dpo"), ValueError, "unknown loss_type 'dpo'"),
-    (dict(loss_type="aot"), ValueError, "sort across the batch"),
+    (dict(loss_type="aot", pair_weights=torch.ones(9, dtype=torch.float64)), ValueError,
+     "ranks of the sorted batch"),
     (dict(loss_type=[]), ValueError, "empty"),
     (dict(loss_type=3), TypeError, "loss_type must be"),
     (dict(loss_type=["sigmoid", "hinge"], loss_weights=[1.0]), ValueError, "loss_weights has 1"),
@@ -548,3 +583,28 @@ def test_from_hidden_bad_input():
         preference_logps(hidden, weight, ids, cu_seqlens=torch.tensor([0, 10, 20]))
     with pytest.raises(ValueError, match="token_ids must lie"):
         preference_logps(hidden, weight, ids + V)
+
+
+def test_from_hidden_torch_compile_fullgraph():
+    torch.manual_seed(3)
+    P, T = 2, 6
+    _, labels, mask = _pairs(P, T, seed=6)
+    hidden = torch.randn(2 * P, T, H, dtype=torch.float32)
+    weight = torch.randn(V, H, dtype=torch.float32) / H ** 0.5
+    ref = torch.randn(2 * P) - 10
+
+    def f(h, w):
+        loss, stats = preference_loss_from_hidden(h, w, labels, mask=mask, beta=BETA,
+                                                  ref_chosen_logps=ref[:P],
+                                                  ref_rejected_logps=ref[P:],
+                                                  loss_type=["sigmoid", "ipo"])
+        return loss, stats["chosen_logps"]
+
+    outs = []
+    for fn in (f, torch.compile(f, fullgraph=True, backend="aot_eager")):
+        h = hidden.clone().requires_grad_()
+        w = weight.clone().requires_grad_()
+        loss, cl = fn(h, w)
+        outs.append((loss, cl, *torch.autograd.grad(loss, (h, w))))
+    for a, b in zip(*outs):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)

@@ -134,6 +134,14 @@ def test_trl_dpo_every_loss_type(loss_type, backend):
              rtol=1e-7 if loss_type == "exo_pair" else 1e-9)
 
 
+@pytest.mark.parametrize("loss_type", ["aot", "aot_unpaired"])
+def test_trl_dpo_sorted_types(loss_type):
+    lt = ["hinge", loss_type]  # (TRL's sigmoid ignores label_smoothing; ours is cDPO)
+    _compare(dict(loss_type=lt, weights=[0.5, 1.0], beta=0.2, eps=0.1),
+             dict(loss_type=lt, loss_weights=[0.5, 1.0], beta=0.2, label_smoothing=0.1),
+             seed=21)
+
+
 def test_trl_dpo_weighted_list():
     lt = ["sigmoid", "sft", "bco_pair", "apo_zero"]
     w = [1.0, 0.3, 0.5, 0.2]

@@ -155,11 +155,10 @@ def _reset_peak_rss() -> bool:
         return False
 
 
-def _memory_child(name, N, H, V, dtype_name, device) -> dict:
-    """Run in a fresh process: peak extra memory of one forward+backward of ``name``."""
-    dtype = getattr(torch, dtype_name)
-    inputs = make_inputs(N, H, V, dtype, device)
-    fn = variant_fn(name, *inputs)
+def peak_extra_bytes(fn, device) -> dict:
+    """Peak extra memory of one ``fn()`` after a warm-up call (lazy imports, torch.compile,
+    allocator pools are not the op's memory): max_memory_allocated on CUDA, peak RSS on the
+    CPU.  Meant for a fresh process (see :func:`memory_subprocess`)."""
     if device == "cuda":
         fn()
         torch.cuda.synchronize()
@@ -170,7 +169,7 @@ def _memory_child(name, N, H, V, dtype_name, device) -> dict:
         return {"peak_extra_bytes": torch.cuda.max_memory_allocated() - base}
     import gc
 
-    fn()  # warm-up: lazy imports, torch.compile, allocator pools are not the op's memory
+    fn()
     gc.collect()
     base = _status_bytes("VmRSS")
     if not _reset_peak_rss():
@@ -179,10 +178,16 @@ def _memory_child(name, N, H, V, dtype_name, device) -> dict:
     return {"peak_extra_bytes": _status_bytes("VmHWM") - base}
 
 
-def measure_memory(name, N, H, V, dtype, device, timeout=900) -> tuple[float | None, str | None]:
-    """Peak extra MB of ``name`` in a fresh subprocess (None and the error on failure)."""
-    cmd = [sys.executable, "-m", "rlfuse.bench.linear_logprob", "--memory", name, str(N),
-           str(H), str(V), str(dtype).replace("torch.", ""), str(device)]
+def _memory_child(name, N, H, V, dtype_name, device) -> dict:
+    """Run in a fresh process: peak extra memory of one forward+backward of ``name``."""
+    dtype = getattr(torch, dtype_name)
+    return peak_extra_bytes(variant_fn(name, *make_inputs(N, H, V, dtype, device)), device)
+
+
+def memory_subprocess(module: str, args: list, timeout=900) -> tuple[float | None, str | None]:
+    """Run ``python -m module --memory *args`` (which prints peak_extra_bytes as JSON) and
+    return the peak extra MB (None and the error on failure)."""
+    cmd = [sys.executable, "-m", module, "--memory", *[str(a) for a in args]]
     env = dict(os.environ)
     env.setdefault("OMP_NUM_THREADS", str(torch.get_num_threads()))
     # A fixed mmap threshold: freed large blocks go back to the OS, so RSS tracks the live
@@ -197,6 +202,12 @@ def measure_memory(name, N, H, V, dtype, device, timeout=900) -> tuple[float | N
         return None, (out.stderr.strip().splitlines() or ["failed"])[-1][:200]
     d = json.loads(out.stdout.strip().splitlines()[-1])
     return d["peak_extra_bytes"] / 2**20, None
+
+
+def measure_memory(name, N, H, V, dtype, device, timeout=900) -> tuple[float | None, str | None]:
+    """Peak extra MB of ``name`` in a fresh subprocess (None and the error on failure)."""
+    return memory_subprocess("rlfuse.bench.linear_logprob",
+                             [name, N, H, V, str(dtype).replace("torch.", ""), device], timeout)
 
 
 def interleaved(fns: dict, device, *, warmup: int = 1, repeat: int = 3):

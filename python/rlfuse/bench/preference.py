@@ -26,13 +26,12 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 import sys
 
 import torch
 
 from rlfuse.bench.harness import Row
-from rlfuse.bench.linear_logprob import _reset_peak_rss, _status_bytes, interleaved
+from rlfuse.bench.linear_logprob import interleaved, memory_subprocess, peak_extra_bytes
 from rlfuse.ops import preference_loss, preference_loss_from_hidden
 
 NAME = "preference"
@@ -107,42 +106,10 @@ def _free_bytes() -> int:
     return int(os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))
 
 
-def _memory_child(name, P, T, H, V, dtype_name, device) -> dict:
-    dtype = getattr(torch, dtype_name)
-    fn = variant_fn(name, *make_inputs(P, T, H, V, dtype, device))
-    if device == "cuda":
-        fn()
-        torch.cuda.synchronize()
-        base = torch.cuda.memory_allocated()
-        torch.cuda.reset_peak_memory_stats()
-        fn()
-        torch.cuda.synchronize()
-        return {"peak_extra_bytes": torch.cuda.max_memory_allocated() - base}
-    import gc
-
-    fn()
-    gc.collect()
-    base = _status_bytes("VmRSS")
-    if not _reset_peak_rss():
-        raise RuntimeError("cannot reset the peak RSS (/proc/self/clear_refs)")
-    fn()
-    return {"peak_extra_bytes": _status_bytes("VmHWM") - base}
-
-
 def measure_memory(name, P, T, H, V, dtype, device, timeout=1800):
-    cmd = [sys.executable, "-m", "rlfuse.bench.preference", "--memory", name, str(P), str(T),
-           str(H), str(V), str(dtype).replace("torch.", ""), str(device)]
-    env = dict(os.environ)
-    env.setdefault("OMP_NUM_THREADS", str(torch.get_num_threads()))
-    env.setdefault("MALLOC_MMAP_THRESHOLD_", "131072")
-    env.setdefault("MALLOC_TRIM_THRESHOLD_", "131072")
-    try:
-        out = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
-    except subprocess.TimeoutExpired:
-        return None, "memory subprocess timed out"
-    if out.returncode != 0:
-        return None, (out.stderr.strip().splitlines() or ["failed"])[-1][:200]
-    return json.loads(out.stdout.strip().splitlines()[-1])["peak_extra_bytes"] / 2**20, None
+    """Peak extra MB of one forward + backward of ``name`` in a fresh subprocess."""
+    return memory_subprocess("rlfuse.bench.preference",
+                             [name, P, T, H, V, str(dtype).replace("torch.", ""), device], timeout)
 
 
 def _loss_only_fns(P, device, backends):
@@ -225,8 +192,8 @@ def run(device: str = "cpu", quick: bool = False, repeat: int | None = None,
 if __name__ == "__main__":
     if len(sys.argv) == 9 and sys.argv[1] == "--memory":
         _, _, name, P, T, H, V, dtype_name, device = sys.argv
-        print(json.dumps(_memory_child(name, int(P), int(T), int(H), int(V), dtype_name,
-                                       device)))
+        inputs = make_inputs(int(P), int(T), int(H), int(V), getattr(torch, dtype_name), device)
+        print(json.dumps(peak_extra_bytes(variant_fn(name, *inputs), device)))
     else:
         print("usage: python -m rlfuse.bench.preference --memory NAME P T H V DTYPE DEVICE")
         sys.exit(2)

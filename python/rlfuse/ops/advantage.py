@@ -405,7 +405,8 @@ def group_advantages_reference(
         W = sum(w)
         if (W <= 0) if whitening == "biased" else (W <= 1):
             raise ValueError("group_advantages: reinforce_pp_baseline whitens over the batch "
-                             "and needs at least two valid tokens (one for OpenRLHF)")
+                             f"and needs at least {1 if whitening == 'biased' else 2} valid "
+                             "token(s)")  # the kernels' message, word for word
         mean = sum(w[b] * x[b] for b in range(B)) / W
         m2 = sum(w[b] * (x[b] - mean) ** 2 for b in range(B))
         if whitening == "biased":
@@ -840,7 +841,7 @@ def _rows_view(x: torch.Tensor) -> torch.Tensor:
         return x.reshape(1, 1)
     if x.dim() == 1:
         return x.reshape(1, -1)
-    return x.reshape(-1, x.shape[-1])
+    return x.reshape(math.prod(x.shape[:-1]), x.shape[-1])  # not -1: the last dim may be 0
 
 
 def _row_stats(x2, m2, backend, op, names):
@@ -865,7 +866,7 @@ def _row_stats(x2, m2, backend, op, names):
         m = torch.ones_like(x2, dtype=torch.bool) if m2 is None else m2 != 0
         xd = torch.where(m, x2.double(), torch.zeros((), dtype=torch.float64, device=x2.device))
         cnt = m.sum(-1)
-        mean = torch.where(cnt > 0, xd.sum(-1) / cnt.clamp_min(1), torch.zeros_like(xd[:, 0]))
+        mean = torch.where(cnt > 0, xd.sum(-1) / cnt.clamp_min(1), xd.new_zeros(R))
         d = torch.where(m, xd - mean.unsqueeze(-1), torch.zeros_like(xd))
         m2o = (d * d).sum(-1)
     elif backend == "cuda":

@@ -520,7 +520,9 @@ def _resolve_policy_impl(op, *, B, T, variant, epsilon, epsilon_low, epsilon_hig
     )
 
 
-_resolve_policy_cached = functools.lru_cache(maxsize=512)(_resolve_policy_impl)
+# typed: 1, 1.0 and True hash alike, and an untyped cache would let dp_size=1.0 or
+# kl_ratio_weighted=1 skip their type checks after a valid call with 1 / True.
+_resolve_policy_cached = functools.lru_cache(maxsize=512, typed=True)(_resolve_policy_impl)
 
 
 # ======================================================================================
@@ -670,7 +672,7 @@ def _kl_geometry(x: torch.Tensor):
     if x.dim() < 2:
         y = x.reshape(1, -1)
         return y, 1, y.size(1)
-    y = x.reshape(-1, x.size(-1))
+    y = x.reshape(math.prod(x.shape[:-1]), x.size(-1))  # not -1: the last dim may be 0
     return y, y.size(0), y.size(1)
 
 

@@ -36,6 +36,8 @@ DPOTrainer, CPOTrainer (simpo), ORPOTrainer (orpo); softplus(x) = -logsigmoid(-x
     simpo         (1 - e) softplus(-y) + e softplus(y),  y = beta (c / L_c - r / L_r) - simpo_gamma
     orpo          beta softplus(-o),  o = (a_c - a_r) - (log(1 - e^a_c) - log(1 - e^a_r)),
                   a = c / L (the odds-ratio term; TRL's ORPO loss is ["sft", "orpo"])
+    aot           the sigmoid term (with e) of d_k = sort(c - r)_k - sort(c0 - r0)_k, a mean
+                  over the ranks k of the sorted batch; aot_unpaired: sort(u_c) - sort(u_r)
 
     loss = sum_k w_k mean_i(p_i term_k(i))   (w = loss_weights, p = pair_weights, default 1)
 
@@ -59,6 +61,7 @@ from rlfuse import _backend, _validate
 
 __all__ = [
     "LOSS_TYPES",
+    "SORTED_TYPES",
     "REFERENCE_FREE_TYPES",
     "F_DIVERGENCES",
     "PreferenceLogps",
@@ -74,6 +77,8 @@ LOSS_TYPES = ("sigmoid", "hinge", "ipo", "exo_pair", "nca_pair", "robust", "bco_
               "sppo_hard", "apo_zero", "apo_down", "discopop", "sigmoid_norm", "sft", "simpo",
               "orpo")
 _CODES = {name: i for i, name in enumerate(LOSS_TYPES)}  # csrc/cpu/preference.h: LossType
+# TRL's types that sort log-ratios across the batch: computed with torch around the kernel.
+SORTED_TYPES = ("aot", "aot_unpaired")
 REFERENCE_FREE_TYPES = ("sft", "simpo", "orpo")
 F_DIVERGENCES = ("reverse_kl", "forward_kl", "js_divergence", "alpha_divergence")
 # Types that TRL allows with a non-default f_divergence_type (the others use u_c, u_r).
@@ -131,11 +136,9 @@ def _types_and_weights(op, loss_type, loss_weights):
     for t in types:
         if not isinstance(t, str):
             raise TypeError(f"{op}: every loss_type must be a str, got {type(t).__name__}")
-        if t not in _CODES:
-            extra = ""
-            if t in ("aot", "aot_unpaired"):
-                extra = " (TRL's aot / aot_unpaired sort across the batch; not implemented)"
-            raise ValueError(f"{op}: unknown loss_type {t!r}{extra}; choose from {LOSS_TYPES}")
+        if t not in _CODES and t not in SORTED_TYPES:
+            raise ValueError(f"{op}: unknown loss_type {t!r}; choose from "
+                             f"{LOSS_TYPES + SORTED_TYPES}")
     if loss_weights is None:
         weights = (1.0,) * len(types)
     else:
@@ -149,8 +152,12 @@ def _types_and_weights(op, loss_type, loss_weights):
     return types, weights
 
 
-def _resolve_impl(op, types, weights, beta, label_smoothing, has_ref, has_len, type_args):
-    """(ints, floats) of the kernel configuration; raises on inconsistent arguments."""
+def _resolve_impl(op, types, weights, beta, label_smoothing, has_ref, has_len, has_pw,
+                  type_args, arg_types=()):
+    """(ints, floats) of the kernel configuration and the sorted (aot) terms
+    ((name, weight), ...); raises on inconsistent arguments.
+    ``arg_types`` (the types of the type_args values) only keys the cache: 0 == False, so
+    without it ipo_length_normalize=0 would skip its bool check after a call with False."""
     beta = _validate.positive_float(op, "beta", beta)
     eps = _real(op, "label_smoothing", label_smoothing)
     if not 0.0 <= eps <= 1.0:
@@ -192,15 +199,22 @@ def _resolve_impl(op, types, weights, beta, label_smoothing, has_ref, has_len, t
     if need_len and not has_len:
         raise ValueError(f"{op}: loss_type {need_len} needs chosen_lengths and rejected_lengths "
                          "(completion token counts); they are None")
-    ints = [fcode, int(ta["ipo_length_normalize"]), len(types)] + [_CODES[t] for t in types]
-    floats = [beta, eps, gamma, tau, falpha] + list(weights)
-    return tuple(ints), tuple(floats)
+    sorted_terms = tuple((t, w) for t, w in zip(types, weights) if t in SORTED_TYPES)
+    if sorted_terms and has_pw:
+        raise ValueError(f"{op}: pair_weights cannot weight {[t for t, _ in sorted_terms]}: their "
+                         "terms belong to ranks of the sorted batch, not to pairs (TRL refuses "
+                         "use_weighting with them too)")
+    kernel = [(t, w) for t, w in zip(types, weights) if t in _CODES]
+    ints = [fcode, int(ta["ipo_length_normalize"]), len(kernel)] + [_CODES[t] for t, _ in kernel]
+    floats = [beta, eps, gamma, tau, falpha] + [w for _, w in kernel]
+    return tuple(ints), tuple(floats), sorted_terms
 
 
 _resolve_cached = functools.lru_cache(maxsize=256)(_resolve_impl)
 
 
-def _config(op, loss_type, loss_weights, beta, label_smoothing, has_ref, has_len, type_args):
+def _config(op, loss_type, loss_weights, beta, label_smoothing, has_ref, has_len, type_args,
+            has_pw=False):
     types, weights = _types_and_weights(op, loss_type, loss_weights)
     if isinstance(beta, bool) or not isinstance(beta, numbers.Real):
         raise TypeError(f"{op}: beta must be a real number, got {type(beta).__name__}")
@@ -214,7 +228,7 @@ def _config(op, loss_type, loss_weights, beta, label_smoothing, has_ref, has_len
         raise TypeError(f"{op}: type arguments must be numbers, bools or strings") from None
     resolve = _resolve_impl if torch.compiler.is_compiling() else _resolve_cached
     return resolve(op, types, weights, float(beta), float(label_smoothing), has_ref, has_len,
-                   items)
+                   has_pw, items, tuple(type(v) for _, v in items))
 
 
 def _acc_dtype(x: torch.Tensor) -> torch.dtype:
@@ -326,12 +340,44 @@ def preference_loss_reference(chosen_logps, rejected_logps, ref_chosen_logps=Non
     policy log-probs.  Computes in float64 for float64 ``chosen_logps``, else float32."""
     _check_tensors(_OP, chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps,
                    chosen_lengths, rejected_lengths, pair_weights)
-    ints, floats = _config(_OP, loss_type, loss_weights, beta, label_smoothing,
-                           ref_chosen_logps is not None, chosen_lengths is not None, type_args)
+    ints, floats, sorted_terms = _config(
+        _OP, loss_type, loss_weights, beta, label_smoothing, ref_chosen_logps is not None,
+        chosen_lengths is not None, type_args, pair_weights is not None)
     loss, stats = _reference_core(chosen_logps, rejected_logps, ref_chosen_logps,
                                   ref_rejected_logps, chosen_lengths, rejected_lengths,
                                   pair_weights, ints, floats)
+    loss = loss + _sorted_loss(chosen_logps, rejected_logps, ref_chosen_logps,
+                               ref_rejected_logps, sorted_terms, floats[0], floats[1])
     return loss, {k: stats[i] for i, k in enumerate(STATS)}
+
+
+def _sorted_loss(c, r, rc, rr, terms, beta, eps):
+    """TRL's aot / aot_unpaired: the smoothed sigmoid loss of delta_k, the difference of the
+    k-th smallest values of two batch-wide log-ratio vectors (ranks, not pairs):
+
+        aot           delta = sort(c - r) - sort(c0 - r0)
+        aot_unpaired  delta = sort(c - c0) - sort(r - r0)
+
+    Plain torch (sort + elementwise; autograd through the sort), added to the kernel loss."""
+    if not terms:
+        return 0.0
+    import torch.nn.functional as F
+
+    acc = _acc_dtype(c)
+    c, r = c.to(acc), r.to(acc)
+    rc, rr = rc.detach().to(acc), rr.detach().to(acc)
+    total = torch.zeros((), dtype=acc, device=c.device)
+    if c.numel() == 0:
+        return total
+    for name, w in terms:
+        if name == "aot":
+            delta = torch.sort(c - r).values - torch.sort(rc - rr).values
+        else:
+            delta = torch.sort(c - rc).values - torch.sort(r - rr).values
+        z = beta * delta
+        per_rank = -F.logsigmoid(z) * (1 - eps) - F.logsigmoid(-z) * eps
+        total = total + w * per_rank.mean()
+    return total
 
 
 # ======================================================================================
@@ -514,7 +560,7 @@ def preference_loss(
         ref_chosen_logps, ref_rejected_logps: ``[P]`` the same under the reference model
             (constants), required by every type but ``sft``, ``simpo`` and ``orpo``;
             ``None`` with a reference-based type raises.
-        loss_type: one of :data:`LOSS_TYPES`, a list of them (combined as TRL does:
+        loss_type: one of :data:`LOSS_TYPES` or :data:`SORTED_TYPES`, a list of them (combined as TRL does:
             ``sum_k loss_weights[k] * mean_i term_k(i)``) or a dict ``{type: weight}``.
         beta: > 0.  label_smoothing: in [0, 1] (cDPO for ``sigmoid`` / ``simpo``; ε of
             ``robust`` (< 0.5) and ``exo_pair`` (> 0)).
@@ -539,20 +585,24 @@ def preference_loss(
     """
     _check_tensors(_OP, chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps,
                    chosen_lengths, rejected_lengths, pair_weights)
-    ints, floats = _config(_OP, loss_type, loss_weights, beta, label_smoothing,
-                           ref_chosen_logps is not None, chosen_lengths is not None, type_args)
+    ints, floats, sorted_terms = _config(
+        _OP, loss_type, loss_weights, beta, label_smoothing, ref_chosen_logps is not None,
+        chosen_lengths is not None, type_args, pair_weights is not None)
     chosen = _backend.resolve(backend, chosen_logps.device, _OP)
     if chosen == "torch":  # the reference itself, differentiated by autograd
         loss, stats = _reference_core(chosen_logps, rejected_logps, ref_chosen_logps,
                                       ref_rejected_logps, chosen_lengths, rejected_lengths,
                                       pair_weights, ints, floats)
-        return loss, {k: stats[i] for i, k in enumerate(STATS)}
-    args = (chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps, chosen_lengths,
-            rejected_lengths, pair_weights, list(ints), list(floats), chosen)
-    if _use_library_op():
-        loss, stats, _, _ = _preference_op(*args)
     else:
-        loss, stats = _PreferenceFunction.apply(*args)
+        args = (chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps,
+                chosen_lengths, rejected_lengths, pair_weights, list(ints), list(floats), chosen)
+        if _use_library_op():
+            loss, stats, _, _ = _preference_op(*args)
+        else:
+            loss, stats = _PreferenceFunction.apply(*args)
+    if sorted_terms:
+        loss = loss + _sorted_loss(chosen_logps, rejected_logps, ref_chosen_logps,
+                                   ref_rejected_logps, sorted_terms, floats[0], floats[1])
     return loss, {k: stats[i] for i, k in enumerate(STATS)}
 
 
@@ -640,7 +690,8 @@ def preference_logps(
                 are the chosen completions, rows P..2P-1 the rejected ones (TRL's order).
         packed  ``token_ids [N]`` (or ``[1, N]``), ``hidden [N, H]`` (or ``[1, N, H]``),
                 ``cu_seqlens [2P + 1]``: sequences 0..P-1 chosen, P..2P-1 rejected.
-    A position counts when ``mask`` (if given) is nonzero and its id is not ``ignore_index``.
+    A position counts when ``mask`` (if given) is nonzero and its id is not ``ignore_index``;
+    the others cost no matmul (their ids are not checked either).
 
     ``token_weights`` (shape of ``token_ids``) multiply each counted log-prob inside the
     sums (SparsePO-style masks, any per-token weights; differentiable if they require
@@ -655,13 +706,14 @@ def preference_logps(
     op = "preference_logps"
     P = _pair_layout(op, token_ids, cu_seqlens)
     ignore_index = _validate.integer(op, "ignore_index", ignore_index)
-    lp = linear_token_logprobs(hidden, weight, token_ids, bias=bias, temperature=temperature,
+    ids = _validate.ids_for_ignore_index(token_ids, ignore_index)
+    m = _mask_tensor(op, mask, token_ids.shape, token_ids.device)
+    if m is not None:  # masked positions (prompt, padding) become ignored: no matmul for them
+        ids = ids.masked_fill(~m, ignore_index)
+    lp = linear_token_logprobs(hidden, weight, ids, bias=bias, temperature=temperature,
                                ignore_index=ignore_index, chunk_size=chunk_size,
                                backend=backend)
-    counted = _validate.ids_for_ignore_index(token_ids, ignore_index) != ignore_index
-    m = _mask_tensor(op, mask, token_ids.shape, token_ids.device)
-    if m is not None:
-        counted = counted & m
+    counted = ids != ignore_index
     w = None
     if token_weights is not None:
         _validate.float_tensor(op, "token_weights", token_weights)
@@ -713,7 +765,7 @@ def preference_loss_from_hidden(
     op = "preference_loss_from_hidden"
     # Fail on inconsistent loss arguments before the expensive log-prob pass.
     _config(_OP, loss_type, loss_weights, beta, label_smoothing, ref_chosen_logps is not None,
-            True, type_args)
+            True, type_args, pair_weights is not None)
     seq = preference_logps(hidden, weight, token_ids, bias=bias, mask=mask,
                            cu_seqlens=cu_seqlens, token_weights=token_weights, ld_alpha=ld_alpha,
                            temperature=temperature, ignore_index=ignore_index,
