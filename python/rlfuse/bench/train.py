@@ -38,7 +38,7 @@ from rlfuse.bench.harness import Row
 NAME = "train"
 
 # (hidden, layers, per_device_train_batch_size, num_generations, max_completion_length)
-CPU_CASE = dict(hidden=128, layers=2, batch=32, generations=8, completion=32, steps=4, warmup=1)
+CPU_CASE = dict(hidden=128, layers=2, batch=32, generations=8, completion=32, steps=6, warmup=1)
 CPU_QUICK = dict(hidden=64, layers=2, batch=16, generations=8, completion=16, steps=2, warmup=1)
 GPU_CASE = dict(hidden=512, layers=4, batch=64, generations=8, completion=128, steps=4, warmup=2)
 
