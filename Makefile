@@ -47,8 +47,11 @@ gpu-check:
 SAN_PRELOAD = $(shell gcc -print-file-name=libasan.so):$(shell gcc -print-file-name=libubsan.so)
 SAN_INSTALL = RLFUSE_CUDA=OFF $(PIP) install -q --no-build-isolation --no-deps -e . \
 	  -C build-dir=build/sanitize -C cmake.define.RLFUSE_SANITIZE=address,undefined
+# --capture=sys: a sanitizer report (written to fd 2) reaches the log; pytest's default fd
+# capture would swallow it when the process aborts.
 SAN_RUN = LD_PRELOAD=$(SAN_PRELOAD) ASAN_OPTIONS=detect_leaks=0:abort_on_error=1 \
-	  UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1 $(PY) -m pytest -q -p no:cacheprovider
+	  UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1 $(PY) -m pytest -q -p no:cacheprovider \
+	  --capture=sys
 SAN_RESTORE = $(PIP) install -q --no-build-isolation --no-deps -e .
 sanitize: $(DEPS_STAMP)
 	$(SAN_INSTALL)

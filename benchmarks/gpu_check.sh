@@ -28,7 +28,7 @@ tests_rc=${PIPESTATUS[0]}
 echo "== benchmark"
 python3 -m rlfuse bench logprob --device cuda --backends cuda,triton --out "$OUT" \
   2>&1 | tee "$OUT/bench.log"
-for suite in losses advantages linear_logprob preference; do
+for suite in losses advantages linear_logprob preference search; do
   timeout 150 python3 -m rlfuse bench "$suite" --device cuda --quick --backends cuda,triton \
     2>&1 | tee -a "$OUT/bench.log"
 done

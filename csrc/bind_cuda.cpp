@@ -10,6 +10,7 @@ namespace py = pybind11;
 void rlfuse_bind_cuda_logprob(py::module_& m);
 void rlfuse_bind_cuda_advantage(py::module_& m);
 void rlfuse_bind_cuda_policy_loss(py::module_& m);
+void rlfuse_bind_cuda_tree(py::module_& m);
 void rlfuse_bind_cuda_preference(py::module_& m);
 
 PYBIND11_MODULE(_cuda, m) {
@@ -33,5 +34,6 @@ PYBIND11_MODULE(_cuda, m) {
   rlfuse_bind_cuda_logprob(m);
   rlfuse_bind_cuda_advantage(m);
   rlfuse_bind_cuda_policy_loss(m);
+  rlfuse_bind_cuda_tree(m);
   rlfuse_bind_cuda_preference(m);
 }

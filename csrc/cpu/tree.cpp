@@ -6,6 +6,7 @@
 // one thread, so the virtual loss (in-flight counts) of the earlier ones steers the later
 // ones and the bump allocator needs no atomics; expand is parallel over rows (every new row
 // writes its own node and its own parent edge).  Results do not depend on the thread count.
+#include "rlfuse/common.h"
 #include "tree.h"
 
 #include <algorithm>
@@ -46,7 +47,7 @@ struct NodeRef {
     const int32_t c = t.child[e + a];
     return c >= 0 && !(t.flags[base + c] & tree::kExpanded);
   }
-  float q(int64_t a) const { return t.reward[e + a] + t.discount[e + a] * t.edge_value[e + a]; }
+  float q(int64_t a) const { return t.edge_q[e + a]; }
 };
 
 // Argmax over the selectable actions (valid and not pending); when every valid action is
@@ -70,55 +71,184 @@ int64_t pick(const NodeRef& r, Score&& score) {
   return arg >= 0 ? arg : arg_pending;
 }
 
-int64_t select_puct(const View& t, const tree::SelectParams& p, const NodeRef& r) {
+constexpr int kLanes = 16;
+
+// First index of the maximum of sc[0, K) (-inf entries never win unless all are -inf:
+// then -1).  The maximum is found with 16 independent lanes (vectorised), then its first
+// occurrence by a scan.
+int64_t first_argmax(const float* sc, int64_t K) {
+  float m16[kLanes];
+  for (int j = 0; j < kLanes; ++j) m16[j] = -kInf;
+  int64_t a0 = 0;
+  for (; a0 + kLanes <= K; a0 += kLanes)
+    for (int j = 0; j < kLanes; ++j) m16[j] = sc[a0 + j] > m16[j] ? sc[a0 + j] : m16[j];
+  float m = -kInf;
+  for (int j = 0; j < kLanes; ++j) m = m16[j] > m ? m16[j] : m;
+  for (int64_t a = a0; a < K; ++a) m = sc[a] > m ? sc[a] : m;
+  if (m == -kInf) return -1;
+  for (int64_t a = 0; a < K; ++a)
+    if (sc[a] == m) return a;
+  return -1;
+}
+
+// Argmax of precomputed scores sc[K] over the valid actions; with `pending` (several
+// simulations per step) actions whose child is allocated and not yet expanded come last.
+int64_t pick_scores(const NodeRef& r, float* sc, bool pending) {
+  const int64_t K = r.t.K;
+  const uint8_t* inv = r.t.invalid + r.e;
+  if (!pending) {
+    bool finite_scores = true;
+    for (int64_t a = 0; a < K; ++a) {
+      finite_scores &= sc[a] > -kInf;
+      sc[a] = inv[a] ? -kInf : sc[a];
+    }
+    if (finite_scores) {
+      const int64_t a = first_argmax(sc, K);
+      if (a >= 0) return a;
+    }
+    // some valid action scored -inf (or none is valid): the general rule
+    for (int64_t a = 0; a < K; ++a) sc[a] = inv[a] ? -kInf : sc[a];
+  }
+  return pick(r, [&](int64_t a) { return sc[a]; });
+}
+
+// The choice when no simulation of the step is in flight (nothing is pending): sc[] holds
+// the scores with the invalid actions already at -inf.
+int64_t pick_masked(const NodeRef& r, float* sc) {
+  const int64_t a = first_argmax(sc, r.t.K);
+  return a >= 0 ? a : pick_scores(r, sc, false);  // every valid score is -inf
+}
+
+// Virtual visits of every action into v[K] (0 when no simulation of the step is in flight).
+void virtual_visits(const NodeRef& r, float vl, bool any, float* v) {
+  const int64_t K = r.t.K;
+  if (!any || vl == 0.0f) {
+    for (int64_t a = 0; a < K; ++a) v[a] = 0.0f;
+    return;
+  }
+  for (int64_t a = 0; a < K; ++a) v[a] = r.virt(a, vl);
+}
+
+// scratch: 3 K floats.  Branch-free loops over the actions (they vectorise), then the argmax.
+int64_t select_puct(const View& t, const tree::SelectParams& p, const NodeRef& r,
+                    bool in_flight, float* scratch) {
   const int64_t K = t.K;
   const float vl = p.virtual_loss;
-  float lo, hi;
-  if (p.qnorm == tree::kTreeMinMax) {
-    lo = t.minmax[2 * r.b];
-    hi = t.minmax[2 * r.b + 1];
-  } else {
-    lo = hi = t.value[r.base + r.s];
-    for (int64_t a = 0; a < K; ++a) {
-      if (t.edge_visits[r.e + a] > 0) {
-        const float q = r.q(a);
-        lo = q < lo ? q : lo;
-        hi = q > hi ? q : hi;
-      }
+  float* q = scratch;
+  float* v = scratch + K;
+  float* sc = scratch + 2 * K;
+  const int32_t* ev = t.edge_visits + r.e;
+  const float* eq = t.edge_q + r.e;
+  const float* prior = t.prior + r.e;
+  // q and the min / max over the parent and its visited children, in 16 lanes
+  const float nv = t.value[r.base + r.s];
+  float lo16[kLanes], hi16[kLanes];
+  for (int j = 0; j < kLanes; ++j) lo16[j] = hi16[j] = nv;
+  int64_t a0 = 0;
+  for (; a0 + kLanes <= K; a0 += kLanes) {
+    for (int j = 0; j < kLanes; ++j) {
+      const int64_t a = a0 + j;
+      const float qa = eq[a];
+      q[a] = qa;
+      const bool vis = ev[a] > 0;
+      lo16[j] = vis && qa < lo16[j] ? qa : lo16[j];
+      hi16[j] = vis && qa > hi16[j] ? qa : hi16[j];
     }
   }
-  const float n_parent = float(t.visits[r.base + r.s]) + vl * float(t.inflight[r.base + r.s]);
-  const float explore = tree::puct_exploration(p.c1, p.c2, n_parent);
-  return pick(r, [&](int64_t a) {
-    const float n = float(t.edge_visits[r.e + a]);
-    const float qn = n > 0 ? (hi > lo || p.qnorm == tree::kParentSiblings
-                                  ? tree::min_max_normalise(r.q(a), lo, hi)
-                                  : 0.0f)
-                           : 0.0f;
-    return tree::puct_score(qn, t.prior[r.e + a], explore, n, r.virt(a, vl));
-  });
+  float lo = nv, hi = nv;
+  for (int j = 0; j < kLanes; ++j) {
+    lo = lo16[j] < lo ? lo16[j] : lo;
+    hi = hi16[j] > hi ? hi16[j] : hi;
+  }
+  for (int64_t a = a0; a < K; ++a) {
+    const float qa = eq[a];
+    q[a] = qa;
+    const bool vis = ev[a] > 0;
+    lo = vis && qa < lo ? qa : lo;
+    hi = vis && qa > hi ? qa : hi;
+  }
+  const bool normalise = tree::qnorm_bounds(t, p, r.b, &lo, &hi);
+  const float explore = tree::puct_exploration(p.c1, p.c2, tree::parent_visits(t, p, r.b, r.s));
+  if (!in_flight) {
+    // No virtual loss and no pending leaves (the first simulation of a step): one fused
+    // pass (scores, invalid actions at -inf), then the first maximum.
+    const uint8_t* inv = t.invalid + r.e;
+    for (int64_t a = 0; a < K; ++a) {
+      const float n = float(ev[a]);
+      const float qn = normalise ? tree::min_max_normalise(q[a], lo, hi) : 0.0f;
+      const float score = tree::puct_score(qn, prior[a], explore, n, 0.0f);
+      sc[a] = inv[a] ? -kInf : score;
+    }
+    return pick_masked(r, sc);
+  }
+  virtual_visits(r, vl, in_flight, v);
+  for (int64_t a = 0; a < K; ++a) {
+    const float n = float(ev[a]);
+    const float qn = normalise ? tree::min_max_normalise(q[a], lo, hi) : 0.0f;
+    sc[a] = tree::puct_score(qn, prior[a], explore, n, v[a]);
+  }
+  return pick_scores(r, sc, in_flight);
 }
 
 // Completed, rescaled and scaled Q-values of a node (mctx qtransform_completed_by_mix_value)
 // into sigma[K]; returns the sum of the real visits.
 float gumbel_sigma(const View& t, const tree::SelectParams& p, const NodeRef& r, float* sigma) {
   const int64_t K = t.K;
+  const int32_t* ev = t.edge_visits + r.e;
+  const float* prior = t.prior + r.e;
+  const float* eq = t.edge_q + r.e;
+  // sums and maxima in 16 independent lanes (vectorised), then across the lanes
+  float sn[kLanes] = {}, mn[kLanes] = {}, sp[kLanes] = {}, sw[kLanes] = {};
+  int64_t a0 = 0;
+  for (; a0 + kLanes <= K; a0 += kLanes) {
+    for (int j = 0; j < kLanes; ++j) {
+      const int64_t a = a0 + j;
+      const float n = float(ev[a]);
+      const float pr = prior[a] > kTiny ? prior[a] : kTiny;
+      sn[j] += n;
+      mn[j] = n > mn[j] ? n : mn[j];
+      sp[j] += n > 0 ? pr : 0.0f;
+      sw[j] += n > 0 ? pr * eq[a] : 0.0f;
+    }
+  }
   float sum_n = 0, max_n = 0, sum_p = 0, wq = 0;
-  for (int64_t a = 0; a < K; ++a) {
-    const float n = float(t.edge_visits[r.e + a]);
+  for (int j = 0; j < kLanes; ++j) {
+    sum_n += sn[j];
+    max_n = mn[j] > max_n ? mn[j] : max_n;
+    sum_p += sp[j];
+    wq += sw[j];
+  }
+  for (int64_t a = a0; a < K; ++a) {
+    const float n = float(ev[a]);
+    const float pr = prior[a] > kTiny ? prior[a] : kTiny;
     sum_n += n;
     max_n = n > max_n ? n : max_n;
-    if (n > 0) {
-      const float pr = t.prior[r.e + a] > kTiny ? t.prior[r.e + a] : kTiny;
-      sum_p += pr;
-      wq += pr * r.q(a);
-    }
+    sum_p += n > 0 ? pr : 0.0f;
+    wq += n > 0 ? pr * eq[a] : 0.0f;
   }
   const float raw = t.raw_value[r.base + r.s];
   const float v_mix = sum_n > 0 ? (raw + sum_n * (wq / sum_p)) / (sum_n + 1.0f) : raw;
+  float lo16[kLanes], hi16[kLanes];
+  for (int j = 0; j < kLanes; ++j) {
+    lo16[j] = kInf;
+    hi16[j] = -kInf;
+  }
+  for (a0 = 0; a0 + kLanes <= K; a0 += kLanes) {
+    for (int j = 0; j < kLanes; ++j) {
+      const int64_t a = a0 + j;
+      const float c = ev[a] > 0 ? eq[a] : v_mix;
+      sigma[a] = c;
+      lo16[j] = c < lo16[j] ? c : lo16[j];
+      hi16[j] = c > hi16[j] ? c : hi16[j];
+    }
+  }
   float lo = kInf, hi = -kInf;
-  for (int64_t a = 0; a < K; ++a) {
-    const float c = t.edge_visits[r.e + a] > 0 ? r.q(a) : v_mix;
+  for (int j = 0; j < kLanes; ++j) {
+    lo = lo16[j] < lo ? lo16[j] : lo;
+    hi = hi16[j] > hi ? hi16[j] : hi;
+  }
+  for (int64_t a = a0; a < K; ++a) {
+    const float c = ev[a] > 0 ? eq[a] : v_mix;
     sigma[a] = c;
     lo = c < lo ? c : lo;
     hi = c > hi ? c : hi;
@@ -128,52 +258,59 @@ float gumbel_sigma(const View& t, const tree::SelectParams& p, const NodeRef& r,
   return sum_n;
 }
 
+// scratch: 3 K floats (sigma, virtual visits, scores).
 int64_t select_gumbel(const View& t, const tree::SelectParams& p, const NodeRef& r, bool root,
-                      float* sigma) {
+                      bool in_flight, float* scratch) {
   const int64_t K = t.K;
+  float* sigma = scratch;
+  float* v = scratch + K;
+  float* sc = scratch + 2 * K;
   const float vl = p.virtual_loss;
   gumbel_sigma(t, p, r, sigma);
   const float* logit = t.logit + r.e;
+  const int32_t* ev = t.edge_visits + r.e;
+  const uint8_t* inv = t.invalid + r.e;
   if (root) {
     // Sequential halving: the simulation index is the number of root visits taken so far,
     // in-flight ones included.
+    virtual_visits(r, 1.0f, in_flight, v);  // in-flight simulations per action
     float max_logit = -kInf;
     int64_t sim = 0;
     for (int64_t a = 0; a < K; ++a) {
       max_logit = logit[a] > max_logit ? logit[a] : max_logit;
-      const int32_t c = t.child[r.e + a];
-      sim += t.edge_visits[r.e + a] + (c >= 0 ? t.inflight[r.base + c] : 0);
+      sim += ev[a] + int32_t(v[a]);
     }
     if (sim >= p.table_len) sim = p.table_len - 1;
     const int32_t row = t.considered[r.b] < p.table_rows ? t.considered[r.b] : p.table_rows - 1;
     const int32_t want = t.table[int64_t(row) * p.table_len + sim];
     const float* g = t.gumbel + r.b * K;
-    const int64_t a = pick(r, [&](int64_t a) {
-      const int32_t c = t.child[r.e + a];
-      const int32_t n = t.edge_visits[r.e + a] + (c >= 0 ? t.inflight[r.base + c] : 0);
-      return tree::gumbel_root_score(g[a], logit[a] - max_logit, sigma[a], n == want);
-    });
-    return a;
+    for (int64_t a = 0; a < K; ++a) {
+      const float score = tree::gumbel_root_score(g[a], logit[a] - max_logit, sigma[a],
+                                                  ev[a] + int32_t(v[a]) == want);
+      sc[a] = inv[a] ? -kInf : score;
+    }
+    return in_flight ? pick_scores(r, sc, true) : pick_masked(r, sc);
   }
   // Interior: argmax softmax(logits + sigma) - N(a) / (1 + sum N), over valid actions.
+  virtual_visits(r, vl, in_flight, v);
   float zmax = -kInf, total = 0;
   for (int64_t a = 0; a < K; ++a) {
-    if (t.invalid[r.e + a]) continue;
     const float z = logit[a] + sigma[a];
-    zmax = z > zmax ? z : zmax;
-    total += float(t.edge_visits[r.e + a]) + r.virt(a, vl);
+    zmax = !inv[a] && z > zmax ? z : zmax;
+    total += inv[a] ? 0.0f : float(ev[a]) + v[a];
   }
+  for (int64_t a = 0; a < K; ++a) sc[a] = inv[a] ? 0.0f : rlfuse::vexp(logit[a] + sigma[a] - zmax);
   float zsum = 0;
-  for (int64_t a = 0; a < K; ++a)
-    if (!t.invalid[r.e + a]) zsum += std::exp(logit[a] + sigma[a] - zmax);
-  return pick(r, [&](int64_t a) {
-    const float pa = std::exp(logit[a] + sigma[a] - zmax) / zsum;
-    return pa - (float(t.edge_visits[r.e + a]) + r.virt(a, vl)) / (1.0f + total);
-  });
+  for (int64_t a = 0; a < K; ++a) zsum += sc[a];
+  for (int64_t a = 0; a < K; ++a) {
+    const float score = sc[a] / zsum - (float(ev[a]) + v[a]) / (1.0f + total);
+    sc[a] = inv[a] ? -kInf : score;
+  }
+  return in_flight ? pick_scores(r, sc, true) : pick_masked(r, sc);
 }
 
 // One tree, W simulations.  Returns a Status.
-int select_tree(const View& t, const tree::SelectParams& p, int64_t b, float* sigma) {
+int select_tree(const View& t, const tree::SelectParams& p, int64_t b, float* scratch) {
   const int64_t N = t.N, W = p.W, D = int64_t(p.max_depth) + 1;
   const int64_t base = b * N;
   for (int64_t w = 0; w < W; ++w) {
@@ -182,45 +319,29 @@ int select_tree(const View& t, const tree::SelectParams& p, int64_t b, float* si
     int32_t len = 0;
     int32_t s = 0;
     path[len++] = 0;
-    int64_t leaf = -1, act = -1;
+    int64_t act = -1;
     bool is_new = false;
+    const bool in_flight = w > 0;  // earlier simulations of this step hold virtual loss
     for (int depth = 0;; ++depth) {
       const NodeRef r(t, b, s);
-      const int64_t a = p.rule == tree::kGumbel ? select_gumbel(t, p, r, depth == 0, sigma)
-                                                : select_puct(t, p, r);
+      const int64_t a = p.rule == tree::kGumbel
+                            ? select_gumbel(t, p, r, depth == 0, in_flight, scratch)
+                            : select_puct(t, p, r, in_flight, scratch);
       if (a < 0) return tree::kNoValidAction;  // the root lost its valid actions
       act = a;
       int32_t c = t.child[r.e + a];
       if (c < 0) {
-        const int32_t n = t.next_free[b];
-        if (n >= N) return tree::kTreeFull;
-        t.next_free[b] = n + 1;
-        c = n;
-        t.child[r.e + a] = n;
-        t.parent[base + n] = s;
-        t.action[base + n] = int32_t(a);
-        t.depth[base + n] = t.depth[base + s] + 1;
-        t.flags[base + n] = 0;
-        t.inflight[base + n] = 0;
-        t.visits[base + n] = 0;
+        c = tree::allocate_node(t, b, s, a);
+        if (c < 0) return tree::kTreeFull;
         is_new = true;
       }
       path[len++] = c;
       const uint8_t f = t.flags[base + c];
-      if (is_new || !(f & tree::kExpanded) || (f & tree::kTerminal) || depth + 1 >= p.max_depth) {
-        leaf = c;
+      if (is_new || !(f & tree::kExpanded) || (f & tree::kTerminal) || depth + 1 >= p.max_depth)
         break;
-      }
       s = c;
     }
-    // Virtual loss: the walk counts for the later simulations of this step.
-    for (int32_t i = 0; i < len; ++i) t.inflight[base + path[i]] += 1;
-    p.out_node[o] = leaf;
-    p.out_parent[o] = path[len - 2];
-    p.out_action[o] = act;
-    p.out_store[o] = is_new ? leaf : N;
-    p.out_new[o] = is_new ? 1 : 0;
-    p.out_len[o] = len;
+    tree::finish_walk(t, p, b, o, path, len, act, is_new);
   }
   return tree::kOk;
 }
@@ -233,9 +354,9 @@ int tree_select(const View& t, const tree::SelectParams& p, int nt, int64_t* whe
   std::vector<int> codes(size_t(t.B), tree::kOk);
 #pragma omp parallel num_threads(nt)
   {
-    std::vector<float> sigma(size_t(t.K) > 0 ? size_t(t.K) : 1);
+    std::vector<float> scratch(3 * size_t(t.K));
 #pragma omp for schedule(static)
-    for (int64_t b = 0; b < t.B; ++b) codes[size_t(b)] = select_tree(t, p, b, sigma.data());
+    for (int64_t b = 0; b < t.B; ++b) codes[size_t(b)] = select_tree(t, p, b, scratch.data());
   }
   for (int64_t b = 0; b < t.B; ++b) {
     if (codes[size_t(b)] != tree::kOk) {
@@ -267,138 +388,47 @@ int tree_expand(const View& t, const tree::ExpandInputs& in, int nt, int64_t* wh
     const int64_t n = in.node[m];
     const int64_t e = (base + n) * K;
     // Softmax over the valid actions (invalid: masked, or a -inf logit).
+    uint8_t* tinv = t.invalid + e;
     float mx = -kInf;
     int valid = 0;
     for (int64_t a = 0; a < K; ++a) {
-      const bool bad = (inv != nullptr && inv[a]) || lg[a] == -kInf;
-      t.invalid[e + a] = bad ? 1 : 0;
-      if (!bad) {
-        ++valid;
-        mx = lg[a] > mx ? lg[a] : mx;
-      }
+      const uint8_t bad = ((inv != nullptr && inv[a]) || lg[a] == -kInf) ? 1 : 0;
+      tinv[a] = bad;
+      valid += 1 - bad;
+      mx = !bad && lg[a] > mx ? lg[a] : mx;
     }
+    float* pr = t.prior + e;
     float sum = 0;
     for (int64_t a = 0; a < K; ++a) {
-      const float ex = t.invalid[e + a] ? 0.0f : std::exp(lg[a] - mx);
-      t.prior[e + a] = ex;
+      const float ex = tinv[a] ? 0.0f : rlfuse::vexp(lg[a] - mx);
+      pr[a] = ex;
       sum += ex;
     }
     const float inv_sum = valid > 0 ? 1.0f / sum : 0.0f;
-    for (int64_t a = 0; a < K; ++a) {
-      t.prior[e + a] *= inv_sum;
-      t.logit[e + a] = lg[a];
-      t.child[e + a] = -1;
-      t.edge_visits[e + a] = 0;
-      t.edge_value[e + a] = 0;
-      t.reward[e + a] = 0;
-      t.discount[e + a] = 0;
-    }
-    t.raw_value[base + n] = in.value[m];
-    t.value[base + n] = in.value[m];
-    t.visits[base + n] = 0;
-    const bool term = (in.terminal != nullptr && in.terminal[m]) || valid == 0;
-    t.flags[base + n] = tree::kExpanded | (term ? tree::kTerminal : 0);
-    const int64_t pe = (base + in.parent[m]) * K + in.action[m];
-    t.reward[pe] = in.reward[m];
-    t.discount[pe] = in.discount[m];
+    for (int64_t a = 0; a < K; ++a) pr[a] *= inv_sum;
+    std::copy(lg, lg + K, t.logit + e);
+    std::fill(t.child + e, t.child + e + K, -1);
+    std::fill(t.edge_visits + e, t.edge_visits + e + K, 0);
+    std::fill(t.edge_value + e, t.edge_value + e + K, 0.0f);
+    std::fill(t.edge_q + e, t.edge_q + e + K, 0.0f);
+    std::fill(t.reward + e, t.reward + e + K, 0.0f);
+    std::fill(t.discount + e, t.discount + e + K, 0.0f);
+    tree::expand_node_fields(t, in, m, base, n, valid);
   }
   *where = first_bad;
   return first_bad < M ? tree::kNotFinite : tree::kOk;
 }
 
 int tree_backup(const View& t, const tree::BackupInputs& in, int nt) {
-  const int64_t N = t.N, K = t.K, W = in.W, D = in.path_stride;
 #pragma omp parallel for num_threads(nt) schedule(static)
-  for (int64_t b = 0; b < t.B; ++b) {
-    const int64_t base = b * N;
-    float lo = t.minmax[2 * b], hi = t.minmax[2 * b + 1];
-    for (int64_t w = 0; w < W; ++w) {
-      const int32_t* path = in.path + (b * W + w) * D;
-      const int32_t len = in.len[b * W + w];
-      const int32_t leaf = path[len - 1];
-      float g = t.raw_value[base + leaf];
-      {
-        const float cnt = float(t.visits[base + leaf]);
-        t.value[base + leaf] = (t.value[base + leaf] * cnt + g) / (cnt + 1.0f);
-        t.visits[base + leaf] += 1;
-        t.inflight[base + leaf] -= 1;
-      }
-      for (int32_t i = len - 1; i >= 1; --i) {
-        const int32_t c = path[i], s = path[i - 1];
-        const int64_t pe = (base + s) * K + t.action[base + c];
-        g = t.reward[pe] + t.discount[pe] * g;
-        const float cnt = float(t.visits[base + s]);
-        t.value[base + s] = (t.value[base + s] * cnt + g) / (cnt + 1.0f);
-        t.visits[base + s] += 1;
-        t.inflight[base + s] -= 1;
-        t.edge_visits[pe] += 1;
-        t.edge_value[pe] = t.value[base + c];
-        const float q = t.reward[pe] + t.discount[pe] * t.value[base + c];
-        lo = q < lo ? q : lo;
-        hi = q > hi ? q : hi;
-      }
-    }
-    t.minmax[2 * b] = lo;
-    t.minmax[2 * b + 1] = hi;
-  }
+  for (int64_t b = 0; b < t.B; ++b) tree::backup_tree(t, in, b);
   return tree::kOk;
 }
 
 void tree_subtree(const View& src, const View& dst, const int64_t* actions, int32_t* src_of,
                   int nt) {
-  const int64_t K = src.K;
-#pragma omp parallel num_threads(nt)
-  {
-    std::vector<int32_t> new_of(size_t(src.N));
-#pragma omp for schedule(static)
-    for (int64_t b = 0; b < src.B; ++b) {
-      const int64_t sb = b * src.N, db = b * dst.N;
-      int32_t* so = src_of + db;
-      for (int64_t i = 0; i < dst.N; ++i) so[i] = -1;
-      dst.next_free[b] = 0;
-      dst.minmax[2 * b] = kInf;
-      dst.minmax[2 * b + 1] = -kInf;
-      const int32_t r = src.child[sb * K + actions[b]];  // child of the root
-      if (r < 0 || !(src.flags[sb + r] & tree::kExpanded)) continue;
-      // Breadth-first renumbering: dst node i is src node so[i]; the queue is so itself.
-      std::fill(new_of.begin(), new_of.end(), -1);
-      int32_t count = 0;
-      so[count] = r;
-      new_of[r] = count++;
-      const int32_t d0 = src.depth[sb + r];
-      for (int32_t i = 0; i < count; ++i) {
-        const int32_t s = so[i];
-        const int64_t se = (sb + s) * K, de = (db + i) * K;
-        for (int64_t a = 0; a < K; ++a) {
-          int32_t c = src.child[se + a];
-          if (c >= 0 && !(src.flags[sb + c] & tree::kExpanded)) c = -1;  // never expanded
-          if (c >= 0 && count < dst.N) {
-            so[count] = c;
-            new_of[c] = count++;
-          } else if (c >= 0) {
-            c = -1;  // destination full (the caller sizes it so that this cannot happen)
-          }
-          dst.child[de + a] = c >= 0 ? new_of[c] : -1;
-          dst.logit[de + a] = src.logit[se + a];
-          dst.prior[de + a] = src.prior[se + a];
-          dst.edge_visits[de + a] = c >= 0 ? src.edge_visits[se + a] : 0;
-          dst.edge_value[de + a] = c >= 0 ? src.edge_value[se + a] : 0.0f;
-          dst.reward[de + a] = c >= 0 ? src.reward[se + a] : 0.0f;
-          dst.discount[de + a] = c >= 0 ? src.discount[se + a] : 0.0f;
-          dst.invalid[de + a] = src.invalid[se + a];
-        }
-        dst.parent[db + i] = i == 0 ? -1 : new_of[src.parent[sb + s]];
-        dst.action[db + i] = i == 0 ? -1 : src.action[sb + s];
-        dst.raw_value[db + i] = src.raw_value[sb + s];
-        dst.value[db + i] = src.value[sb + s];
-        dst.visits[db + i] = src.visits[sb + s];
-        dst.depth[db + i] = src.depth[sb + s] - d0;
-        dst.flags[db + i] = src.flags[sb + s];
-        dst.inflight[db + i] = 0;
-      }
-      dst.next_free[b] = count;
-    }
-  }
+#pragma omp parallel for num_threads(nt) schedule(static)
+  for (int64_t b = 0; b < src.B; ++b) tree::subtree_tree(src, dst, actions, src_of, b);
 }
 
 }  // namespace RLFUSE_ISA

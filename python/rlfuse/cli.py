@@ -1,4 +1,5 @@
-"""Command line: ``rlfuse info``, ``rlfuse bench <suite>`` and ``rlfuse train <algorithm>``."""
+"""Command line: ``rlfuse info``, ``rlfuse bench <suite>``, ``rlfuse train <algorithm>`` and
+``rlfuse search``."""
 
 from __future__ import annotations
 
@@ -49,11 +50,17 @@ def _cmd_bench(args) -> int:
           f"torch {meta['torch']}  {meta['date']}")
     print(f"# measured copy bandwidth: {bw:.1f} GB/s (read + write); ratios are "
           "variant time / rlfuse time (>1: rlfuse faster)")
+    run_kwargs = dict(device=device, quick=args.quick, repeat=args.repeat,
+                      compile=not args.no_compile,
+                      backends=args.backends.split(",") if args.backends else None)
+    if args.suite == "all" and args.out:  # every suite, then DIR/report.md
+        from rlfuse.bench import report
+
+        report.run_all(args.out, names, meta, run_kwargs)
+        return 0
     for name in names:
         suite = bench.load(name)
-        rows = suite.run(device=device, quick=args.quick, repeat=args.repeat,
-                         compile=not args.no_compile,
-                         backends=args.backends.split(",") if args.backends else None)
+        rows = suite.run(**run_kwargs)
         print()
         print(harness.format_table(rows, bw))
         for r in rows:
@@ -84,8 +91,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--backends", default=None,
                    help="also time these rlfuse backends, comma separated (e.g. cuda,triton)")
     p.add_argument("--threads", type=int, default=None, help="torch/OpenMP threads")
-    p.add_argument("--out", default=None, help="write <suite>.json and <suite>.png here")
+    p.add_argument("--out", default=None, help="write <suite>.json and <suite>.png here (all: also report.md)")
     p.set_defaults(func=_cmd_bench)
+
+    from rlfuse.search import llm_demo
+
+    p = sub.add_parser("search", help="step-level MCTS over a LM vs best-of-N and beam")
+    llm_demo.add_arguments(p)
+    p.set_defaults(func=llm_demo.main)
 
     from rlfuse.trainers.cli import add_parser as _add_train_parser
 

@@ -335,15 +335,17 @@ def test_poisoned_allocations(monkeypatch):
 
 # ------------------------------------------------------------------ memory
 _MEM_SCRIPT = textwrap.dedent("""
-    import json, resource, sys, torch
+    import json, sys, torch
     from rlfuse.ops import linear_token_logprobs
     torch.set_num_threads(1)
     N, H, V, C = 4096, 64, 8000, 64
     h = torch.randn(N, H, requires_grad=True)
     w = (torch.randn(V, H) * 0.1).requires_grad_()
     ids = torch.randint(0, V, (N,))
-    def rss():
-        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    def rss():  # peak RSS of this process image (ru_maxrss would include the parent's
+        # high-water mark, which survives fork + exec)
+        with open("/proc/self/status") as f:
+            return next(int(l.split()[1]) * 1024 for l in f if l.startswith("VmHWM:"))
     def fused(n):
         lp, ent = linear_token_logprobs(h[:n], w, ids[:n], return_entropy=True, chunk_size=C)
         (lp.sum() + ent.sum()).backward()

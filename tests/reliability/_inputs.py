@@ -48,7 +48,7 @@ def laid_out(x: torch.Tensor, layout: str) -> torch.Tensor:
     if layout == "transposed":
         if x.dim() < 2:
             return laid_out(x, "strided")
-        return x.transpose(0, 1).contiguous().transpose(0, 1)
+        return x.transpose(0, 1).clone(memory_format=torch.contiguous_format).transpose(0, 1)
     raise ValueError(layout)
 
 

@@ -542,6 +542,8 @@ _PREFERENCE_ROWS = [
         lambda b: preference_loss(F(3), F(3))),
     Row("preference_loss", "a length-normalised type without lengths", ValueError,
         lambda b: _pref(loss_type="simpo")),
+    Row("preference_loss", "`pair_weights` with a sorted-batch type (aot, aot_unpaired)",
+        ValueError, lambda b: _pref(loss_type="aot", pair_weights=F(3))),
     Row("preference_logps", "padded `token_ids` not [2P, T]", ValueError,
         lambda b: preference_logps(F(4, 3), F(5, 3), I(4))),
     Row("preference_logps", "packed `token_ids` (with `cu_seqlens`) not [N] or [1, N]",

@@ -65,7 +65,7 @@ def _run_token(backend, lead, V, dtype, layout, scale, neg_inf, subnormal, ignor
     zr = z.double().requires_grad_()
     rlp, rent = token_logprobs_reference(zr, ids, temperature=temperature,
                                          return_entropy=True)
-    fin = z[torch.isfinite(z)]
+    fin = z.detach()[torch.isfinite(z)]
     mag = float(fin.double().abs().max()) / temperature if fin.numel() else 1.0
     _close(lp, rlp, mag, what="logp")
     _close(ent, rent, mag, what="entropy")

@@ -28,7 +28,9 @@ pytestmark = [
 
 
 def _close(got, want, rtol, what):
-    got, want = got.detach().double().cpu(), want.detach().double().cpu()
+    # the reference rounded to the op's output dtype: a float64 value beyond float32's range
+    # (forward_kl's exp(-u) of u = -1000) is inf in float32, correctly
+    got, want = got.detach().double().cpu(), want.detach().to(got.dtype).double().cpu()
     scale = float(torch.nan_to_num(want.abs(), posinf=0).max()) if want.numel() else 0.0
     torch.testing.assert_close(got, want, rtol=rtol, atol=rtol * max(scale, 1.0),
                                equal_nan=True, msg=lambda m: f"{what}: {m}")
@@ -55,6 +57,10 @@ def test_preference_loss_properties(backend):
               dtype, layout, seed):
         gen = torch.Generator().manual_seed(seed)
         dev = DEVICE[backend]
+        if fdiv in ("forward_kl", "alpha_divergence") and dtype != torch.float64:
+            # their scores hold exp(-u) (exp(-alpha u)): past |u| ~ 88 float32 overflows and
+            # s_c - s_r is inf - inf = NaN, as in TRL (docs/reliability.md, known limits)
+            spread = min(spread, 30.0)
 
         def lp():
             return (-torch.rand(P, generator=gen, dtype=torch.float64) * spread).to(dtype)

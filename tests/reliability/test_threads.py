@@ -46,7 +46,7 @@ def restore_threads():
 def test_concurrent_python_threads(name, backend, full_threads):
     size = "tiny" if backend == "triton" else "medium"
     want = C.digest(C.run(name, backend, size))
-    n_threads, reps = 4, 2
+    n_threads, reps = 4, 1
     barrier = threading.Barrier(n_threads)
     got, errors = [], []
 
@@ -92,28 +92,26 @@ def _subprocess(args, **env) -> list:
     return out.stdout.strip().splitlines()
 
 
-def test_set_num_threads_bitwise_blas_ops():
-    lines = _subprocess(["medium", "--threads", "1,2,3,4", "--only", ",".join(BLAS_CASES)],
-                        **STRICT_BLAS)
-    digests = {}
-    for line in lines[1:]:  # "threads name digest" (names hold spaces)
-        n, rest = line.split(" ", 1)
-        name, d = rest.rsplit(" ", 1)
-        digests.setdefault(name, {})[n] = d
-    assert set(digests) == BLAS_CASES
-    for name, by_threads in digests.items():
-        assert len(by_threads) == 4
-        assert len(set(by_threads.values())) == 1, f"{name}: results depend on the thread count"
-
-
 @pytest.mark.slow
 def test_omp_num_threads_bitwise(full_threads, restore_threads):
-    runs = {}
+    """Fresh interpreters with OMP_NUM_THREADS=1 and 2 (and MKL's strict mode) give the same
+    digests as each other and as this process; the first also sweeps torch.set_num_threads
+    1-4 over the BLAS-backed ops."""
+    runs, sweep = {}, {}
     for omp in (1, 2):
-        lines = _subprocess(["medium"], OMP_NUM_THREADS=str(omp), **STRICT_BLAS)
+        args = ["medium"] + (["--threads", "1,2,3,4", "--only", ",".join(BLAS_CASES)]
+                             if omp == 1 else [])
+        lines = _subprocess(args, OMP_NUM_THREADS=str(omp), **STRICT_BLAS)
         assert int(lines[0]) == omp  # the variable reached torch's thread pool
-        runs[omp] = dict(line.rsplit(" ", 1) for line in lines[1:])
-    assert set(runs[1]) == set(C.CASES)
+        runs[omp] = dict(line.rsplit(" ", 1) for line in lines[1:1 + len(C.CASES)])
+        for line in lines[1 + len(C.CASES):]:  # "threads name digest" (names hold spaces)
+            n, rest = line.split(" ", 1)
+            name, d = rest.rsplit(" ", 1)
+            sweep.setdefault(name, {})[n] = d
+    assert set(runs[1]) == set(C.CASES) and set(sweep) == BLAS_CASES
+    for name, by_threads in sweep.items():
+        assert len(by_threads) == 4
+        assert len(set(by_threads.values())) == 1, f"{name}: results depend on the thread count"
     torch.set_num_threads(3)
     for name in C.CASES:
         assert runs[1][name] == runs[2][name], f"{name}: depends on OMP_NUM_THREADS"

@@ -4,35 +4,10 @@ from __future__ import annotations
 
 import functools
 
-import numpy as np
 import torch
 
+from rlfuse.bench.search import HashEnv  # noqa: F401  (shared with the benchmark)
 from rlfuse.search import RecurrentOutput
-
-
-class HashEnv:
-    """Deterministic pseudo-random environment: states are ints, the next state is an
-    integer hash of (state, action) modulo P, outputs are table lookups (float32), so torch
-    and JAX compute exactly the same numbers."""
-
-    def __init__(self, num_actions: int, P: int = 997, discount: float = 0.9, seed: int = 0):
-        rng = np.random.default_rng(seed)
-        self.A, self.P, self.discount = num_actions, P, discount
-        self.L = rng.normal(size=(P, num_actions)).astype(np.float32)
-        self.R = rng.normal(size=P).astype(np.float32)
-        self.V = rng.normal(size=P).astype(np.float32)
-        self.Lt, self.Rt, self.Vt = (torch.from_numpy(x) for x in (self.L, self.R, self.V))
-
-    def root(self, B: int):
-        from rlfuse.search import Root
-
-        s = torch.arange(B)
-        return Root(self.Lt[s].clone(), self.Vt[s].clone(), s)
-
-    def step(self, emb, action):
-        nxt = (emb * 31 + action * 7 + 1) % self.P
-        return (self.Rt[nxt], torch.full(nxt.shape, self.discount), self.Lt[nxt], self.Vt[nxt],
-                nxt)
 
 
 LINES = torch.tensor([[0, 1, 2], [3, 4, 5], [6, 7, 8], [0, 3, 6], [1, 4, 7], [2, 5, 8],

@@ -15,7 +15,7 @@ from .envs import HashEnv
 
 TREE_ARRAYS = ("parent", "action", "visits", "value", "raw_value", "depth", "flags", "inflight",
                "children", "logits", "prior", "children_visits", "children_values", "rewards",
-               "discounts", "invalid", "next_free")
+               "discounts", "invalid", "children_q", "next_free")
 
 
 def _terminal_bandit(rewards):
@@ -70,8 +70,11 @@ def _phases_pair(B, A, cap, rule, W, **kw):
     env = HashEnv(A, seed=3)
     max_depth = kw.pop("max_depth", cap)
     trees = []
-    for backend in ("cpu", "torch"):
+    for backend, poison in (("cpu", 7), ("torch", 9)):
         t = Tree(B, A, cap)
+        for name in TREE_ARRAYS[:-1]:  # nothing may be read before it is written
+            x = getattr(t, name)
+            x.fill_(math.nan if x.is_floating_point() else -poison if x.dtype != torch.uint8 else poison)
         root = env.root(B)
         t.init_roots(root.prior_logits, root.value)
         if rule == "gumbel":
@@ -87,8 +90,15 @@ def _phases_pair(B, A, cap, rule, W, **kw):
 
 
 def _assert_same(t1: Tree, t2: Tree):
+    """Equal on the allocated nodes (the rest of the arrays is never read)."""
+    assert torch.equal(t1.next_free, t2.next_free)
+    used = torch.arange(t1.capacity)[None, :] < t1.next_free[:, None]
+    expanded = used & (t1.flags & 1).bool()  # edge rows are written by expand
     for name in TREE_ARRAYS:
         a, b = getattr(t1, name), getattr(t2, name)
+        if a.dim() > 1:
+            m = expanded if a.dim() == 3 else used
+            a, b = a[m], b[m]
         if a.is_floating_point():
             torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5, msg=name)
         else:
@@ -139,6 +149,18 @@ def test_searches_match_reference_backend():
         b = gumbel_search(root, env.step, 16, parallel=W, gumbel_scale=0.0, backend="torch")
         _assert_same(a.tree, b.tree)
         torch.testing.assert_close(a.action_weights, b.action_weights)
+
+
+def test_invariant_check_catches_corruption():
+    env = HashEnv(5)
+    out = puct_search(env.root(3), env.step, 20, parallel=2)
+    out.tree.check_invariants()
+    for name, b, idx, delta in (("value", 1, (0,), 0.01), ("visits", 2, (0,), 1),
+                                ("children_visits", 0, (0, 1), 1)):
+        t = puct_search(env.root(3), env.step, 20, parallel=2).tree
+        getattr(t, name)[(b,) + idx] += delta
+        with pytest.raises(AssertionError):
+            t.check_invariants()
 
 
 def test_parallel_simulations_spread_and_invariants():
@@ -297,3 +319,27 @@ def test_bad_input():
         puct_search(root, env.step, 4, tree=t.subtree(torch.tensor([0, 1]), capacity=4))
     with pytest.raises(ValueError, match="next_embedding"):
         puct_search(root, lambda e, a: env.step(e, a)[:4] + (torch.zeros(3),), 4)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("W", [1, 4])
+def test_cuda_matches_cpu(W):
+    """The CUDA kernels (warp per tree) against the CPU kernels: same trees, same actions."""
+    env_cpu = HashEnv(40, seed=4)
+    gpu = HashEnv(40, seed=4, device="cuda")
+    root = env_cpu.root(33)
+    root_gpu = Root(*(x.cuda() for x in root))
+    for search, kw in ((puct_search, dict(dirichlet_fraction=0.0, temperature=0.0)),
+                       (gumbel_search, dict(gumbel_scale=0.0))):
+        a = search(root, env_cpu.step, 48, parallel=W, **kw)
+        b = search(root_gpu, gpu.step, 48, parallel=W, **kw)
+        assert torch.equal(a.action, b.action.cpu())
+        assert torch.equal(a.root_visit_counts, b.root_visit_counts.cpu())
+        for name in ("visits", "parent", "children_visits"):
+            used = torch.arange(a.tree.capacity)[None] < a.tree.next_free[:, None]
+            assert torch.equal(getattr(a.tree, name)[used], getattr(b.tree, name).cpu()[used])
+        torch.testing.assert_close(a.tree.value, b.tree.value.cpu(), rtol=1e-4, atol=1e-4)
+    # subtree extraction on the device
+    sub = b.tree.subtree(b.action)
+    ref = a.tree.subtree(a.action)
+    assert torch.equal(sub.next_free.cpu(), ref.next_free)

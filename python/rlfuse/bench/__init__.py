@@ -10,8 +10,11 @@ SUITES = {
     "linear_logprob": "rlfuse.bench.linear_logprob",
     "advantages": "rlfuse.bench.advantages",
     "losses": "rlfuse.bench.losses",
+    "search": "rlfuse.bench.search",
     "train": "rlfuse.bench.train",
     "preference": "rlfuse.bench.preference",
+    "search_llm": "rlfuse.bench.search_llm",
+    "trl": "rlfuse.bench.trl",
 }
 
 

@@ -213,7 +213,11 @@ def write_outputs(out_dir: str, name: str, rows: list[Row], meta: dict) -> list[
     return written
 
 
-def _plot(out_dir: str, name: str, rows: list[Row], meta: dict) -> str | None:
+def _plot(out_dir: str, name: str, rows: list[Row], meta: dict, value=None,
+          ylabel: str = "median time (ms, lower is better)", suffix: str = "") -> str | None:
+    """Bars of ``value(row, variant)`` (default: the median time) per case and variant,
+    written to ``<name><suffix>.png``."""
+    value = value or (lambda r, v: r.times_ms.get(v))
     try:
         import matplotlib
 
@@ -230,15 +234,16 @@ def _plot(out_dir: str, name: str, rows: list[Row], meta: dict) -> str | None:
     fig, ax = plt.subplots(figsize=(max(6, 1.6 * len(rows)), 4.5))
     width = 0.8 / max(len(variants), 1)
     for k, v in enumerate(variants):
-        vals = [r.times_ms.get(v) or 0.0 for r in rows]
+        vals = [value(r, v) or 0.0 for r in rows]
         ax.bar([i + k * width for i in range(len(rows))], vals, width, label=v)
     ax.set_xticks([i + 0.4 - width / 2 for i in range(len(rows))])
     ax.set_xticklabels(labels, fontsize=7)
-    ax.set_ylabel("median time (ms, lower is better)")
-    ax.set_title(f"rlfuse bench {name} - {meta.get('gpu') or meta.get('cpu', '')}", fontsize=9)
+    ax.set_ylabel(ylabel)
+    ax.set_title(f"rlfuse bench {name}{suffix.replace('_', ' ')} - "
+                 f"{meta.get('gpu') or meta.get('cpu', '')}", fontsize=9)
     ax.legend(fontsize=8)
     fig.tight_layout()
-    path = os.path.join(out_dir, f"{name}.png")
+    path = os.path.join(out_dir, f"{name}{suffix}.png")
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path

@@ -184,23 +184,33 @@ def _memory_child(name, N, H, V, dtype_name, device) -> dict:
     return peak_extra_bytes(variant_fn(name, *make_inputs(N, H, V, dtype, device)), device)
 
 
-def memory_subprocess(module: str, args: list, timeout=900) -> tuple[float | None, str | None]:
-    """Run ``python -m module --memory *args`` (which prints peak_extra_bytes as JSON) and
-    return the peak extra MB (None and the error on failure)."""
-    cmd = [sys.executable, "-m", module, "--memory", *[str(a) for a in args]]
+def json_subprocess(module: str, args: list, timeout=900, env_extra=None):
+    """Run ``python -m module *args`` in a fresh process and return ``(the JSON object on
+    its last stdout line, None)``, or ``(None, the error)`` on failure."""
+    cmd = [sys.executable, "-m", module, *[str(a) for a in args]]
     env = dict(os.environ)
     env.setdefault("OMP_NUM_THREADS", str(torch.get_num_threads()))
     # A fixed mmap threshold: freed large blocks go back to the OS, so RSS tracks the live
     # tensors (glibc's dynamic threshold would otherwise keep freed blocks resident).
     env.setdefault("MALLOC_MMAP_THRESHOLD_", "131072")
     env.setdefault("MALLOC_TRIM_THRESHOLD_", "131072")
+    for k, v in (env_extra or {}).items():
+        env.setdefault(k, v)
     try:
         out = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
     except subprocess.TimeoutExpired:
-        return None, "memory subprocess timed out"
+        return None, f"{module} subprocess timed out"
     if out.returncode != 0:
         return None, (out.stderr.strip().splitlines() or ["failed"])[-1][:200]
-    d = json.loads(out.stdout.strip().splitlines()[-1])
+    return json.loads(out.stdout.strip().splitlines()[-1]), None
+
+
+def memory_subprocess(module: str, args: list, timeout=900) -> tuple[float | None, str | None]:
+    """Run ``python -m module --memory *args`` (which prints peak_extra_bytes as JSON) and
+    return the peak extra MB (None and the error on failure)."""
+    d, err = json_subprocess(module, ["--memory", *args], timeout)
+    if err:
+        return None, err
     return d["peak_extra_bytes"] / 2**20, None
 
 

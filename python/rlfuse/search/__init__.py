@@ -12,15 +12,17 @@ from rlfuse.search.mcts import (
     gumbel_action,
     gumbel_noise,
     gumbel_search,
+    mask_logits,
     puct_search,
     select_action,
     sequential_halving_table,
     visit_policy,
 )
 from rlfuse.search.tree import Phases, Tree
+from rlfuse.search.llm import StepSearch, beam_search, best_of_n, majority_vote  # noqa: E402, F401
 
 __all__ = [
     "Expansion", "Phases", "RecurrentOutput", "Root", "SearchResult", "Tree",
     "completed_qvalues", "dirichlet_noise", "gumbel_action", "gumbel_noise", "gumbel_search",
-    "puct_search", "select_action", "sequential_halving_table", "visit_policy",
+    "mask_logits", "puct_search", "select_action", "sequential_halving_table", "visit_policy",
 ]

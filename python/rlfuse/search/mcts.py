@@ -21,6 +21,7 @@ keeps its B * W shape, but their outputs are ignored.
 
 from __future__ import annotations
 
+import gc
 import inspect
 import math
 import numbers
@@ -286,9 +287,22 @@ def _u8(name, x, shape, device):
 # --------------------------------------------------------------------------------------
 def _simulate(ph: Phases, recurrent_fn: Callable, num_simulations: int) -> None:
     """One call of each phase per step; ``parallel`` simulations of every tree per step."""
+    pass_exp = _wants_expansion(recurrent_fn)
+    # The loop allocates a few small objects per step; with a large heap (torch, JAX) the
+    # cyclic collector's passes would cost more than the kernels, so it is paused here.
+    gc_was_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        _steps(ph, recurrent_fn, num_simulations, pass_exp)
+    finally:
+        if gc_was_enabled:
+            gc.enable()
+    ph.finish()
+
+
+def _steps(ph: Phases, recurrent_fn: Callable, num_simulations: int, pass_exp: bool) -> None:
     tree, W = ph.tree, ph.W
     K, dev, store = tree.num_actions, tree.device, tree.payload
-    pass_exp = _wants_expansion(recurrent_fn)
     done = 0
     while done < num_simulations:
         w = min(W, num_simulations - done)
@@ -317,7 +331,6 @@ def _simulate(ph: Phases, recurrent_fn: Callable, num_simulations: int) -> None:
             store.put(sel.tree, sel.store, out[4], M)
         ph.backup(w)
         done += w
-    ph.finish()
 
 
 def _prepare(op, root, invalid_actions, num_simulations, parallel, virtual_loss, max_depth,
@@ -371,7 +384,8 @@ def puct_search(root: Root, recurrent_fn: Callable, num_simulations: int, *,
     whole tree (``"tree_minmax"``); Dirichlet noise mixed into the root prior; the action is
     sampled from the root visit counts at ``temperature`` and ``action_weights`` is the
     visit distribution.  ``tree`` continues a tree from :meth:`Tree.subtree` (trees that
-    came back empty restart from ``root``; the others keep their root)."""
+    came back empty restart from ``root``; the others keep their root), or reuses the
+    storage of a cleared one (:meth:`Tree.clear`)."""
     op = "puct_search"
     B, A, inv, n_sim, W, max_depth, tree, fresh = _prepare(
         op, root, invalid_actions, num_simulations, parallel, virtual_loss, max_depth, tree,
@@ -385,8 +399,8 @@ def puct_search(root: Root, recurrent_fn: Callable, num_simulations: int, *,
         raise ValueError(f"{op}: qtransform must be 'parent_siblings' or 'tree_minmax'")
     dev = tree.device
     logits = torch.where(fresh[:, None], root.prior_logits.float(), tree.logits[:, 0])
-    if inv is None and not bool(fresh.all()):
-        inv = tree.invalid[:, 0].bool()
+    if inv is None and not bool(fresh.all()):  # kept roots keep their mask
+        inv = tree.invalid[:, 0].bool() & ~fresh[:, None]
     probs = torch.softmax(mask_logits(logits, inv), -1)
     noisy = dirichlet_noise(probs, fraction=dirichlet_fraction, alpha=dirichlet_alpha,
                             generator=generator)
@@ -416,15 +430,19 @@ def gumbel_search(root: Root, recurrent_fn: Callable, num_simulations: int, *,
                   parallel: int = 1, virtual_loss: float = 1.0,
                   max_num_considered_actions: int = 16, gumbel_scale: float = 1.0,
                   value_scale: float = 0.1, maxvisit_init: float = 50.0,
-                  generator: torch.Generator | None = None, capacity: int | None = None,
-                  backend: str | None = None) -> SearchResult:
+                  generator: torch.Generator | None = None, tree: Tree | None = None,
+                  capacity: int | None = None, backend: str | None = None) -> SearchResult:
     """Gumbel MuZero search: at the root, Gumbel top-k (``max_num_considered_actions``)
     with sequential halving over ``g + logits + sigma(q)``; inside, the argmax of
     ``softmax(logits + sigma(q)) - N(a) / (1 + sum N)``; the action is the best of the most
-    visited root actions and ``action_weights = softmax(logits + sigma(completed q))``."""
+    visited root actions and ``action_weights = softmax(logits + sigma(completed q))``.
+    ``tree`` may be a cleared :class:`Tree` whose storage is reused."""
     op = "gumbel_search"
+    if tree is not None and isinstance(tree, Tree) and bool((tree.next_free != 0).any()):
+        raise ValueError(f"{op}: tree must be cleared (Tree.clear()): Gumbel search does not "
+                         "continue earlier trees; pass tree= only to reuse the storage")
     B, A, inv, n_sim, W, max_depth, tree, _ = _prepare(
-        op, root, invalid_actions, num_simulations, parallel, virtual_loss, max_depth, None,
+        op, root, invalid_actions, num_simulations, parallel, virtual_loss, max_depth, tree,
         capacity)
     m = _int(op, "max_num_considered_actions", max_num_considered_actions, 1)
     _real(op, "gumbel_scale", gumbel_scale, 0.0)

@@ -54,6 +54,7 @@ _EDGE_FIELDS = (
     ("children", torch.int32), ("logits", torch.float32), ("prior", torch.float32),
     ("children_visits", torch.int32), ("children_values", torch.float32),
     ("rewards", torch.float32), ("discounts", torch.float32), ("invalid", torch.uint8),
+    ("children_q", torch.float32),
 )
 _STATUS = {1: "tree full", 2: "recurrent_fn returned a non-finite value", 3: "no valid action"}
 
@@ -72,13 +73,12 @@ class Tree:
         self.batch_size, self.num_actions, self.capacity = B, K, N
         self.device = torch.device(device)
         dev = self.device
+        # Only nodes below next_free hold data: select writes a node's fields when it
+        # allocates it and expand its edge row, so the arrays start uninitialised.
         for name, dt in _NODE_FIELDS:
-            setattr(self, name, torch.zeros(B, N, dtype=dt, device=dev))
+            setattr(self, name, torch.empty(B, N, dtype=dt, device=dev))
         for name, dt in _EDGE_FIELDS:
-            setattr(self, name, torch.zeros(B, N, K, dtype=dt, device=dev))
-        self.parent.fill_(-1)
-        self.action.fill_(-1)
-        self.children.fill_(-1)
+            setattr(self, name, torch.empty(B, N, K, dtype=dt, device=dev))
         self.next_free = torch.zeros(B, dtype=torch.int32, device=dev)
         self.minmax = torch.tensor([math.inf, -math.inf], device=dev).repeat(B, 1)
         # Gumbel root data (set by gumbel_search).
@@ -92,7 +92,7 @@ class Tree:
     def init_roots(self, prior_logits: torch.Tensor, value: torch.Tensor,
                    invalid: torch.Tensor | None = None, trees: torch.Tensor | None = None):
         """(Re)start trees from their roots: node 0 gets the logits, value and invalid mask;
-        everything else is freed.  ``trees`` (bool [B]) limits this to some trees."""
+        every other node is freed (next_free = 1).  ``trees`` (bool [B]) limits this to some trees."""
         B, K = self.batch_size, self.num_actions
         logits = prior_logits.to(self.device, torch.float32)
         inv = (torch.zeros(B, K, dtype=torch.bool, device=self.device) if invalid is None
@@ -102,12 +102,11 @@ class Tree:
         # logits of invalid actions do not matter; keep them finite for the softmax
         prior = torch.softmax(logits.masked_fill(inv, -math.inf), -1).nan_to_num(0.0)
         rows = sel.nonzero().squeeze(1)
-        for name, fill in (("parent", -1), ("action", -1), ("visits", 0), ("value", 0),
-                           ("raw_value", 0), ("depth", 0), ("flags", 0), ("inflight", 0)):
-            getattr(self, name)[rows] = fill
+        for name, fill in (("parent", -1), ("action", -1), ("depth", 0), ("inflight", 0)):
+            getattr(self, name)[rows, 0] = fill
         for name, fill in (("children", -1), ("children_visits", 0), ("children_values", 0),
-                           ("rewards", 0), ("discounts", 0), ("invalid", 0)):
-            getattr(self, name)[rows] = fill
+                           ("rewards", 0), ("discounts", 0), ("children_q", 0)):
+            getattr(self, name)[rows, 0] = fill
         self.logits[rows, 0] = logits[rows]
         self.prior[rows, 0] = prior[rows]
         self.invalid[rows, 0] = inv[rows].to(torch.uint8)
@@ -117,6 +116,13 @@ class Tree:
         self.flags[rows, 0] = EXPANDED
         self.next_free[rows] = 1
         self.minmax[rows] = torch.tensor([math.inf, -math.inf], device=self.device)
+
+    def clear(self) -> "Tree":
+        """Free every node (and drop the payloads), keeping the storage: a cleared tree
+        passed as ``tree=`` to a search is filled from scratch without allocating."""
+        self.next_free.zero_()
+        self.payload = None
+        return self
 
     # ----------------------------------------------------------------------------------
     # readable accessors
@@ -155,9 +161,10 @@ class Tree:
         if v is None:
             ptrs = [self.batch_size, self.capacity, self.num_actions]
             ptrs += [getattr(self, n).data_ptr() for n, _ in _NODE_FIELDS]
-            ptrs += [getattr(self, n).data_ptr() for n, _ in _EDGE_FIELDS]
+            ptrs += [getattr(self, n).data_ptr() for n, _ in _EDGE_FIELDS[:-1]]
             ptrs += [self.next_free.data_ptr(), self.minmax.data_ptr(), self.gumbel.data_ptr(),
-                     self.considered.data_ptr(), self.table.data_ptr()]
+                     self.considered.data_ptr(), self.table.data_ptr(),
+                     self.children_q.data_ptr()]
             v = self._views[key] = module.TreeView(ptrs)
         return v
 
@@ -170,14 +177,15 @@ class Tree:
         """Raise AssertionError if the arrays are inconsistent (used by the tests): every
         allocated non-root node is the child of exactly its parent's edge, edge visits equal
         the child's visits, a non-terminal expanded node has 1 + the sum of its edge visits
-        (unless revisited at max_depth), values lie within the returns seen, nothing is in
-        flight between steps."""
+        (unless revisited at max_depth), each value is the mean of the returns through the
+        node (so within their range), nothing is in flight between steps."""
         B, N, K = self.batch_size, self.capacity, self.num_actions
         nf = self.next_free.tolist()
         par, act, vis = self.parent.tolist(), self.action.tolist(), self.visits.tolist()
         flags, infl = self.flags.tolist(), self.inflight.tolist()
         ch, cv = self.children.tolist(), self.children_visits.tolist()
-        val = self.value.tolist()
+        val, raw = self.value.tolist(), self.raw_value.tolist()
+        rew, disc, cval = self.rewards.tolist(), self.discounts.tolist(), self.children_values.tolist()
         for b in range(B):
             n_alloc = nf[b]
             assert 0 <= n_alloc <= N, f"tree {b}: next_free {n_alloc} outside [0, {N}]"
@@ -200,6 +208,20 @@ class Tree:
                 if not flags[b][n] & TERMINAL and any(x >= 0 for x in ch[b][n]):
                     assert vis[b][n] >= 1 + sum(cv[b][n]), f"tree {b} node {n}: visits"
                 assert math.isfinite(val[b][n]), f"tree {b} node {n}: value not finite"
+                # value = mean of the returns through the node: its own evaluation for the
+                # visits that ended there, Q(a) = r + discount * V(child) for the others
+                if n < n_alloc and vis[b][n] > 0:
+                    qs = [(cv[b][n][a], rew[b][n][a] + disc[b][n][a] * cval[b][n][a])
+                          for a in range(K) if ch[b][n][a] >= 0 and cv[b][n][a] > 0]
+                    own = vis[b][n] - sum(k for k, _ in qs)
+                    total = own * raw[b][n] + sum(k * q for k, q in qs)
+                    scale = max([1.0, abs(raw[b][n])] + [abs(q) for _, q in qs])
+                    assert abs(val[b][n] * vis[b][n] - total) <= 1e-4 * vis[b][n] * scale, \
+                        f"tree {b} node {n}: value is not the mean of its returns"
+                    lo = min([raw[b][n]] + [q for _, q in qs]) if own > 0 else min(q for _, q in qs)
+                    hi = max([raw[b][n]] + [q for _, q in qs]) if own > 0 else max(q for _, q in qs)
+                    assert lo - 1e-4 * scale <= val[b][n] <= hi + 1e-4 * scale, \
+                        f"tree {b} node {n}: value outside its returns' range"
             assert len(seen) == max(n_alloc - 1, 0), f"tree {b}: unreachable nodes"
 
     # ----------------------------------------------------------------------------------
@@ -270,7 +292,7 @@ class TensorStore:
             if x.shape[:1] != (B,):
                 raise ValueError(f"Root.embedding: tensors must have a leading dimension of "
                                  f"size {B} (one row per tree), got {tuple(x.shape)}")
-            buf = torch.zeros((B, N + 1) + tuple(x.shape[1:]), dtype=x.dtype, device=x.device)
+            buf = torch.empty((B, N + 1) + tuple(x.shape[1:]), dtype=x.dtype, device=x.device)
             buf[:, 0] = x
             return buf
         self.buf = _tmap(alloc, root_embedding)
@@ -599,6 +621,7 @@ def select_reference(ph: Phases, w: int) -> None:
                     st["parent"][b][c], st["action"][b][c] = s, a
                     st["depth"][b][c] = st["depth"][b][s] + 1
                     fl[c], inf[c], st["visits"][b][c] = 0, 0, 0
+                    st["value"][b][c] = st["raw_value"][b][c] = 0.0
                     new = True
                 path.append(c)
                 if new or not fl[c] & EXPANDED or fl[c] & TERMINAL or depth + 1 >= ph.max_depth:
@@ -642,7 +665,7 @@ def expand_reference(ph: Phases, w, reward, discount, logits, value, invalid, te
         st["invalid"][b][n] = [int(x) for x in bad]
         st["logits"][b][n] = lg[m]
         for name, fill in (("children", -1), ("children_visits", 0), ("children_values", 0.0),
-                           ("rewards", 0.0), ("discounts", 0.0)):
+                           ("rewards", 0.0), ("discounts", 0.0), ("children_q", 0.0)):
             st[name][b][n] = [fill] * K
         st["raw_value"][b][n] = st["value"][b][n] = v[m]
         st["visits"][b][n] = 0
@@ -678,6 +701,7 @@ def backup_reference(ph: Phases, w: int) -> None:
                 st["children_visits"][b][s][a] += 1
                 st["children_values"][b][s][a] = val[c]
                 q = st["rewards"][b][s][a] + st["discounts"][b][s][a] * val[c]
+                st["children_q"][b][s][a] = q
                 lo, hi = min(lo, q), max(hi, q)
         st["minmax"][b] = [lo, hi]
     _store(tr, st)
@@ -710,7 +734,8 @@ def subtree_reference(src: Tree, dst: Tree, actions: torch.Tensor, src_of: torch
             d["children"][b][i] = kids
             for name in ("logits", "prior", "invalid"):
                 d[name][b][i] = list(s[name][b][n])
-            for name in ("children_visits", "children_values", "rewards", "discounts"):
+            for name in ("children_visits", "children_values", "rewards", "discounts",
+                         "children_q"):
                 d[name][b][i] = [x if k >= 0 else 0 for x, k in zip(s[name][b][n], kids)]
             d["parent"][b][i] = -1 if i == 0 else new_of[s["parent"][b][n]]
             d["action"][b][i] = -1 if i == 0 else s["action"][b][n]

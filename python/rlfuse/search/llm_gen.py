@@ -1,0 +1,614 @@
+"""Step generation for LLM tree search: K candidate next steps for many prefixes at once.
+
+Two step models share one interface (:class:`StepModel`):
+
+* :class:`HFStepModel` wraps a Hugging Face causal LM and its tokenizer.  One call of
+  :meth:`~StepModel.sample_steps` samples ``k`` continuations for every given prefix in one
+  batched decoding loop that stops each row at the step delimiter or EOS.  Prefixes are
+  never re-sent: every state keeps the KV cache of its tokens but the last one; a prefix
+  without one (a prompt) is encoded once, not once per sample, and a child state gets
+  the slice of its parent's generation cache that covers it.  Candidate log-probs come
+  from the raw logits through :func:`rlfuse.ops.token_logprobs` and are reduced per
+  candidate with :func:`rlfuse.ops.reduce_sequences`.
+* :class:`ScriptedStepModel` returns scripted candidates (text, log-prob, terminal) per
+  prefix: deterministic, for exact-behaviour tests and examples.
+
+Both count the tokens they generate and the prefix tokens they encode
+(:class:`TokenCounters`), including what re-sending every prefix would have cost.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Any, NamedTuple, Optional, Sequence
+
+import torch
+
+__all__ = ["Candidate", "HFStepModel", "ScriptedStepModel", "StepModel", "StepState",
+           "TokenCounters"]
+
+
+@dataclass
+class TokenCounters:
+    """Token and time accounting of a step model.
+
+    ``generated``: sampled tokens (stop tokens included, padding after a stop excluded).
+    ``encoded``: prefix tokens run through the model again (prefill of prompts, plus the
+    one uncached last token of every sampled row).  ``encoded_naive``: what re-sending
+    the whole prefix with every sampled row would have encoded.  ``model_seconds``: wall
+    time inside model forward calls; ``decode_seconds``: wall time of the generation calls
+    (forwards plus sampling, log-probs, stop checks and cache packing).
+    ``generated_per_problem``: generated tokens by
+    problem index.
+    """
+
+    generated: int = 0
+    encoded: int = 0
+    encoded_naive: int = 0
+    model_seconds: float = 0.0
+    decode_seconds: float = 0.0
+    forward_calls: int = 0
+    generated_per_problem: dict = field(default_factory=dict)
+
+    def add_generated(self, problem: int, n: int) -> None:
+        self.generated += n
+        self.generated_per_problem[problem] = self.generated_per_problem.get(problem, 0) + n
+
+    def snapshot(self) -> dict:
+        return {"generated": self.generated, "encoded": self.encoded,
+                "encoded_naive": self.encoded_naive, "model_seconds": self.model_seconds,
+                "decode_seconds": self.decode_seconds,
+                "forward_calls": self.forward_calls}
+
+
+@dataclass
+class StepState:
+    """A node's prefix: the problem it belongs to, its steps so far and (HF) its token ids
+    and the KV cache of all its tokens but the last."""
+
+    problem: int
+    prompt: str
+    steps: tuple = ()
+    ids: Optional[list] = None                  # prompt + steps token ids (HF)
+    kv: Optional["KVSlice"] = None              # the KV cache of ids[:-1] (HF)
+
+    @property
+    def completion(self) -> str:
+        return "".join(self.steps)
+
+    @property
+    def depth(self) -> int:
+        return len(self.steps)
+
+
+@dataclass
+class Candidate:
+    """One sampled next step: its text, token count, log-prob sum, how it ended
+    (``"delimiter"``, ``"eos"`` or ``"length"``) and the child state it leads to."""
+
+    text: str
+    num_tokens: int
+    logprob: float
+    ended: str
+    state: StepState
+    returns: list = field(default_factory=list)   # rewards of the rollouts through it
+    tail: Any = None            # the rest of the rollout this step was cut from (or None)
+    tails: list = field(default_factory=list)     # (tail, reward) of those rollouts
+
+    @property
+    def terminal(self) -> bool:
+        return self.ended != "delimiter"
+
+    @property
+    def mean_logprob(self) -> float:
+        return self.logprob / max(self.num_tokens, 1)
+
+
+class StepModel:
+    """Interface of the step generators used by :class:`rlfuse.search.llm.StepSearch`."""
+
+    step_delimiter: str = "\n"
+
+    def __init__(self):
+        self.counters = TokenCounters()
+
+    def root_states(self, problems: Sequence[int], prompts: Sequence[str]) -> list[StepState]:
+        return [StepState(problem=p, prompt=s) for p, s in zip(problems, prompts)]
+
+    def sample_steps(self, states: Sequence[StepState], k: int) -> list[list[Candidate]]:
+        """``k`` sampled next steps for each state (duplicates are kept; the search merges)."""
+        raise NotImplementedError
+
+    def rollout(self, states: Sequence[StepState], max_steps: int,
+                repeats: int = 1) -> list[tuple[str, int]]:
+        """``repeats`` sampled completions to the end (EOS) for each state (state-major):
+        ``(the state's completion followed by the continuation, tokens generated)``."""
+        raise NotImplementedError
+
+    def sample_rollouts(self, states: Sequence[StepState], k,
+                        max_steps: int) -> list[list[tuple[Candidate, str]]]:
+        """``k`` (an int, or one count per state) sampled completions to the end for each
+        state, each split into its first step (a :class:`Candidate` whose ``tail`` points
+        at the rest of the rollout) and the full completion text."""
+        raise NotImplementedError
+
+    def continue_tail(self, state: StepState, tail) -> Optional[Candidate]:
+        """The next step of a stored rollout ``tail`` after ``state`` (no generation), or
+        None when the rollout has nothing left."""
+        raise NotImplementedError
+
+    def release(self, state: StepState) -> None:
+        """Drop what a state holds (its KV cache) once it has been expanded."""
+        state.kv = None
+
+
+class ScriptedStepModel(StepModel):
+    """Deterministic candidates for exact-behaviour tests.
+
+    ``script`` maps a completion-so-far (``""`` for the root, else the concatenated steps)
+    to its candidates ``[(step_text, logprob, terminal), ...]``; a prefix may also be keyed
+    by ``(prompt, completion)``.  :meth:`sample_steps` returns the first ``k`` entries,
+    cycling when ``k`` is larger (so duplicates appear, as sampling would give).  Every
+    character counts as one generated token.  ``rollouts`` maps a completion-so-far to
+    its rollout continuation (default: follow the first candidate until a terminal one).
+    """
+
+    def __init__(self, script: dict, *, rollouts: Optional[dict] = None, step_delimiter="\n"):
+        super().__init__()
+        if not isinstance(script, dict) or not script:
+            raise ValueError("script must be a non-empty dict {completion: [(step, logprob, terminal)]}")
+        self.script = script
+        self.rollouts = rollouts or {}
+        self.step_delimiter = step_delimiter
+        self.calls: list[list[str]] = []   # the completions expanded by each sample_steps call
+
+    def _entries(self, state: StepState):
+        key = state.completion
+        entries = self.script.get((state.prompt, key), self.script.get(key))
+        if not entries:
+            raise KeyError(f"ScriptedStepModel: no candidates scripted for prefix {key!r}")
+        return entries
+
+    def _cands(self, st: StepState, k: int) -> list[Candidate]:
+        entries = self._entries(st)
+        cands = []
+        for j in range(k):
+            text, lp, terminal = entries[j % len(entries)]
+            child = StepState(problem=st.problem, prompt=st.prompt, steps=st.steps + (text,))
+            n = max(len(text), 1)
+            self.counters.add_generated(st.problem, n)
+            cands.append(Candidate(text, n, float(lp) * n, "eos" if terminal else "delimiter",
+                                   child))
+        return cands
+
+    def sample_steps(self, states, k):
+        self.calls.append([s.completion for s in states])
+        return [self._cands(st, k) for st in states]
+
+    def sample_rollouts(self, states, k, max_steps):
+        ks = [k] * len(states) if isinstance(k, int) else list(k)
+        self.calls.append([s.completion for s, n in zip(states, ks) if n])
+        out = []
+        for st, n in zip(states, ks):
+            row = []
+            for c in self._cands(st, n):
+                if c.terminal:
+                    row.append((c, c.state.completion))
+                    continue
+                comp = self.rollout([c.state], max_steps - 1)[0][0]
+                c.tail = (comp, len(c.state.completion))
+                row.append((c, comp))
+            out.append(row)
+        return out
+
+    def continue_tail(self, state, tail):
+        comp, off = tail
+        rest = comp[off:]
+        if not rest:
+            return None
+        cut = rest.find(self.step_delimiter)
+        text = rest[:cut + len(self.step_delimiter)] if cut >= 0 else rest
+        n = len(text)
+        lp = next((e[1] for e in self.script.get((state.prompt, state.completion),
+                                                 self.script.get(state.completion, []))
+                   if e[0] == text), -1.0)
+        child = StepState(problem=state.problem, prompt=state.prompt,
+                          steps=state.steps + (text,))
+        c = Candidate(text, n, float(lp) * n, "delimiter" if cut >= 0 else "eos", child)
+        if cut >= 0:
+            c.tail = (comp, off + n)
+        return c
+
+    def rollout(self, states, max_steps, repeats=1):
+        out = []
+        for st in [s for s in states for _ in range(repeats)]:
+            text = st.completion
+            if text in self.rollouts:
+                cont = self.rollouts[text]
+            else:
+                cont, cur = "", st
+                for _ in range(max_steps):
+                    step, _, terminal = self._entries(cur)[0]
+                    cont += step
+                    cur = StepState(st.problem, st.prompt, cur.steps + (step,))
+                    if terminal:
+                        break
+            self.counters.add_generated(st.problem, max(len(cont), 1))
+            out.append((text + cont, max(len(cont), 1)))
+        return out
+
+
+def _sample(logits: torch.Tensor, temperature: float, top_p: float, generator) -> torch.Tensor:
+    """One token per row from ``softmax(logits / temperature)`` restricted to the nucleus
+    ``top_p``, by inverting the CDF with one uniform draw per row (cheaper than
+    ``torch.multinomial`` or a Gumbel draw per logit); temperature 0 is greedy."""
+    if temperature == 0:
+        return logits.argmax(-1)
+    p = torch.softmax(logits / temperature, -1)
+    if top_p < 1.0:
+        sp = p.sort(-1, descending=True).values
+        # the smallest probability inside the nucleus (the top token is always kept)
+        inside = (sp.cumsum(-1) - sp) < top_p
+        floor = sp.masked_fill(~inside, float("inf")).min(-1, keepdim=True).values
+        p = p.masked_fill(p < floor, 0.0)
+    cdf = p.cumsum(-1)
+    u = torch.rand(p.shape[0], 1, generator=generator, device=p.device, dtype=p.dtype)
+    idx = torch.searchsorted(cdf, u * cdf[:, -1:], right=True)
+    return idx.squeeze(1).clamp_(max=p.shape[-1] - 1)
+
+
+class HFStepModel(StepModel):
+    """Step generation with a Hugging Face causal LM, reusing every prefix's KV cache.
+
+    ``temperature``, ``top_p``: sampling (temperature 0 is greedy).  ``max_new_tokens``:
+    tokens per step at most (a longer step ends as ``"length"``, a terminal).
+    ``kv_reuse=False`` re-encodes each prefix once per call instead of keeping caches
+    (lower memory; still once per prefix, not once per sample).  ``seed`` seeds the
+    sampling generator.
+    """
+
+    def __init__(self, model, tokenizer, *, step_delimiter: str = "\n", temperature: float = 1.0,
+                 top_p: float = 1.0, max_new_tokens: int = 32, kv_reuse: bool = True,
+                 seed: int = 0):
+        super().__init__()
+        if not hasattr(model, "config") or not callable(model):
+            raise TypeError(f"model must be a Hugging Face causal LM, got {type(model).__name__}")
+        if not isinstance(step_delimiter, str) or not step_delimiter:
+            raise ValueError(f"step_delimiter must be a non-empty str, got {step_delimiter!r}")
+        if not (isinstance(temperature, (int, float)) and math.isfinite(temperature)
+                and temperature >= 0):
+            raise ValueError(f"temperature must be a finite number >= 0, got {temperature!r}")
+        if not (isinstance(top_p, (int, float)) and 0 < top_p <= 1):
+            raise ValueError(f"top_p must be in (0, 1], got {top_p!r}")
+        if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be a positive int, got {max_new_tokens!r}")
+        if tokenizer.eos_token_id is None:
+            raise ValueError("tokenizer has no eos_token_id")
+        self.model, self.tokenizer = model, tokenizer
+        self.step_delimiter = step_delimiter
+        self.temperature, self.top_p = float(temperature), float(top_p)
+        self.max_new_tokens = max_new_tokens
+        self.kv_reuse = kv_reuse
+        self.device = next(model.parameters()).device
+        self.generator = torch.Generator(device=self.device)
+        self.generator.manual_seed(seed)
+        self.eos_ids = torch.tensor(sorted(self._eos_set()), device=self.device)
+        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None \
+            else int(self.eos_ids[0])
+        # Tokens whose text contains the delimiter end a step (one token for "\n" in most
+        # vocabularies; BPE merges like ".\n\n" too).  Found once by decoding the vocabulary.
+        vocab = len(tokenizer)
+        texts = tokenizer.batch_decode([[i] for i in range(vocab)])
+        delim = [i for i, t in enumerate(texts) if step_delimiter in t]
+        if not delim:
+            raise ValueError(f"no token of the tokenizer contains step_delimiter {step_delimiter!r}")
+        self._eos = set(self.eos_ids.tolist())
+        self._stop_set = set(delim) | self._eos
+        self.stop_ids = torch.tensor(sorted(self._stop_set), device=self.device)
+
+    def _eos_set(self) -> set:
+        ids = {int(self.tokenizer.eos_token_id)}
+        gen = getattr(self.model, "generation_config", None)
+        extra = getattr(gen, "eos_token_id", None) if gen is not None else None
+        if isinstance(extra, int):
+            ids.add(extra)
+        elif isinstance(extra, (list, tuple)):
+            ids.update(int(e) for e in extra)
+        return ids
+
+    # -- model calls ------------------------------------------------------------------
+    def _forward(self, **kw):
+        t0 = time.perf_counter()
+        with torch.no_grad():
+            out = self.model(**kw)
+        self.counters.model_seconds += time.perf_counter() - t0
+        self.counters.forward_calls += 1
+        return out
+
+    def root_states(self, problems, prompts):
+        states = []
+        for p, s in zip(problems, prompts):
+            ids = list(self.tokenizer(s).input_ids)
+            if not ids:
+                raise ValueError(f"problem {p}: the prompt encodes to no tokens; the tokenizer "
+                                 "must add a BOS token or the prompt must be non-empty")
+            states.append(StepState(problem=p, prompt=s, ids=ids))
+        return states
+
+    def _prefill(self, states: list[StepState]) -> None:
+        """Encode ``ids[:-1]`` of each state once (left-padded batch) and keep its KV."""
+        seqs = [st.ids[:-1] for st in states]
+        lens = [len(s) for s in seqs]
+        T = max(lens)
+        if T == 0:
+            for st in states:
+                st.kv = None
+            return
+        B = len(seqs)
+        ids = torch.full((B, T), self.pad_id, dtype=torch.long, device=self.device)
+        mask = torch.zeros(B, T, dtype=torch.long, device=self.device)
+        for i, s in enumerate(seqs):
+            if lens[i]:
+                ids[i, T - lens[i]:] = torch.tensor(s, device=self.device)
+                mask[i, T - lens[i]:] = 1
+        pos = (mask.cumsum(1) - 1).clamp(min=0)
+        from transformers import DynamicCache
+
+        cache = DynamicCache(config=self.model.config)
+        self._forward(input_ids=ids, attention_mask=mask, position_ids=pos,
+                      past_key_values=cache, use_cache=True, logits_to_keep=1)
+        self.counters.encoded += sum(lens)
+        layers = [(layer.keys, layer.values) for layer in cache.layers]
+        for i, st in enumerate(states):
+            st.kv = KVSlice(layers, i, T - lens[i], T) if lens[i] else None
+
+    def _decode(self, states: list[StepState], repeats, max_new_tokens: int,
+                stop_ids: torch.Tensor) -> "_Decoded":
+        """Sample ``repeats`` continuations per state (an int, or one count per state;
+        state-major rows) until a token of ``stop_ids`` or ``max_new_tokens``."""
+        t0 = time.perf_counter()
+        try:
+            return self._decode_impl(states, repeats, max_new_tokens, stop_ids)
+        finally:
+            self.counters.decode_seconds += time.perf_counter() - t0
+
+    def _decode_impl(self, states, repeats, max_new_tokens, stop_ids) -> "_Decoded":
+        from rlfuse.ops import token_logprobs
+
+        need = [st for st in states if st.kv is None and len(st.ids) > 1]
+        if need:
+            self._prefill(need)
+        N = len(states)
+        reps = [repeats] * N if isinstance(repeats, int) else list(repeats)
+        R = sum(reps)
+        rep_t = torch.tensor(reps, device=self.device)
+        lens = [len(st.ids) - 1 for st in states]    # cached tokens per state
+        C = max(lens)
+        dev = self.device
+        layer_kv = _pack(states, lens, C, rep_t, reps) if C > 0 else []
+        # the attention mask of every step is a prefix of one preallocated buffer
+        mask = torch.ones(N, C + max_new_tokens, dtype=torch.long, device=dev)
+        for i in range(N):
+            mask[i, :C - lens[i]] = 0
+        mask = mask.repeat_interleave(rep_t, 0)
+        # Re-sent: the one uncached last token per sampled row (prompts were prefilled once).
+        self.counters.encoded += R
+        self.counters.encoded_naive += sum(r * (n + 1) for r, n in zip(reps, lens))
+        cache = _cache_from(layer_kv, self.model.config)
+        tok = torch.tensor([st.ids[-1] for st in states],
+                           device=dev).repeat_interleave(rep_t)[:, None]
+        pos = torch.tensor(lens, device=dev).repeat_interleave(rep_t)[:, None]
+        done = torch.zeros(R, dtype=torch.bool, device=dev)
+        out_tok, out_lp = [], []
+        pad = torch.full((R,), self.pad_id, dtype=torch.long, device=dev)
+        for t in range(max_new_tokens):
+            logits = self._forward(input_ids=tok, attention_mask=mask[:, :C + t + 1],
+                                   position_ids=pos, past_key_values=cache,
+                                   use_cache=True).logits[:, -1].float()
+            nxt = _sample(logits, self.temperature, self.top_p, self.generator)
+            # log-probs of the raw distribution: kept as logits and done in one call at
+            # the end while they are small, else one call per step
+            out_lp.append(logits if R * logits.shape[-1] * max_new_tokens <= _LOGITS_BATCH
+                          else token_logprobs(logits, nxt))
+            nxt = torch.where(done, pad, nxt)
+            out_tok.append(nxt)
+            done |= torch.isin(nxt, stop_ids)
+            if bool(done.all()):
+                break
+            tok, pos = nxt[:, None], pos + 1
+        toks = torch.stack(out_tok, 1)                       # [R, T]
+        T = toks.shape[1]
+        hits = torch.isin(toks, stop_ids)
+        stopped = hits.any(1)
+        # a row's length: up to and including its first stop token, else every token
+        length = torch.where(stopped, hits.int().argmax(1) + 1, torch.full((R,), T, device=dev))
+        if out_lp[0].dim() == 2:     # (after a row stops its ids are padding: never read)
+            lp = token_logprobs(torch.stack(out_lp, 1), toks)
+        else:
+            lp = torch.stack(out_lp, 1)
+        return _Decoded(toks, length, stopped, lp,
+                        [(layer.keys, layer.values) for layer in cache.layers], C,
+                        [n for n, r in zip(lens, reps) for _ in range(r)], toks.tolist())
+
+    def _child(self, st: StepState, d: "_Decoded", r: int, n: int, with_kv: bool) -> StepState:
+        """The state after the first ``n`` sampled tokens of row ``r`` (one step)."""
+        child = StepState(problem=st.problem, prompt=st.prompt, ids=st.ids + d.rows[r][:n])
+        if with_kv and self.kv_reuse:
+            child.kv = KVSlice(d.layers, r, d.C - d.lens[r], d.C + n)
+        return child
+
+    def _step_text(self, ids: list, eos: set):
+        """(text, ended) of one step's token ids (the last may be a stop token)."""
+        if ids and ids[-1] in eos:
+            return self.tokenizer.decode(ids[:-1], skip_special_tokens=True), "eos"
+        text = self.tokenizer.decode(ids, skip_special_tokens=True)
+        cut = text.find(self.step_delimiter)
+        if ids and ids[-1] in self._stop_set and cut >= 0:
+            return text[:cut + len(self.step_delimiter)], "delimiter"
+        return text, "length"
+
+    def _candidates(self, states, k: int, d: "_Decoded", first: torch.Tensor):
+        """Candidates from the first ``first[r]`` tokens of every row."""
+        from rlfuse.ops import reduce_sequences
+
+        steps = torch.arange(d.toks.shape[1], device=self.device)[None, :]
+        sums = reduce_sequences(d.lp, mask=steps < first[:, None])[0].tolist()
+        first_l, rows = first.tolist(), d.rows
+        eos = set(self.eos_ids.tolist())
+        out = []
+        for i, st in enumerate(states):
+            cands = []
+            for j in range(k):
+                r = i * k + j
+                n = first_l[r]
+                text, ended = self._step_text(rows[r][:n], eos)
+                child = self._child(st, d, r, n, ended == "delimiter")
+                child.steps = st.steps + (text,)
+                cands.append(Candidate(text, n, sums[r], ended, child))
+            out.append(cands)
+        return out
+
+    def sample_steps(self, states, k):
+        if not states:
+            return []
+        d = self._decode(list(states), k, self.max_new_tokens, self.stop_ids)
+        for r, n in enumerate(d.length.tolist()):
+            self.counters.add_generated(states[r // k].problem, n)
+        return self._candidates(states, k, d, d.length)
+
+    def sample_rollouts(self, states, k, max_steps):
+        ks = [k] * len(states) if isinstance(k, int) else list(k)
+        live = [i for i, n in enumerate(ks) if n > 0]
+        out: list[list] = [[] for _ in states]
+        if not live:
+            return out
+        d = self._decode([states[i] for i in live], [ks[i] for i in live],
+                         max(1, max_steps) * self.max_new_tokens, self.eos_ids)
+        lens = d.length.tolist()
+        lpc = torch.nn.functional.pad(d.lp.double().cumsum(1), (1, 0)).tolist()
+        eos = set(self.eos_ids.tolist())
+        r = 0
+        for i in live:
+            st = states[i]
+            for _ in range(ks[i]):
+                self.counters.add_generated(st.problem, lens[r])
+                ids = [t for t in d.rows[r][:lens[r]] if t not in eos]
+                comp = st.completion + self.tokenizer.decode(ids, skip_special_tokens=True)
+                out[i].append((self._split(st, (d, r, 0, lens[r], lpc[r])), comp))
+                r += 1
+        return out
+
+    def continue_tail(self, state, tail):
+        return self._split(state, tail)
+
+    def _split(self, st: StepState, tail) -> Optional[Candidate]:
+        """The next step of a sampled rollout: row ``r`` of ``d`` from token ``start``."""
+        d, r, start, length, lpc = tail
+        seg = d.rows[r][start:length]
+        if not seg:
+            return None
+        n = next((j + 1 for j, t in enumerate(seg) if t in self._stop_set), len(seg))
+        text, ended = self._step_text(seg[:n], self._eos)
+        child = StepState(problem=st.problem, prompt=st.prompt, steps=st.steps + (text,),
+                          ids=st.ids + seg[:n])
+        if ended == "delimiter" and self.kv_reuse:
+            child.kv = KVSlice(d.layers, r, d.C - d.lens[r], d.C + start + n)
+        c = Candidate(text, n, lpc[start + n] - lpc[start], ended, child)
+        if ended == "delimiter":
+            c.tail = (d, r, start + n, length, lpc)
+        return c
+
+    def rollout(self, states, max_steps, repeats=1):
+        if not states:
+            return []
+        d = self._decode(list(states), repeats, max(1, max_steps) * self.max_new_tokens,
+                         self.eos_ids)
+        out = []
+        lens, rows = d.length.tolist(), d.rows
+        for r in range(len(rows)):
+            st, n = states[r // repeats], lens[r]
+            self.counters.add_generated(st.problem, n)
+            text = self.tokenizer.decode(rows[r][:n], skip_special_tokens=True)
+            out.append((st.completion + text, n))
+        return out
+
+
+_LOGITS_BATCH = 1 << 24     # logits kept for one log-prob call per decode (64 MiB f32)
+
+
+def _pack(states, lens, C: int, rep_t: torch.Tensor, reps: list) -> list:
+    """Per layer (keys, values) ``[R, H, C, D]``: every state's cache slice right-aligned
+    in C columns (zeros in front: padding must be finite, masked scores still multiply
+    the values), repeated ``reps[i]`` times.  One gather per layer per source batch."""
+    N = len(states)
+    dev = next(st.kv for st in states if st.kv is not None).layers[0][0].device
+    groups: dict[int, tuple] = {}
+    for i, st in enumerate(states):
+        if lens[i]:
+            groups.setdefault(id(st.kv.layers), (st.kv.layers, []))[1].append(i)
+    cols = torch.arange(C, device=dev)
+    plan = []
+    for layers, idx in groups.values():
+        rows = torch.tensor([states[i].kv.row for i in idx], device=dev)
+        first = torch.tensor([states[i].kv.start for i in idx], device=dev)
+        off = C - torch.tensor([lens[i] for i in idx], device=dev)
+        src = (first[:, None] + cols[None, :] - off[:, None]).clamp_(min=0)    # [n, C]
+        valid = (cols[None, :] >= off[:, None])[:, None, :, None]             # [n, 1, C, 1]
+        plan.append((layers, torch.tensor(idx, device=dev), rows[:, None], src, valid))
+    empty = [i for i in range(N) if not lens[i]]
+    out = []
+    for li, (k0, v0) in enumerate(plan[0][0]):
+        packed = []
+        for t0 in (k0, v0):
+            dst = t0.new_empty(N, t0.shape[1], C, t0.shape[-1])
+            if empty:
+                dst[empty] = 0
+            for layers, idx, rows, src, valid in plan:
+                src_t = layers[li][0 if t0 is k0 else 1]
+                g = src_t[rows, :, src].permute(0, 2, 1, 3)                   # [n, H, C, D]
+                dst[idx] = torch.where(valid, g, torch.zeros((), dtype=g.dtype, device=dev))
+            packed.append(dst if max(reps) == 1 and min(reps) == 1
+                          else dst.repeat_interleave(rep_t, 0))
+        out.append(tuple(packed))
+    return out
+
+
+def _cache_from(layer_kv: list, config):
+    """A ``DynamicCache`` holding ``layer_kv`` without copying it (the constructor's
+    ``ddp_cache_data`` path concatenates, i.e. copies, every layer)."""
+    from transformers import DynamicCache
+    from transformers.cache_utils import DynamicLayer
+
+    cache = DynamicCache(config=config)
+    if not layer_kv:
+        return cache
+    if len(cache.layers) != len(layer_kv) or \
+            any(type(layer) is not DynamicLayer for layer in cache.layers):
+        return DynamicCache(ddp_cache_data=layer_kv, config=config)
+    for layer, (k, v) in zip(cache.layers, layer_kv):
+        layer.lazy_initialization(k, v)
+        layer.keys, layer.values = k, v
+    return cache
+
+
+class KVSlice(NamedTuple):
+    """Row ``row``, columns ``start:stop`` of a batch KV cache (per layer keys and values
+    ``[R, H, T, D]``): the cache of one prefix, read in place (no copy) when it is packed
+    into the next generation batch.  The batch tensors live as long as a slice does."""
+    layers: list
+    row: int
+    start: int
+    stop: int
+
+
+class _Decoded(NamedTuple):
+    toks: torch.Tensor       # [R, T] sampled tokens (padding after a stop)
+    length: torch.Tensor     # [R] tokens up to and including the first stop token
+    stopped: torch.Tensor    # [R] bool
+    lp: torch.Tensor         # [R, T] log-probs of the sampled tokens (raw logits)
+    layers: list             # per layer (keys, values) [R, H, C + T', D] of the decode cache
+    C: int                   # cache columns before the first sampled token's input
+    lens: list               # [R] cached prefix tokens of each row's state
+    rows: list               # toks as Python lists

@@ -1,0 +1,257 @@
+"""Step-level search over a real (tiny) Hugging Face model: the batched step generation
+with KV reuse against full-sequence log-probs, stopping, merging, token counters, and the
+search end to end on ChainTask with exports loaded the way TRL's data paths load them."""
+
+from __future__ import annotations
+
+import math
+
+import datasets
+import pytest
+import torch
+
+from rlfuse.models.hf import causal_lm_token_logprobs
+from rlfuse.models.tiny import tiny_causal_lm, tiny_tokenizer
+from rlfuse.search.llm import StepSearch, beam_search, best_of_n
+from rlfuse.search.llm_gen import HFStepModel, KVSlice
+from rlfuse.tasks import ChainTask
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """The tiny models are launch-bound: one thread is faster than two, and much faster
+    on a loaded 2-core runner where two OpenMP threads contend."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    tok = tiny_tokenizer()
+    return tiny_causal_lm(tok, hidden_size=32, num_layers=2, seed=3).eval(), tok
+
+
+def _full_logprob(model, ids, n):
+    lp = causal_lm_token_logprobs(model, torch.tensor([ids]))
+    return float(lp[0, len(ids) - n:].detach().double().sum())
+
+
+def _check_candidates(model, cand_lists):
+    for cands in cand_lists:
+        for c in cands:
+            ref = _full_logprob(model, c.state.ids, c.num_tokens)
+            assert c.logprob == pytest.approx(ref, abs=2e-4), c.text
+
+
+def test_steps_match_full_sequence_logprobs_through_reused_caches(tiny):
+    """Candidates' log-probs equal a fresh forward over prompt + steps, for root prompts of
+    different lengths (left-padded batch) and for children expanded from their parents'
+    cache slices (two levels, so the slices are re-packed with other rows)."""
+    model, tok = tiny
+    gen = HFStepModel(model, tok, max_new_tokens=6, temperature=1.5, seed=0)
+    roots = gen.root_states([0, 1, 2], ["12+3=", "1+1-4+5=", "7="])
+    level1 = gen.sample_steps(roots, 3)
+    _check_candidates(model, level1)
+    # force some children to be delimiter-ended so they carry caches
+    kids = [c.state for cs in level1 for c in cs]
+    for st in kids:
+        if st.kv is None:           # terminal candidates: give them a prefill path instead
+            continue
+        assert isinstance(st.kv, KVSlice) and st.kv.stop - st.kv.start == len(st.ids) - 1
+    level2 = gen.sample_steps(kids, 2)
+    _check_candidates(model, level2)
+    # and the rollout path (the candidate is the first step of a full continuation)
+    rolled = gen.sample_rollouts(kids[:4], 2, max_steps=2)
+    _check_candidates(model, [[c for c, _ in row] for row in rolled])
+    for row, st in zip(rolled, kids[:4]):
+        for c, comp in row:
+            assert comp.startswith(st.completion + c.text)
+    # continuing a stored rollout: the next step, its log-prob and cache, with no sampling
+    before = gen.counters.generated
+    nxt = [gen.continue_tail(c.state, c.tail) for row in rolled for c, _ in row
+           if c.tail is not None]
+    nxt = [c for c in nxt if c is not None]
+    assert gen.counters.generated == before and nxt
+    _check_candidates(model, [nxt])
+    _check_candidates(model, gen.sample_steps([c.state for c in nxt if c.state.kv], 2))
+
+
+def test_kv_slice_equals_a_fresh_prefill(tiny):
+    model, tok = tiny
+    gen = HFStepModel(model, tok, max_new_tokens=8, temperature=2.0, seed=1)
+    (root,) = gen.root_states([0], ["3+4="])
+    cands = gen.sample_steps([root], 4)[0]
+    fresh = HFStepModel(model, tok, kv_reuse=False)
+    for c in cands:
+        if c.state.kv is None:
+            continue
+        st = fresh.root_states([0], ["x"])[0]
+        st.ids = list(c.state.ids)
+        fresh._prefill([st])
+        for (k1, v1), (k2, v2) in zip(c.state.kv.layers, st.kv.layers):
+            a = c.state.kv
+            torch.testing.assert_close(k1[a.row, :, a.start:a.stop],
+                                       k2[st.kv.row, :, st.kv.start:st.kv.stop],
+                                       rtol=1e-5, atol=1e-5)
+            torch.testing.assert_close(v1[a.row, :, a.start:a.stop],
+                                       v2[st.kv.row, :, st.kv.start:st.kv.stop],
+                                       rtol=1e-5, atol=1e-5)
+
+
+def test_steps_stop_at_the_delimiter_and_greedy_duplicates_merge(tiny):
+    model, tok = tiny
+    gen = HFStepModel(model, tok, max_new_tokens=12, temperature=3.0, seed=2)
+    roots = gen.root_states(list(range(4)), ["1+2=", "3-4+5=", "9=", "10+10="])
+    for cands in gen.sample_steps(roots, 4):
+        for c in cands:
+            if c.ended == "delimiter":
+                assert c.text.endswith("\n") and c.text.count("\n") == 1
+                assert tok.convert_tokens_to_ids("\n") == c.state.ids[-1]
+            elif c.ended == "length":
+                assert c.num_tokens == 12 and "\n" not in c.text
+            else:
+                assert c.state.ids[-1] == tok.eos_token_id
+    s = StepSearch(model, tok, reward_fn=lambda p, c: 0.0, value_fn="zero", num_candidates=3,
+                   num_simulations=2, parallel=1, max_depth=2,
+                   sampling=dict(temperature=0.0, max_new_tokens_per_step=4), backend="torch")
+    (r,) = s.run(["5+5="])
+    assert r.root_visit_counts[1:] == [0, 0]      # greedy: three identical candidates -> one
+    assert len(r.children(0)) == 1
+
+
+def test_prefix_reuse_halves_reencoded_tokens(tiny):
+    model, tok = tiny
+    task = ChainTask()
+    probs = task.dataset(3, seed=5)
+    s = StepSearch(model, tok, reward_fn=lambda p, c: float(task.is_correct(c, p["answer"])),
+                   num_candidates=3, num_simulations=6, parallel=2, max_depth=3,
+                   sampling=dict(max_new_tokens_per_step=6), backend="torch")
+    res = s.run(probs)
+    st = s.stats
+    assert st["generated"] == sum(r.tokens_generated for r in res) > 0
+    assert 2 * st["encoded"] <= st["encoded_naive"]
+    assert st["model_seconds"] <= st["decode_seconds"] <= st["wall_seconds"]
+    off = StepSearch(model, tok, reward_fn=lambda p, c: 0.0, num_candidates=3,
+                     num_simulations=6, parallel=2, max_depth=3, kv_reuse=False,
+                     sampling=dict(max_new_tokens_per_step=6), backend="torch")
+    off.run(probs)
+    assert off.stats["encoded"] > st["encoded"]       # every expansion re-encodes its prefix
+
+
+@pytest.mark.slow
+def test_end_to_end_on_chain_task_and_exports_train_the_bundled_trainers(tmp_path):
+    """Warm a tiny model up on one-step sums, search, compare with the baselines, export,
+    and feed the JSONL files to the bundled SFT warm-up and DPO trainer (and TRL's
+    preference-data helper)."""
+    import json
+
+    from trl.data_utils import unpair_preference_dataset
+
+    from rlfuse.search.llm_demo import compare, warmup
+    from rlfuse.search.llm_export import export_jsonl
+    from rlfuse.trainers.config import DPOConfig
+    from rlfuse.trainers.dpo import DPOTrainer
+    from rlfuse.trainers.grpo import copy_reference
+    from rlfuse.trainers.sft import supervised_warmup
+
+    torch.manual_seed(0)
+    task = ChainTask(terms=2, max_operand=6)
+    tok = tiny_tokenizer()
+    model = tiny_causal_lm(tok, hidden_size=64, num_layers=2, seed=0)
+    losses = warmup(model, tok, task, steps=150, batch_size=32, lr=5e-3)
+    assert losses[-1] < losses[0] / 4
+    problems = task.dataset(8, seed=11)
+    rep = compare(model, tok, task, problems, num_simulations=8, num_candidates=4, parallel=2,
+                  temperature=1.5, backend="torch")
+    for name in ("mcts", "best_of_n", "majority_vote", "beam"):
+        assert 0.0 <= rep[name]["accuracy"] <= 1.0 and rep[name]["tokens"] > 0
+    assert rep["mcts"]["accuracy"] > 0                      # the search finds right answers
+    # best-of-N used at least the MCTS budget of every problem it could
+    assert rep["best_of_n"]["tokens"] >= rep["mcts"]["tokens"]
+    assert rep["search"]["reencode_reduction"] >= 2
+    written = export_jsonl(rep["results"], str(tmp_path))
+    assert written["sft"][1] > 0 and written["dpo"][1] > 0 and written["prm"][1] > 0
+    load = lambda name: [json.loads(x) for x in open(written[name][0])]  # noqa: E731
+    sft, dpo, prm = load("sft"), load("dpo"), load("prm")
+    answer = {p["prompt"]: p["answer"] for p in problems}
+    assert all(task.is_correct(r["completion"], answer[r["prompt"]]) for r in sft)
+    # SFT data path: the bundled warm-up trains on the exported traces
+    sft_losses = supervised_warmup(model, tok, sft, steps=2, batch_size=4, learning_rate=1e-3)
+    assert len(sft_losses) == 2 and all(math.isfinite(x) for x in sft_losses)
+    # DPO data path: the bundled trainer takes the pairs as they are
+    tr = DPOTrainer(model, copy_reference(model),
+                    args=DPOConfig(output_dir=str(tmp_path / "dpo"), learning_rate=1e-3,
+                                   per_device_train_batch_size=2, max_steps=1, progress=False,
+                                   plot=False, seed=0),
+                    train_dataset=dpo, tokenizer=tok)
+    tr.train()
+    assert len(tr.ref_logps) == len(dpo)
+    unpaired = unpair_preference_dataset(
+        datasets.Dataset.from_list([{k: r[k] for k in ("prompt", "chosen", "rejected")}
+                                    for r in dpo]))
+    assert len(unpaired) == 2 * len(dpo)
+    assert all(len(r["completions"]) == len(r["labels"]) == len(r["values"]) for r in prm)
+    # the baselines run on their own as well
+    (b,) = best_of_n(model, tok, problems[:1], reward_fn=lambda p, c: 0.0, n=2,
+                     sampling=dict(max_new_tokens_per_step=8))
+    assert len(b.samples) == 2
+    (bm,) = beam_search(model, tok, problems[:1], reward_fn=lambda p, c: 0.0,
+                        value_fn="zero", beam_width=1, num_candidates=2, max_depth=2,
+                        sampling=dict(max_new_tokens_per_step=8))
+    assert bm.tokens_generated > 0
+
+
+def test_sampler_matches_the_tempered_nucleus_distribution():
+    from rlfuse.search.llm_gen import _sample
+
+    g = torch.Generator().manual_seed(0)
+    z = torch.tensor([[0.0, 1.0, 2.0, -1.0]]).repeat(100000, 1)
+    freq = torch.bincount(_sample(z, 1.0, 1.0, g), minlength=4).double() / len(z)
+    torch.testing.assert_close(freq, torch.softmax(z[0].double(), -1), atol=6e-3, rtol=0)
+    # T = 2, top_p = 0.7: sorted probs .455 .276 .167 .101 -> the nucleus is the first two
+    freq = torch.bincount(_sample(z, 2.0, 0.7, g), minlength=4).double() / len(z)
+    p = torch.softmax(z[0].double() / 2, -1)
+    want = torch.tensor([0.0, p[1], p[2], 0.0], dtype=torch.float64) / (p[1] + p[2])
+    torch.testing.assert_close(freq, want, atol=6e-3, rtol=0)
+    assert torch.equal(_sample(z[:3], 0.0, 1.0, g), torch.tensor([2, 2, 2]))
+
+
+def test_cli_search_runs_and_writes_the_exports(tmp_path, capsys):
+    import json
+    import os
+
+    from rlfuse.cli import main
+
+    out = tmp_path / "search"
+    assert main(["search", "--problems", "3", "--simulations", "4", "--candidates", "2",
+                 "--parallel", "2", "--warmup-steps", "20", "--out", str(out)]) == 0
+    text = capsys.readouterr().out
+    for name in ("mcts", "best_of_n", "majority_vote", "beam", "re-encoded"):
+        assert name in text
+    assert sorted(os.listdir(out)) == ["dpo.jsonl", "prm.jsonl", "sft.jsonl", "summary.json"]
+    summary = json.load(open(out / "summary.json"))
+    assert summary["problems"] == 3 and summary["mcts"]["tokens"] > 0
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "qwen2"])
+def test_other_architectures_reuse_caches_exactly(arch):
+    """Learned absolute positions (GPT-2) and grouped-query attention (Qwen2) through the
+    same packed caches: candidates' log-probs equal a fresh forward."""
+    from transformers import GPT2Config, GPT2LMHeadModel, Qwen2Config, Qwen2ForCausalLM
+
+    tok = tiny_tokenizer()
+    torch.manual_seed(0)
+    if arch == "gpt2":
+        model = GPT2LMHeadModel(GPT2Config(n_layer=2, n_embd=32, n_head=2, vocab_size=len(tok)))
+    else:
+        model = Qwen2ForCausalLM(Qwen2Config(num_hidden_layers=2, hidden_size=32,
+                                             num_attention_heads=4, num_key_value_heads=2,
+                                             intermediate_size=64, vocab_size=len(tok)))
+    model.eval()
+    gen = HFStepModel(model, tok, max_new_tokens=6, temperature=1.5, seed=0)
+    level1 = gen.sample_steps(gen.root_states([0, 1], ["12+3=", "1+1-4+5="]), 3)
+    kids = [c.state for cs in level1 for c in cs]
+    rolled = gen.sample_rollouts(kids, 2, max_steps=2)
+    _check_candidates(model, level1 + [[c for c, _ in row] for row in rolled])
