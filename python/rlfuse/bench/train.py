@@ -288,6 +288,7 @@ def _run_child(variant, model_dir, case, device, threads):
 def run(device="cpu", quick=False, repeat=None, compile=True, backends=None, threads=None):
     """Rows: GRPO step time (ms) of rlfuse and TRL; notes: peak memory and time shares."""
     device = str(device)
+    threads = threads or torch.get_num_threads()     # `rlfuse bench --threads N` sets it
     case = dict(GPU_CASE if device.startswith("cuda") else (CPU_QUICK if quick else CPU_CASE))
     repeat = repeat or (1 if quick else 2)
     try:
