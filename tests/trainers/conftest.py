@@ -5,6 +5,16 @@ from rlfuse.models.tiny import tiny_causal_lm, tiny_tokenizer
 from rlfuse.tasks import AdditionTask
 
 
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """The tiny models do microseconds of work per op: one thread avoids OpenMP wake-up
+    costs (large on a loaded 2-core machine)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.fixture(scope="session")
 def tok():
     return tiny_tokenizer()

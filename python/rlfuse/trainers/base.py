@@ -701,6 +701,7 @@ class BaseTrainer:
         for _step, name in ckpts[:-limit]:
             # renamed first, so a kill while deleting never leaves a partial checkpoint-N
             doomed = os.path.join(out, f".del-{name}")
+            shutil.rmtree(doomed, ignore_errors=True)     # left by a kill while deleting
             os.rename(os.path.join(out, name), doomed)
             shutil.rmtree(doomed, ignore_errors=True)
 
