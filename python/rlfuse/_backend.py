@@ -181,6 +181,18 @@ def num_threads() -> int:
     return max(1, torch.get_num_threads())
 
 
+# Elements of work per CPU thread below which another OpenMP thread costs more than it
+# saves (waking a thread is ~5-50 us, far more on a loaded machine; a kernel streams ~32k
+# float elements in a few us).  Results never depend on the thread count.
+THREAD_GRAIN = 32768
+
+
+def threads_for(work: int) -> int:
+    """Threads for a CPU kernel over ``work`` elements: one per THREAD_GRAIN, at most
+    :func:`num_threads`."""
+    return max(1, min(num_threads(), int(work) // THREAD_GRAIN))
+
+
 def cuda_stream(device: torch.device) -> int:
     return torch.cuda.current_stream(device).cuda_stream
 

@@ -700,7 +700,7 @@ def test_poisoned_outputs_are_fully_written(backend, device, monkeypatch):
 
 
 def test_thread_count_invariance_bitwise(monkeypatch):
-    monkeypatch.setattr(adv_mod, "_GRAIN", 64)  # use every thread even on these small inputs
+    monkeypatch.setattr(_backend, "THREAD_GRAIN", 64)  # every thread even on small inputs
     r, v, m, lv = _gae_inputs(37, 301, torch.float32, "cpu", "holes")
     x = torch.randn(37, 301)
     scores = torch.randn(37 * 8, 64)

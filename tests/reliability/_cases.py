@@ -179,11 +179,11 @@ def digest(tensors) -> str:
 
 
 def _full_threads():
-    """Let the advantage kernels use every thread on these inputs (their grain size would
-    keep small inputs on one thread)."""
-    from rlfuse.ops import advantage
+    """Let the CPU kernels use every thread on these inputs (their grain size would keep
+    small inputs on one thread)."""
+    from rlfuse import _backend
 
-    advantage._GRAIN = 64
+    _backend.THREAD_GRAIN = 64
 
 
 def _main(argv):

@@ -16,7 +16,7 @@ import threading
 import pytest
 import torch
 
-from rlfuse.ops import advantage
+from rlfuse import _backend
 from tests.reliability import _cases as C
 from tests.reliability._inputs import BACKENDS
 
@@ -29,9 +29,9 @@ ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 
 @pytest.fixture
 def full_threads(monkeypatch):
-    # the advantage kernels keep inputs below 32768 elements per thread on fewer threads;
-    # make them split these inputs over every thread
-    monkeypatch.setattr(advantage, "_GRAIN", 64)
+    # the CPU kernels keep inputs below 32768 elements per thread on fewer threads
+    # (rlfuse._backend.threads_for); make them split these inputs over every thread
+    monkeypatch.setattr(_backend, "THREAD_GRAIN", 64)
 
 
 @pytest.fixture

@@ -133,11 +133,7 @@ _WHITEN_EPS = 1e-8
 # grain size): waking threads costs more than small work, and on a busy machine a parallel
 # region can wait a whole scheduler slice for its second thread.  Results do not depend on
 # the thread count.
-_GRAIN = 32768
-
-
-def _threads(work: int) -> int:
-    return max(1, min(_backend.num_threads(), int(work) // _GRAIN))
+_threads = _backend.threads_for
 
 
 def _empty(shape, dtype, device=None):

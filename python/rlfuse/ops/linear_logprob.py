@@ -143,7 +143,7 @@ def _rows_forward(backend, logits, ids, logp, ent, lse, inv_t, temperature, igno
             logits.data_ptr(), _backend.DTYPE_CODES[logits.dtype], 1, c, 0, V, V,
             ids.data_ptr(), _backend.INDEX_CODES[ids.dtype], logp.data_ptr(),
             ent.data_ptr() if return_entropy else 0, lse.data_ptr(), inv_t, ignore_index,
-            _backend.num_threads(),
+            _backend.threads_for(c * V),
         )
         return int(bad)
     if backend == "cuda":
@@ -187,7 +187,7 @@ def _rows_backward(backend, logits, ids, lse, ent, g_lp, g_ent, out, inv_t, temp
             out.data_ptr(), inv_t, ignore_index,
         )
         if backend == "cpu":
-            _backend.cpu_module().token_logprobs_bwd(*args, _backend.num_threads())
+            _backend.cpu_module().token_logprobs_bwd(*args, _backend.threads_for(c * V))
         else:
             _backend.cuda_module().token_logprobs_bwd(
                 *args, _backend.cuda_stream(logits.device)

@@ -177,7 +177,7 @@ def _token_logprobs_op(
                 logits.data_ptr(), _backend.DTYPE_CODES[logits.dtype], n_outer, n_inner,
                 s_outer, s_inner, V, ids.data_ptr(), _backend.INDEX_CODES[ids.dtype],
                 logp.data_ptr(), ent.data_ptr() if return_entropy else 0, lse.data_ptr(),
-                inv_t, ignore_index, _backend.num_threads(),
+                inv_t, ignore_index, _backend.threads_for(N * V),
             )
             if bad >= 0:
                 raise ValueError(
@@ -266,7 +266,7 @@ def _token_logprobs_backward_op(
             dlogits.data_ptr(), inv_t, ignore_index,
         )
         if backend == "cpu":
-            _backend.cpu_module().token_logprobs_bwd(*args, _backend.num_threads())
+            _backend.cpu_module().token_logprobs_bwd(*args, _backend.threads_for(N * V))
         else:
             with torch.cuda.device(logits.device):
                 _backend.cuda_module().token_logprobs_bwd(

@@ -698,7 +698,7 @@ def _kl_run(logp, ref_logp, grad_out, ints, floats, backend, backward: bool):
         return out.view(shape)
     if backend in ("cpu", "cuda"):
         ia = [0] * _KI_N
-        ia[_KI["R"]], ia[_KI["C"]], ia[_KI["threads"]] = R, C, _backend.num_threads()
+        ia[_KI["R"]], ia[_KI["C"]], ia[_KI["threads"]] = R, C, _backend.threads_for(R * C)
         _desc(ia, _KI["lp"], lp2)
         _desc(ia, _KI["ref"], ref2)
         _desc(ia, _KI["gout"], go2)
@@ -1035,7 +1035,7 @@ def _policy_args(logp, old, adv, mask, ref, ent, isw, cfg, loss, stats, glp, gsc
     B, T = logp.shape
     ia_static, fa = _policy_static_args(cfg)
     ia = list(ia_static)
-    ia[_PI["B"]], ia[_PI["T"]], ia[_PI["threads"]] = B, T, _backend.num_threads()
+    ia[_PI["B"]], ia[_PI["T"]], ia[_PI["threads"]] = B, T, _backend.threads_for(B * T)
     _desc(ia, _PI["lp"], logp)
     _desc(ia, _PI["old"], old)
     _desc(ia, _PI["adv"], adv)
@@ -1571,7 +1571,7 @@ def _value_impl(values, old_values, returns, mask, counts, iparams, fparams, bac
 
     def args(grad, loss, stats):
         ia = [0] * _VI_N
-        ia[_VI["B"]], ia[_VI["T"]], ia[_VI["threads"]] = B, T, _backend.num_threads()
+        ia[_VI["B"]], ia[_VI["T"]], ia[_VI["threads"]] = B, T, _backend.threads_for(B * T)
         _desc(ia, _VI["val"], values)
         _desc(ia, _VI["old"], old_values if math.isfinite(cfg.clip) else None)
         _desc(ia, _VI["ret"], returns)
