@@ -56,6 +56,9 @@ _EDGE_FIELDS = (
     ("rewards", torch.float32), ("discounts", torch.float32), ("invalid", torch.uint8),
     ("children_q", torch.float32),
 )
+# (tree, action) pairs per phase call from which the CPU kernels use every thread
+# (rlfuse._backend.num_threads); below it they run on one.  Results never depend on it.
+THREAD_MIN_PAIRS = 1 << 16
 _STATUS = {1: "tree full", 2: "recurrent_fn returned a non-finite value", 3: "no valid action"}
 
 
@@ -443,10 +446,11 @@ class Phases:
             if self.backend == "cuda":
                 ia.append(self.status.data_ptr())
             self.cfg = self.mod.SelectConfig(ia, [c1, c2, virtual_loss, value_scale, maxvisit_init])
-            # Select / expand / backup take microseconds: below ~64k (tree, action) pairs
-            # per call a second thread costs more than it gains (and far more on a loaded
-            # machine), so they run on one.
-            threads = _backend.num_threads() if B * W * tree.num_actions >= 1 << 16 else 1
+            # Select / expand / backup take microseconds: below THREAD_MIN_PAIRS (tree,
+            # action) pairs per call a second thread costs more than it gains (and far more
+            # on a loaded machine), so they run on one.
+            threads = (_backend.num_threads() if B * W * tree.num_actions >= THREAD_MIN_PAIRS
+                       else 1)
             self.arg = threads if self.backend == "cpu" else _backend.cuda_stream(dev)
 
     def selection(self, w: int) -> Selection:
