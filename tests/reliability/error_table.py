@@ -40,6 +40,7 @@ from rlfuse.ops import (
     token_rewards,
     value_loss,
 )
+from rlfuse.search import Phases, RecurrentOutput, Root, Tree, gumbel_search, puct_search
 
 DOC = pathlib.Path(__file__).resolve().parents[2] / "docs" / "errors.md"
 BEGIN, END = "<!-- BEGIN GENERATED TABLE -->", "<!-- END GENERATED TABLE -->"
@@ -52,6 +53,8 @@ class Row:
     exc: type
     call: Callable  # call(backend) raises; backend is None for argument checks
     data: bool = False  # a check of tensor values: run on every backend, same message
+    prefix: str | None = None  # how the message starts, when not with "<op>:"
+    backends: tuple | None = None  # the backends a data check runs on, when not all of them
 
 
 # ---------------------------------------------------------------------------- inputs
@@ -564,8 +567,178 @@ _PREFERENCE_ROWS = [
                                               ref_rejected_logps=F(2))),
 ]
 
+
+# ---------------------------------------------------------------------------- rlfuse.search
+def _root(B=2, A=3, lg=None, v=None, emb=None):
+    return Root(F(B, A) if lg is None else lg, torch.zeros(B) if v is None else v, emb)
+
+
+def _rec(M=None, A=3, **over):
+    """A recurrent_fn returning zeros (terminal leaves), with some outputs replaced."""
+    def fn(emb, action):
+        m = action.shape[0]
+        out = dict(reward=torch.zeros(m), discount=torch.ones(m), prior_logits=torch.zeros(m, A),
+                   value=torch.zeros(m), embedding=emb, invalid_actions=None, terminal=None)
+        for k, f in over.items():
+            out[k] = f(m)
+        return RecurrentOutput(**out)
+    return fn
+
+
+def _ps(root=None, fn=None, n=4, **kw):
+    return puct_search(_root() if root is None else root, _rec() if fn is None else fn, n, **kw)
+
+
+def _gs(root=None, fn=None, n=4, **kw):
+    return gumbel_search(_root() if root is None else root, _rec() if fn is None else fn, n,
+                         **kw)
+
+
+def _searched_tree():
+    """A tree of 2 x 3 actions whose trees hold 5 nodes (4 simulations, every action)."""
+    return _ps(n=4, dirichlet_fraction=0.0).tree
+
+
+def _phase(backend, tree, **kw):
+    return Phases(tree, rule="puct", W=1, max_depth=4, backend=backend, **kw).select(1)
+
+
+def _no_valid_action(b):
+    t = Tree(1, 2, 4)
+    t.init_roots(torch.zeros(1, 2), torch.zeros(1), torch.ones(1, 2, dtype=torch.bool))
+    _phase(b, t)
+
+
+def _tree_full(b):
+    t = Tree(1, 2, 1)
+    t.init_roots(torch.zeros(1, 2), torch.zeros(1))
+    _phase(b, t)
+
+
+def _triton_phases(_b):
+    with _env("TRITON_INTERPRET", "1"):
+        _ps(backend="triton")
+
+
+def S(condition, exc, call, **kw):
+    """A check both searches make (the row calls puct_search)."""
+    return Row("puct_search / gumbel_search", condition, exc, call, prefix="puct_search:", **kw)
+
+
+def RF(condition, exc, call, **kw):
+    """A check of recurrent_fn's outputs (both searches; the row calls puct_search)."""
+    return Row("puct_search / gumbel_search", condition, exc, call, prefix="recurrent_fn", **kw)
+
+
+SEARCH = ("cpu", "torch")
+_SEARCH_ROWS = [
+    Row("puct_search / gumbel_search", "`backend` not one of cpu, cuda, triton, torch",
+        ValueError, lambda b: _ps(backend="numpy"), prefix="rlfuse.search:"),
+    Row("puct_search / gumbel_search", "`backend='triton'` (there are no Triton tree kernels)",
+        RuntimeError, _triton_phases, prefix="rlfuse.search:"),
+    S("`root` not an `rlfuse.search.Root`", TypeError, lambda b: _ps(root=(F(2, 3), F(2)))),
+    S("`root.prior_logits` not a 2-D float tensor [B, A]", ValueError,
+      lambda b: _ps(root=_root(lg=I(2, 3)))),
+    S("`root.prior_logits` with B = 0 or A = 0", ValueError,
+      lambda b: _ps(root=_root(A=0, lg=F(2, 0)))),
+    S("`root.value` not a float tensor [B]", ValueError,
+      lambda b: _ps(root=_root(v=torch.zeros(3)))),
+    S("`root.value` on another device than `root.prior_logits`", ValueError,
+      lambda b: _ps(root=_root(v=torch.zeros(2, device=META)))),
+    S("`root.value` not finite", ValueError,
+      lambda b: _ps(root=_root(v=torch.tensor([0.0, NAN])), backend=b), data=True,
+      backends=SEARCH),
+    S("`root.prior_logits` holding NaN or +inf", ValueError,
+      lambda b: _ps(root=_root(lg=_with_value(F(2, 3), (1, 2), INF)), backend=b), data=True,
+      backends=SEARCH),
+    S("`invalid_actions` not a tensor [B, A]", ValueError,
+      lambda b: _ps(invalid_actions=torch.zeros(2, 2, dtype=torch.bool))),
+    S("float `invalid_actions` holding values other than 0 / 1", ValueError,
+      lambda b: _ps(invalid_actions=_with_value(torch.zeros(2, 3), (0, 1), 0.5), backend=b),
+      data=True, backends=SEARCH),
+    S("every action of a root invalid (by the mask or a -inf logit)", ValueError,
+      lambda b: _ps(root=_root(lg=_with_value(F(2, 3), (1, 0), -INF)),
+                    invalid_actions=torch.tensor([[0, 0, 1], [0, 1, 1]]), backend=b),
+      data=True, backends=SEARCH),
+    S("`num_simulations` (or `parallel`, `max_depth`, `capacity`, "
+      "`max_num_considered_actions`) not an int", TypeError, lambda b: _ps(n=2.5)),
+    S("`num_simulations`, `parallel`, `max_depth`, `capacity` or "
+      "`max_num_considered_actions` < 1", ValueError, lambda b: _ps(parallel=0)),
+    S("a real option (`virtual_loss`, `dirichlet_*`, `pb_c_*`, `temperature`, "
+      "`gumbel_scale`, `value_scale`, `maxvisit_init`) not a finite real number", TypeError,
+      lambda b: _ps(virtual_loss=NAN)),
+    S("a real option outside its range (`dirichlet_fraction` in [0, 1], `dirichlet_alpha`, "
+      "`pb_c_base` > 0, the others >= 0)", ValueError, lambda b: _ps(dirichlet_fraction=1.5)),
+    S("`capacity` < `num_simulations` + 1", ValueError, lambda b: _ps(n=4, capacity=4)),
+    S("`tree` not an `rlfuse.search.Tree`", TypeError, lambda b: _ps(tree="tree")),
+    S("`tree` of another batch size, action count or device than the root", ValueError,
+      lambda b: _ps(tree=Tree(3, 3, 8))),
+    S("`tree` without room for `num_simulations` more nodes", ValueError,
+      lambda b: _ps(n=4, tree=_searched_tree().subtree(torch.tensor([0, 1]), capacity=4))),
+    Row("puct_search", "`qtransform` not 'parent_siblings' or 'tree_minmax'", ValueError,
+        lambda b: _ps(qtransform="minmax")),
+    Row("gumbel_search", "`tree` not cleared (Gumbel search does not continue trees)",
+        ValueError, lambda b: _gs(tree=_searched_tree())),
+    RF("`recurrent_fn` returning neither a 5-tuple nor a `RecurrentOutput`", TypeError,
+       lambda b: _ps(fn=lambda e, a: (1, 2))),
+    RF("an output (`reward`, `discount`, `prior_logits`, `value`) not a tensor", TypeError,
+       lambda b: _ps(fn=_rec(value=lambda m: [0.0] * m))),
+    RF("an output of the wrong shape ([M], [M], [M, A], [M])", ValueError,
+       lambda b: _ps(fn=_rec(prior_logits=lambda m: torch.zeros(m, 4)))),
+    RF("an output on another device than the tree", ValueError,
+       lambda b: _ps(fn=_rec(reward=lambda m: torch.zeros(m, device=META)))),
+    RF("`invalid_actions` / `terminal` not a tensor of shape [M, A] / [M]", ValueError,
+       lambda b: _ps(fn=_rec(terminal=lambda m: torch.zeros(m, 1, dtype=torch.bool)))),
+    RF("`invalid_actions` / `terminal` on another device than the tree", ValueError,
+       lambda b: _ps(fn=_rec(invalid_actions=lambda m: torch.zeros(m, 3, dtype=torch.bool,
+                                                                   device=META)))),
+    Row("puct_search / gumbel_search",
+        "`recurrent_fn` returning NaN or +-inf `reward` / `discount` / `value`, or a NaN or "
+        "+inf prior logit, for a new node", RuntimeError,
+        lambda b: _ps(fn=_rec(reward=lambda m: torch.full((m,), NAN)), backend=b), data=True,
+        backends=SEARCH, prefix="rlfuse.search expand:"),
+    Row("puct_search / gumbel_search",
+        "`Root.embedding` tensors without a leading dimension of B", ValueError,
+        lambda b: _ps(root=_root(emb=torch.zeros(3, 2))), prefix="Root.embedding:"),
+    Row("puct_search / gumbel_search",
+        "`Root.embedding` neither tensors nor a sequence (not indexable by tree)", TypeError,
+        lambda b: _ps(root=_root(emb=object())), prefix="Root.embedding"),
+    Row("puct_search / gumbel_search", "`Root.embedding` a sequence without one entry per tree",
+        ValueError, lambda b: _ps(root=_root(emb=["a"])), prefix="Root.embedding"),
+    RF("tensor `next_embedding` whose shapes do not match the root embedding's with M rows",
+       ValueError, lambda b: _ps(root=_root(emb=torch.zeros(2, 2)),
+                                 fn=_rec(embedding=lambda m: torch.zeros(m, 3)))),
+    RF("tensor `next_embedding` without the structure of the root embedding (dict keys, "
+       "tuple fields)", ValueError,
+       lambda b: _ps(root=_root(emb={"x": torch.zeros(2)}),
+                     fn=_rec(embedding=lambda m: {"y": torch.zeros(m)}))),
+    RF("object `next_embedding` not a sequence", ValueError,
+       lambda b: _ps(root=_root(emb=["a", "b"]), fn=_rec(embedding=lambda m: None))),
+    RF("object `next_embedding` without M entries", ValueError,
+       lambda b: _ps(root=_root(emb=["a", "b"]), fn=_rec(embedding=lambda m: ["c"] * (m + 1)))),
+    Row("Tree", "`batch_size`, `num_actions` or `capacity` < 1", ValueError,
+        lambda b: Tree(0, 3, 4)),
+    Row("Tree", "`capacity` >= 2**31 - 1 (int32 node indices)", ValueError,
+        lambda b: Tree(1, 1, 2**31)),
+    Row("Tree.subtree", "`actions` not an int32 / int64 tensor", TypeError,
+        lambda b: _searched_tree().subtree([0, 1])),
+    Row("Tree.subtree", "`actions` not of shape [B]", ValueError,
+        lambda b: _searched_tree().subtree(torch.tensor([0]))),
+    Row("Tree.subtree", "an action outside [0, A)", ValueError,
+        lambda b: _searched_tree().subtree(torch.tensor([0, 3]))),
+    Row("Tree.subtree", "`capacity` below the largest subtree the tree can hold", ValueError,
+        lambda b: _searched_tree().subtree(torch.tensor([0, 1]), capacity=2)),
+    Row("Phases.select", "no valid action at a node that is not terminal (only reachable "
+        "through `Phases`: the searches check roots, and a node expanded without a valid action "
+        "is terminal)", RuntimeError, _no_valid_action, data=True, backends=SEARCH,
+        prefix="rlfuse.search select:"),
+    Row("Phases.select", "the tree is full (only reachable through `Phases`: the searches "
+        "check the capacity first)", RuntimeError, _tree_full, data=True, backends=SEARCH,
+        prefix="rlfuse.search select:"),
+]
+
 ROWS: list[Row] = (_BACKEND_ROWS + _LOGPROB_ROWS + _ADVANTAGE_ROWS + _POLICY_ROWS
-                   + _PREFERENCE_ROWS)
+                   + _PREFERENCE_ROWS + _SEARCH_ROWS)
 
 # `raise` statements no public call can reach, keyed by a fragment of their source
 # ("function::fragment" to pick one function's raise).
@@ -600,8 +773,9 @@ def _cell(text: str) -> str:
 def render() -> str:
     lines = ["| op | condition | exception | message (example) |", "|---|---|---|---|"]
     for row in ROWS:
-        msg = str(trigger(row, "cpu" if row.data else None))
-        cond = row.condition + (" *(data check, every backend)*" if row.data else "")
+        msg = str(trigger(row, "cpu" if row.data else None))  # cpu: in every data row's backends
+        where = "every backend" if row.backends is None else "backends " + ", ".join(row.backends)
+        cond = row.condition + (f" *(data check, {where})*" if row.data else "")
         lines.append(f"| `{row.op}` | {_cell(cond)} | `{row.exc.__name__}` | {_cell(msg)} |")
     return "\n".join(lines) + "\n"
 

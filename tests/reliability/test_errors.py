@@ -18,7 +18,9 @@ pytestmark = pytest.mark.filterwarnings(
     "ignore:Conversion of an array with ndim:DeprecationWarning")
 
 PKG = pathlib.Path(rlfuse.__file__).resolve().parent
-SOURCES = sorted((PKG / "ops").glob("*.py")) + [PKG / "_validate.py", PKG / "_backend.py"]
+SOURCES = sorted((PKG / "ops").glob("*.py")) + [PKG / "_validate.py", PKG / "_backend.py",
+                                                 PKG / "search" / "tree.py",
+                                                 PKG / "search" / "mcts.py"]
 
 
 def _row_id(row):
@@ -37,14 +39,22 @@ def _raise_site(exc):
     return site
 
 
+def _backends(row):
+    """A data check runs on every backend here (or the row's own list), the others once."""
+    if not row.data:
+        return [None]
+    return [b for b in BACKENDS if row.backends is None or b in row.backends]
+
+
 @pytest.mark.parametrize("row", E.ROWS, ids=_row_id)
 def test_row_raises_and_names_the_op(row):
-    backends = BACKENDS if row.data else [None]
     messages = {}
-    for b in backends:
+    for b in _backends(row):
         exc = E.trigger(row, b)
         msg = str(exc)
-        if row.op not in ("every op",):
+        if row.prefix is not None:
+            assert msg.startswith(row.prefix), msg
+        elif row.op not in ("every op",):
             assert msg.startswith(row.op.replace("_reference", "") + ":"), msg
         messages[b] = msg
     assert len(set(messages.values())) == 1, f"messages differ between backends: {messages}"
@@ -87,7 +97,7 @@ def _exempt(func, src):
 def test_every_raise_is_reached_by_a_row():
     hit = set()
     for row in E.ROWS:
-        for b in (BACKENDS if row.data else [None]):
+        for b in _backends(row):
             site = _raise_site(E.trigger(row, b))
             assert site is not None, f"{row.op}: {row.condition}: raised outside rlfuse"
             hit.add(site)
