@@ -38,6 +38,9 @@ from rlfuse.ops import (
 # (B, T, V, H): "tiny" for 10,000-call leak loops; "medium" big enough that every CPU kernel
 # splits its work over several OpenMP threads.
 SIZES = {"tiny": (2, 5, 11, 4), "medium": (8, 64, 65, 16)}
+# the tree search: (trees, actions, simulations, parallel)
+SEARCH_SIZES = {"tiny": (2, 3, 4, 2), "medium": (8, 9, 24, 4)}
+SEARCH_CASE = "puct_search / gumbel_search / subtree"
 
 
 @functools.lru_cache(maxsize=None)
@@ -59,7 +62,7 @@ def inputs(size: str) -> dict:
         scores=rn(B * 4), gids=torch.randint(0, max(B // 2, 1), (B * 4,), generator=g),
         smask=torch.rand(B * 4, T, generator=g) > 0.2, lp=lp, old=lp + 0.1 * rn(B, T),
         ref=lp + 0.1 * rn(B, T), adv=rn(B, T), ent=torch.rand(B, T, generator=g) * 2,
-        kl=rn(B, T) * 0.1,
+        kl=rn(B, T) * 0.1, search=SEARCH_SIZES[size],
     )
 
 
@@ -150,6 +153,49 @@ def _preference(t, backend):
     return [loss, gh, gw, *stats.values()]
 
 
+def _search(t, backend):
+    """puct_search (Dirichlet noise, sampled action), gumbel_search (Gumbel noise) and a
+    subtree of the PUCT trees, on a hash environment (tests/search/envs.py's HashEnv)."""
+    from rlfuse.search import gumbel_search, puct_search
+
+    B, K, n, W = t["search"]
+    env = hash_env(K)
+    root = env.root(B)
+    g = torch.Generator().manual_seed(7)
+    p = puct_search(root, env.step, n, parallel=W, generator=g, backend=backend)
+    q = gumbel_search(root, env.step, n, parallel=W, max_num_considered_actions=4, generator=g,
+                      backend=backend)
+    sub = p.tree.subtree(p.action)
+    out = []
+    for r in (p, q):
+        out += [r.action, r.action_weights, r.root_visit_counts, r.root_value]
+    for t in (p.tree, q.tree, sub):
+        out += tree_arrays(t)
+    return out
+
+
+@functools.lru_cache(maxsize=None)
+def hash_env(K):
+    from rlfuse.bench.search import HashEnv
+
+    return HashEnv(K, seed=11)
+
+
+def tree_arrays(t) -> list:
+    """The arrays of a Tree that hold data: node fields of the allocated nodes, edge fields
+    of the expanded ones (the rest of the storage is never written)."""
+    used = torch.arange(t.capacity)[None, :] < t.next_free[:, None]
+    expanded = used & (t.flags & 1).bool()
+    out = [t.next_free, t.minmax]
+    for name in ("parent", "action", "visits", "value", "raw_value", "depth", "flags",
+                 "inflight"):
+        out.append(getattr(t, name)[used])
+    for name in ("children", "logits", "prior", "children_visits", "children_values",
+                 "rewards", "discounts", "invalid", "children_q"):
+        out.append(getattr(t, name)[expanded])
+    return out
+
+
 CASES = {
     "token_logprobs": _token_logprobs,
     "linear_token_logprobs": _linear_token_logprobs,
@@ -162,7 +208,10 @@ CASES = {
     "policy_loss": _policy_loss,
     "value_loss": _value_loss,
     "preference_logps / preference_loss": _preference,
+    SEARCH_CASE: _search,
 }
+# backends that serve each case (default: every backend that runs here)
+CASE_BACKENDS = {SEARCH_CASE: ("cpu", "torch")}
 
 
 def run(name: str, backend: str, size: str = "medium") -> list:
@@ -182,8 +231,10 @@ def _full_threads():
     """Let the CPU kernels use every thread on these inputs (their grain size would keep
     small inputs on one thread)."""
     from rlfuse import _backend
+    from rlfuse.search import tree
 
     _backend.THREAD_GRAIN = 64
+    tree.THREAD_MIN_PAIRS = 0
 
 
 def _main(argv):

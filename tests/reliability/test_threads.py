@@ -17,6 +17,7 @@ import pytest
 import torch
 
 from rlfuse import _backend
+from rlfuse.search import tree as search_tree
 from tests.reliability import _cases as C
 from tests.reliability._inputs import BACKENDS
 
@@ -32,6 +33,8 @@ def full_threads(monkeypatch):
     # the CPU kernels keep inputs below 32768 elements per thread on fewer threads
     # (rlfuse._backend.threads_for); make them split these inputs over every thread
     monkeypatch.setattr(_backend, "THREAD_GRAIN", 64)
+    # the tree kernels run on one thread below THREAD_MIN_PAIRS (tree, action) pairs
+    monkeypatch.setattr(search_tree, "THREAD_MIN_PAIRS", 0)
 
 
 @pytest.fixture
@@ -41,8 +44,8 @@ def restore_threads():
     torch.set_num_threads(old)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("name", list(C.CASES))
+@pytest.mark.parametrize("name,backend", [
+    (n, b) for n in C.CASES for b in BACKENDS if b in C.CASE_BACKENDS.get(n, BACKENDS)])
 def test_concurrent_python_threads(name, backend, full_threads):
     size = "tiny" if backend == "triton" else "medium"
     want = C.digest(C.run(name, backend, size))
