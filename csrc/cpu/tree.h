@@ -155,7 +155,10 @@ RLFUSE_TREE_HD float gumbel_root_score(float g, float centred_logit, float sigma
 // ---------------------------------------------------------------------------------------
 // Backup of tree b's W recorded paths: g <- raw_value(leaf), then g <- r + discount * g up
 // each edge; running means, visits, edge visits / values, min / max; releases the virtual
-// loss (in-flight counts).
+// loss (in-flight counts).  The means are updated as v += (g - v) / (n + 1), which keeps
+// v exact while every return equals it: (v * n + g) / (n + 1) drifts by an ulp, and the
+// min-max normalisation of Q (epsilon 1e-8) would blow that rounding up to a full-range
+// difference between equal actions.
 RLFUSE_TREE_HD void backup_tree(const View& t, const BackupInputs& in, int64_t b) {
   const int64_t N = t.N, K = t.K, W = in.W, D = in.path_stride;
   const int64_t base = b * N;
@@ -166,7 +169,7 @@ RLFUSE_TREE_HD void backup_tree(const View& t, const BackupInputs& in, int64_t b
     const int32_t leaf = path[len - 1];
     float g = t.raw_value[base + leaf];
     float cnt = float(t.visits[base + leaf]);
-    t.value[base + leaf] = (t.value[base + leaf] * cnt + g) / (cnt + 1.0f);
+    t.value[base + leaf] += (g - t.value[base + leaf]) / (cnt + 1.0f);
     t.visits[base + leaf] += 1;
     t.inflight[base + leaf] -= 1;
     for (int32_t i = len - 1; i >= 1; --i) {
@@ -174,7 +177,7 @@ RLFUSE_TREE_HD void backup_tree(const View& t, const BackupInputs& in, int64_t b
       const int64_t pe = (base + s) * K + t.action[base + c];
       g = t.reward[pe] + t.discount[pe] * g;
       cnt = float(t.visits[base + s]);
-      t.value[base + s] = (t.value[base + s] * cnt + g) / (cnt + 1.0f);
+      t.value[base + s] += (g - t.value[base + s]) / (cnt + 1.0f);
       t.visits[base + s] += 1;
       t.inflight[base + s] -= 1;
       t.edge_visits[pe] += 1;

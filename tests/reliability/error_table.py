@@ -599,6 +599,14 @@ def _searched_tree():
     return _ps(n=4, dirichlet_fraction=0.0).tree
 
 
+def _dead_end_tree():
+    """The subtrees below the chosen actions of 2 x 3 trees whose expanded nodes have no
+    valid action (every prior logit -inf: finished games)."""
+    fn = _rec(prior_logits=lambda m: torch.full((m, 3), -INF))
+    out = _ps(fn=fn, n=3, dirichlet_fraction=0.0, temperature=0.0)
+    return out.tree.subtree(out.action)
+
+
 def _phase(backend, tree, **kw):
     return Phases(tree, rule="puct", W=1, max_depth=4, backend=backend, **kw).select(1)
 
@@ -675,6 +683,9 @@ _SEARCH_ROWS = [
       lambda b: _ps(tree=Tree(3, 3, 8))),
     S("`tree` without room for `num_simulations` more nodes", ValueError,
       lambda b: _ps(n=4, tree=_searched_tree().subtree(torch.tensor([0, 1]), capacity=4))),
+    Row("puct_search", "`tree` (from `Tree.subtree`) whose kept root has no valid action (by "
+        "its mask, a -inf logit, or `invalid_actions`)", ValueError,
+        lambda b: _ps(n=1, tree=_dead_end_tree(), backend=b), data=True, backends=SEARCH),
     Row("puct_search", "`qtransform` not 'parent_siblings' or 'tree_minmax'", ValueError,
         lambda b: _ps(qtransform="minmax")),
     Row("gumbel_search", "`tree` not cleared (Gumbel search does not continue trees)",

@@ -198,18 +198,22 @@ def test_subtree_and_continued_search_match_reference(c, more, pick, extra):
         assert int(s.next_free.max()) <= need
     # continue from the kept subtrees (empty ones restart from the new root)
     nxt = env.step(root.embedding, act)
-    inv2 = nxt.invalid_actions.clone()
-    inv2[:, 0] &= ~inv2.all(-1)  # a restarted root needs one valid action
-    lg2 = torch.where(torch.isinf(nxt.prior_logits) & ~inv2, 0.0, nxt.prior_logits)
-    root2 = Root(lg2, nxt.value, nxt.embedding)
-    before = torch.where(subs["cpu"].next_free > 0, subs["cpu"].visits[:, 0], 1)
-    out = {b: _search("puct", c, root2, env, inv2, b, tree=subs[b], n_sim=more)
-           for b in SEARCH_BACKENDS}
-    for r in out.values():
-        assert r.tree is subs["cpu"] or r.tree is subs["torch"]
-        r.tree.check_invariants()
-        assert torch.equal(r.tree.visits[:, 0], before + more)
-    _assert_same_result(out["cpu"], out["torch"], c["scale"])
+    inv2 = nxt.invalid_actions
+    root2 = Root(nxt.prior_logits, nxt.value, nxt.embedding)
+    if bool((inv2 | (nxt.prior_logits == -math.inf)).all(-1).any()):
+        # a finished game (no valid action), kept or restarted: documented ValueError
+        for b in SEARCH_BACKENDS:
+            with pytest.raises(ValueError, match="every action is invalid at the"):
+                _search("puct", c, root2, env, inv2, b, tree=subs[b], n_sim=more)
+    else:
+        before = torch.where(subs["cpu"].next_free > 0, subs["cpu"].visits[:, 0], 1)
+        out = {b: _search("puct", c, root2, env, inv2, b, tree=subs[b], n_sim=more)
+               for b in SEARCH_BACKENDS}
+        for b, r in out.items():
+            assert r.tree is subs[b]
+            r.tree.check_invariants()
+            assert torch.equal(r.tree.visits[:, 0], before + more)
+        _assert_same_result(out["cpu"], out["torch"], c["scale"])
     # a cleared tree's storage is reused by either search
     for kind in ("puct", "gumbel"):
         t = {b: Tree(c["B"], c["K"], c["n_sim"] + 1).clear() for b in SEARCH_BACKENDS}

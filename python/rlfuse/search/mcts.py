@@ -399,8 +399,17 @@ def puct_search(root: Root, recurrent_fn: Callable, num_simulations: int, *,
         raise ValueError(f"{op}: qtransform must be 'parent_siblings' or 'tree_minmax'")
     dev = tree.device
     logits = torch.where(fresh[:, None], root.prior_logits.float(), tree.logits[:, 0])
-    if inv is None and not bool(fresh.all()):  # kept roots keep their mask
-        inv = tree.invalid[:, 0].bool() & ~fresh[:, None]
+    if not bool(fresh.all()):
+        if inv is None:  # kept roots keep their mask
+            inv = tree.invalid[:, 0].bool() & ~fresh[:, None]
+        # a kept root's -inf logits mark invalid actions, as a new root's do (_check_root);
+        # a kept root without a valid action (a finished game) cannot be searched
+        dead = (logits == -math.inf) & ~fresh[:, None]
+        inv = inv | dead
+        if bool(inv.all(-1).any()):
+            b = int(inv.all(-1).nonzero()[0, 0])
+            raise ValueError(f"{op}: every action is invalid at the kept root of tree {b} "
+                             "(the subtree passed as tree=)")
     probs = torch.softmax(mask_logits(logits, inv), -1)
     noisy = dirichlet_noise(probs, fraction=dirichlet_fraction, alpha=dirichlet_alpha,
                             generator=generator)
