@@ -60,13 +60,16 @@ sanitize: $(DEPS_STAMP)
 
 # The bounded subset CI runs after `make test` (a couple of minutes on 2 cores): the
 # reliability property tests, error table and concurrent calls on the cpu backend, whose
-# random shapes, views and extreme values drive every C++ kernel.
+# random shapes, views and extreme values drive every C++ kernel; the tree-search
+# properties (cpu kernels against the Python reference: random trees, masks, extreme values).
 SAN_CI_TESTS = tests/reliability/test_properties_logprob.py \
 	  tests/reliability/test_properties_advantage.py tests/reliability/test_properties_policy.py \
+	  tests/reliability/test_properties_search.py \
 	  tests/reliability/test_errors.py tests/reliability/test_threads.py
 sanitize-ci: $(DEPS_STAMP)
 	$(SAN_INSTALL)
-	$(SAN_RUN) $(SAN_CI_TESTS) -k "(cpu and not triton and not blas) or row_raises"; \
+	$(SAN_RUN) $(SAN_CI_TESTS) \
+	  -k "(cpu and not triton and not blas) or row_raises or properties_search"; \
 	  rc=$$?; $(SAN_RESTORE); exit $$rc
 
 # Longer property-based runs (hypothesis profile "fuzz" in tests/conftest.py).
