@@ -19,11 +19,9 @@ from hypothesis import strategies as st
 
 from rlfuse.search import RecurrentOutput, Root, Tree, gumbel_search, puct_search
 from tests.reliability._inputs import seeds
+from tests.search.test_tree import _assert_same as assert_same_tree
 
 SEARCH_BACKENDS = ("cpu", "torch")
-TREE_ARRAYS = ("parent", "action", "visits", "value", "raw_value", "depth", "flags", "inflight",
-               "children", "logits", "prior", "children_visits", "children_values", "rewards",
-               "discounts", "invalid", "children_q", "next_free")
 LOGIT_KINDS = ("normal", "extreme", "ties")
 MASK_KINDS = ("none", "random", "one_valid")
 DISCOUNTS = ("zero", "one", "uniform", "mixed")
@@ -102,23 +100,6 @@ def _env(c):
                    c["scale"], c["p_terminal"], c["neg_inf"])
     root, inv = env.root(c["B"], c["seed"])
     return env, root, (inv if c["root_mask"] else None)
-
-
-def assert_same_tree(t1: Tree, t2: Tree, scale: float = 1.0):
-    """Equal on the allocated nodes (the rest of the arrays is never read): integers
-    exactly, floats to float32 rounding of values of magnitude ``scale``."""
-    assert torch.equal(t1.next_free, t2.next_free)
-    used = torch.arange(t1.capacity)[None, :] < t1.next_free[:, None]
-    expanded = used & (t1.flags & 1).bool()
-    for name in TREE_ARRAYS:
-        a, b = getattr(t1, name), getattr(t2, name)
-        if a.dim() > 1:
-            m = expanded if a.dim() == 3 else used
-            a, b = a[m], b[m]
-        if a.is_floating_point():
-            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5 * scale, msg=name)
-        else:
-            assert torch.equal(a, b), name
 
 
 def _search(kind, c, root, env, inv, backend, tree=None, n_sim=None):
