@@ -484,6 +484,50 @@ def _backward(ctx, g_lp, g_ent, _g_lse):
 _linear_op.register_autograd(_backward, setup_context=_setup_context)
 
 
+def _check_args(hidden, weight, token_ids, bias, temperature, ignore_index):
+    """The argument checks of :func:`linear_token_logprobs` (also run by the fused
+    preference path); returns (temperature, ignore_index, token_ids)."""
+    _validate.float_tensor(_OP, "hidden", hidden)
+    _validate.tensor(_OP, "weight", weight)
+    _validate.int_tensor(_OP, "token_ids", token_ids)
+    if weight.dtype != hidden.dtype:
+        raise TypeError(
+            f"{_OP}: weight must have the dtype of hidden ({hidden.dtype}), got {weight.dtype}"
+        )
+    if hidden.dim() < 1:
+        raise ValueError(f"{_OP}: hidden must have at least 1 dimension (the hidden size H)")
+    if weight.dim() != 2:
+        raise ValueError(f"{_OP}: weight must be 2-D [V, H], got shape {tuple(weight.shape)}")
+    H = hidden.size(-1)
+    V = weight.size(0)
+    if weight.size(1) != H:
+        raise ValueError(
+            f"{_OP}: weight must have shape [V, H] with H = hidden.size(-1) = {H}, got "
+            f"{tuple(weight.shape)}"
+        )
+    if H == 0:
+        raise ValueError(f"{_OP}: hidden has an empty hidden dimension (H = 0)")
+    if V == 0:
+        raise ValueError(f"{_OP}: weight has an empty vocabulary dimension (V = 0)")
+    if hidden.numel() == 0:
+        raise ValueError(
+            f"{_OP}: hidden has no positions (shape {tuple(hidden.shape)}); pass at least one"
+        )
+    _validate.shape_equals(_OP, "token_ids", token_ids, hidden.shape[:-1], "hidden.shape[:-1]")
+    if bias is not None:
+        _validate.tensor(_OP, "bias", bias)
+        if bias.dtype != hidden.dtype:
+            raise TypeError(
+                f"{_OP}: bias must have the dtype of hidden ({hidden.dtype}), got {bias.dtype}"
+            )
+        _validate.shape_equals(_OP, "bias", bias, (V,), "[V] = [weight.size(0)]")
+    _validate.same_device(_OP, "hidden", hidden, weight=weight, token_ids=token_ids, bias=bias)
+    temperature = _validate.temperature(_OP, temperature)
+    ignore_index = _validate.integer(_OP, "ignore_index", ignore_index)
+    token_ids = _validate.ids_for_ignore_index(token_ids, ignore_index)
+    return temperature, ignore_index, token_ids
+
+
 # --------------------------------------------------------------------------------------
 # Public API
 # --------------------------------------------------------------------------------------
@@ -531,44 +575,8 @@ def linear_token_logprobs(
         ValueError: shape / device mismatches, empty input, ``temperature <= 0``,
             ``chunk_size < 1``, ids out of range (naming the first bad position).
     """
-    _validate.float_tensor(_OP, "hidden", hidden)
-    _validate.tensor(_OP, "weight", weight)
-    _validate.int_tensor(_OP, "token_ids", token_ids)
-    if weight.dtype != hidden.dtype:
-        raise TypeError(
-            f"{_OP}: weight must have the dtype of hidden ({hidden.dtype}), got {weight.dtype}"
-        )
-    if hidden.dim() < 1:
-        raise ValueError(f"{_OP}: hidden must have at least 1 dimension (the hidden size H)")
-    if weight.dim() != 2:
-        raise ValueError(f"{_OP}: weight must be 2-D [V, H], got shape {tuple(weight.shape)}")
-    H = hidden.size(-1)
-    V = weight.size(0)
-    if weight.size(1) != H:
-        raise ValueError(
-            f"{_OP}: weight must have shape [V, H] with H = hidden.size(-1) = {H}, got "
-            f"{tuple(weight.shape)}"
-        )
-    if H == 0:
-        raise ValueError(f"{_OP}: hidden has an empty hidden dimension (H = 0)")
-    if V == 0:
-        raise ValueError(f"{_OP}: weight has an empty vocabulary dimension (V = 0)")
-    if hidden.numel() == 0:
-        raise ValueError(
-            f"{_OP}: hidden has no positions (shape {tuple(hidden.shape)}); pass at least one"
-        )
-    _validate.shape_equals(_OP, "token_ids", token_ids, hidden.shape[:-1], "hidden.shape[:-1]")
-    if bias is not None:
-        _validate.tensor(_OP, "bias", bias)
-        if bias.dtype != hidden.dtype:
-            raise TypeError(
-                f"{_OP}: bias must have the dtype of hidden ({hidden.dtype}), got {bias.dtype}"
-            )
-        _validate.shape_equals(_OP, "bias", bias, (V,), "[V] = [weight.size(0)]")
-    _validate.same_device(_OP, "hidden", hidden, weight=weight, token_ids=token_ids, bias=bias)
-    temperature = _validate.temperature(_OP, temperature)
-    ignore_index = _validate.integer(_OP, "ignore_index", ignore_index)
-    token_ids = _validate.ids_for_ignore_index(token_ids, ignore_index)
+    temperature, ignore_index, token_ids = _check_args(hidden, weight, token_ids, bias,
+                                                       temperature, ignore_index)
     if not isinstance(return_entropy, bool):
         raise TypeError(f"{_OP}: return_entropy must be a bool, got {type(return_entropy).__name__}")
     if not isinstance(fp32_grad_accum, bool):
