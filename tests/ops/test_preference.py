@@ -813,3 +813,23 @@ def test_fused_from_hidden_bad_input():
         preference_loss_from_hidden(hidden, weight, ids, pair_weights=torch.ones(3), **ref)
     with pytest.raises(ValueError, match="chunk_size must be >= 1"):
         preference_loss_from_hidden(hidden, weight, ids, chunk_size=0, **ref)
+
+
+@pytest.mark.parametrize("layout", ["padded", "packed"])
+def test_fused_from_hidden_dropped_rows(layout, monkeypatch):
+    """Rows outside the sums (masked, ignore_index) skip the matmuls: the same results as
+    computing them, zero hidden gradient there; a masked row's NaN hidden state stays out."""
+    hidden, weight, bias, ids, kw, rc, rr, pw = _fused_case(layout)
+    lkw = dict(ref_chosen_logps=rc, ref_rejected_logps=rr, beta=BETA, ld_alpha=0.5,
+               loss_type=["sigmoid", "sft"], **kw)
+    got = _from_hidden(True, hidden, weight, bias, ids, {}, **lkw)
+    monkeypatch.setattr(_pref, "_FUSED_DROP_UNCOUNTED", False)
+    want = _from_hidden(True, hidden, weight, bias, ids, {}, **lkw)
+    _assert_same(got, want, rtol=1e-12, atol=1e-14)
+    counted = kw["mask"] & (ids != -100)
+    assert (got[2][0][~counted] == 0).all() and (got[2][0][counted] != 0).all()
+    monkeypatch.setattr(_pref, "_FUSED_DROP_UNCOUNTED", True)
+    poisoned = hidden.clone()
+    poisoned[~counted] = float("nan")
+    nan_run = _from_hidden(True, poisoned, weight, bias, ids, {}, **lkw)
+    _assert_same(nan_run, got, rtol=0, atol=0)

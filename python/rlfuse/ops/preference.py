@@ -845,6 +845,8 @@ def preference_loss_from_hidden(
 # ======================================================================================
 # Private switch (tests force either path with it).
 _FUSED_FROM_HIDDEN = True
+# Skip the matmuls of rows outside the sums (masked, ignore_index) in the fused path.
+_FUSED_DROP_UNCOUNTED = True
 # Logits buffer budget of the fused path: a chunk must hold a whole pair (both sequences).
 _FUSED_CPU_BUDGET_BYTES = 256 << 20  # = max(4 x linear_logprob's CPU budget, 256 MiB)
 
@@ -926,10 +928,12 @@ def _fused_forward(hidden, weight, bias, ids, counted, w, cu_seqlens, P, rc, rr,
         cu = cu_seqlens.tolist()
         starts, ends = cu[:-1], cu[1:]
     chunks = _pair_chunks(starts, ends, P, max_rows)
-    if backend != "cpu":
+    drop = _FUSED_DROP_UNCOUNTED
+    if backend != "cpu" or drop:  # (dropped rows never reach the C++ kernel's id check)
         _check_ids(ids_f, V, ignore_index)
     acc = out_dtype
     counts = torch.stack([cnt[a:b].sum(dtype=torch.int64) for a, b in zip(starts, ends)])
+    counts_l = counts.tolist()
     lc, lr = counts[:P], counts[P:]
     kints, kfloats, w_sft = _without_sft(ints, floats)
     sft_grad = 0.0
@@ -973,6 +977,18 @@ def _fused_forward(hidden, weight, bias, ids, counted, w, cu_seqlens, P, rc, rr,
             lens = [ends[s] - starts[s] for s in list(range(i0, i1)) + list(range(P + i0, P + i1))]
             seq = torch.repeat_interleave(torch.arange(2 * k, device=dev),
                                           torch.tensor(lens, device=dev))
+            rows = None  # the chunk's rows in h2 where some are dropped
+            if drop:  # uncounted rows need no matmul: their g_lp is 0, their logp unused
+                sel = cc.nonzero().squeeze(1)
+                if sel.numel() < n:
+                    rows = (torch.arange(a0, b1, device=dev) if a1 == b0 else torch.cat(
+                        [torch.arange(a0, a1, device=dev), torch.arange(b0, b1, device=dev)]))[sel]
+                    hc, idc, cc, seq = hc.index_select(0, sel), idc[sel], cc[sel], seq[sel]
+                    wc = None if wc is None else wc[sel]
+                    lens = [counts_l[s] for s in list(range(i0, i1)) + list(range(P + i0, P + i1))]
+                    n = sel.numel()
+                if n == 0:
+                    continue  # zero sums, no rows to differentiate
             lp = torch.empty(n, dtype=acc, device=dev)
             lse = torch.empty(n, dtype=acc, device=dev)
             logits = _chunk_logits(buf, hc, weight, bias)                      # matmul 1
@@ -1002,7 +1018,9 @@ def _fused_forward(hidden, weight, bias, ids, counted, w, cu_seqlens, P, rc, rr,
             d = _rows_backward(backend, logits, idc, lse, None, g_lp, None, dbuf[:n], inv_t,
                                temperature, ignore_index)
             if need_h:                                                          # matmul 2
-                if a1 == b0:
+                if rows is not None:
+                    gh2.index_copy_(0, rows, torch.mm(d, weight))
+                elif a1 == b0:
                     torch.mm(d, weight, out=gh2[a0:b1])
                 else:
                     ghc = torch.mm(d, weight)
