@@ -227,6 +227,19 @@ def _chunk_logits(buf, h, weight, bias):
     return out
 
 
+def _add_param_grads(d, hc, grad_w, partial_w, grad_b, b_dtype):
+    """grad_w += d.T @ hc (through the weight-dtype ``partial_w`` into a float32
+    ``grad_w`` when given), grad_b += d.sum(0); a None gradient is skipped."""
+    if grad_w is not None:
+        if partial_w is None:
+            grad_w.addmm_(d.t(), hc)
+        else:
+            torch.mm(d.t(), hc, out=partial_w)
+            grad_w.add_(partial_w)
+    if grad_b is not None:
+        grad_b.add_(d.sum(0, dtype=b_dtype))
+
+
 def _check_ids(ids: torch.Tensor, V: int, ignore_index: int) -> None:
     """One torch reduction over the ids (GPU / torch backends)."""
     try:
@@ -417,14 +430,8 @@ def _linear_backward_op(
                     )
                     if need_hidden:
                         torch.mm(d, weight, out=gh_use[s:e])
-                    if need_weight:
-                        if partial_w is None:
-                            grad_w.addmm_(d.t(), hc)
-                        else:
-                            torch.mm(d.t(), hc, out=partial_w)
-                            grad_w.add_(partial_w)
-                    if need_bias:
-                        grad_b.add_(d.sum(0, dtype=b_dtype))
+                    _add_param_grads(d, hc, grad_w if need_weight else None, partial_w,
+                                     grad_b if need_bias else None, b_dtype)
         if need_hidden and idx is not None:
             gh2.index_copy_(0, idx, gh_use)
     if need_weight and grad_w.dtype != weight.dtype:

@@ -805,6 +805,13 @@ def preference_loss_from_hidden(
     on the reference model under ``torch.no_grad()``).  Returns ``(loss, stats)`` with the
     statistics of :func:`preference_loss` plus ``chosen_logps`` / ``rejected_logps`` (the
     policy's sums, detached) and ``chosen_lengths`` / ``rejected_lengths``.
+
+    When gradients are needed (and the loss is exact per chunk of pairs: no ``aot``,
+    constant reference / pair / token weights, outside ``torch.compile`` tracing, a pair
+    fitting the logits budget), the loss and its gradients are computed in the forward,
+    a chunk of whole pairs at a time, with three matmuls per chunk (the backward scales
+    them by the upstream gradient); otherwise :func:`preference_logps` then
+    :func:`preference_loss`.  ``docs/ops/preference.md``: both paths.
     """
     op = "preference_loss_from_hidden"
     # Fail on inconsistent loss arguments before the expensive log-prob pass.
@@ -904,9 +911,9 @@ def _fused_forward(hidden, weight, bias, ids, counted, w, cu_seqlens, P, rc, rr,
                    floats, temperature, ignore_index, max_rows, backend, need):
     """Loss, stats [5, P], sums, counts and the gradients (w.r.t. hidden, weight, bias, for a
     unit upstream gradient) with three matmuls per chunk of whole pairs."""
-    from rlfuse.ops.linear_logprob import (_OP as _LIN_OP, _check_ids, _chunk_logits,
-                                           _device_ctx, _rows_backward, _rows_forward,
-                                           _uses_second_buffer)
+    from rlfuse.ops.linear_logprob import (_OP as _LIN_OP, _add_param_grads, _check_ids,
+                                           _chunk_logits, _device_ctx, _rows_backward,
+                                           _rows_forward, _uses_second_buffer)
     from rlfuse.ops.logprob import _flat_ids, _out_dtype
 
     H, V = hidden.size(-1), weight.size(0)
@@ -1026,14 +1033,7 @@ def _fused_forward(hidden, weight, bias, ids, counted, w, cu_seqlens, P, rc, rr,
                     ghc = torch.mm(d, weight)
                     gh2[a0:a1].copy_(ghc[:na])
                     gh2[b0:b1].copy_(ghc[na:])
-            if need_w:                                                          # matmul 3
-                if partial_w is None:
-                    grad_w.addmm_(d.t(), hc)
-                else:
-                    torch.mm(d.t(), hc, out=partial_w)
-                    grad_w.add_(partial_w)
-            if need_b:
-                grad_b.add_(d.sum(0, dtype=b_dtype))
+            _add_param_grads(d, hc, grad_w, partial_w, grad_b, b_dtype)          # matmul 3
     c_all, r_all = sums[:P], sums[P:]
     if backend == "torch":
         loss, stats = _reference_core(c_all, r_all, rc, rr, lc, lr, pw, ints, floats)
