@@ -751,7 +751,7 @@ def test_fused_from_hidden_taken_only_when_exact(monkeypatch):
     _from_hidden(True, hidden, weight, bias, ids, {}, **rg)
     tw = dict(ref, token_weights=kw["token_weights"].clone().requires_grad_())
     _from_hidden(True, hidden, weight, bias, ids, {}, **tw)
-    _from_hidden(True, hidden, weight, bias, ids, {}, chunk_size=13, **ref)  # pair = 14 rows
+    _from_hidden(True, hidden, weight, bias, ids, {}, chunk_size=2, **ref)  # pair > 2 rows
     with torch.no_grad():
         preference_loss_from_hidden(hidden, weight, ids, bias=bias, **ref)
     preference_loss_from_hidden(hidden, weight, ids, bias=bias, **ref)  # nothing needs grad
@@ -833,3 +833,13 @@ def test_fused_from_hidden_dropped_rows(layout, monkeypatch):
     poisoned[~counted] = float("nan")
     nan_run = _from_hidden(True, poisoned, weight, bias, ids, {}, **lkw)
     _assert_same(nan_run, got, rtol=0, atol=0)
+
+
+def test_fused_from_hidden_torch_backend():
+    """The torch backend's chunk gradients come from autograd on the reference."""
+    hidden, weight, bias, ids, kw, rc, rr, pw = _fused_case("packed")
+    lkw = dict(ref_chosen_logps=rc, ref_rejected_logps=rr, beta=BETA, pair_weights=pw,
+               loss_type={"sigmoid": 1.0, "sft": 0.3}, backend="torch", **kw)
+    want = _from_hidden(False, hidden, weight, bias, ids, {}, upstream=0.5, **lkw)
+    got = _from_hidden(True, hidden, weight, bias, ids, {}, upstream=0.5, chunk_size=20, **lkw)
+    _assert_same(got, want, rtol=1e-10, atol=1e-12)

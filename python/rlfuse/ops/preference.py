@@ -867,12 +867,13 @@ def _fused_budget_bytes(device) -> int:
     return min(base, free // 4) if free else base
 
 
-def _pair_chunks(starts, ends, P, max_rows):
-    """Pair ranges [(i0, i1), ...] of consecutive whole pairs whose rows (chosen i0..i1-1
-    and rejected P+i0..P+i1-1) total <= max_rows; None if one pair alone exceeds it."""
+def _pair_chunks(sizes, P, max_rows):
+    """Pair ranges [(i0, i1), ...] of consecutive whole pairs whose rows (sizes[i] of
+    chosen i plus sizes[P + i] of rejected P + i, summed over the chunk) total <= max_rows;
+    None if one pair alone exceeds it."""
     chunks, i0, rows = [], 0, 0
     for i in range(P):
-        n = (ends[i] - starts[i]) + (ends[P + i] - starts[P + i])
+        n = sizes[i] + sizes[P + i]
         if n > max_rows:
             return None
         if rows + n > max_rows:
@@ -881,6 +882,25 @@ def _pair_chunks(starts, ends, P, max_rows):
         rows += n
     chunks.append((i0, P))
     return chunks
+
+
+def _fused_layout(ids, counted, cu_seqlens, P):
+    """(starts, ends) of the 2P sequences in the flattened rows and their counted tokens
+    ([2P] int64); validates cu_seqlens."""
+    n = counted.numel()
+    cnt = counted.reshape(-1)
+    if cu_seqlens is None:
+        T = ids.size(1)
+        starts = [s * T for s in range(2 * P)]
+        ends = [(s + 1) * T for s in range(2 * P)]
+        return starts, ends, cnt.view(2 * P, T).sum(-1, dtype=torch.int64)
+    from rlfuse.ops.sequence import _segments
+
+    _segments("preference_logps", cu_seqlens, n, cnt.device)
+    cu = cu_seqlens.tolist()
+    ccount = torch.cat([cnt.new_zeros(1, dtype=torch.int64), cnt.long().cumsum(0)])
+    cu_t = cu_seqlens.to(device=cnt.device, dtype=torch.long)
+    return cu[:-1], cu[1:], ccount[cu_t[1:]] - ccount[cu_t[:-1]]
 
 
 def _chunk_pair_grads(c, r, rc, rr, lc, lr, pw, ints, floats, backend):
@@ -907,8 +927,8 @@ def _without_sft(ints, floats):
             tuple(floats[:5]) + tuple(weights[j] for j in keep), w_sft)
 
 
-def _fused_forward(hidden, weight, bias, ids, counted, w, cu_seqlens, P, rc, rr, pw, ints,
-                   floats, temperature, ignore_index, max_rows, backend, need):
+def _fused_forward(hidden, weight, bias, ids, counted, w, layout, P, rc, rr, pw, ints,
+                   floats, temperature, ignore_index, chunks, drop, backend, need):
     """Loss, stats [5, P], sums, counts and the gradients (w.r.t. hidden, weight, bias, for a
     unit upstream gradient) with three matmuls per chunk of whole pairs."""
     from rlfuse.ops.linear_logprob import (_OP as _LIN_OP, _add_param_grads, _check_ids,
@@ -924,22 +944,10 @@ def _fused_forward(hidden, weight, bias, ids, counted, w, cu_seqlens, P, rc, rr,
     out_dtype = _out_dtype(hidden)
     cnt = counted.reshape(-1)
     wf = None if w is None else w.reshape(-1).to(out_dtype)
-    if cu_seqlens is None:
-        T = ids.size(1)
-        starts = [s * T for s in range(2 * P)]
-        ends = [(s + 1) * T for s in range(2 * P)]
-    else:
-        from rlfuse.ops.sequence import _segments
-
-        _segments("preference_logps", cu_seqlens, N, dev)  # validates cu_seqlens
-        cu = cu_seqlens.tolist()
-        starts, ends = cu[:-1], cu[1:]
-    chunks = _pair_chunks(starts, ends, P, max_rows)
-    drop = _FUSED_DROP_UNCOUNTED
+    starts, ends, counts = layout
     if backend != "cpu" or drop:  # (dropped rows never reach the C++ kernel's id check)
         _check_ids(ids_f, V, ignore_index)
     acc = out_dtype
-    counts = torch.stack([cnt[a:b].sum(dtype=torch.int64) for a, b in zip(starts, ends)])
     counts_l = counts.tolist()
     lc, lr = counts[:P], counts[P:]
     kints, kfloats, w_sft = _without_sft(ints, floats)
@@ -960,8 +968,8 @@ def _fused_forward(hidden, weight, bias, ids, counted, w, cu_seqlens, P, rc, rr,
     b_dtype = torch.float64 if (bias is not None and bias.dtype == torch.float64) \
         else torch.float32
     grad_b = torch.zeros(V, dtype=b_dtype, device=dev) if need_b else None
-    rows_max = max((ends[i1 - 1] - starts[i0]) + (ends[P + i1 - 1] - starts[P + i0])
-                   for i0, i1 in chunks)
+    sizes = counts_l if drop else [e - s for s, e in zip(starts, ends)]
+    rows_max = max(sum(sizes[i0:i1]) + sum(sizes[P + i0:P + i1]) for i0, i1 in chunks)
     inv_t = 1.0 / temperature
     zero64 = torch.zeros((), dtype=torch.float64, device=dev)
     with _device_ctx(hidden):
@@ -1110,6 +1118,8 @@ def _fused_call(hidden, weight, token_ids, bias, mask, cu_seqlens, token_weights
     _check_tensors(_OP, torch.empty(P, dtype=_out_dtype(hidden), device=hidden.device),
                    torch.empty(P, dtype=_out_dtype(hidden), device=hidden.device), rc, rr,
                    None, None, pw)
+    layout = _fused_layout(ids, counted, cu_seqlens, P)
+    drop = _FUSED_DROP_UNCOUNTED
     if chunk_size is not None:
         max_rows = chunk_size
     else:
@@ -1118,19 +1128,16 @@ def _fused_call(hidden, weight, token_ids, bias, mask, cu_seqlens, token_weights
         per_row = weight.size(0) * hidden.element_size() * (2 if _uses_second_buffer(chosen)
                                                               else 1)
         max_rows = _fused_budget_bytes(hidden.device) // per_row
-    if cu_seqlens is None:
-        T = token_ids.size(1)
-        if 2 * T > max_rows:
-            return None
-    else:
-        cu = cu_seqlens.to(torch.long)
-        L = cu[1:] - cu[:-1]
-        if int((L[:P] + L[P:]).max()) > max_rows:
-            return None
+    starts, ends, counts = layout
+    # chunks of whole pairs by the rows that are computed: the counted ones when dropping
+    sizes = counts.tolist() if drop else [e - s for s, e in zip(starts, ends)]
+    chunks = _pair_chunks(sizes, P, max_rows)
+    if chunks is None:
+        return None
     need = (hidden.requires_grad, weight.requires_grad,
             isinstance(bias, torch.Tensor) and bias.requires_grad)
-    args = (ids, counted, w, cu_seqlens, P, rc, rr, pw, ints, floats, temperature,
-            ignore_index, max_rows, chosen, need)
+    args = (ids, counted, w, layout, P, rc, rr, pw, ints, floats, temperature,
+            ignore_index, chunks, drop, chosen, need)
     loss, st, c, r, lc, lr = _FusedFromHidden.apply(hidden, weight, bias, args)
     stats = {k: st[i] for i, k in enumerate(STATS)}
     stats["chosen_logps"], stats["rejected_logps"] = c, r
