@@ -491,6 +491,16 @@ def _backward(ctx, g_lp, g_ent, _g_lse):
 _linear_op.register_autograd(_backward, setup_context=_setup_context)
 
 
+def _chunk_arg(chunk_size) -> int:
+    """chunk_size as an int (0 for None); raises below 1."""
+    if chunk_size is None:
+        return 0
+    chunk = _validate.integer(_OP, "chunk_size", chunk_size)
+    if chunk < 1:
+        raise ValueError(f"{_OP}: chunk_size must be >= 1 (or None), got {chunk}")
+    return chunk
+
+
 def _check_args(hidden, weight, token_ids, bias, temperature, ignore_index):
     """The argument checks of :func:`linear_token_logprobs` (also run by the fused
     preference path); returns (temperature, ignore_index, token_ids)."""
@@ -590,12 +600,7 @@ def linear_token_logprobs(
         raise TypeError(
             f"{_OP}: fp32_grad_accum must be a bool, got {type(fp32_grad_accum).__name__}"
         )
-    if chunk_size is None:
-        chunk = 0
-    else:
-        chunk = _validate.integer(_OP, "chunk_size", chunk_size)
-        if chunk < 1:
-            raise ValueError(f"{_OP}: chunk_size must be >= 1 (or None), got {chunk}")
+    chunk = _chunk_arg(chunk_size)
     chosen = _backend.resolve(backend, hidden.device, _OP)
     logp, ent, _ = _linear_op(
         hidden, weight, token_ids, bias, temperature, ignore_index, return_entropy, chunk,

@@ -931,7 +931,7 @@ def _fused_forward(hidden, weight, bias, ids, counted, w, layout, P, rc, rr, pw,
                    floats, temperature, ignore_index, chunks, drop, backend, need):
     """Loss, stats [5, P], sums, counts and the gradients (w.r.t. hidden, weight, bias, for a
     unit upstream gradient) with three matmuls per chunk of whole pairs."""
-    from rlfuse.ops.linear_logprob import (_OP as _LIN_OP, _add_param_grads, _check_ids,
+    from rlfuse.ops.linear_logprob import (_add_param_grads, _check_ids,
                                            _chunk_logits, _device_ctx, _rows_backward,
                                            _rows_forward, _uses_second_buffer)
     from rlfuse.ops.logprob import _flat_ids, _out_dtype
@@ -945,8 +945,7 @@ def _fused_forward(hidden, weight, bias, ids, counted, w, layout, P, rc, rr, pw,
     cnt = counted.reshape(-1)
     wf = None if w is None else w.reshape(-1).to(out_dtype)
     starts, ends, counts = layout
-    if backend != "cpu" or drop:  # (dropped rows never reach the C++ kernel's id check)
-        _check_ids(ids_f, V, ignore_index)
+    _check_ids(ids_f, V, ignore_index)  # every row's id, dropped rows' included
     acc = out_dtype
     counts_l = counts.tolist()
     lc, lr = counts[:P], counts[P:]
@@ -1007,13 +1006,8 @@ def _fused_forward(hidden, weight, bias, ids, counted, w, layout, P, rc, rr, pw,
             lp = torch.empty(n, dtype=acc, device=dev)
             lse = torch.empty(n, dtype=acc, device=dev)
             logits = _chunk_logits(buf, hc, weight, bias)                      # matmul 1
-            bad = _rows_forward(backend, logits, idc, lp, lp, lse, inv_t, temperature,
-                                ignore_index, False)
-            if bad >= 0:
-                pos = (a0 + bad) if bad < na else (b0 + bad - na)
-                raise ValueError(
-                    f"{_LIN_OP}: token_ids must lie in [0, {V}) or equal ignore_index="
-                    f"{ignore_index}; position {pos} (flattened) holds {int(ids_f[pos])}")
+            _rows_forward(backend, logits, idc, lp, lp, lse, inv_t, temperature, ignore_index,
+                          False)  # (ids checked above)
             vals = lp if wc is None else lp * wc
             v = torch.where(cc, vals.to(torch.float64), zero64)
             csum = torch.cat([v.new_zeros(1), v.cumsum(0)])
@@ -1094,18 +1088,14 @@ def _fused_call(hidden, weight, token_ids, bias, mask, cu_seqlens, token_weights
                 temperature, ignore_index, chunk_size, backend, rc, rr, pw, ints, floats):
     """(loss, stats) through _FusedFromHidden, or None where a pair does not fit a chunk
     (the caller then takes the two-pass path)."""
-    from rlfuse.ops.linear_logprob import _check_args
+    from rlfuse.ops.linear_logprob import _check_args, _chunk_arg
     from rlfuse.ops.logprob import _out_dtype
 
     op = "preference_logps"
     P = _pair_layout(op, token_ids, cu_seqlens)
     temperature, ignore_index, ids = _check_args(hidden, weight, token_ids, bias, temperature,
                                                  ignore_index)
-    if chunk_size is not None:
-        chunk_size = _validate.integer("linear_token_logprobs", "chunk_size", chunk_size)
-        if chunk_size < 1:
-            raise ValueError(f"linear_token_logprobs: chunk_size must be >= 1 (or None), got "
-                             f"{chunk_size}")
+    chunk_size = _chunk_arg(chunk_size) or None
     chosen = _backend.resolve(backend, hidden.device, "linear_token_logprobs")
     m = _mask(op, mask, token_ids)
     counted, w = _counted_and_weights(op, ids, m, token_ids, token_weights, ld_alpha,
