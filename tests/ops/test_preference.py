@@ -613,3 +613,233 @@ def test_from_hidden_torch_compile_fullgraph():
         outs.append((loss, cl, *torch.autograd.grad(loss, (h, w))))
     for a, b in zip(*outs):
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+
+
+# ============================================= fused from-hidden path (3 matmuls per chunk)
+import rlfuse.ops.preference as _pref  # noqa: E402
+
+
+def _fused_case(layout, P=3, T=7, dtype=torch.float64, seed=5):
+    g = torch.Generator().manual_seed(seed)
+    hidden = torch.randn(2 * P, T, H, generator=g, dtype=torch.float64).to(dtype)
+    weight = (torch.randn(V, H, generator=g, dtype=torch.float64) / H ** 0.5).to(dtype)
+    bias = (torch.randn(V, generator=g, dtype=torch.float64) * 0.1).to(dtype)
+    ids = torch.randint(0, V, (2 * P, T), generator=g)
+    mask = torch.rand(2 * P, T, generator=g) > 0.3  # holes anywhere
+    mask[:, 0] = True
+    ids[1, 2] = -100
+    tw = torch.rand(2 * P, T, generator=g, dtype=torch.float64) + 0.5
+    kw = dict(mask=mask, token_weights=tw)
+    if layout == "packed":  # ragged sequences: drop a different tail of each row
+        lens = torch.randint(2, T + 1, (2 * P,), generator=g)
+        keep = (torch.arange(T) < lens.unsqueeze(1)).reshape(-1).nonzero().squeeze(1)
+        cu = torch.zeros(2 * P + 1, dtype=torch.int64)
+        cu[1:] = lens.cumsum(0)
+        hidden, ids = hidden.reshape(-1, H)[keep], ids.reshape(-1)[keep]
+        kw = dict(mask=mask.reshape(-1)[keep], token_weights=tw.reshape(-1)[keep],
+                  cu_seqlens=cu)
+    ref = torch.randn(2 * P, generator=g, dtype=torch.float64) - 12
+    pw = torch.rand(P, generator=g, dtype=torch.float64) + 0.5
+    return hidden, weight, bias, ids, kw, ref[:P], ref[P:], pw
+
+
+def _from_hidden(fused, hidden, weight, bias, ids, kw, upstream=1.0, **loss_kw):
+    old = _pref._FUSED_FROM_HIDDEN
+    _pref._FUSED_FROM_HIDDEN = fused
+    try:
+        h, w, b = (t.detach().clone().requires_grad_() for t in (hidden, weight, bias))
+        loss, stats = preference_loss_from_hidden(h, w, ids, bias=b, **kw, **loss_kw)
+        (upstream * loss).backward()
+    finally:
+        _pref._FUSED_FROM_HIDDEN = old
+    return loss.detach(), stats, (h.grad, w.grad, b.grad)
+
+
+def _assert_same(a, b, **tol):
+    torch.testing.assert_close(a[0], b[0], **tol)
+    assert set(a[1]) == set(b[1])
+    for k in b[1]:
+        torch.testing.assert_close(a[1][k], b[1][k], **tol)
+    for x, y in zip(a[2], b[2]):
+        torch.testing.assert_close(x, y, **tol)
+
+
+def _count_fused(monkeypatch):
+    calls = []
+    orig = _pref._fused_forward
+    monkeypatch.setattr(_pref, "_fused_forward", lambda *a: calls.append(1) or orig(*a))
+    return calls
+
+
+FUSED_TYPES = [t for t in LOSS_TYPES] + [{"sigmoid": 1.0, "ipo": 0.3, "sft": 0.2, "orpo": 0.5}]
+
+
+@pytest.mark.parametrize("layout", ["padded", "packed"])
+def test_fused_from_hidden_equals_two_pass(layout, monkeypatch):
+    """Every per-pair type (and a weighted list with sft, whose batch coupling is added
+    separately) gives the two-pass path's loss, stats and gradients, with pair chunks of one
+    pair and of all pairs; the upstream gradient 2.5 scales them."""
+    hidden, weight, bias, ids, kw, rc, rr, pw = _fused_case(layout)
+    if layout == "packed":
+        L = kw["cu_seqlens"].diff()
+        pair_rows = int((L[:3] + L[3:]).max())
+    else:
+        pair_rows = 2 * ids.size(1)
+    calls = _count_fused(monkeypatch)
+    # every type on the padded layout; the packed one with a few (its own row bookkeeping)
+    types = FUSED_TYPES if layout == "padded" else ["sigmoid", "bco_pair", FUSED_TYPES[-1]]
+    for lt in types:
+        eps = 0.2 if lt in ("exo_pair", "robust") else 0.1
+        lkw = dict(loss_type=lt, beta=BETA, label_smoothing=eps, ref_chosen_logps=rc,
+                   ref_rejected_logps=rr, pair_weights=pw, ld_alpha=0.6, **kw)
+        want = _from_hidden(False, hidden, weight, bias, ids, {}, upstream=2.5, **lkw)
+        chunks = (pair_rows, None) if layout == "packed" or lt == "sigmoid" else (pair_rows,)
+        for chunk in chunks:  # one or two pairs per chunk; all in one
+            n = len(calls)
+            got = _from_hidden(True, hidden, weight, bias, ids, {}, upstream=2.5,
+                               chunk_size=chunk, **lkw)
+            assert len(calls) == n + 1
+            _assert_same(got, want, rtol=1e-10, atol=1e-12)
+
+
+def test_fused_from_hidden_matches_materialised_float64():
+    hidden, weight, bias, ids, kw, rc, rr, pw = _fused_case("padded", P=4, T=6)
+    P = 4
+    lt = {"sigmoid": 1.0, "ipo": 0.3, "sft": 0.2}
+    got = _from_hidden(True, hidden, weight, bias, ids, kw, ref_chosen_logps=rc,
+                       ref_rejected_logps=rr, loss_type=lt, beta=BETA, pair_weights=pw,
+                       chunk_size=12)  # one pair per chunk
+    h, w, b = (t.detach().clone().requires_grad_() for t in (hidden, weight, bias))
+    lp = torch.log_softmax(h @ w.t() + b, -1).gather(-1, ids.clamp(min=0).unsqueeze(-1))[..., 0]
+    counted = kw["mask"] & (ids != -100)
+    s = (lp * kw["token_weights"] * counted).sum(-1)
+    n = counted.sum(-1)
+    want, wstats = preference_loss_reference(s[:P], s[P:], rc, rr, chosen_lengths=n[:P],
+                                             rejected_lengths=n[P:], loss_type=lt, beta=BETA,
+                                             pair_weights=pw)
+    want.backward()
+    torch.testing.assert_close(got[0], want.detach(), rtol=1e-10, atol=1e-12)
+    for k in STATS:
+        torch.testing.assert_close(got[1][k], wstats[k], rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(got[1]["chosen_logps"], s[:P].detach(), rtol=1e-10, atol=1e-12)
+    assert torch.equal(got[1]["rejected_lengths"], n[P:])
+    for x, y in zip(got[2], (h.grad, w.grad, b.grad)):
+        torch.testing.assert_close(x, y, rtol=1e-9, atol=1e-12)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_fused_from_hidden_low_precision(dtype):
+    hidden, weight, bias, ids, kw, rc, rr, pw = _fused_case("padded", dtype=dtype)
+    lkw = dict(ref_chosen_logps=rc.float(), ref_rejected_logps=rr.float(), beta=BETA, **kw)
+    want = _from_hidden(False, hidden, weight, bias, ids, {}, **lkw)
+    got = _from_hidden(True, hidden, weight, bias, ids, {}, chunk_size=14, **lkw)
+    tol = dict(rtol=2e-2, atol=2e-3) if dtype == torch.bfloat16 else dict(rtol=1e-5, atol=1e-6)
+    _assert_same(got, want, **tol)
+    assert got[2][1].dtype == dtype and got[2][0].dtype == dtype
+
+
+def test_fused_from_hidden_taken_only_when_exact(monkeypatch):
+    hidden, weight, bias, ids, kw, rc, rr, pw = _fused_case("padded")
+    calls = _count_fused(monkeypatch)
+    ref = dict(ref_chosen_logps=rc, ref_rejected_logps=rr, beta=BETA, **kw)
+    _from_hidden(True, hidden, weight, bias, ids, {}, **ref)
+    assert len(calls) == 1
+    # sorted types, a reference requiring grad, no gradient needed, a pair larger than the
+    # chunk: the two-pass path
+    _from_hidden(True, hidden, weight, bias, ids, {}, loss_type=["sigmoid", "aot"], **ref)
+    rg = dict(ref, ref_chosen_logps=rc.clone().requires_grad_())
+    _from_hidden(True, hidden, weight, bias, ids, {}, **rg)
+    tw = dict(ref, token_weights=kw["token_weights"].clone().requires_grad_())
+    _from_hidden(True, hidden, weight, bias, ids, {}, **tw)
+    _from_hidden(True, hidden, weight, bias, ids, {}, chunk_size=2, **ref)  # pair > 2 rows
+    with torch.no_grad():
+        preference_loss_from_hidden(hidden, weight, ids, bias=bias, **ref)
+    preference_loss_from_hidden(hidden, weight, ids, bias=bias, **ref)  # nothing needs grad
+    assert len(calls) == 1
+
+    def f(h, w):
+        return preference_loss_from_hidden(h, w, ids, **ref)[0]
+
+    h, w = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
+    torch.compile(f, fullgraph=True, backend="aot_eager")(h, w).backward()
+    assert len(calls) == 1
+
+
+def test_fused_from_hidden_shared_weight_accumulates():
+    """A weight used elsewhere in the graph (tied embedding) sums both gradients; only
+    hidden requiring grad gives no weight gradient."""
+    hidden, weight, bias, ids, kw, rc, rr, pw = _fused_case("padded")
+    lkw = dict(ref_chosen_logps=rc, ref_rejected_logps=rr, beta=BETA, **kw)
+    grads = []
+    for fused in (True, False):
+        _pref._FUSED_FROM_HIDDEN = fused
+        try:
+            w = weight.clone().requires_grad_()
+            h = hidden.detach().requires_grad_()
+            loss, _ = preference_loss_from_hidden(h, w, ids, **lkw)
+            (3.0 * loss + (w ** 2).sum()).backward()
+            grads.append((h.grad, w.grad))
+            h2 = hidden.detach().requires_grad_()
+            loss2, _ = preference_loss_from_hidden(h2, weight, ids, **lkw)
+            loss2.backward()
+            grads.append((h2.grad,))
+        finally:
+            _pref._FUSED_FROM_HIDDEN = True
+    for a, b in zip(grads[:2], grads[2:]):
+        for x, y in zip(a, b):
+            torch.testing.assert_close(x, y, rtol=1e-10, atol=1e-12)
+
+
+def test_fused_from_hidden_bad_input():
+    """The errors of the two-pass path, with gradients required."""
+    hidden = torch.randn(4, 5, H, requires_grad=True)
+    weight = torch.randn(V, H, requires_grad=True)
+    ids = torch.randint(0, V, (4, 5))
+    ref = dict(ref_chosen_logps=torch.zeros(2), ref_rejected_logps=torch.zeros(2))
+    with pytest.raises(ValueError, match="token_ids must lie"):
+        preference_loss_from_hidden(hidden, weight, ids + V, **ref)
+    bad = ids.clone()
+    bad[3, 4] = -7
+    with pytest.raises(ValueError, match="position 19"):
+        preference_loss_from_hidden(hidden, weight, bad, **ref)
+    with pytest.raises(ValueError, match=r"ref_chosen_logps must have shape \(2,\)"):
+        preference_loss_from_hidden(hidden, weight, ids, ref_chosen_logps=torch.zeros(3),
+                                    ref_rejected_logps=torch.zeros(3))
+    with pytest.raises(ValueError, match="token_weights must have shape"):
+        preference_loss_from_hidden(hidden, weight, ids, token_weights=torch.ones(4, 4), **ref)
+    with pytest.raises(TypeError, match="weight must have the dtype"):
+        preference_loss_from_hidden(hidden, weight.double(), ids, **ref)
+    with pytest.raises(ValueError, match="pair_weights must have shape"):
+        preference_loss_from_hidden(hidden, weight, ids, pair_weights=torch.ones(3), **ref)
+    with pytest.raises(ValueError, match="chunk_size must be >= 1"):
+        preference_loss_from_hidden(hidden, weight, ids, chunk_size=0, **ref)
+
+
+@pytest.mark.parametrize("layout", ["padded", "packed"])
+def test_fused_from_hidden_dropped_rows(layout, monkeypatch):
+    """Rows outside the sums (masked, ignore_index) skip the matmuls: the same results as
+    computing them, zero hidden gradient there; a masked row's NaN hidden state stays out."""
+    hidden, weight, bias, ids, kw, rc, rr, pw = _fused_case(layout)
+    lkw = dict(ref_chosen_logps=rc, ref_rejected_logps=rr, beta=BETA, ld_alpha=0.5,
+               loss_type=["sigmoid", "sft"], **kw)
+    got = _from_hidden(True, hidden, weight, bias, ids, {}, **lkw)
+    monkeypatch.setattr(_pref, "_FUSED_DROP_UNCOUNTED", False)
+    want = _from_hidden(True, hidden, weight, bias, ids, {}, **lkw)
+    _assert_same(got, want, rtol=1e-12, atol=1e-14)
+    counted = kw["mask"] & (ids != -100)
+    assert (got[2][0][~counted] == 0).all() and (got[2][0][counted] != 0).all()
+    monkeypatch.setattr(_pref, "_FUSED_DROP_UNCOUNTED", True)
+    poisoned = hidden.clone()
+    poisoned[~counted] = float("nan")
+    nan_run = _from_hidden(True, poisoned, weight, bias, ids, {}, **lkw)
+    _assert_same(nan_run, got, rtol=0, atol=0)
+
+
+def test_fused_from_hidden_torch_backend():
+    """The torch backend's chunk gradients come from autograd on the reference."""
+    hidden, weight, bias, ids, kw, rc, rr, pw = _fused_case("packed")
+    lkw = dict(ref_chosen_logps=rc, ref_rejected_logps=rr, beta=BETA, pair_weights=pw,
+               loss_type={"sigmoid": 1.0, "sft": 0.3}, backend="torch", **kw)
+    want = _from_hidden(False, hidden, weight, bias, ids, {}, upstream=0.5, **lkw)
+    got = _from_hidden(True, hidden, weight, bias, ids, {}, upstream=0.5, chunk_size=20, **lkw)
+    _assert_same(got, want, rtol=1e-10, atol=1e-12)

@@ -28,6 +28,7 @@ from rlfuse.ops import (
     policy_loss,
     preference_logps,
     preference_loss,
+    preference_loss_from_hidden,
     reduce_sequences,
     sequence_logprobs,
     token_logprobs,
@@ -153,6 +154,20 @@ def _preference(t, backend):
     return [loss, gh, gw, *stats.values()]
 
 
+def _preference_fused(t, backend):
+    """preference_loss_from_hidden with gradients: the fused pair-chunked path."""
+    P = t["ids"].shape[0] // 2
+    h, w = _leaf(t["hidden"][: 2 * P]), _leaf(t["weight"])
+    ref = t["lp"][:P, 0] * 4
+    T = t["ids"].shape[1]
+    loss, stats = preference_loss_from_hidden(
+        h, w, t["ids"][: 2 * P], mask=t["mask"][: 2 * P], ld_alpha=0.5, chunk_size=2 * T,
+        ref_chosen_logps=ref, ref_rejected_logps=ref - 0.3,
+        loss_type=["sigmoid", "ipo", "sft"], loss_weights=[1, .5, .2], backend=backend)
+    gh, gw = torch.autograd.grad(loss, (h, w))
+    return [loss, gh, gw, *stats.values()]
+
+
 def _search(t, backend):
     """puct_search (Dirichlet noise, sampled action), gumbel_search (Gumbel noise) and a
     subtree of the PUCT trees, on a hash environment (tests/search/envs.py's HashEnv)."""
@@ -208,6 +223,7 @@ CASES = {
     "policy_loss": _policy_loss,
     "value_loss": _value_loss,
     "preference_logps / preference_loss": _preference,
+    "preference_loss_from_hidden (fused)": _preference_fused,
     SEARCH_CASE: _search,
 }
 # backends that serve each case (default: every backend that runs here)

@@ -75,7 +75,8 @@ def test_concurrent_python_threads(name, backend, full_threads):
 # different kernel by thread count unless MKL's strict reproducibility mode is on
 # (measured: [64, 16] x [16, 97] differs at 4+ threads by 1 ulp).  It is checked in a fresh
 # interpreter with MKL_CBWR=AUTO,STRICT, which makes MKL's gemm thread-count invariant.
-BLAS_CASES = {"linear_token_logprobs", "preference_logps / preference_loss"}
+BLAS_CASES = {"linear_token_logprobs", "preference_logps / preference_loss",
+              "preference_loss_from_hidden (fused)"}
 STRICT_BLAS = {"MKL_CBWR": "AUTO,STRICT"}
 
 

@@ -227,6 +227,19 @@ def _chunk_logits(buf, h, weight, bias):
     return out
 
 
+def _add_param_grads(d, hc, grad_w, partial_w, grad_b, b_dtype):
+    """grad_w += d.T @ hc (through the weight-dtype ``partial_w`` into a float32
+    ``grad_w`` when given), grad_b += d.sum(0); a None gradient is skipped."""
+    if grad_w is not None:
+        if partial_w is None:
+            grad_w.addmm_(d.t(), hc)
+        else:
+            torch.mm(d.t(), hc, out=partial_w)
+            grad_w.add_(partial_w)
+    if grad_b is not None:
+        grad_b.add_(d.sum(0, dtype=b_dtype))
+
+
 def _check_ids(ids: torch.Tensor, V: int, ignore_index: int) -> None:
     """One torch reduction over the ids (GPU / torch backends)."""
     try:
@@ -417,14 +430,8 @@ def _linear_backward_op(
                     )
                     if need_hidden:
                         torch.mm(d, weight, out=gh_use[s:e])
-                    if need_weight:
-                        if partial_w is None:
-                            grad_w.addmm_(d.t(), hc)
-                        else:
-                            torch.mm(d.t(), hc, out=partial_w)
-                            grad_w.add_(partial_w)
-                    if need_bias:
-                        grad_b.add_(d.sum(0, dtype=b_dtype))
+                    _add_param_grads(d, hc, grad_w if need_weight else None, partial_w,
+                                     grad_b if need_bias else None, b_dtype)
         if need_hidden and idx is not None:
             gh2.index_copy_(0, idx, gh_use)
     if need_weight and grad_w.dtype != weight.dtype:
@@ -484,6 +491,60 @@ def _backward(ctx, g_lp, g_ent, _g_lse):
 _linear_op.register_autograd(_backward, setup_context=_setup_context)
 
 
+def _chunk_arg(chunk_size) -> int:
+    """chunk_size as an int (0 for None); raises below 1."""
+    if chunk_size is None:
+        return 0
+    chunk = _validate.integer(_OP, "chunk_size", chunk_size)
+    if chunk < 1:
+        raise ValueError(f"{_OP}: chunk_size must be >= 1 (or None), got {chunk}")
+    return chunk
+
+
+def _check_args(hidden, weight, token_ids, bias, temperature, ignore_index):
+    """The argument checks of :func:`linear_token_logprobs` (also run by the fused
+    preference path); returns (temperature, ignore_index, token_ids)."""
+    _validate.float_tensor(_OP, "hidden", hidden)
+    _validate.tensor(_OP, "weight", weight)
+    _validate.int_tensor(_OP, "token_ids", token_ids)
+    if weight.dtype != hidden.dtype:
+        raise TypeError(
+            f"{_OP}: weight must have the dtype of hidden ({hidden.dtype}), got {weight.dtype}"
+        )
+    if hidden.dim() < 1:
+        raise ValueError(f"{_OP}: hidden must have at least 1 dimension (the hidden size H)")
+    if weight.dim() != 2:
+        raise ValueError(f"{_OP}: weight must be 2-D [V, H], got shape {tuple(weight.shape)}")
+    H = hidden.size(-1)
+    V = weight.size(0)
+    if weight.size(1) != H:
+        raise ValueError(
+            f"{_OP}: weight must have shape [V, H] with H = hidden.size(-1) = {H}, got "
+            f"{tuple(weight.shape)}"
+        )
+    if H == 0:
+        raise ValueError(f"{_OP}: hidden has an empty hidden dimension (H = 0)")
+    if V == 0:
+        raise ValueError(f"{_OP}: weight has an empty vocabulary dimension (V = 0)")
+    if hidden.numel() == 0:
+        raise ValueError(
+            f"{_OP}: hidden has no positions (shape {tuple(hidden.shape)}); pass at least one"
+        )
+    _validate.shape_equals(_OP, "token_ids", token_ids, hidden.shape[:-1], "hidden.shape[:-1]")
+    if bias is not None:
+        _validate.tensor(_OP, "bias", bias)
+        if bias.dtype != hidden.dtype:
+            raise TypeError(
+                f"{_OP}: bias must have the dtype of hidden ({hidden.dtype}), got {bias.dtype}"
+            )
+        _validate.shape_equals(_OP, "bias", bias, (V,), "[V] = [weight.size(0)]")
+    _validate.same_device(_OP, "hidden", hidden, weight=weight, token_ids=token_ids, bias=bias)
+    temperature = _validate.temperature(_OP, temperature)
+    ignore_index = _validate.integer(_OP, "ignore_index", ignore_index)
+    token_ids = _validate.ids_for_ignore_index(token_ids, ignore_index)
+    return temperature, ignore_index, token_ids
+
+
 # --------------------------------------------------------------------------------------
 # Public API
 # --------------------------------------------------------------------------------------
@@ -531,56 +592,15 @@ def linear_token_logprobs(
         ValueError: shape / device mismatches, empty input, ``temperature <= 0``,
             ``chunk_size < 1``, ids out of range (naming the first bad position).
     """
-    _validate.float_tensor(_OP, "hidden", hidden)
-    _validate.tensor(_OP, "weight", weight)
-    _validate.int_tensor(_OP, "token_ids", token_ids)
-    if weight.dtype != hidden.dtype:
-        raise TypeError(
-            f"{_OP}: weight must have the dtype of hidden ({hidden.dtype}), got {weight.dtype}"
-        )
-    if hidden.dim() < 1:
-        raise ValueError(f"{_OP}: hidden must have at least 1 dimension (the hidden size H)")
-    if weight.dim() != 2:
-        raise ValueError(f"{_OP}: weight must be 2-D [V, H], got shape {tuple(weight.shape)}")
-    H = hidden.size(-1)
-    V = weight.size(0)
-    if weight.size(1) != H:
-        raise ValueError(
-            f"{_OP}: weight must have shape [V, H] with H = hidden.size(-1) = {H}, got "
-            f"{tuple(weight.shape)}"
-        )
-    if H == 0:
-        raise ValueError(f"{_OP}: hidden has an empty hidden dimension (H = 0)")
-    if V == 0:
-        raise ValueError(f"{_OP}: weight has an empty vocabulary dimension (V = 0)")
-    if hidden.numel() == 0:
-        raise ValueError(
-            f"{_OP}: hidden has no positions (shape {tuple(hidden.shape)}); pass at least one"
-        )
-    _validate.shape_equals(_OP, "token_ids", token_ids, hidden.shape[:-1], "hidden.shape[:-1]")
-    if bias is not None:
-        _validate.tensor(_OP, "bias", bias)
-        if bias.dtype != hidden.dtype:
-            raise TypeError(
-                f"{_OP}: bias must have the dtype of hidden ({hidden.dtype}), got {bias.dtype}"
-            )
-        _validate.shape_equals(_OP, "bias", bias, (V,), "[V] = [weight.size(0)]")
-    _validate.same_device(_OP, "hidden", hidden, weight=weight, token_ids=token_ids, bias=bias)
-    temperature = _validate.temperature(_OP, temperature)
-    ignore_index = _validate.integer(_OP, "ignore_index", ignore_index)
-    token_ids = _validate.ids_for_ignore_index(token_ids, ignore_index)
+    temperature, ignore_index, token_ids = _check_args(hidden, weight, token_ids, bias,
+                                                       temperature, ignore_index)
     if not isinstance(return_entropy, bool):
         raise TypeError(f"{_OP}: return_entropy must be a bool, got {type(return_entropy).__name__}")
     if not isinstance(fp32_grad_accum, bool):
         raise TypeError(
             f"{_OP}: fp32_grad_accum must be a bool, got {type(fp32_grad_accum).__name__}"
         )
-    if chunk_size is None:
-        chunk = 0
-    else:
-        chunk = _validate.integer(_OP, "chunk_size", chunk_size)
-        if chunk < 1:
-            raise ValueError(f"{_OP}: chunk_size must be >= 1 (or None), got {chunk}")
+    chunk = _chunk_arg(chunk_size)
     chosen = _backend.resolve(backend, hidden.device, _OP)
     logp, ent, _ = _linear_op(
         hidden, weight, token_ids, bias, temperature, ignore_index, return_entropy, chunk,

@@ -707,18 +707,34 @@ def preference_logps(
     ``ref_chosen_logps`` / ``ref_rejected_logps``.
     """
     from rlfuse.ops.linear_logprob import linear_token_logprobs
-    from rlfuse.ops.sequence import _mask_tensor
 
     op = "preference_logps"
     P = _pair_layout(op, token_ids, cu_seqlens)
     ignore_index = _validate.integer(op, "ignore_index", ignore_index)
     ids = _validate.ids_for_ignore_index(token_ids, ignore_index)
-    m = _mask_tensor(op, mask, token_ids.shape, token_ids.device)
+    m = _mask(op, mask, token_ids)
     # (Masked positions are not turned into ignore_index, which would skip their matmul:
     # results then depended on the thread count, tests/reliability/test_threads.py.)
     lp = linear_token_logprobs(hidden, weight, ids, bias=bias, temperature=temperature,
                                ignore_index=ignore_index, chunk_size=chunk_size,
                                backend=backend)
+    counted, w = _counted_and_weights(op, ids, m, token_ids, token_weights, ld_alpha,
+                                      cu_seqlens, ignore_index, P, lp.dtype)
+    values = lp if w is None else lp * w.to(lp.dtype)
+    sums, counts = _sequence_sums(values, counted, cu_seqlens, op)
+    return PreferenceLogps(sums[:P], sums[P:], counts[:P], counts[P:], lp)
+
+
+def _mask(op, mask, token_ids):
+    from rlfuse.ops.sequence import _mask_tensor
+
+    return _mask_tensor(op, mask, token_ids.shape, token_ids.device)
+
+
+def _counted_and_weights(op, ids, m, token_ids, token_weights, ld_alpha, cu_seqlens,
+                         ignore_index, P, dtype):
+    """(counted, w): the positions inside the sums (mask and id != ignore_index) and the
+    per-token weights multiplying them (token_weights x LD-DPO weights; None if neither)."""
     counted = ids != ignore_index
     if m is not None:
         counted = counted & m
@@ -731,11 +747,9 @@ def preference_logps(
         w = token_weights
     if ld_alpha is not None:
         ld_alpha = _real(op, "ld_alpha", ld_alpha)
-        wl = _ld_weights(counted, cu_seqlens, ld_alpha, P, lp.dtype)
+        wl = _ld_weights(counted, cu_seqlens, ld_alpha, P, dtype)
         w = wl if w is None else w * wl
-    values = lp if w is None else lp * w.to(lp.dtype)
-    sums, counts = _sequence_sums(values, counted, cu_seqlens, op)
-    return PreferenceLogps(sums[:P], sums[P:], counts[:P], counts[P:], lp)
+    return counted, w
 
 
 def _sequence_sums(values, counted, cu_seqlens, op):
@@ -791,11 +805,26 @@ def preference_loss_from_hidden(
     on the reference model under ``torch.no_grad()``).  Returns ``(loss, stats)`` with the
     statistics of :func:`preference_loss` plus ``chosen_logps`` / ``rejected_logps`` (the
     policy's sums, detached) and ``chosen_lengths`` / ``rejected_lengths``.
+
+    When gradients are needed (and the loss is exact per chunk of pairs: no ``aot``,
+    constant reference / pair / token weights, outside ``torch.compile`` tracing, a pair
+    fitting the logits budget), the loss and its gradients are computed in the forward,
+    a chunk of whole pairs at a time, with three matmuls per chunk (the backward scales
+    them by the upstream gradient); otherwise :func:`preference_logps` then
+    :func:`preference_loss`.  ``docs/ops/preference.md``: both paths.
     """
     op = "preference_loss_from_hidden"
     # Fail on inconsistent loss arguments before the expensive log-prob pass.
-    _config(_OP, loss_type, loss_weights, beta, label_smoothing, ref_chosen_logps is not None,
-            True, type_args, pair_weights is not None)
+    ints, floats, sorted_terms = _config(
+        _OP, loss_type, loss_weights, beta, label_smoothing, ref_chosen_logps is not None, True,
+        type_args, pair_weights is not None)
+    if _fused_eligible(hidden, weight, bias, ref_chosen_logps, ref_rejected_logps,
+                       pair_weights, token_weights, sorted_terms):
+        fused = _fused_call(hidden, weight, token_ids, bias, mask, cu_seqlens, token_weights,
+                            ld_alpha, temperature, ignore_index, chunk_size, backend,
+                            ref_chosen_logps, ref_rejected_logps, pair_weights, ints, floats)
+        if fused is not None:
+            return fused
     seq = preference_logps(hidden, weight, token_ids, bias=bias, mask=mask,
                            cu_seqlens=cu_seqlens, token_weights=token_weights, ld_alpha=ld_alpha,
                            temperature=temperature, ignore_index=ignore_index,
@@ -815,4 +844,292 @@ def preference_loss_from_hidden(
     stats["rejected_logps"] = seq.rejected.detach()
     stats["chosen_lengths"] = seq.chosen_lengths
     stats["rejected_lengths"] = seq.rejected_lengths
+    return loss, stats
+
+
+# ======================================================================================
+# From hidden states, fused: loss and gradients in one pass over chunks of whole pairs
+# ======================================================================================
+# Private switch (tests force either path with it).
+_FUSED_FROM_HIDDEN = True
+# Skip the matmuls of rows outside the sums (masked, ignore_index) in the fused path.
+_FUSED_DROP_UNCOUNTED = True
+# Logits buffer budget of the fused path: a chunk must hold a whole pair (both sequences).
+_FUSED_CPU_BUDGET_BYTES = 256 << 20  # = max(4 x linear_logprob's CPU budget, 256 MiB)
+
+
+def _fused_budget_bytes(device) -> int:
+    from rlfuse.ops.linear_logprob import _CPU_BUDGET_BYTES, _GPU_BUDGET_BYTES, _free_bytes
+
+    base = (max(_GPU_BUDGET_BYTES, _FUSED_CPU_BUDGET_BYTES) if device.type == "cuda"
+            else max(4 * _CPU_BUDGET_BYTES, _FUSED_CPU_BUDGET_BYTES))
+    free = _free_bytes(device)
+    return min(base, free // 4) if free else base
+
+
+def _pair_chunks(sizes, P, max_rows):
+    """Pair ranges [(i0, i1), ...] of consecutive whole pairs whose rows (sizes[i] of
+    chosen i plus sizes[P + i] of rejected P + i, summed over the chunk) total <= max_rows;
+    None if one pair alone exceeds it."""
+    chunks, i0, rows = [], 0, 0
+    for i in range(P):
+        n = sizes[i] + sizes[P + i]
+        if n > max_rows:
+            return None
+        if rows + n > max_rows:
+            chunks.append((i0, i))
+            i0, rows = i, 0
+        rows += n
+    chunks.append((i0, P))
+    return chunks
+
+
+def _fused_layout(ids, counted, cu_seqlens, P):
+    """(starts, ends) of the 2P sequences in the flattened rows and their counted tokens
+    ([2P] int64); validates cu_seqlens."""
+    n = counted.numel()
+    cnt = counted.reshape(-1)
+    if cu_seqlens is None:
+        T = ids.size(1)
+        starts = [s * T for s in range(2 * P)]
+        ends = [(s + 1) * T for s in range(2 * P)]
+        return starts, ends, cnt.view(2 * P, T).sum(-1, dtype=torch.int64)
+    from rlfuse.ops.sequence import _segments
+
+    _segments("preference_logps", cu_seqlens, n, cnt.device)
+    cu = cu_seqlens.tolist()
+    ccount = torch.cat([cnt.new_zeros(1, dtype=torch.int64), cnt.long().cumsum(0)])
+    cu_t = cu_seqlens.to(device=cnt.device, dtype=torch.long)
+    return cu[:-1], cu[1:], ccount[cu_t[1:]] - ccount[cu_t[:-1]]
+
+
+def _chunk_pair_grads(c, r, rc, rr, lc, lr, pw, ints, floats, backend):
+    """d(mean over the chunk's k pairs of the kernel terms)/d(c, r), for local types."""
+    if ints[2] == 0:
+        return torch.zeros_like(c), torch.zeros_like(r)
+    if backend == "torch":
+        with torch.enable_grad():
+            cg, rg = c.detach().requires_grad_(), r.detach().requires_grad_()
+            loss, _ = _reference_core(cg, rg, rc, rr, lc, lr, pw, ints, floats)
+            return torch.autograd.grad(loss, (cg, rg))
+    _, _, gc, gr = _pref_run(c, r, rc, rr, lc, lr, pw, ints, floats, backend)
+    return gc, gr
+
+
+def _without_sft(ints, floats):
+    """(ints, floats) of the kernel configuration without its sft terms, and the sft
+    weight (the sft term couples the batch: its gradient is added separately)."""
+    K = ints[2]
+    codes, weights = list(ints[3:3 + K]), list(floats[5:5 + K])
+    keep = [j for j in range(K) if codes[j] != _CODES["sft"]]
+    w_sft = sum(weights[j] for j in range(K) if codes[j] == _CODES["sft"])
+    return ((ints[0], ints[1], len(keep)) + tuple(codes[j] for j in keep),
+            tuple(floats[:5]) + tuple(weights[j] for j in keep), w_sft)
+
+
+def _fused_forward(hidden, weight, bias, ids, counted, w, layout, P, rc, rr, pw, ints,
+                   floats, temperature, ignore_index, chunks, drop, backend, need):
+    """Loss, stats [5, P], sums, counts and the gradients (w.r.t. hidden, weight, bias, for a
+    unit upstream gradient) with three matmuls per chunk of whole pairs."""
+    from rlfuse.ops.linear_logprob import (_add_param_grads, _check_ids,
+                                           _chunk_logits, _device_ctx, _rows_backward,
+                                           _rows_forward, _uses_second_buffer)
+    from rlfuse.ops.logprob import _flat_ids, _out_dtype
+
+    H, V = hidden.size(-1), weight.size(0)
+    dev = hidden.device
+    h2 = hidden.reshape(-1, H)
+    ids_f = _flat_ids(ids)
+    N = ids_f.numel()
+    out_dtype = _out_dtype(hidden)
+    cnt = counted.reshape(-1)
+    wf = None if w is None else w.reshape(-1).to(out_dtype)
+    starts, ends, counts = layout
+    _check_ids(ids_f, V, ignore_index)  # every row's id, dropped rows' included
+    acc = out_dtype
+    counts_l = counts.tolist()
+    lc, lr = counts[:P], counts[P:]
+    kints, kfloats, w_sft = _without_sft(ints, floats)
+    sft_grad = 0.0
+    if w_sft:
+        sum_l = float(lc.sum().clamp(min=1))
+        mean_pw = float(pw.to(torch.float64).mean()) if pw is not None else 1.0
+        sft_grad = -w_sft * mean_pw / sum_l
+    sums = torch.zeros(2 * P, dtype=out_dtype, device=dev)
+    need_h, need_w, need_b = need
+    grad_h = torch.zeros(hidden.shape, dtype=hidden.dtype, device=dev) if need_h else None
+    gh2 = grad_h.view(-1, H) if need_h else None
+    low_w = weight.dtype in (torch.bfloat16, torch.float16)
+    grad_w = torch.zeros((V, H), dtype=torch.float32 if low_w else weight.dtype,
+                         device=dev) if need_w else None
+    partial_w = torch.empty((V, H), dtype=weight.dtype, device=dev) if (need_w and low_w) \
+        else None
+    b_dtype = torch.float64 if (bias is not None and bias.dtype == torch.float64) \
+        else torch.float32
+    grad_b = torch.zeros(V, dtype=b_dtype, device=dev) if need_b else None
+    sizes = counts_l if drop else [e - s for s, e in zip(starts, ends)]
+    rows_max = max(sum(sizes[i0:i1]) + sum(sizes[P + i0:P + i1]) for i0, i1 in chunks)
+    inv_t = 1.0 / temperature
+    zero64 = torch.zeros((), dtype=torch.float64, device=dev)
+    with _device_ctx(hidden):
+        buf = torch.empty((max(rows_max, 1), V), dtype=hidden.dtype, device=dev)
+        dbuf = torch.empty_like(buf) if _uses_second_buffer(backend) else buf
+        for i0, i1 in chunks:
+            k = i1 - i0
+            a0, a1 = starts[i0], ends[i1 - 1]
+            b0, b1 = starts[P + i0], ends[P + i1 - 1]
+            na, n = a1 - a0, (a1 - a0) + (b1 - b0)
+            if a1 == b0:
+                hc, idc, cc = h2[a0:b1], ids_f[a0:b1], cnt[a0:b1]
+                wc = None if wf is None else wf[a0:b1]
+            else:
+                hc = torch.cat([h2[a0:a1], h2[b0:b1]])
+                idc = torch.cat([ids_f[a0:a1], ids_f[b0:b1]])
+                cc = torch.cat([cnt[a0:a1], cnt[b0:b1]])
+                wc = None if wf is None else torch.cat([wf[a0:a1], wf[b0:b1]])
+            # row -> sequence of the chunk (0..k-1 chosen, k..2k-1 rejected)
+            lens = [ends[s] - starts[s] for s in list(range(i0, i1)) + list(range(P + i0, P + i1))]
+            seq = torch.repeat_interleave(torch.arange(2 * k, device=dev),
+                                          torch.tensor(lens, device=dev))
+            rows = None  # the chunk's rows in h2 where some are dropped
+            if drop:  # uncounted rows need no matmul: their g_lp is 0, their logp unused
+                sel = cc.nonzero().squeeze(1)
+                if sel.numel() < n:
+                    rows = (torch.arange(a0, b1, device=dev) if a1 == b0 else torch.cat(
+                        [torch.arange(a0, a1, device=dev), torch.arange(b0, b1, device=dev)]))[sel]
+                    hc, idc, cc, seq = hc.index_select(0, sel), idc[sel], cc[sel], seq[sel]
+                    wc = None if wc is None else wc[sel]
+                    lens = [counts_l[s] for s in list(range(i0, i1)) + list(range(P + i0, P + i1))]
+                    n = sel.numel()
+                if n == 0:
+                    continue  # zero sums, no rows to differentiate
+            lp = torch.empty(n, dtype=acc, device=dev)
+            lse = torch.empty(n, dtype=acc, device=dev)
+            logits = _chunk_logits(buf, hc, weight, bias)                      # matmul 1
+            _rows_forward(backend, logits, idc, lp, lp, lse, inv_t, temperature, ignore_index,
+                          False)  # (ids checked above)
+            vals = lp if wc is None else lp * wc
+            v = torch.where(cc, vals.to(torch.float64), zero64)
+            csum = torch.cat([v.new_zeros(1), v.cumsum(0)])
+            bounds = torch.tensor([0] + list(torch.tensor(lens).cumsum(0).tolist()), device=dev)
+            s_k = (csum[bounds[1:]] - csum[bounds[:-1]]).to(out_dtype)
+            sums[i0:i1], sums[P + i0:P + i1] = s_k[:k], s_k[k:]
+            gc, gr = _chunk_pair_grads(
+                s_k[:k], s_k[k:], None if rc is None else rc[i0:i1],
+                None if rr is None else rr[i0:i1], lc[i0:i1], lr[i0:i1],
+                None if pw is None else pw[i0:i1], kints, kfloats, backend)
+            g_seq = torch.cat([gc.to(torch.float64) * (k / P) + sft_grad,
+                               gr.to(torch.float64) * (k / P)])
+            g_lp = torch.where(cc, g_seq[seq], zero64)
+            if wc is not None:
+                g_lp = g_lp * wc.to(torch.float64)
+            g_lp = g_lp.to(acc)
+            d = _rows_backward(backend, logits, idc, lse, None, g_lp, None, dbuf[:n], inv_t,
+                               temperature, ignore_index)
+            if need_h:                                                          # matmul 2
+                if rows is not None:
+                    gh2.index_copy_(0, rows, torch.mm(d, weight))
+                elif a1 == b0:
+                    torch.mm(d, weight, out=gh2[a0:b1])
+                else:
+                    ghc = torch.mm(d, weight)
+                    gh2[a0:a1].copy_(ghc[:na])
+                    gh2[b0:b1].copy_(ghc[na:])
+            _add_param_grads(d, hc, grad_w, partial_w, grad_b, b_dtype)          # matmul 3
+    c_all, r_all = sums[:P], sums[P:]
+    if backend == "torch":
+        loss, stats = _reference_core(c_all, r_all, rc, rr, lc, lr, pw, ints, floats)
+    else:
+        loss, stats, _, _ = _pref_run(c_all, r_all, rc, rr, lc, lr, pw, ints, floats, backend)
+    if need_w and grad_w.dtype != weight.dtype:
+        grad_w = grad_w.to(weight.dtype)
+    if need_b and grad_b.dtype != bias.dtype:
+        grad_b = grad_b.to(bias.dtype)
+    return loss, stats, c_all, r_all, lc, lr, (grad_h, grad_w, grad_b)
+
+
+class _FusedFromHidden(torch.autograd.Function):
+    """Loss and its gradients in the forward (_fused_forward); the backward scales them by
+    the upstream gradient of the loss."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, args):
+        loss, stats, c, r, lc, lr, grads = _fused_forward(hidden, weight, bias, *args)
+        ctx.grads = grads
+        ctx.mark_non_differentiable(stats, c, r, lc, lr)
+        return loss, stats, c, r, lc, lr
+
+    @staticmethod
+    def backward(ctx, g_loss, *_unused):
+        out = [None, None, None, None]
+        if g_loss is None:
+            return tuple(out)
+        for j, g in enumerate(ctx.grads):
+            if g is not None and ctx.needs_input_grad[j]:
+                out[j] = (g_loss.to(g.dtype) * g).to(g.dtype)
+        return tuple(out)
+
+
+def _fused_eligible(hidden, weight, bias, rc, rr, pw, token_weights, sorted_terms):
+    """The fused path is exact only for per-pair terms (sft's batch coupling is handled) and
+    constant reference / pair / token weights; it only pays when a gradient is needed."""
+    if not _FUSED_FROM_HIDDEN or sorted_terms or torch.compiler.is_compiling():
+        return False
+    if not torch.is_grad_enabled():
+        return False
+    tensors = (hidden, weight, bias)
+    if not any(isinstance(t, torch.Tensor) and t.requires_grad for t in tensors):
+        return False
+    return not any(isinstance(t, torch.Tensor) and t.requires_grad
+                   for t in (rc, rr, pw, token_weights))
+
+
+def _fused_call(hidden, weight, token_ids, bias, mask, cu_seqlens, token_weights, ld_alpha,
+                temperature, ignore_index, chunk_size, backend, rc, rr, pw, ints, floats):
+    """(loss, stats) through _FusedFromHidden, or None where a pair does not fit a chunk
+    (the caller then takes the two-pass path)."""
+    from rlfuse.ops.linear_logprob import _check_args, _chunk_arg
+    from rlfuse.ops.logprob import _out_dtype
+
+    op = "preference_logps"
+    P = _pair_layout(op, token_ids, cu_seqlens)
+    temperature, ignore_index, ids = _check_args(hidden, weight, token_ids, bias, temperature,
+                                                 ignore_index)
+    chunk_size = _chunk_arg(chunk_size) or None
+    chosen = _backend.resolve(backend, hidden.device, "linear_token_logprobs")
+    m = _mask(op, mask, token_ids)
+    counted, w = _counted_and_weights(op, ids, m, token_ids, token_weights, ld_alpha,
+                                      cu_seqlens, ignore_index, P, _out_dtype(hidden))
+    for name, x in (("ref_chosen_logps", rc), ("ref_rejected_logps", rr)):
+        if x is not None:
+            _validate.tensor("preference_loss_from_hidden", name, x)
+            _validate.shape_equals("preference_loss_from_hidden", name, x, (P,),
+                                   f"[P] = [{P}] pairs in token_ids")
+    _check_tensors(_OP, torch.empty(P, dtype=_out_dtype(hidden), device=hidden.device),
+                   torch.empty(P, dtype=_out_dtype(hidden), device=hidden.device), rc, rr,
+                   None, None, pw)
+    layout = _fused_layout(ids, counted, cu_seqlens, P)
+    drop = _FUSED_DROP_UNCOUNTED
+    if chunk_size is not None:
+        max_rows = chunk_size
+    else:
+        from rlfuse.ops.linear_logprob import _uses_second_buffer
+
+        per_row = weight.size(0) * hidden.element_size() * (2 if _uses_second_buffer(chosen)
+                                                              else 1)
+        max_rows = _fused_budget_bytes(hidden.device) // per_row
+    starts, ends, counts = layout
+    # chunks of whole pairs by the rows that are computed: the counted ones when dropping
+    sizes = counts.tolist() if drop else [e - s for s, e in zip(starts, ends)]
+    chunks = _pair_chunks(sizes, P, max_rows)
+    if chunks is None:
+        return None
+    need = (hidden.requires_grad, weight.requires_grad,
+            isinstance(bias, torch.Tensor) and bias.requires_grad)
+    args = (ids, counted, w, layout, P, rc, rr, pw, ints, floats, temperature,
+            ignore_index, chunks, drop, chosen, need)
+    loss, st, c, r, lc, lr = _FusedFromHidden.apply(hidden, weight, bias, args)
+    stats = {k: st[i] for i, k in enumerate(STATS)}
+    stats["chosen_logps"], stats["rejected_logps"] = c, r
+    stats["chosen_lengths"], stats["rejected_lengths"] = lc, lr
     return loss, stats
