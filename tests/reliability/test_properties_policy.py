@@ -92,7 +92,11 @@ def test_kl_penalty_properties(backend):
         xr = lp.double().requires_grad_()
         want = kl_penalty_reference(xr, ref.double(), kind, clamp=clamp, semantics=semantics)
         assert out.shape == lp.shape
-        _close(out, want, _rtol(dtype, backend), "kl")
+        # an estimate beyond the computing precision's range (k3 of a log-ratio of 95 is
+        # 1.8e41) is inf in the op: compare with the reference rounded to that precision
+        computed = torch.float64 if out.dtype == torch.float64 and backend != "triton" \
+            else torch.float32
+        _close(out, want.to(computed), _rtol(dtype, backend), "kl")
         if out.numel() and bool(torch.isfinite(want).all()):
             g = torch.randn(shape, generator=gen, dtype=torch.float64)
             (d,) = torch.autograd.grad((out * g.to(out)).sum(), x)
