@@ -9,8 +9,10 @@
 //     statistics; GSPO with the sequence-mean gradient sweeps the row a second time to add the
 //     coupling term;
 //   then serially, in row order (in double): N = sum L_i, G = #{L_i > 0}, the coefficients
-//     c_i (policy / KL) and e_i (entropy), the loss, the statistics, and gscale[i] = c_i,
-//     escale[i] = -entropy_coef * e_i, which the backward applies (one multiply either way).
+//     c_i (policy / KL) and e_i (entropy), the loss, the statistics, and escale[i] =
+//     -entropy_coef * e_i; the gradient gets c_i either in place (each thread rescales the rows
+//     it wrote while they are still in its cache) or, when a gscale output is given, as
+//     gscale[i] = c_i for the caller to apply.
 // A row's work depends only on that row, and the final sums run in a fixed order, so every
 // result is bitwise independent of the number of threads.
 //
@@ -369,7 +371,7 @@ struct TokParams {
 // two branches of a min/max (measure zero): torch.minimum splits the gradient there, here one
 // branch takes it.  Inside the clip range both PPO terms have the same gradient, so the
 // ubiquitous tie r == 1 agrees exactly.
-template <typename VF, int V, int KM, bool Plain>
+template <typename VF, int V, int KM, int Plain>
 RLFUSE_INLINE VF token(const TokParams<typename ElemOf<VF>::type>& p, VF m, VF lp, VF old,
                        VF a, VF w, VF h, VF ref, VF (&acc)[kNumRowVals]) {
   using E = typename ElemOf<VF>::type;
@@ -380,7 +382,7 @@ RLFUSE_INLINE VF token(const TokParams<typename ElemOf<VF>::type>& p, VF m, VF l
     r = splat<VF>(p.s_row);
     drdl = splat<VF>(p.ds_tok);
     xstat = xr;
-  } else if constexpr (Plain) {  // no log-ratio clamp
+  } else if constexpr (Plain >= 1) {  // no log-ratio clamp
     r = exp_full(xr);
     drdl = r;
     xstat = xr;
@@ -394,7 +396,7 @@ RLFUSE_INLINE VF token(const TokParams<typename ElemOf<VF>::type>& p, VF m, VF l
   const VF mneg = sel(a < zero, m, zero);  // m where A < 0
   const VF mpos = sel(a > zero, m, zero);  // m where A > 0
   VF P, dPdl = zero, dPdr = zero;
-  if constexpr ((V == kPPO || V == kGSPO) && Plain) {  // no delta, no dual-clip
+  if constexpr ((V == kPPO || V == kGSPO) && Plain >= 1) {  // no delta, no dual-clip
     const VF c2 = clampv(r, clo, chi);
     const VF u1 = a * r, u2 = a * c2;
     P = -vmin(u1, u2);
@@ -432,12 +434,13 @@ RLFUSE_INLINE VF token(const TokParams<typename ElemOf<VF>::type>& p, VF m, VF l
   }
   acc[kRLo] += sel(r < clo, mneg, zero);
   acc[kRHi] += sel(r > chi, mpos, zero);
-  VF dl = w * (dPdl + dPdr * drdl);
-  VF cpl = w * dPdr;
+  constexpr bool lean = Plain == 2;  // no weights, no entropy, no "+" kinds, no ratio weighting
+  VF dl = lean ? dPdl + dPdr * drdl : w * (dPdl + dPdr * drdl);
+  VF cpl = lean ? dPdr : w * dPdr;
   if constexpr (KM != 0) {
     const VF d = lp - ref;
     VF v, g;
-    if constexpr (KM == 2 && Plain) {
+    if constexpr (KM == 2 && Plain >= 1) {
       VF em1;
       k3_terms(-d, v, em1);
       g = -em1;
@@ -454,13 +457,13 @@ RLFUSE_INLINE VF token(const TokParams<typename ElemOf<VF>::type>& p, VF m, VF l
       g = p.kind == kK1 ? one : (p.kind == kAbs ? sg : d);
     }
     VF vc = v;
-    if constexpr (!Plain) {
+    if constexpr (Plain == 0) {
       vc = clampv(v, splat<VF>(-p.kl_oc), splat<VF>(p.kl_oc));
       g = sel(vc == v, g, zero);
     }
-    if (p.kl_st) g = d;
+    if (!lean && p.kl_st) g = d;
     VF K = vc;
-    if (p.kl_rw) {
+    if (!lean && p.kl_rw) {
       K = r * vc;
       dl += p.beta * (r * g + vc * drdl);
       cpl += p.beta * vc;
@@ -468,10 +471,14 @@ RLFUSE_INLINE VF token(const TokParams<typename ElemOf<VF>::type>& p, VF m, VF l
       dl += p.beta * g;
     }
     acc[kRK] += sel(m != zero, K, zero);
-    acc[kRKv] += sel(m != zero, vc, zero);
+    if constexpr (!lean) acc[kRKv] += sel(m != zero, vc, zero);  // lean: K == vc
   }
-  acc[kRPg] += sel(m != zero, P * w, zero);
-  acc[kRH] += sel(m != zero, h, zero);
+  if constexpr (lean) {
+    acc[kRPg] += sel(m != zero, P, zero);
+  } else {
+    acc[kRPg] += sel(m != zero, P * w, zero);
+    acc[kRH] += sel(m != zero, h, zero);
+  }
   acc[kRNegX] += sel(m != zero, -xstat, zero);
   acc[kRRatio] += sel(m != zero, r, zero);
   if constexpr (V == kGSPO) acc[kRCp] += sel(m != zero, cpl, zero);
@@ -483,7 +490,7 @@ RLFUSE_INLINE VF token(const TokParams<typename ElemOf<VF>::type>& p, VF m, VF l
 }
 
 // All tokens of a row; writes G[0:T] and the row's sums (lanes added in order).
-template <typename E, int V, int KM, bool Plain>
+template <typename E, int V, int KM, int Plain>
 void policy_loop(const E* M, const E* LP, const E* OLD, const E* A, const E* W, const E* H,
                  const E* REF, E* G, int64_t T, const TokParams<E> p, E tot[kNumRowVals]) {
   using VF = typename Lane<E>::V;
@@ -515,6 +522,7 @@ void policy_loop(const E* M, const E* LP, const E* OLD, const E* A, const E* W, 
     for (int j = 0; j < rem; ++j) G[t + j] = bg[j];
   }
   for (int k = 0; k < kNumRowVals; ++k) tot[k] = hsum(acc[k]);
+  if constexpr (Plain == 2 && KM != 0) tot[kRKv] = tot[kRK];
 }
 
 template <typename E>
@@ -540,7 +548,7 @@ struct RowState {
 enum Slot : int { kBM = 0, kBLp, kBOld, kBAdv, kBIsw, kBEnt, kBRef, kBScratch, kBOnes, kBZeros,
                   kNumSlots };
 
-template <typename E, int V, int KM, bool Plain>
+template <typename E, int V, int KM, int Plain>
 void policy_row(const PolicyCtx<E>& c, int64_t b, Buffers<E>& buf, RowState& out) {
   const int64_t T = c.T;
   const E* M = stage(c.mask, b, 0, T, buf[kBM]);
@@ -613,14 +621,14 @@ void policy_row(const PolicyCtx<E>& c, int64_t b, Buffers<E>& buf, RowState& out
 template <typename E>
 using PolicyRowFn = void (*)(const PolicyCtx<E>&, int64_t, Buffers<E>&, RowState&);
 
-template <typename E, int V, bool Plain>
+template <typename E, int V, int Plain>
 PolicyRowFn<E> pick_km(int km) {
   if (km == 2) return &policy_row<E, V, 2, Plain>;
   if (km == 1) return &policy_row<E, V, 1, Plain>;
   return &policy_row<E, V, 0, Plain>;
 }
 
-template <typename E, bool Plain>
+template <typename E, int Plain>
 PolicyRowFn<E> pick_variant(int variant, int km) {
   switch (variant) {
     case kGSPO: return pick_km<E, kGSPO, Plain>(km);
@@ -632,14 +640,18 @@ PolicyRowFn<E> pick_variant(int variant, int km) {
   }
 }
 
-// "Plain": no log-ratio clamp, no KL clamps, no dual-clip, no delta (the rlfuse and TRL
-// defaults): a leaner instantiation without the clamp and indicator work.
+// "Plain" (1): no log-ratio clamp, no KL clamps, no dual-clip, no delta (the rlfuse and TRL
+// defaults): an instantiation without the clamp and indicator work.  "Lean" (2): plain PPO
+// without importance weights, entropies, "+" KL kinds or ratio weighting (the common case), which
+// also drops their loads, multiplies and sums.
 template <typename E>
-PolicyRowFn<E> pick_policy_row(int variant, int km, const double* fa) {
+PolicyRowFn<E> pick_policy_row(int variant, int km, const double* fa, const PolicyCtx<E>& c) {
   const bool plain = std::isinf(fa[kLrClamp]) && std::isinf(fa[kKlLrClamp]) &&
                      std::isinf(fa[kKlOutClamp]) && std::isinf(fa[kDualC]) &&
                      std::isinf(fa[kDelta]);
-  return plain ? pick_variant<E, true>(variant, km) : pick_variant<E, false>(variant, km);
+  const bool lean = plain && variant == kPPO && !c.isw.p && !c.ent.p && !c.kl_st && !c.kl_rw;
+  if (lean) return pick_km<E, kPPO, 2>(km);
+  return plain ? pick_variant<E, 1>(variant, km) : pick_variant<E, 0>(variant, km);
 }
 
 template <typename E>
@@ -688,7 +700,13 @@ void policy_loss_typed(const int64_t* ia, const double* fa, int64_t* err) {
   err[1] = err[2] = -1;
 
   std::unique_ptr<RowState[]> rows(new RowState[size_t(std::max<int64_t>(B, 1))]);
-  const PolicyRowFn<E> row_fn = pick_policy_row<E>(variant, km, fa);
+  std::unique_ptr<E[]> coef(new E[size_t(std::max<int64_t>(B, 1))]);
+  const PolicyRowFn<E> row_fn = pick_policy_row<E>(variant, km, fa, c);
+  // Without a gscale output the coefficients are applied to grad_lp here, each thread on the
+  // rows it just wrote (the same static schedule gives every thread the same rows, which are
+  // still in its cache), so the backward is a plain multiply by the upstream gradient.
+  const bool scale_here = c.grad_lp != nullptr && c.gscale == nullptr;
+  double N = 0, G = 0;
 
 #pragma omp parallel num_threads(nt)
   {
@@ -699,19 +717,29 @@ void policy_loss_typed(const int64_t* ia, const double* fa, int64_t* err) {
     }
 #pragma omp for schedule(static)
     for (int64_t b = 0; b < B; ++b) row_fn(c, b, buf, rows[b]);
-  }
 
-  double N = 0, G = 0;
-  for (int64_t b = 0; b < B; ++b) {
-    const RowState& rs = rows[b];
-    if (rs.bad_mask && err[0] == kOk) {
-      Buffers<E> buf(T, 1);
-      err[0] = kBadMask;
-      err[1] = b;
-      err[2] = first_bad_mask(stage(c.mask, b, 0, T, buf[0]), T);
+#pragma omp single
+    {
+      for (int64_t b = 0; b < B; ++b) {
+        const RowState& rs = rows[b];
+        if (rs.bad_mask && err[0] == kOk) {
+          err[0] = kBadMask;
+          err[1] = b;
+          err[2] = first_bad_mask(stage(c.mask, b, 0, T, buf[0]), T);
+        }
+        N += double(rs.tokens);
+        G += rs.tokens > 0 ? 1.0 : 0.0;
+      }
+      for (int64_t b = 0; b < B; ++b) coef[b] = E(row_coef(pg, double(rows[b].tokens), N, G));
     }
-    N += double(rs.tokens);
-    G += rs.tokens > 0 ? 1.0 : 0.0;
+    if (scale_here && err[0] == kOk) {
+#pragma omp for schedule(static)
+      for (int64_t b = 0; b < B; ++b) {
+        E* g = c.grad_lp + b * T;
+        const E cb = coef[b];
+        for (int64_t t = 0; t < T; ++t) g[t] *= cb;
+      }
+    }
   }
   if (err[0] != kOk) return;
   double s[kNumRowSums] = {0}, pg_loss = 0, kl_loss = 0, ent_loss = 0;
@@ -723,7 +751,7 @@ void policy_loss_typed(const int64_t* ia, const double* fa, int64_t* err) {
       err[2] = rs.bad_adv_t;
     }
     const double L = double(rs.tokens);
-    const E cb = E(row_coef(pg, L, N, G)), eb = E(row_coef(en, L, N, G));
+    const E cb = coef[b], eb = E(row_coef(en, L, N, G));
     if (c.gscale) c.gscale[b] = cb;
     if (c.escale) c.escale[b] = -c.ent_coef * eb;
     pg_loss += double(cb) * rs.sums[kRPg];

@@ -31,9 +31,10 @@ enum PolicyI : int {
   // Gradients: d loss / d logp[i, t] = grad_lp[i, t] * gscale[i] and
   //            d loss / d entropy[i, t] = escale[i] * [mask[i, t] != 0].
   kGradLp = kIsw + 4,  // out: [B, T] contiguous, accumulation dtype (0 = do not write);
-                       //      the CPU kernel writes it unscaled (gscale[i] = c_i), the CUDA
-                       //      kernel scaled by the c_i it is given
-  kGScale,             // out: [B] (CPU only; 0 = do not write)
+                       //      the CUDA kernel scales it by the c_i it is given; the CPU
+                       //      kernel scales it by c_i when kGScale is 0, else leaves it
+                       //      unscaled and writes gscale[i] = c_i
+  kGScale,             // out: [B] (CPU only; 0 = do not write: grad_lp is scaled instead)
   kEScale,             // out: [B] = -entropy_coef * e_i (CPU only; 0 = do not write)
   kLossOut,            // out: scalar loss (accumulation dtype)
   kStatsOut,           // out: kNumStats values (accumulation dtype)

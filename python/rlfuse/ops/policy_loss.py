@@ -1063,8 +1063,9 @@ def _policy_static_args(cfg: "_PolicyConfig"):
     return tuple(ia), [float(getattr(cfg, name)) for name in _PF_ORDER]
 
 
-def _policy_cpu(logp, old, adv, mask, ref, ent, isw, cfg, loss, stats, glp, gscale, escale):
-    ia, fa = _policy_args(logp, old, adv, mask, ref, ent, isw, cfg, loss, stats, glp, gscale,
+def _policy_cpu(logp, old, adv, mask, ref, ent, isw, cfg, loss, stats, glp, escale):
+    # No gscale output: the kernel applies the aggregation coefficients to glp itself.
+    ia, fa = _policy_args(logp, old, adv, mask, ref, ent, isw, cfg, loss, stats, glp, None,
                           escale)
     err = _backend.cpu_module().policy_loss_fwd(ia, fa)
     _raise_kernel_error("policy_loss", err, mask, adv)
@@ -1109,10 +1110,9 @@ def _policy_gpu(logp, old, adv, mask, ref, ent, isw, cfg, backend):
             glp += torch.where(m, add.to(kacc).unsqueeze(1),
                                torch.zeros((), dtype=kacc, device=glp.device))
     loss, stats = _finalize_rows(rows[:, :_N_ROWSUMS], L, cpg, cen, cfg, acc)
-    gscale = torch.ones(B if cfg.need_grad else 0, dtype=acc, device=logp.device)
     escale = (-cfg.ent_coef * cen).to(acc) if (cfg.need_grad and ent is not None) else \
         torch.empty(0, dtype=acc, device=logp.device)
-    return loss, stats, glp.to(acc), gscale, escale
+    return loss, stats, glp.to(acc), escale
 
 
 def _finalize_rows(rows, L, cpg, cen, cfg, acc):
@@ -1141,10 +1141,10 @@ def _policy_impl(logp, old_logp, advantages, mask, ref_logp, entropy, is_weights
 
 def _policy_run(logp, old_logp, advantages, mask, ref_logp, entropy, is_weights, counts, cfg,
                 backend):
-    """(loss, stats, glp, gscale, escale): d loss/d logp = glp * gscale[:, None] and
-    d loss/d entropy = escale[:, None] where mask != 0 (empty tensors when no gradient is
-    needed).  The CPU kernel leaves the aggregation coefficient in gscale; the other backends
-    apply it in glp (gscale = 1)."""
+    """(loss, stats, glp, escale): d loss/d logp = glp and d loss/d entropy = escale[:, None]
+    where mask != 0 (empty tensors when no gradient is needed); every backend applies the
+    aggregation coefficients to glp, so the backward only multiplies by the upstream
+    gradient."""
     if counts is not None:
         cfg = cfg.with_counts([float(v) for v in counts.tolist()])
     B, T = logp.shape
@@ -1158,26 +1158,24 @@ def _policy_run(logp, old_logp, advantages, mask, ref_logp, entropy, is_weights,
         with torch.no_grad():
             loss, stats = _policy_reference_core(logp, old_logp, adv, mask, ref_logp, entropy,
                                                  isw, cfg)
-            glp = gscale = escale = torch.empty(0, dtype=acc, device=dev)
+            glp = escale = torch.empty(0, dtype=acc, device=dev)
             if cfg.need_grad:
                 glp = _policy_grads_torch(logp, old_logp, adv, mask, ref_logp, isw,
                                           cfg).contiguous()
-                gscale = torch.ones(B, dtype=acc, device=dev)
             if want_e:
                 L = (mask != 0).sum(-1)
                 escale = (-cfg.ent_coef * _row_coefs(L, cfg.ent_denom_kind, cfg.ent_len_kind,
                                                      cfg.ent_num, cfg.ent_denom_const)).to(acc)
-        return loss.contiguous(), stats.contiguous(), glp, gscale, escale
+        return loss.contiguous(), stats.contiguous(), glp, escale
     mask_k = _mask_for_kernel(mask)
     if backend == "cpu":
         loss = torch.empty((), dtype=acc, device=dev)
         stats = torch.empty(_N_STATS, dtype=acc, device=dev)
         glp = torch.empty((B, T) if cfg.need_grad else (0,), dtype=acc, device=dev)
-        gscale = torch.empty(B if cfg.need_grad else 0, dtype=acc, device=dev)
         escale = torch.empty(B if want_e else 0, dtype=acc, device=dev)
         _policy_cpu(logp, old_logp, adv, mask_k, ref_logp, entropy, isw, cfg, loss, stats,
-                    glp, gscale, escale)
-        return loss, stats, glp, gscale, escale
+                    glp, escale)
+        return loss, stats, glp, escale
     return _policy_gpu(logp, old_logp, adv, mask_k, ref_logp, entropy, isw, cfg, backend)
 
 
@@ -1194,7 +1192,7 @@ def _policy_loss_op(
     iparams: list[int],
     fparams: list[float],
     backend: str,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     return _policy_impl(logp, old_logp, advantages, mask, ref_logp, entropy, is_weights, counts,
                         iparams, fparams, backend)
 
@@ -1207,31 +1205,34 @@ def _(logp, old_logp, advantages, mask, ref_logp, entropy, is_weights, counts, i
     B, T = logp.shape
     g = bool(cfg.need_grad)
     glp = logp.new_empty((B, T) if g else (0,), dtype=acc)
-    gscale = logp.new_empty((B if g else 0,), dtype=acc)
     escale = logp.new_empty((B if g and entropy is not None else 0,), dtype=acc)
-    return (logp.new_empty((), dtype=acc), logp.new_empty((_N_STATS,), dtype=acc), glp, gscale,
-            escale)
+    return logp.new_empty((), dtype=acc), logp.new_empty((_N_STATS,), dtype=acc), glp, escale
 
 
-def _pl_save(ctx, logp, mask, entropy, stats, glp, gscale, escale):
-    ctx.save_for_backward(glp, gscale, escale, mask)
+def _pl_save(ctx, logp, mask, entropy, stats, glp, escale):
+    ctx.save_for_backward(glp, escale, mask)
     ctx.logp_dtype = logp.dtype
     ctx.ent_dtype = entropy.dtype if entropy is not None else None
 
 
 def _pl_setup_context(ctx, inputs, output):
-    _, stats, glp, gscale, escale = output
-    _pl_save(ctx, inputs[0], inputs[3], inputs[5], stats, glp, gscale, escale)
-    ctx.mark_non_differentiable(stats, glp, gscale, escale)
+    _, stats, glp, escale = output
+    _pl_save(ctx, inputs[0], inputs[3], inputs[5], stats, glp, escale)
+    ctx.mark_non_differentiable(stats, glp, escale)
 
 
-def _pl_backward(ctx, g_loss, *_unused):
-    glp, gscale, escale, mask = ctx.saved_tensors
+def _pl_backward(ctx, g_loss, *_unused, eager_identity=False):
+    glp, escale, mask = ctx.saved_tensors
     dlogp = dent = None
     if g_loss is not None:
         if ctx.needs_input_grad[0]:
-            scale = (g_loss.to(glp.dtype) * gscale).unsqueeze(1)
-            dlogp = (glp * scale).to(ctx.logp_dtype)
+            if eager_identity and g_loss.device.type == "cpu" and float(g_loss) == 1.0:
+                # loss.backward() / autograd.grad(loss): the gradient is glp itself, no copy.
+                # Autograd takes it over (x.grad, or grad's result); a retained graph keeps a
+                # reference, so AccumulateGrad copies it instead of adopting it.
+                dlogp = glp.to(ctx.logp_dtype)
+            else:
+                dlogp = (glp * g_loss.to(glp.dtype)).to(ctx.logp_dtype)
         if ctx.needs_input_grad[5]:
             e = (g_loss.to(escale.dtype) * escale).unsqueeze(1)
             dent = torch.where(mask != 0, e, torch.zeros((), dtype=e.dtype, device=e.device))
@@ -1248,16 +1249,16 @@ class _PolicyLossFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, logp, old_logp, advantages, mask, ref_logp, entropy, is_weights, counts,
                 cfg, backend):
-        loss, stats, glp, gscale, escale = _policy_run(
+        loss, stats, glp, escale = _policy_run(
             logp, old_logp, advantages, mask, ref_logp, entropy, is_weights, counts, cfg,
             backend)
-        _pl_save(ctx, logp, mask, entropy, stats, glp, gscale, escale)
+        _pl_save(ctx, logp, mask, entropy, stats, glp, escale)
         ctx.mark_non_differentiable(stats)
         return loss, stats
 
     @staticmethod
     def backward(ctx, g_loss, _g_stats):
-        return _pl_backward(ctx, g_loss)[:10]
+        return _pl_backward(ctx, g_loss, eager_identity=True)[:10]
 
 
 # ======================================================================================
@@ -1437,7 +1438,7 @@ def policy_loss(
     chosen = _backend.resolve(backend, logp.device, op)
     if _use_library_op():
         ints, floats = cfg.to_lists()
-        loss, stats, _, _, _ = _policy_loss_op(logp, old_logp, advantages, mask, ref_logp,
+        loss, stats, _, _ = _policy_loss_op(logp, old_logp, advantages, mask, ref_logp,
                                                entropy, is_weights, counts, ints, floats, chosen)
     else:
         loss, stats = _PolicyLossFunction.apply(logp, old_logp, advantages, mask, ref_logp,
