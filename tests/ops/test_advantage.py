@@ -784,6 +784,28 @@ def test_opcheck():
                            0.1, "cpu"))
 
 
+def test_direct_eager_call_and_library_op_agree(monkeypatch):
+    """Eager calls skip the torch.library dispatch; the registered ops give the same."""
+    r, v, m, lv = _gae_inputs(5, 23, torch.float32, "cpu", "holes")
+    r, v = r.nan_to_num(), v.nan_to_num()
+    s = torch.randn(10)
+    ids = torch.tensor([3, 1, 3, 0, 1, 1, 0, 3, 3, 1])
+
+    def run():
+        return [*gae(r, v, m, gamma=0.99, lam=0.95, last_values=lv, whiten=True),
+                discounted_returns(r, m, 0.9), masked_whiten(v, m), masked_mean(v, m, 1),
+                masked_var(v, m), group_advantages(s, group_ids=ids, method="rloo"),
+                group_advantages(s[:5], group_size=5, mask=m),
+                token_rewards(s[:5], m, kl=v, kl_coef=0.1)]
+
+    assert adv_mod._EAGER_DIRECT
+    direct = run()
+    monkeypatch.setattr(adv_mod, "_EAGER_DIRECT", False)
+    via_op = run()
+    for x, y in zip(direct, via_op):
+        assert torch.equal(x, y)
+
+
 def test_torch_compile_fullgraph():
     r, v, m, _ = _gae_inputs(4, 17, torch.float32, "cpu", "holes")
     r, v = r.nan_to_num(), v.nan_to_num()
