@@ -307,6 +307,7 @@ class HFStepModel(StepModel):
         self._eos = set(self.eos_ids.tolist())
         self._stop_set = set(delim) | self._eos
         self.stop_ids = torch.tensor(sorted(self._stop_set), device=self.device)
+        self._texts: dict = {}
 
     def _eos_set(self) -> set:
         ids = {int(self.tokenizer.eos_token_id)}
@@ -439,11 +440,23 @@ class HFStepModel(StepModel):
             child.kv = KVSlice(d.layers, r, d.C - d.lens[r], d.C + n)
         return child
 
+    def _text(self, ids: list) -> str:
+        """``tokenizer.decode(ids, skip_special_tokens=True)``, memoised: sampled steps
+        repeat across rollouts and searches, and a decode call costs several microseconds
+        of Python per step."""
+        key = tuple(ids)
+        text = self._texts.get(key)
+        if text is None:
+            if len(self._texts) >= _TEXT_MEMO:
+                self._texts.clear()
+            text = self._texts[key] = self.tokenizer.decode(ids, skip_special_tokens=True)
+        return text
+
     def _step_text(self, ids: list, eos: set):
         """(text, ended) of one step's token ids (the last may be a stop token)."""
         if ids and ids[-1] in eos:
-            return self.tokenizer.decode(ids[:-1], skip_special_tokens=True), "eos"
-        text = self.tokenizer.decode(ids, skip_special_tokens=True)
+            return self._text(ids[:-1]), "eos"
+        text = self._text(ids)
         cut = text.find(self.step_delimiter)
         if ids and ids[-1] in self._stop_set and cut >= 0:
             return text[:cut + len(self.step_delimiter)], "delimiter"
@@ -495,7 +508,7 @@ class HFStepModel(StepModel):
             for _ in range(ks[i]):
                 self.counters.add_generated(st.problem, lens[r])
                 ids = [t for t in d.rows[r][:lens[r]] if t not in eos]
-                comp = st.completion + self.tokenizer.decode(ids, skip_special_tokens=True)
+                comp = st.completion + self._text(ids)
                 out[i].append((self._split(st, (d, r, 0, lens[r], lpc[r])), comp))
                 r += 1
         return out
@@ -530,11 +543,12 @@ class HFStepModel(StepModel):
         for r in range(len(rows)):
             st, n = states[r // repeats], lens[r]
             self.counters.add_generated(st.problem, n)
-            text = self.tokenizer.decode(rows[r][:n], skip_special_tokens=True)
+            text = self._text(rows[r][:n])
             out.append((st.completion + text, n))
         return out
 
 
+_TEXT_MEMO = 1 << 16         # decoded texts kept by HFStepModel._text
 _LOGITS_BATCH = 1 << 24     # logits kept for one log-prob call per decode (64 MiB f32)
 
 
