@@ -11,6 +11,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstring>
 #include <limits>
 #include <vector>
 
@@ -129,31 +130,68 @@ void virtual_visits(const NodeRef& r, float vl, bool any, float* v) {
   for (int64_t a = 0; a < K; ++a) v[a] = r.virt(a, vl);
 }
 
-// scratch: 3 K floats.  Branch-free loops over the actions (they vectorise), then the argmax.
-int64_t select_puct(const View& t, const tree::SelectParams& p, const NodeRef& r,
-                    bool in_flight, float* scratch) {
-  const int64_t K = t.K;
-  const float vl = p.virtual_loss;
-  float* q = scratch;
-  float* v = scratch + K;
-  float* sc = scratch + 2 * K;
-  const int32_t* ev = t.edge_visits + r.e;
-  const float* eq = t.edge_q + r.e;
-  const float* prior = t.prior + r.e;
-  // q and the min / max over the parent and its visited children, in 16 lanes
-  const float nv = t.value[r.base + r.s];
-  float lo16[kLanes], hi16[kLanes];
-  for (int j = 0; j < kLanes; ++j) lo16[j] = hi16[j] = nv;
+// kLanes-wide vectors (GCC vector extensions): one AVX-512 register, two or four on the
+// lower ISA levels.  Loads are unaligned (memcpy).
+typedef float vf16 __attribute__((vector_size(4 * kLanes)));
+typedef int32_t vi16 __attribute__((vector_size(4 * kLanes)));
+typedef uint8_t vb16 __attribute__((vector_size(kLanes)));
+
+template <typename V, typename T>
+inline V load16(const T* p) {
+  V v;
+  std::memcpy(&v, p, sizeof(V));
+  return v;
+}
+inline vf16 splat(float x) { return vf16{} + x; }
+inline vi16 splat(int32_t x) { return vi16{} + x; }
+inline vi16 lane_ids() {
+  vi16 v;
+  for (int j = 0; j < kLanes; ++j) v[j] = j;
+  return v;
+}
+
+// Running first argmax in kLanes lanes (lane j sees actions j, j + kLanes, ...): a strict
+// > keeps the lowest index within a lane, and result() takes the lowest index among the
+// lanes that hold the maximum, so the answer is the first index of the maximum, as a scan
+// would give.  -1 when every score is -inf (or NaN).
+struct LaneArgmax {
+  vf16 best = splat(-kInf);
+  vi16 idx = splat(int32_t(-1));
+  // scores of actions a0 .. a0 + kLanes - 1
+  void update(vf16 s, vi16 ids) {
+    const vi16 take = s > best;
+    best = take ? s : best;
+    idx = take ? ids : idx;
+  }
+  // one score (the tail of K): action a in lane j
+  void update(int j, float s, int32_t a) {
+    if (s > best[j]) {
+      best[j] = s;
+      idx[j] = a;
+    }
+  }
+  int64_t result() const {
+    float m = -kInf;
+    for (int j = 0; j < kLanes; ++j) m = best[j] > m ? best[j] : m;
+    if (m == -kInf) return -1;
+    int32_t arg = -1;
+    for (int j = 0; j < kLanes; ++j)
+      if (best[j] == m && (arg < 0 || idx[j] < arg)) arg = idx[j];
+    return arg;
+  }
+};
+
+// Min / max of the node's value and its visited children's Q (mctx's parent_siblings
+// bounds), in kLanes lanes.
+void visited_bounds(const int32_t* ev, const float* eq, int64_t K, float nv, float* lo_out,
+                    float* hi_out) {
+  vf16 lo16 = splat(nv), hi16 = splat(nv);
   int64_t a0 = 0;
   for (; a0 + kLanes <= K; a0 += kLanes) {
-    for (int j = 0; j < kLanes; ++j) {
-      const int64_t a = a0 + j;
-      const float qa = eq[a];
-      q[a] = qa;
-      const bool vis = ev[a] > 0;
-      lo16[j] = vis && qa < lo16[j] ? qa : lo16[j];
-      hi16[j] = vis && qa > hi16[j] ? qa : hi16[j];
-    }
+    const vf16 q = load16<vf16>(eq + a0);
+    const vi16 vis = load16<vi16>(ev + a0) > 0;
+    lo16 = (vis & (q < lo16)) ? q : lo16;
+    hi16 = (vis & (q > hi16)) ? q : hi16;
   }
   float lo = nv, hi = nv;
   for (int j = 0; j < kLanes; ++j) {
@@ -162,29 +200,90 @@ int64_t select_puct(const View& t, const tree::SelectParams& p, const NodeRef& r
   }
   for (int64_t a = a0; a < K; ++a) {
     const float qa = eq[a];
-    q[a] = qa;
     const bool vis = ev[a] > 0;
     lo = vis && qa < lo ? qa : lo;
     hi = vis && qa > hi ? qa : hi;
   }
+  *lo_out = lo;
+  *hi_out = hi;
+}
+
+// PUCT score of action a without virtual visits: tree::puct_score(q_norm, prior, explore,
+// n, 0), bit for bit (n / (n + 0) is exactly 1 for n > 0, so that division is dropped).
+inline float puct_score_real(float q_norm, float prior, float explore, float n) {
+  return (n > 0.0f ? q_norm : 0.0f) + explore * prior / (n + 1.0f);
+}
+
+// Per-thread scratch of select: 3 K floats, and c(s) sqrt(N(s)) of the PUCT rule by
+// integer N(s) (NaN until computed; a node's N(s) is an integer whenever no simulation of
+// the step is in flight through it), which saves a log per visited node.
+struct Scratch {
+  std::vector<float> k3;
+  std::vector<float> explore;
+  Scratch(int64_t K, int64_t n_explore)
+      : k3(3 * size_t(K)), explore(size_t(n_explore), std::numeric_limits<float>::quiet_NaN()) {}
+};
+
+float puct_explore(const View& t, const tree::SelectParams& p, const NodeRef& r, Scratch& sc) {
+  const int32_t n = t.visits[r.base + r.s];
+  if (t.inflight[r.base + r.s] != 0 || n < 0 || size_t(n) >= sc.explore.size())
+    return tree::puct_exploration(p.c1, p.c2, tree::parent_visits(t, p, r.b, r.s));
+  float& e = sc.explore[size_t(n)];
+  if (e != e) e = tree::puct_exploration(p.c1, p.c2, float(n));
+  return e;
+}
+
+// scratch: 2 K floats.  The per-node terms (the Q bounds, c(s) sqrt(N(s))) are computed
+// once, then one branch-free pass over the actions scores them (it vectorises).
+int64_t select_puct(const View& t, const tree::SelectParams& p, const NodeRef& r,
+                    bool in_flight, Scratch& scr) {
+  float* scratch = scr.k3.data();
+  const int64_t K = t.K;
+  const int32_t* ev = t.edge_visits + r.e;
+  const float* eq = t.edge_q + r.e;
+  const float* prior = t.prior + r.e;
+  const uint8_t* inv = t.invalid + r.e;
+  float lo, hi;
+  visited_bounds(ev, eq, K, t.value[r.base + r.s], &lo, &hi);
   const bool normalise = tree::qnorm_bounds(t, p, r.b, &lo, &hi);
-  const float explore = tree::puct_exploration(p.c1, p.c2, tree::parent_visits(t, p, r.b, r.s));
+  const float explore = puct_explore(t, p, r, scr);
+  float* sc = scratch;
   if (!in_flight) {
-    // No virtual loss and no pending leaves (the first simulation of a step): one fused
-    // pass (scores, invalid actions at -inf), then the first maximum.
-    const uint8_t* inv = t.invalid + r.e;
-    for (int64_t a = 0; a < K; ++a) {
-      const float n = float(ev[a]);
-      const float qn = normalise ? tree::min_max_normalise(q[a], lo, hi) : 0.0f;
-      const float score = tree::puct_score(qn, prior[a], explore, n, 0.0f);
-      sc[a] = inv[a] ? -kInf : score;
+    // No virtual loss and no pending leaves (the first simulation of a step): scores with
+    // the invalid actions at -inf and their first maximum in one pass.
+    // (q - lo) / d as tree::min_max_normalise computes it, the denominator hoisted
+    const float d = hi - lo > 1e-8f ? hi - lo : 1e-8f;
+    LaneArgmax best;
+    int64_t a0 = 0;
+    for (; a0 + kLanes <= K; a0 += kLanes) {
+      const vf16 n = __builtin_convertvector(load16<vi16>(ev + a0), vf16);
+      const vf16 qn = normalise ? (load16<vf16>(eq + a0) - lo) / d : splat(0.0f);
+      // puct_score_real, lane by lane
+      const vf16 score = ((n > 0.0f) ? qn : splat(0.0f)) +
+                         explore * load16<vf16>(prior + a0) / (n + 1.0f);
+      const vi16 bad = __builtin_convertvector(load16<vb16>(inv + a0), vi16) != 0;
+      best.update(bad ? splat(-kInf) : score, lane_ids() + int32_t(a0));
     }
-    return pick_masked(r, sc);
+    for (int64_t a = a0; a < K; ++a) {
+      const float n = float(ev[a]);
+      const float qn = normalise ? tree::min_max_normalise(eq[a], lo, hi) : 0.0f;
+      const float score = puct_score_real(qn, prior[a], explore, n);
+      best.update(int(a - a0), inv[a] ? -kInf : score, int32_t(a));
+    }
+    const int64_t a = best.result();
+    if (a >= 0) return a;
+    // every valid score is -inf (or no action is valid): the general rule
+    for (int64_t b = 0; b < K; ++b) {
+      const float qn = normalise ? tree::min_max_normalise(eq[b], lo, hi) : 0.0f;
+      sc[b] = puct_score_real(qn, prior[b], explore, float(ev[b]));
+    }
+    return pick_scores(r, sc, false);
   }
-  virtual_visits(r, vl, in_flight, v);
+  float* v = scratch + K;
+  virtual_visits(r, p.virtual_loss, in_flight, v);
   for (int64_t a = 0; a < K; ++a) {
     const float n = float(ev[a]);
-    const float qn = normalise ? tree::min_max_normalise(q[a], lo, hi) : 0.0f;
+    const float qn = normalise ? tree::min_max_normalise(eq[a], lo, hi) : 0.0f;
     sc[a] = tree::puct_score(qn, prior[a], explore, n, v[a]);
   }
   return pick_scores(r, sc, in_flight);
@@ -310,7 +409,7 @@ int64_t select_gumbel(const View& t, const tree::SelectParams& p, const NodeRef&
 }
 
 // One tree, W simulations.  Returns a Status.
-int select_tree(const View& t, const tree::SelectParams& p, int64_t b, float* scratch) {
+int select_tree(const View& t, const tree::SelectParams& p, int64_t b, Scratch& scratch) {
   const int64_t N = t.N, W = p.W, D = int64_t(p.max_depth) + 1;
   const int64_t base = b * N;
   for (int64_t w = 0; w < W; ++w) {
@@ -325,7 +424,7 @@ int select_tree(const View& t, const tree::SelectParams& p, int64_t b, float* sc
     for (int depth = 0;; ++depth) {
       const NodeRef r(t, b, s);
       const int64_t a = p.rule == tree::kGumbel
-                            ? select_gumbel(t, p, r, depth == 0, in_flight, scratch)
+                            ? select_gumbel(t, p, r, depth == 0, in_flight, scratch.k3.data())
                             : select_puct(t, p, r, in_flight, scratch);
       if (a < 0) return tree::kNoValidAction;  // the root lost its valid actions
       act = a;
@@ -354,9 +453,10 @@ int tree_select(const View& t, const tree::SelectParams& p, int nt, int64_t* whe
   std::vector<int> codes(size_t(t.B), tree::kOk);
 #pragma omp parallel num_threads(nt)
   {
-    std::vector<float> scratch(3 * size_t(t.K));
+    // N(s) <= capacity + (the visits a kept root brought along): the cache covers 2 N
+    Scratch scratch(t.K, p.rule == tree::kPuct ? 2 * t.N + 2 : 0);
 #pragma omp for schedule(static)
-    for (int64_t b = 0; b < t.B; ++b) codes[size_t(b)] = select_tree(t, p, b, scratch.data());
+    for (int64_t b = 0; b < t.B; ++b) codes[size_t(b)] = select_tree(t, p, b, scratch);
   }
   for (int64_t b = 0; b < t.B; ++b) {
     if (codes[size_t(b)] != tree::kOk) {
