@@ -444,6 +444,8 @@ class BaseTrainer:
         from torch.distributed.fsdp import fully_shard
 
         if self._mesh is None:
+            if self.device.type == "cuda":
+                torch.cuda.set_device(self.device)      # the mesh's device is the current one
             self._mesh = init_device_mesh(self.device.type, (self.world_size,))
         layer_names = set()
         for m in module.modules():
@@ -475,10 +477,11 @@ class BaseTrainer:
         plain.load_state_dict(_fill_aliases(plain, sd))
         return plain.to(device=self.device, dtype=dtype).train(self.model.training)
 
-    @staticmethod
-    def _reshard(module):
+    def _reshard(self, module):
         """Free the root's gathered parameters after a forward without backward (FSDP2
         keeps the root's parameters gathered after forward, expecting a backward)."""
+        if not self.fsdp:
+            return
         from torch.distributed.fsdp import FSDPModule
 
         if isinstance(module, FSDPModule) and not torch.is_grad_enabled():
