@@ -183,7 +183,7 @@ def child_rlfuse(model_dir, case, device):
 
     out = tempfile.mkdtemp(prefix="rlfuse_bench_train_")
     cfg = GRPOConfig(output_dir=out, progress=False, plot=False, save_steps=0, top_k=0,
-                     device=device, **_common(case))
+                     report_to="none", device=device, **_common(case))
     tr = GRPOTrainer(model_dir, _reward, args=cfg, train_dataset=_dataset(256))
     dev = torch.device(device)
     mem = {}

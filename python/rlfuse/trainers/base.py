@@ -1,6 +1,7 @@
 """The shared trainer base: model loading, data order, rollout, reward scoring, the
-optimizer step with non-finite skipping, logging, atomic checkpoints and exact resume,
-and ``torch.distributed`` (DDP) setup.
+optimizer step with non-finite skipping, logging (JSONL and TensorBoard), atomic
+checkpoints and exact resume, and ``torch.distributed`` setup (DDP, or FSDP2 with
+``fsdp=True``).
 
 One training *step* is one optimizer update.  Subclasses implement :meth:`_train_round`
 (one rollout and the updates made from it) and say which modules they train.
@@ -21,7 +22,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from rlfuse.trainers.config import ConfigError, TrainConfig
+from rlfuse.trainers.config import ConfigError, TrainConfig, report_integrations
 
 __all__ = ["BaseTrainer", "NonFiniteError", "RewardFunctionError", "load_model_and_tokenizer",
            "latest_checkpoint"]
@@ -95,20 +96,31 @@ def load_model_and_tokenizer(model, tokenizer=None):
 
 class _LogprobModule(torch.nn.Module):
     """Wraps a causal LM so that the fused log-prob forward runs through ``forward``
-    (what DDP needs to synchronise gradients)."""
+    (what DDP needs to synchronise gradients, and what FSDP2 needs to gather the
+    parameters of the root: embeddings, final norm, lm_head).  With ``generate_kwargs``
+    it runs ``model.generate`` instead (under FSDP2 generation must run inside the root's
+    forward too)."""
 
     def __init__(self, model):
         super().__init__()
         self.model = model
 
-    def forward(self, input_ids, attention_mask, completion_mask, position_ids, temperature,
-                return_entropy):
+    def forward(self, input_ids, attention_mask, completion_mask=None, position_ids=None,
+                temperature=1.0, return_entropy=False, generate_kwargs=None):
         from rlfuse.models.hf import causal_lm_token_logprobs
 
-        return causal_lm_token_logprobs(self.model, input_ids, attention_mask=attention_mask,
-                                        completion_mask=completion_mask,
-                                        position_ids=position_ids, temperature=temperature,
-                                        return_entropy=return_entropy)
+        if generate_kwargs is not None:
+            return self.model.generate(input_ids=input_ids, attention_mask=attention_mask,
+                                       **generate_kwargs)
+
+        out = causal_lm_token_logprobs(self.model, input_ids, attention_mask=attention_mask,
+                                       completion_mask=completion_mask,
+                                       position_ids=position_ids, temperature=temperature,
+                                       return_entropy=return_entropy)
+        # FSDP2 hooks the outputs for backward and warns about views; [B, T] copies are cheap
+        if isinstance(out, tuple):
+            return tuple(t.clone() if t._base is not None else t for t in out)
+        return out.clone() if out._base is not None else out
 
 
 # --------------------------------------------------------------------------------------
@@ -257,6 +269,36 @@ def latest_checkpoint(output_dir: str):
     return best[1] if best else None
 
 
+def _alias_groups(module) -> list:
+    """Names that refer to one tensor (tied weights), one sorted list per tensor."""
+    groups: dict = {}
+    for name, t in list(module.named_parameters(remove_duplicate=False)) + list(
+            module.named_buffers(remove_duplicate=False)):
+        groups.setdefault(id(t), []).append(name)
+    return [sorted(g) for g in groups.values()]
+
+
+def _drop_aliases(module, sd: dict) -> dict:
+    """``sd`` with one name kept per tied tensor (the first sorted name present, as
+    ``safetensors.torch.save_model`` keeps), contiguous, for ``save_file``."""
+    drop = set()
+    for g in _alias_groups(module):
+        present = [n for n in g if n in sd]
+        drop.update(present[1:])
+    return {k: v.contiguous() for k, v in sd.items() if k not in drop}
+
+
+def _fill_aliases(module, sd: dict) -> dict:
+    """``sd`` with every tied name present (a file keeps one name per tied tensor)."""
+    sd = dict(sd)
+    for g in _alias_groups(module):
+        present = [n for n in g if n in sd]
+        if present:
+            for n in g:
+                sd.setdefault(n, sd[present[0]])
+    return sd
+
+
 def _fsync_dir(path):
     with contextlib.suppress(OSError):
         fd = os.open(path, os.O_RDONLY)
@@ -304,6 +346,9 @@ class BaseTrainer:
         self._perm = None
         self._log_history: list[dict] = []
         self.timers: dict[str, float] = {}
+        self._tb_writer = None
+        self._mesh = None
+        self._fsdp_roots: dict = {}    # id(module) -> the FSDP2 root whose forward runs it
         self._setup_models()
 
     # -- hooks for subclasses -------------------------------------------------------
@@ -372,14 +417,75 @@ class BaseTrainer:
         self.optimizer = opt
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda)
 
-    def _wrap_ddp(self, module):
-        """``module`` wrapped in DDP when running with several processes."""
-        if self.world_size > 1:
-            from torch.nn.parallel import DistributedDataParallel as DDP
+    @property
+    def fsdp(self) -> bool:
+        """Whether the models are sharded with FSDP2 (``fsdp=True`` and several processes)."""
+        return self.args.fsdp and self.world_size > 1
 
-            ids = [self.device.index] if self.device.type == "cuda" else None
-            return DDP(module, device_ids=ids)
+    def _wrap_distributed(self, module, runs=None):
+        """``module`` wrapped for several processes: in DDP, or with ``fsdp`` sharded with
+        FSDP2 (:meth:`_fully_shard`).  ``runs``: the module whose forward ``module``'s
+        forward runs (``module`` itself when None), what :meth:`_root` maps to ``module``."""
+        if self.world_size == 1:
+            return module
+        if self.args.fsdp:
+            return self._fully_shard(module, runs)
+        from torch.nn.parallel import DistributedDataParallel as DDP
+
+        ids = [self.device.index] if self.device.type == "cuda" else None
+        return DDP(module, device_ids=ids)
+
+    def _fully_shard(self, module, runs=None):
+        """Shard ``module`` with FSDP2 in place: ``fully_shard`` on each decoder layer (the
+        classes named by the models' ``_no_split_modules``), then on ``module`` (the root:
+        embeddings, final norm, lm_head, heads).  Parameters become DTensors; every forward
+        of the model must go through ``module``'s forward (see :meth:`_root`)."""
+        from torch.distributed.device_mesh import init_device_mesh
+        from torch.distributed.fsdp import fully_shard
+
+        if self._mesh is None:
+            if self.device.type == "cuda":
+                torch.cuda.set_device(self.device)      # the mesh's device is the current one
+            self._mesh = init_device_mesh(self.device.type, (self.world_size,))
+        layer_names = set()
+        for m in module.modules():
+            layer_names.update(getattr(m, "_no_split_modules", None) or ())
+        for m in list(module.modules()):
+            if m is not module and type(m).__name__ in layer_names:
+                fully_shard(m, mesh=self._mesh)
+        fully_shard(module, mesh=self._mesh)
+        self._fsdp_roots[id(module if runs is None else runs)] = module
         return module
+
+    def _root(self, module):
+        """The module to call for ``module``'s forward: under FSDP2 its sharded root (a
+        causal LM's :class:`_LogprobModule`), else ``module`` itself."""
+        return self._fsdp_roots.get(id(module), module)
+
+    def full_model(self):
+        """The trained policy as a plain module: ``self.model``, or under FSDP2 a new
+        instance of its class holding the gathered full parameters (a collective: every
+        process calls it)."""
+        if not self.fsdp:
+            return self.model
+        from torch.distributed.checkpoint.state_dict import (StateDictOptions,
+                                                             get_model_state_dict)
+
+        sd = get_model_state_dict(self.model, options=StateDictOptions(full_state_dict=True))
+        plain = type(self.model)(self.model.config)
+        dtype = next(iter(sd.values())).dtype
+        plain.load_state_dict(_fill_aliases(plain, sd))
+        return plain.to(device=self.device, dtype=dtype).train(self.model.training)
+
+    def _reshard(self, module):
+        """Free the root's gathered parameters after a forward without backward (FSDP2
+        keeps the root's parameters gathered after forward, expecting a backward)."""
+        if not self.fsdp:
+            return
+        from torch.distributed.fsdp import FSDPModule
+
+        if isinstance(module, FSDPModule) and not torch.is_grad_enabled():
+            module.reshard()
 
     def total_steps(self) -> int:
         a = self.args
@@ -420,7 +526,15 @@ class BaseTrainer:
         skip.  Returns whether the step was taken."""
         params = self._params()
         max_norm = self.args.max_grad_norm if self.args.max_grad_norm is not None else float("inf")
-        grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
+        if self.fsdp:
+            # sharded gradients: the norm is a DTensor reduced over the shards
+            grads = [p.grad for p in params if p.grad is not None]
+            grad_norm = torch.nn.utils.get_total_norm(grads)
+            if hasattr(grad_norm, "full_tensor"):
+                grad_norm = grad_norm.full_tensor()
+            torch.nn.utils.clip_grads_with_norm_(params, max_norm, grad_norm)
+        else:
+            grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
         bad_loss = not math.isfinite(loss_value)
         bad_grad = not bool(torch.isfinite(grad_norm))
         flags = torch.tensor([float(bad_loss), float(bad_grad)])
@@ -452,9 +566,20 @@ class BaseTrainer:
 
     # -- micro-batches and rounds --------------------------------------------------
     def _ddp_modules(self) -> list:
-        """Modules whose gradient all-reduce waits for the last micro-batch."""
+        """Modules whose gradient all-reduce (DDP) or reduce-scatter (FSDP2) waits for the
+        last micro-batch."""
         return [m for m in (getattr(self, "policy", None), getattr(self, "value", None))
-                if m is not None and hasattr(m, "no_sync")]
+                if m is not None and (hasattr(m, "no_sync")
+                                      or hasattr(m, "set_requires_gradient_sync"))]
+
+    def _sync_gradients(self, stack, sync: bool):
+        """Synchronise gradients in this micro-batch's backward only when ``sync``."""
+        for m in self._ddp_modules():
+            if hasattr(m, "no_sync"):
+                if not sync:
+                    stack.enter_context(m.no_sync())
+            else:
+                m.set_requires_gradient_sync(sync)
 
     def _global_tokens(self, mask) -> float:
         """Completion tokens of this round over every process (global normalisation)."""
@@ -475,9 +600,7 @@ class BaseTrainer:
         starts = list(range(0, n, mb))
         for k, i in enumerate(starts):
             with contextlib.ExitStack() as stack:
-                if k < len(starts) - 1:
-                    for m in self._ddp_modules():
-                        stack.enter_context(m.no_sync())
+                self._sync_gradients(stack, k == len(starts) - 1)
                 loss, stats = self.micro_batch_loss(r.select(slice(i, i + mb)), global_tokens)
                 t0 = time.perf_counter()
                 loss.backward()
@@ -528,10 +651,17 @@ class BaseTrainer:
         model = self.model
         was = model.training
         model.eval()
-        out = model.generate(input_ids=p_ids, attention_mask=p_mask, do_sample=True,
-                             temperature=a.temperature, top_p=a.top_p, top_k=a.top_k or 0,
-                             max_new_tokens=a.max_completion_length,
-                             pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
+        kw = dict(do_sample=True, temperature=a.temperature, top_p=a.top_p, top_k=a.top_k or 0,
+                  max_new_tokens=a.max_completion_length, pad_token_id=tok.pad_token_id,
+                  eos_token_id=tok.eos_token_id)
+        root = self._root(model)
+        if root is model:
+            out = model.generate(input_ids=p_ids, attention_mask=p_mask, **kw)
+        else:
+            # FSDP2: every process runs a forward per token until all are done (the layers'
+            # all-gathers are collectives), inside the root's forward
+            out = root(p_ids, p_mask, generate_kwargs=dict(kw, synced_gpus=True))
+            self._reshard(root)
         model.train(was)
         c_ids = out[:, p_ids.size(1):]
         c_mask, truncated = completion_mask_from_ids(c_ids, tok.eos_token_id, tok.pad_token_id)
@@ -553,10 +683,12 @@ class BaseTrainer:
         P = r.prompt_ids.size(1)
         comp = torch.cat([torch.zeros_like(r.prompt_mask), r.completion_mask], 1)
         pos = position_ids_from_mask(attn)
+        module = self._root(module)
         if not isinstance(module, torch.nn.Module) or not isinstance(
                 getattr(module, "module", module), _LogprobModule):
             module = _LogprobModule(module)
         res = module(ids, attn, comp, pos, self.args.temperature, return_entropy)
+        self._reshard(module)
         if return_entropy:
             return res[0][:, P:], res[1][:, P:]
         return res[:, P:]
@@ -590,12 +722,37 @@ class BaseTrainer:
     def _metrics_path(self):
         return os.path.join(self.args.output_dir, "metrics.jsonl")
 
+    def _logging_dir(self):
+        return self.args.logging_dir or os.path.join(self.args.output_dir, "runs")
+
+    def _open_writers(self):
+        """Rank 0: a TensorBoard ``SummaryWriter`` in ``logging_dir`` when ``report_to``
+        asks for it.  On resume, events after the checkpoint's step are purged (they belong
+        to the interrupted run, as the dropped JSONL lines do)."""
+        if self.rank != 0 or "tensorboard" not in report_integrations(self.args.report_to):
+            return
+        from torch.utils.tensorboard import SummaryWriter
+
+        step = self.state["global_step"]
+        self._tb_writer = SummaryWriter(log_dir=self._logging_dir(),
+                                        purge_step=step + 1 if step > 0 else None)
+
+    def _close_writers(self):
+        if self._tb_writer is not None:
+            self._tb_writer.close()
+            self._tb_writer = None
+
     def _log(self, metrics: dict):
         self._log_history.append(metrics)
         if self.rank != 0:
             return
         with open(self._metrics_path(), "a") as f:
             f.write(json.dumps(metrics) + "\n")
+        if self._tb_writer is not None:
+            for key, v in metrics.items():
+                if key != "step" and isinstance(v, (int, float)) and not isinstance(v, bool):
+                    self._tb_writer.add_scalar(key, v, global_step=metrics["step"])
+            self._tb_writer.flush()
         if self.args.progress and metrics["step"] % self.args.logging_steps == 0:
             total = self._total
             parts = [f"step {metrics['step']}/{total}"]
@@ -665,14 +822,24 @@ class BaseTrainer:
         except ImportError:
             pass
         torch.save(rng, os.path.join(tmp, f"rng_state_{self.rank}.pth"))
+        if self.fsdp:
+            full = self._gather_full_state()          # a collective: every rank calls it
         if self.rank == 0:
-            for name, module in self._trainable_modules().items():
-                save_model(self._unwrap(module), os.path.join(tmp, f"{name}.safetensors"))
-            torch.save(self.optimizer.state_dict(), os.path.join(tmp, "optimizer.pt"))
+            if self.fsdp:
+                from safetensors.torch import save_file
+
+                modules, opt_state = full
+                for name, (module, sd) in modules.items():
+                    save_file(_drop_aliases(module, sd), os.path.join(tmp, f"{name}.safetensors"))
+                torch.save(opt_state, os.path.join(tmp, "optimizer.pt"))
+            else:
+                for name, module in self._trainable_modules().items():
+                    save_model(self._unwrap(module), os.path.join(tmp, f"{name}.safetensors"))
+                torch.save(self.optimizer.state_dict(), os.path.join(tmp, "optimizer.pt"))
             torch.save(self.scheduler.state_dict(), os.path.join(tmp, "scheduler.pt"))
             self._save_extra(tmp)
-            state = dict(self.state, world_size=self.world_size, algorithm=self.algorithm,
-                         config=self.args.to_dict())
+            state = dict(self.state, world_size=self.world_size, fsdp=self.fsdp,
+                         algorithm=self.algorithm, config=self.args.to_dict())
             with open(os.path.join(tmp, "trainer_state.json"), "w") as f:
                 json.dump(state, f, indent=1)
         _barrier(self.world_size)
@@ -685,6 +852,38 @@ class BaseTrainer:
             self._rotate_checkpoints()
         _barrier(self.world_size)
         return final
+
+    def _gather_full_state(self):
+        """FSDP2: the full (unsharded) state dicts of the trained modules and of the
+        optimizer (keys: parameter names, prefixed by the module's name), on rank 0's CPU
+        (empty on the other ranks)."""
+        from torch.distributed.checkpoint.state_dict import (StateDictOptions,
+                                                             get_model_state_dict,
+                                                             get_optimizer_state_dict)
+
+        opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
+        modules = self._trainable_modules()
+        sds = {name: (m, get_model_state_dict(m, options=opts)) for name, m in modules.items()}
+        opt_state = get_optimizer_state_dict(torch.nn.ModuleDict(modules), self.optimizer,
+                                             options=opts)
+        return sds, opt_state
+
+    def _load_full_state(self, path):
+        """FSDP2: load the full state dicts written by :meth:`_gather_full_state` (every
+        rank reads the files and keeps its shards)."""
+        from safetensors.torch import load_file
+        from torch.distributed.checkpoint.state_dict import (StateDictOptions,
+                                                             set_model_state_dict,
+                                                             set_optimizer_state_dict)
+
+        opts = StateDictOptions(full_state_dict=True)
+        modules = self._trainable_modules()
+        for name, m in modules.items():
+            sd = _fill_aliases(m, load_file(os.path.join(path, f"{name}.safetensors")))
+            set_model_state_dict(m, sd, options=opts)
+        opt_state = torch.load(os.path.join(path, "optimizer.pt"), weights_only=False)
+        set_optimizer_state_dict(torch.nn.ModuleDict(modules), self.optimizer, opt_state,
+                                 options=opts)
 
     def _save_extra(self, path):
         """Subclass hook: extra files in a checkpoint."""
@@ -714,11 +913,18 @@ class BaseTrainer:
         if state.get("world_size", 1) != self.world_size:
             raise ValueError(f"checkpoint {path} was written with world_size "
                              f"{state.get('world_size')}, this run has {self.world_size}")
-        for name, module in self._trainable_modules().items():
-            load_model(self._unwrap(module), os.path.join(path, f"{name}.safetensors"),
-                       device=str(self.device))
-        self.optimizer.load_state_dict(torch.load(os.path.join(path, "optimizer.pt"),
-                                                  weights_only=False))
+        if bool(state.get("fsdp", False)) != self.fsdp:
+            raise ValueError(f"checkpoint {path} was written with fsdp="
+                             f"{bool(state.get('fsdp', False))}, this run has fsdp={self.fsdp} "
+                             "(the optimizer states differ in layout)")
+        if self.fsdp:
+            self._load_full_state(path)
+        else:
+            for name, module in self._trainable_modules().items():
+                load_model(self._unwrap(module), os.path.join(path, f"{name}.safetensors"),
+                           device=str(self.device))
+            self.optimizer.load_state_dict(torch.load(os.path.join(path, "optimizer.pt"),
+                                                      weights_only=False))
         self.scheduler.load_state_dict(torch.load(os.path.join(path, "scheduler.pt"),
                                                   weights_only=False))
         self._load_extra(path)
@@ -775,17 +981,21 @@ class BaseTrainer:
         elif self.rank == 0 and os.path.exists(self._metrics_path()):
             os.remove(self._metrics_path())
         t_start = time.perf_counter()
-        while self.state["global_step"] < self._total:
-            before = self.state["global_step"]
-            for m in self._train_round():
-                self._log(m)
-            self.state["rounds"] += 1
-            after = self.state["global_step"]
-            if a.save_steps and (after // a.save_steps > before // a.save_steps):
+        self._open_writers()
+        try:
+            while self.state["global_step"] < self._total:
+                before = self.state["global_step"]
+                for m in self._train_round():
+                    self._log(m)
+                self.state["rounds"] += 1
+                after = self.state["global_step"]
+                if a.save_steps and (after // a.save_steps > before // a.save_steps):
+                    self.save_checkpoint()
+            if a.save_steps and latest_checkpoint(a.output_dir) != os.path.join(
+                    a.output_dir, f"checkpoint-{self.state['global_step']}"):
                 self.save_checkpoint()
-        if a.save_steps and latest_checkpoint(a.output_dir) != os.path.join(
-                a.output_dir, f"checkpoint-{self.state['global_step']}"):
-            self.save_checkpoint()
+        finally:
+            self._close_writers()
         if self.rank == 0 and a.plot:
             self.plot()
         return {"global_step": self.state["global_step"],

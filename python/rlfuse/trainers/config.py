@@ -12,7 +12,7 @@ import dataclasses
 import math
 import typing
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import Optional, Union
 
 __all__ = ["TrainConfig", "GRPOConfig", "PPOConfig", "DPOConfig", "SFTConfig", "ConfigError"]
 
@@ -61,6 +61,48 @@ def _choice(obj, name, choices):
     _check(v in choices, name, f"must be one of {list(choices)}, got {v!r}")
 
 
+_INTEGRATIONS = ("tensorboard",)
+
+
+def tensorboard_available() -> bool:
+    """Whether ``torch.utils.tensorboard`` and the ``tensorboard`` package import."""
+    try:
+        import tensorboard  # noqa: F401
+        import torch.utils.tensorboard  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def _default_report_to():
+    return "tensorboard" if tensorboard_available() else "none"
+
+
+def report_integrations(report_to) -> list:
+    """The integrations ``report_to`` asks for (``transformers`` semantics: a name, a list
+    of names, ``"all"`` for every installed one, ``"none"`` or None for none); raises
+    :class:`ConfigError` naming ``report_to`` for an unknown name or one not installed."""
+    if report_to is None:
+        return []
+    names = [report_to] if isinstance(report_to, str) else report_to
+    _check(isinstance(names, (list, tuple)) and all(isinstance(n, str) for n in names),
+           "report_to", f"must be a name, a list of names or None, got {report_to!r}")
+    known = ("none", "all") + _INTEGRATIONS
+    out = []
+    for n in names:
+        _check(n in known, "report_to", f"unknown integration {n!r} (supported: {list(known)})")
+        if n == "all":
+            out += [i for i in _INTEGRATIONS if tensorboard_available()]
+        elif n == "tensorboard":
+            _check(tensorboard_available(), "report_to",
+                   "'tensorboard' needs the tensorboard package (pip install tensorboard), "
+                   "which is not installed; use report_to='none' to turn TensorBoard off")
+            out.append(n)
+    _check("none" not in names or len(names) == 1, "report_to",
+           f"'none' cannot be combined with other integrations, got {report_to!r}")
+    return sorted(set(out))
+
+
 @dataclass
 class TrainConfig:
     """Fields shared by every trainer (the ``transformers.TrainingArguments`` names)."""
@@ -88,6 +130,13 @@ class TrainConfig:
     max_nonfinite_steps: int = 3
     progress: bool = True
     plot: bool = True
+    # "tensorboard", "all" (every installed integration: TensorBoard when installed),
+    # "none"/None, or a list of names.  Default: "tensorboard" when it is installed.
+    report_to: Union[str, list, None] = field(default_factory=_default_report_to)
+    logging_dir: Optional[str] = None      # TensorBoard event files; None: <output_dir>/runs
+    # Shard the trained (and reference / value) models with FSDP2 (``fully_shard`` per
+    # decoder layer, then the whole model) instead of DDP when several processes run.
+    fsdp: bool = False
 
     def __post_init__(self):
         self.validate()
@@ -118,6 +167,11 @@ class TrainConfig:
                                                  or self.device.startswith("cuda")),
                "device", f"must be 'auto', 'cpu' or 'cuda[:N]', got {self.device!r}")
         _pos_int(self, "max_nonfinite_steps")
+        report_integrations(self.report_to)
+        _check(self.logging_dir is None or (isinstance(self.logging_dir, str)
+                                            and self.logging_dir != ""), "logging_dir",
+               f"must be None or a non-empty path, got {self.logging_dir!r}")
+        _check(isinstance(self.fsdp, bool), "fsdp", f"must be a bool, got {self.fsdp!r}")
 
     # -- construction -------------------------------------------------------------
     @classmethod

@@ -112,7 +112,7 @@ def run(algorithm: str = "grpo", overrides: dict | None = None, *, model_path=No
     settings = dict(DEMO, **(demo or {}))
     values = dict(DEFAULTS[algorithm], **(overrides or {}))
     args = CONFIGS[algorithm].from_dict(values)      # validated before any model exists
-    rank, _world, _ = dist_info()
+    rank, _world, owns_pg = dist_info()
     say = print if rank == 0 else (lambda *a, **k: None)
     torch.manual_seed(args.seed)
     task_kw = {"digits": settings["digits"]} if settings["task"] == "addition" else {}
@@ -187,6 +187,7 @@ def run(algorithm: str = "grpo", overrides: dict | None = None, *, model_path=No
     t1 = time.perf_counter()
     result = trainer.train(resume_from_checkpoint=True if resume else None)
     t_rl = time.perf_counter() - t1
+    model = trainer.full_model()          # gathered when the run was sharded (fsdp)
     acc[algorithm.upper()] = (evaluate(model, tok, task, eval_rows, max_new_tokens=max_new),
                               evaluate(model, tok, task, eval_rows, max_new_tokens=max_new,
                                        temperature=1.0))
@@ -204,4 +205,11 @@ def run(algorithm: str = "grpo", overrides: dict | None = None, *, model_path=No
                        "warmup_seconds": t_sft, "rl_seconds": t_rl, "steps": result["global_step"],
                        "eval_size": n}, f, indent=1)
     result["accuracy"] = acc
+    if owns_pg:
+        # every process reaches the end before the process group goes (a gloo group left
+        # to the interpreter's exit can abort it)
+        import torch.distributed as dist
+
+        dist.barrier()
+        dist.destroy_process_group()
     return result

@@ -50,7 +50,7 @@ class DPOTrainer(BaseTrainer):
 
     def _setup_models(self):
         self.model.train()
-        self.policy = self._wrap_ddp(_LogprobModule(self.model))
+        self.policy = self._wrap_distributed(_LogprobModule(self.model), runs=self.model)
         self._make_optimizer([p for p in self.model.parameters() if p.requires_grad])
         self.ref_logps = None
         if self._needs_ref:
@@ -60,6 +60,8 @@ class DPOTrainer(BaseTrainer):
 
                 ref = AutoModelForCausalLM.from_pretrained(ref or self._model_arg)
             ref = ref.to(self.device).eval()
+            if self.fsdp:       # sharded too; it is only needed for this pass
+                ref = self._fully_shard(_LogprobModule(ref), runs=ref)
             t0 = time.perf_counter()
             self.ref_logps = self._precompute(ref)
             self._time("ref_logprobs", t0)
@@ -133,9 +135,7 @@ class DPOTrainer(BaseTrainer):
         total, acc = 0.0, {}
         for k, i in enumerate(starts):
             with contextlib.ExitStack() as stack:
-                if k < len(starts) - 1:
-                    for m in self._ddp_modules():
-                        stack.enter_context(m.no_sync())
+                self._sync_gradients(stack, k == len(starts) - 1)
                 loss, stats = self.micro_batch_loss(rows[i:i + mb],
                                                     torch.as_tensor(idx[i:i + mb]))
                 t0 = time.perf_counter()

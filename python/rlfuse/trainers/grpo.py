@@ -86,8 +86,10 @@ class GRPOTrainer(BaseTrainer):
             self.ref_model = ref.to(self.device).eval()
             for p in self.ref_model.parameters():
                 p.requires_grad_(False)
+            if self.fsdp:
+                self._fully_shard(_LogprobModule(self.ref_model), runs=self.ref_model)
         self.model.train()
-        self.policy = self._wrap_ddp(_LogprobModule(self.model))
+        self.policy = self._wrap_distributed(_LogprobModule(self.model), runs=self.model)
         self._make_optimizer([p for p in self.model.parameters() if p.requires_grad])
 
     def _items_per_round(self):

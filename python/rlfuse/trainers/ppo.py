@@ -50,7 +50,8 @@ class ValueModel(torch.nn.Module):
         out = self.backbone(input_ids=input_ids, attention_mask=attention_mask,
                             position_ids=position_ids, use_cache=False)
         h = out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
-        return self.head(h).squeeze(-1).float()
+        # a copy, not a view (FSDP2 hooks the outputs for backward and warns about views)
+        return self.head(h).squeeze(-1).to(torch.float32, copy=True)
 
 
 class PPOTrainer(BaseTrainer):
@@ -96,13 +97,15 @@ class PPOTrainer(BaseTrainer):
             self.ref_model = ref.to(self.device).eval()
             for p in self.ref_model.parameters():
                 p.requires_grad_(False)
+            if self.fsdp:
+                self._fully_shard(_LogprobModule(self.ref_model), runs=self.ref_model)
         else:
             self.ref_model = None
         vm = self._value_arg if self._value_arg is not None else ValueModel.from_causal_lm(self.model)
         self.value_model = vm.to(self.device).train()
         self.model.train()
-        self.policy = self._wrap_ddp(_LogprobModule(self.model))
-        self.value = self._wrap_ddp(self.value_model)
+        self.policy = self._wrap_distributed(_LogprobModule(self.model), runs=self.model)
+        self.value = self._wrap_distributed(self.value_model)
         self._make_optimizer(self._params())
 
     def _trainable_modules(self):
@@ -117,7 +120,9 @@ class PPOTrainer(BaseTrainer):
     def completion_values(self, module, r):
         """``[B, C]``: the value of the state before each completion token."""
         attn = r.attention_mask
+        module = self._root(module)
         v = module(r.input_ids, attn, position_ids_from_mask(attn))
+        self._reshard(module)
         P = r.prompt_ids.size(1)
         return v[:, P - 1:-1]
 
