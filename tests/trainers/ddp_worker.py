@@ -5,7 +5,6 @@ or DPO; each rank saves its final full parameters.
     python -m tests.trainers.ddp_worker OUT [ddp|fsdp] [grpo|ppo|dpo] [CHECKPOINT]
 """
 
-import random
 import sys
 
 import torch
@@ -16,20 +15,11 @@ from rlfuse.trainers import (DPOConfig, GRPOConfig, GRPOTrainer, PPOConfig, PPOT
                              copy_reference)
 from rlfuse.trainers.base import dist_info
 from rlfuse.trainers.dpo import DPOTrainer
+from tests.trainers.reference import addition_pairs
 
 
 def length_reward(prompts, completions, **kw):
     return [float(len(c)) for c in completions]
-
-
-def _pairs(n=32, seed=0):
-    rng = random.Random(seed)
-    out = []
-    for _ in range(n):
-        a, b = rng.randrange(10), rng.randrange(10)
-        out.append({"prompt": f"{a}+{b}=", "chosen": str(a + b),
-                    "rejected": str(a + b + rng.choice([-1, 1, 10]))})
-    return out
 
 
 def main(out, mode="ddp", algo="grpo", resume=None):
@@ -52,7 +42,7 @@ def main(out, mode="ddp", algo="grpo", resume=None):
                         ref_model=copy_reference(model))
     else:
         cfg = DPOConfig(beta=0.2, **common)
-        tr = DPOTrainer(model, copy_reference(model), args=cfg, train_dataset=_pairs(),
+        tr = DPOTrainer(model, copy_reference(model), args=cfg, train_dataset=addition_pairs(32),
                         tokenizer=tok)
     tr.train(resume_from_checkpoint=resume)
     # sharded parameters (DTensors) are gathered: a collective, every rank calls it

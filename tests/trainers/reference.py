@@ -29,3 +29,16 @@ def assert_grads_close(got, want, rtol=1e-4, atol=1e-6):
     assert set(got) == set(want)
     for n in want:
         torch.testing.assert_close(got[n].double(), want[n], rtol=rtol, atol=atol, msg=n)
+
+
+def addition_pairs(n=16, seed=0):
+    """DPO rows on one-digit additions: the right sum is chosen, a wrong one rejected."""
+    import random
+
+    rng = random.Random(seed)
+    out = []
+    for _ in range(n):
+        a, b = rng.randrange(10), rng.randrange(10)
+        out.append({"prompt": f"{a}+{b}=", "chosen": str(a + b),
+                    "rejected": str(a + b + rng.choice([-1, 1, 10]))})
+    return out

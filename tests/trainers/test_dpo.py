@@ -6,19 +6,8 @@ import torch
 
 from rlfuse.trainers import ConfigError, DPOConfig, copy_reference
 from rlfuse.trainers.dpo import DPOTrainer
+from tests.trainers.reference import addition_pairs as _pairs
 from tests.trainers.reference import assert_grads_close, double_copy, grads_of
-
-
-def _pairs(n=16, seed=0):
-    import random
-
-    rng = random.Random(seed)
-    out = []
-    for _ in range(n):
-        a, b = rng.randrange(10), rng.randrange(10)
-        out.append({"prompt": f"{a}+{b}=", "chosen": str(a + b),
-                    "rejected": str(a + b + rng.choice([-1, 1, 10]))})
-    return out
 
 
 def _cfg(tmp_path, **kw):
