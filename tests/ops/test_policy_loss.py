@@ -933,3 +933,27 @@ def test_gpu_row_invariance():
     sub = {k: (v[5:9].clone() if isinstance(v, torch.Tensor) else v) for k, v in c.items()}
     _, _, part = _run_policy(sub, "cuda", loss_agg_mode="token-sum", beta=0.1)
     assert torch.equal(part[0], full[0][5:9])
+
+
+def test_backward_hands_over_its_gradient_buffer_safely():
+    """For an upstream gradient of 1 the backward returns the kernel's gradient buffer itself:
+    repeated backward passes through a retained graph must still accumulate exactly, and an
+    in-place change of a returned gradient must make a later pass fail, not go wrong."""
+    t = _inputs(B=4, T=37, seed=31)
+    x = t["logp"].clone().requires_grad_()
+    loss, _ = policy_loss(x, t["old"], t["adv"], t["mask"], ref_logp=t["ref"], beta=0.1)
+    loss.backward(retain_graph=True)
+    g1 = x.grad.clone()
+    loss.backward(retain_graph=True)
+    loss.backward()
+    torch.testing.assert_close(x.grad, 3 * g1)
+    x.grad = None
+    loss, _ = policy_loss(x, t["old"], t["adv"], t["mask"], ref_logp=t["ref"], beta=0.1)
+    (g,) = torch.autograd.grad(loss, x, retain_graph=True)
+    torch.testing.assert_close(g, g1)
+    g.mul_(5)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        torch.autograd.grad(loss, x)
+    loss, _ = policy_loss(x, t["old"], t["adv"], t["mask"], ref_logp=t["ref"], beta=0.1)
+    (2.5 * loss).backward()
+    torch.testing.assert_close(x.grad, 2.5 * g1)
