@@ -434,7 +434,7 @@ RLFUSE_INLINE VF token(const TokParams<typename ElemOf<VF>::type>& p, VF m, VF l
   }
   acc[kRLo] += sel(r < clo, mneg, zero);
   acc[kRHi] += sel(r > chi, mpos, zero);
-  constexpr bool lean = Plain == 2;  // no weights, no entropy, no "+" kinds, no ratio weighting
+  constexpr bool lean = Plain >= 2;  // no weights, no entropy, no "+" kinds, no ratio weighting
   VF dl = lean ? dPdl + dPdr * drdl : w * (dPdl + dPdr * drdl);
   VF cpl = lean ? dPdr : w * dPdr;
   if constexpr (KM != 0) {
@@ -499,10 +499,10 @@ void policy_loop(const E* M, const E* LP, const E* OLD, const E* A, const E* W, 
   for (int k = 0; k < kNumRowVals; ++k) acc[k] = splat<VF>(E(0));
   int64_t t = 0;
   for (; t + Wd <= T; t += Wd) {
-    vstore(G + t, token<VF, V, KM, Plain>(p, vload(M + t), vload(LP + t), vload(OLD + t),
-                                          vload(A + t),
-                                   vload(W + t), vload(H + t),
-                                   KM != 0 ? vload(REF + t) : splat<VF>(E(0)), acc));
+    const VF g = token<VF, V, KM, Plain>(p, vload(M + t), vload(LP + t), vload(OLD + t),
+                                         vload(A + t), vload(W + t), vload(H + t),
+                                         KM != 0 ? vload(REF + t) : splat<VF>(E(0)), acc);
+    if constexpr (Plain != 3) vstore(G + t, g);  // 3: no gradient wanted (and none computed)
   }
   if (t < T) {  // last partial group (float only): pad with masked, finite tokens
     alignas(64) E bm[Wd], blp[Wd], bold[Wd], ba[Wd], bw[Wd], bh[Wd], bref[Wd], bg[Wd];
@@ -519,10 +519,11 @@ void policy_loop(const E* M, const E* LP, const E* OLD, const E* A, const E* W, 
     }
     vstore(bg, token<VF, V, KM, Plain>(p, vload(bm), vload(blp), vload(bold), vload(ba), vload(bw),
                                 vload(bh), vload(bref), acc));
-    for (int j = 0; j < rem; ++j) G[t + j] = bg[j];
+    if constexpr (Plain != 3)
+      for (int j = 0; j < rem; ++j) G[t + j] = bg[j];
   }
   for (int k = 0; k < kNumRowVals; ++k) tot[k] = hsum(acc[k]);
-  if constexpr (Plain == 2 && KM != 0) tot[kRKv] = tot[kRK];
+  if constexpr (Plain >= 2 && KM != 0) tot[kRKv] = tot[kRK];
 }
 
 template <typename E>
@@ -643,14 +644,15 @@ PolicyRowFn<E> pick_variant(int variant, int km) {
 // "Plain" (1): no log-ratio clamp, no KL clamps, no dual-clip, no delta (the rlfuse and TRL
 // defaults): an instantiation without the clamp and indicator work.  "Lean" (2): plain PPO
 // without importance weights, entropies, "+" KL kinds or ratio weighting (the common case), which
-// also drops their loads, multiplies and sums.
+// also drops their loads, multiplies and sums; (3) the same without a gradient output, where
+// the compiler also drops the whole gradient chain.
 template <typename E>
 PolicyRowFn<E> pick_policy_row(int variant, int km, const double* fa, const PolicyCtx<E>& c) {
   const bool plain = std::isinf(fa[kLrClamp]) && std::isinf(fa[kKlLrClamp]) &&
                      std::isinf(fa[kKlOutClamp]) && std::isinf(fa[kDualC]) &&
                      std::isinf(fa[kDelta]);
   const bool lean = plain && variant == kPPO && !c.isw.p && !c.ent.p && !c.kl_st && !c.kl_rw;
-  if (lean) return pick_km<E, kPPO, 2>(km);
+  if (lean) return c.grad_lp ? pick_km<E, kPPO, 2>(km) : pick_km<E, kPPO, 3>(km);
   return plain ? pick_variant<E, 1>(variant, km) : pick_variant<E, 0>(variant, km);
 }
 

@@ -590,12 +590,16 @@ def test_views_dtypes_and_masks():
 
 def test_no_grad_and_need_grad():
     t = _inputs(B=4, T=30, seed=14)
-    with torch.no_grad():
-        a, sa = policy_loss(t["logp"], t["old"], t["adv"], t["mask"], ref_logp=t["ref"], beta=0.1)
-    lp = t["logp"].clone().requires_grad_()
-    b, sb = policy_loss(lp, t["old"], t["adv"], t["mask"], ref_logp=t["ref"], beta=0.1)
-    assert torch.equal(a, b.detach()) and not a.requires_grad
-    assert all(torch.equal(sa[k], sb[k]) for k in sa)
+    # (the CPU kernel has a separate instantiation for plain PPO without a gradient)
+    for kw in (dict(), dict(ref_logp=t["ref"], beta=0.1, kl_kind="k1"),
+               dict(ref_logp=t["ref"], beta=0.1), dict(ref_logp=t["ref"], beta=0.1,
+                                                       kl_kind="k3+")):
+        with torch.no_grad():
+            a, sa = policy_loss(t["logp"], t["old"], t["adv"], t["mask"], **kw)
+        lp = t["logp"].clone().requires_grad_()
+        b, sb = policy_loss(lp, t["old"], t["adv"], t["mask"], **kw)
+        assert torch.equal(a, b.detach()) and not a.requires_grad
+        assert all(torch.equal(sa[k], sb[k]) for k in sa)
     # gradient through entropy only
     H = t["ent"].clone().requires_grad_()
     loss, _ = policy_loss(t["logp"], t["old"], t["adv"], t["mask"], entropy=H, entropy_coef=0.5)
