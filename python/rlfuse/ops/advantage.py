@@ -601,7 +601,7 @@ def _first_bad_torch(mask, checks, cu=None):
 
 
 # Eager calls run an op's implementation directly: these ops have no autograd, and the
-# torch.library dispatch of a custom op costs ~20-40 us per call on the CPU (argument
+# torch.library dispatch of a custom op costs ~12-20 us per call on the CPU (argument
 # normalisation, redispatch), a large share of a sub-millisecond op.  Under torch.compile (or
 # with this flag off) the registered rlfuse:: op is called, so tracing sees it.
 _EAGER_DIRECT = True
@@ -847,8 +847,8 @@ def discounted_returns(
     gamma = _unit_float(op, "gamma", gamma)
     zero = _GAE_SEMANTICS[_choice(op, "semantics", semantics, _GAE_SEMANTICS)]
     chosen = _backend.resolve(backend, rewards.device, op)
-    out, _ = _call(_gae_op, rewards.detach(), None, None if mask is None else mask.detach(), None,
-                     cu_seqlens, gamma, 1.0, zero, False, False, chosen)
+    out, _ = _call(_gae_op, rewards.detach(), None, None if mask is None else mask.detach(),
+                   None, cu_seqlens, gamma, 1.0, zero, False, False, chosen)
     return out
 
 
