@@ -37,14 +37,22 @@ def _reference_grpo_loss(model64, ref64, r, adv, old, cfg, global_tokens, GA):
     return ((per_tok * m).sum(1) / m.sum(1).clamp(min=1)).mean() / GA
 
 
-@pytest.mark.parametrize("loss_type", ["dapo", "grpo"])
-def test_grpo_update_equals_plain_torch(tmp_path, tok, tiny, rows, loss_type):
+@pytest.mark.parametrize("loss_type,grouped,share", [
+    ("dapo", False, True), ("grpo", False, True),
+    # prompts repeated in runs (3 + 1 in the first micro-batch, 4 in the second): the
+    # log-prob forwards encode each distinct prompt once (or not, share=False)
+    ("dapo", True, True), ("grpo", True, True), ("dapo", True, False)])
+def test_grpo_update_equals_plain_torch(tmp_path, tok, tiny, rows, loss_type, grouped, share):
     cfg = small_grpo_config(tmp_path, beta=0.05, num_iterations=2, loss_type=loss_type,
-                            temperature=0.9, epsilon_high=0.28)
+                            temperature=0.9, epsilon_high=0.28, share_prompt_prefix=share)
     ref = _perturbed(tiny)
     tr = GRPOTrainer(tiny, lambda prompts, completions, **kw: [0.0] * len(completions),
                      args=cfg, train_dataset=rows, tokenizer=tok, ref_model=ref)
     r = random_rollout(tok, 8)
+    if grouped:
+        for dst, src in ((1, 0), (2, 0), (5, 4), (6, 4), (7, 4)):
+            r.prompt_ids[dst] = r.prompt_ids[src]
+            r.prompt_mask[dst] = r.prompt_mask[src]
     g = torch.Generator().manual_seed(5)
     rewards = torch.rand(8, generator=g)
     from rlfuse.ops import group_advantages
@@ -71,8 +79,10 @@ def test_grpo_update_equals_plain_torch(tmp_path, tok, tiny, rows, loss_type):
     assert stats["kl_mean"] > 0
 
 
-def test_grpo_short_run_writes_outputs(tmp_path, tok, tiny, rows, task):
-    cfg = small_grpo_config(tmp_path, max_steps=2, save_steps=1, plot=True, beta=0.02)
+@pytest.mark.parametrize("backend", ["rlfuse", "hf"])
+def test_grpo_short_run_writes_outputs(tmp_path, tok, tiny, rows, task, backend):
+    cfg = small_grpo_config(tmp_path, max_steps=2, save_steps=1, plot=True, beta=0.02,
+                            generation_backend=backend)
     def length_reward(prompts, completions, **kw):   # varies inside a group
         return [float(len(c)) for c in completions]
 
@@ -141,6 +151,8 @@ def test_resume_is_exact(tmp_path, tok, rows, task):
     (dict(temperature=0.0), "temperature"),
     (dict(max_completion_length=0), "max_completion_length"),
     (dict(epsilon=float("nan")), "epsilon"),
+    (dict(generation_backend="vllm"), "generation_backend"),
+    (dict(share_prompt_prefix=1), "share_prompt_prefix"),
 ])
 def test_bad_config_fields(kw, match):
     with pytest.raises(ConfigError, match=match):

@@ -1,6 +1,7 @@
 """Model integrations (Hugging Face).  ``transformers`` is imported only inside functions,
 so ``import rlfuse`` never imports it."""
 
-from rlfuse.models.hf import causal_lm_token_logprobs, scored_positions
+from rlfuse.models.hf import (causal_lm_completion_logprobs, causal_lm_token_logprobs,
+                              scored_positions)
 
-__all__ = ["causal_lm_token_logprobs", "scored_positions"]
+__all__ = ["causal_lm_completion_logprobs", "causal_lm_token_logprobs", "scored_positions"]

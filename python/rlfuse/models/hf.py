@@ -32,7 +32,7 @@ import torch
 
 from rlfuse import _validate
 
-__all__ = ["causal_lm_token_logprobs", "scored_positions"]
+__all__ = ["causal_lm_completion_logprobs", "causal_lm_token_logprobs", "scored_positions"]
 
 _OP = "causal_lm_token_logprobs"
 
@@ -260,3 +260,137 @@ def _reshape(res, input_ids):
     if isinstance(res, tuple):
         return tuple(r.reshape(input_ids.shape) for r in res)
     return res.reshape(input_ids.shape)
+
+
+def _prompt_groups(prompt_ids: torch.Tensor, prompt_mask: torch.Tensor):
+    """(first row of each run of identical consecutive prompts [U], run of each row [B])."""
+    key = torch.cat([prompt_ids, prompt_mask.to(prompt_ids.dtype)], 1)
+    _, inv, counts = torch.unique_consecutive(key, dim=0, return_inverse=True,
+                                              return_counts=True)
+    first = counts.cumsum(0) - counts
+    return first, inv
+
+
+def _can_share(base, prompt_mask) -> bool:
+    if base.training and getattr(base, "gradient_checkpointing", False):
+        return False            # HF turns the cache off under gradient checkpointing
+    try:
+        import inspect
+
+        params = inspect.signature(base.forward).parameters
+    except (TypeError, ValueError):
+        return False
+    if not {"past_key_values", "use_cache", "position_ids"} <= set(params):
+        return False
+    return bool(prompt_mask[:, -1].all())     # left-padded prompts end on a real token
+
+
+def _shared_cache_ok(cache) -> bool:
+    """Only plain per-layer key/value caches are indexed by row here (no sliding windows,
+    no quantised or offloaded layers)."""
+    from transformers.cache_utils import DynamicCache, DynamicLayer
+
+    return type(cache) is DynamicCache and all(type(layer) is DynamicLayer
+                                               for layer in cache.layers)
+
+
+def causal_lm_completion_logprobs(
+    model,
+    prompt_ids: torch.Tensor,
+    prompt_mask: torch.Tensor,
+    completion_ids: torch.Tensor,
+    completion_mask: torch.Tensor,
+    *,
+    temperature: float = 1.0,
+    return_entropy: bool = False,
+    share_prompts: bool = True,
+    chunk_size: Optional[int] = None,
+    backend: Optional[str] = None,
+):
+    """Per-token log-probs ``[B, C]`` (and entropies) of right-padded completions after
+    left-padded prompts, with each prompt encoded once per run of identical rows.
+
+    GRPO samples ``num_generations`` completions per prompt, so a batch holds every prompt
+    ``G`` times in consecutive rows.  With ``share_prompts`` (default) the base model runs
+    on each distinct prompt once, keeping its KV cache; the cache rows are then repeated
+    for the prompt's completions (an index, differentiable) and the completions run on it.
+    The prompt tokens' share of the forward and backward work drops by a factor ``G``.  The
+    result equals
+    ``causal_lm_token_logprobs(model, cat(prompt_ids, completion_ids),
+    attention_mask=cat(prompt_mask, completion_mask), completion_mask=cat(0, completion_mask),
+    position_ids=positions counted over real tokens)[:, P:]`` up to rounding, gradients
+    included (tested).  It falls back to that call when no rows repeat, when the model's
+    forward takes no cache, under gradient checkpointing, when a prompt row does not end
+    on a real token, or when the cache is not a plain ``DynamicCache`` (sliding windows,
+    quantised or offloaded layers).
+
+    A completion token is scored when its ``completion_mask`` entry is nonzero and the token
+    before it is real (the prompt's last token, or a completion token with a nonzero mask).
+    """
+    from rlfuse.ops.linear_logprob import linear_token_logprobs
+
+    for name, t in (("prompt_ids", prompt_ids), ("prompt_mask", prompt_mask),
+                    ("completion_ids", completion_ids), ("completion_mask", completion_mask)):
+        if not isinstance(t, torch.Tensor) or t.dim() != 2:
+            raise ValueError(f"causal_lm_completion_logprobs: {name} must be a 2-D tensor")
+    B, P = prompt_ids.shape
+    C = completion_ids.size(1)
+    if prompt_mask.shape != (B, P) or completion_mask.shape != (B, C) or \
+            completion_ids.size(0) != B or P == 0 or C == 0:
+        raise ValueError(
+            "causal_lm_completion_logprobs: prompt_ids/prompt_mask must be [B, P] and "
+            "completion_ids/completion_mask [B, C] with P, C > 0, got "
+            f"{tuple(prompt_ids.shape)}, {tuple(prompt_mask.shape)}, "
+            f"{tuple(completion_ids.shape)}, {tuple(completion_mask.shape)}")
+    _check_no_logit_transform(model)
+    base = getattr(model, "base_model", None)
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if base is None or base is model or head is None or not hasattr(head, "weight"):
+        raise TypeError(
+            "causal_lm_completion_logprobs: model must be a Hugging Face causal LM with a base "
+            f"model and an output embedding (lm_head), got {type(model).__name__}")
+    attn = torch.cat([prompt_mask, completion_mask.to(prompt_mask.dtype)], 1)
+    pos = (attn.long().cumsum(-1) - 1).clamp(min=0)
+    first = inv = None
+    if share_prompts and B > 1 and _can_share(base, prompt_mask):
+        first, inv = _prompt_groups(prompt_ids, prompt_mask)
+        if first.numel() == B:
+            first = None
+    out1 = None
+    if first is not None:
+        out1 = base(input_ids=prompt_ids[first], attention_mask=prompt_mask[first],
+                    position_ids=pos[first, :P], use_cache=True)
+        if not _shared_cache_ok(getattr(out1, "past_key_values", None)):
+            out1 = None
+    if out1 is None:
+        ids = torch.cat([prompt_ids, completion_ids], 1)
+        comp = torch.cat([torch.zeros_like(prompt_mask), completion_mask], 1)
+        res = causal_lm_token_logprobs(model, ids, attention_mask=attn, completion_mask=comp,
+                                       position_ids=pos, temperature=temperature,
+                                       return_entropy=return_entropy, chunk_size=chunk_size,
+                                       backend=backend)
+        return tuple(r[:, P:] for r in res) if return_entropy else res[:, P:]
+    cache = out1.past_key_values
+    cache.batch_select_indices(inv)
+    out2 = base(input_ids=completion_ids, attention_mask=attn, position_ids=pos[:, P:],
+                past_key_values=cache, use_cache=True)
+    h1 = out1.last_hidden_state[:, -1:]               # [U, 1, H]: predicts completion token 0
+    h2 = out2.last_hidden_state[:, :-1]               # [B, C - 1, H]: predicts tokens 1..C-1
+    hidden = torch.cat([h1[inv], h2], 1)              # [B, C, H]
+    weight, bias = head.weight, getattr(head, "bias", None)
+    if hidden.dtype != weight.dtype:
+        hidden = hidden.to(weight.dtype)
+    cm = completion_mask != 0
+    sel = cm & torch.cat([torch.ones_like(cm[:, :1]), cm[:, :-1]], 1)
+    y_sel = completion_ids[sel]
+    if y_sel.numel() == 0:
+        anchor = hidden[:, :0].sum().float() + weight[:0].sum().float()
+        full = torch.zeros(B, C, dtype=torch.float32, device=hidden.device) + anchor
+        return (full, full.clone()) if return_entropy else full
+    res = linear_token_logprobs(hidden[sel], weight, y_sel, bias=bias, temperature=temperature,
+                                return_entropy=return_entropy, chunk_size=chunk_size,
+                                backend=backend)
+    vals = res if return_entropy else (res,)
+    outs = [torch.zeros(B, C, dtype=v.dtype, device=v.device).masked_scatter(sel, v)
+            for v in vals]
+    return tuple(outs) if return_entropy else outs[0]

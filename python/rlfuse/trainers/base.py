@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from rlfuse.models.generate import sample as lean_sample, supports as supports_lean_sampling
 from rlfuse.trainers.config import ConfigError, TrainConfig, report_integrations
 
 __all__ = ["BaseTrainer", "NonFiniteError", "RewardFunctionError", "load_model_and_tokenizer",
@@ -106,17 +107,28 @@ class _LogprobModule(torch.nn.Module):
         self.model = model
 
     def forward(self, input_ids, attention_mask, completion_mask=None, position_ids=None,
-                temperature=1.0, return_entropy=False, generate_kwargs=None):
-        from rlfuse.models.hf import causal_lm_token_logprobs
+                temperature=1.0, return_entropy=False, generate_kwargs=None,
+                prompt_length=None, share_prompts=True, sample_kwargs=None):
+        from rlfuse.models.hf import causal_lm_completion_logprobs, causal_lm_token_logprobs
 
         if generate_kwargs is not None:
             return self.model.generate(input_ids=input_ids, attention_mask=attention_mask,
                                        **generate_kwargs)
+        if sample_kwargs is not None:
+            return lean_sample(self.model, input_ids, attention_mask, **sample_kwargs)
 
-        out = causal_lm_token_logprobs(self.model, input_ids, attention_mask=attention_mask,
-                                       completion_mask=completion_mask,
-                                       position_ids=position_ids, temperature=temperature,
-                                       return_entropy=return_entropy)
+        if prompt_length is not None:
+            # prompt / completion split: [B, C] results, each distinct prompt encoded once
+            P = prompt_length
+            out = causal_lm_completion_logprobs(
+                self.model, input_ids[:, :P], attention_mask[:, :P], input_ids[:, P:],
+                completion_mask[:, P:], temperature=temperature, return_entropy=return_entropy,
+                share_prompts=share_prompts)
+        else:
+            out = causal_lm_token_logprobs(
+                self.model, input_ids, attention_mask=attention_mask,
+                completion_mask=completion_mask, position_ids=position_ids,
+                temperature=temperature, return_entropy=return_entropy)
         # FSDP2 hooks the outputs for backward and warns about views; [B, T] copies are cheap
         if isinstance(out, tuple):
             return tuple(t.clone() if t._base is not None else t for t in out)
@@ -635,6 +647,10 @@ class BaseTrainer:
         return out
 
     # -- generation -----------------------------------------------------------------
+    def _all_done(self, local_done: bool) -> bool:
+        flag = torch.tensor([0.0 if local_done else 1.0], device=self.device)
+        return float(_all_reduce_sum(flag, self.world_size)) == 0.0
+
     def _unwrap(self, m):
         return m.module if hasattr(m, "module") and not hasattr(m, "generate") else m
 
@@ -646,22 +662,35 @@ class BaseTrainer:
         tok = self.tokenizer
         t0 = time.perf_counter()
         p_ids, p_mask = encode_prompts(tok, prompts, a.max_prompt_length, self.device)
-        p_ids = p_ids.repeat_interleave(num_per_prompt, 0)
-        p_mask = p_mask.repeat_interleave(num_per_prompt, 0)
         model = self.model
         was = model.training
         model.eval()
-        kw = dict(do_sample=True, temperature=a.temperature, top_p=a.top_p, top_k=a.top_k or 0,
-                  max_new_tokens=a.max_completion_length, pad_token_id=tok.pad_token_id,
-                  eos_token_id=tok.eos_token_id)
         root = self._root(model)
-        if root is model:
-            out = model.generate(input_ids=p_ids, attention_mask=p_mask, **kw)
+        if getattr(a, "generation_backend", "hf") == "rlfuse" and supports_lean_sampling(model):
+            # each prompt is encoded once; the sampler repeats its KV cache for the samples
+            kw = dict(num_samples=num_per_prompt, max_new_tokens=a.max_completion_length,
+                      eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
+                      temperature=a.temperature, top_p=a.top_p, top_k=a.top_k or 0)
+            if root is model:
+                out = lean_sample(model, p_ids, p_mask, **kw)
+            else:
+                # FSDP2: every process runs a forward per token until all are done (the
+                # layers' all-gathers are collectives), inside the root's forward
+                out = root(p_ids, p_mask, sample_kwargs=dict(kw, all_done=self._all_done))
+                self._reshard(root)
+            p_ids = p_ids.repeat_interleave(num_per_prompt, 0)
+            p_mask = p_mask.repeat_interleave(num_per_prompt, 0)
         else:
-            # FSDP2: every process runs a forward per token until all are done (the layers'
-            # all-gathers are collectives), inside the root's forward
-            out = root(p_ids, p_mask, generate_kwargs=dict(kw, synced_gpus=True))
-            self._reshard(root)
+            p_ids = p_ids.repeat_interleave(num_per_prompt, 0)
+            p_mask = p_mask.repeat_interleave(num_per_prompt, 0)
+            kw = dict(do_sample=True, temperature=a.temperature, top_p=a.top_p,
+                      top_k=a.top_k or 0, max_new_tokens=a.max_completion_length,
+                      pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
+            if root is model:
+                out = model.generate(input_ids=p_ids, attention_mask=p_mask, **kw)
+            else:
+                out = root(p_ids, p_mask, generate_kwargs=dict(kw, synced_gpus=True))
+                self._reshard(root)
         model.train(was)
         c_ids = out[:, p_ids.size(1):]
         c_mask, truncated = completion_mask_from_ids(c_ids, tok.eos_token_id, tok.pad_token_id)
@@ -687,11 +716,11 @@ class BaseTrainer:
         if not isinstance(module, torch.nn.Module) or not isinstance(
                 getattr(module, "module", module), _LogprobModule):
             module = _LogprobModule(module)
-        res = module(ids, attn, comp, pos, self.args.temperature, return_entropy)
+        share = getattr(self.args, "share_prompt_prefix", False)
+        res = module(ids, attn, comp, pos, self.args.temperature, return_entropy,
+                     prompt_length=P, share_prompts=share)
         self._reshard(module)
-        if return_entropy:
-            return res[0][:, P:], res[1][:, P:]
-        return res[:, P:]
+        return res
 
     def batched_logprobs(self, model, r):
         """Completion log-probs of every row of ``r`` under ``model`` (micro-batched)."""

@@ -244,9 +244,19 @@ class _RolloutConfig(TrainConfig):
     top_k: Optional[int] = None
     reward_weights: Optional[list] = None
     mask_truncated_completions: bool = False
+    # rlfuse: "rlfuse" samples with rlfuse.models.generate.sample (the prompt is encoded
+    # once per group, one uniform draw per token); "hf" calls model.generate.  Models whose
+    # forward takes no KV cache, and FSDP2, always use "hf".
+    generation_backend: str = "rlfuse"
+    # rlfuse: encode each distinct prompt once in the log-prob forwards (policy, reference,
+    # old policy) and run its completions on the shared KV cache.
+    share_prompt_prefix: bool = True
 
     def validate(self):
         super().validate()
+        _choice(self, "generation_backend", ("rlfuse", "hf"))
+        _check(isinstance(self.share_prompt_prefix, bool), "share_prompt_prefix",
+               f"must be a bool, got {self.share_prompt_prefix!r}")
         _check(self.max_prompt_length is None or (_is_int(self.max_prompt_length)
                                                   and self.max_prompt_length >= 1),
                "max_prompt_length", f"must be None or a positive int, got {self.max_prompt_length!r}")

@@ -1,0 +1,172 @@
+"""rlfuse.models.generate.sample: the lean decode loop against ``model.generate`` (same
+tokens for the same seed with the multinomial sampler, eos / pad handling, groups of
+samples per prompt), the CDF sampler's distribution, the warpers against transformers'
+own, the multi-process stop rule and bad input."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+
+from rlfuse.models.generate import _draw, sample, supports, warp_logits  # noqa: E402
+
+V = 53
+
+
+def _model(kind="llama"):
+    common = dict(vocab_size=V, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128)
+    cfg = (transformers.LlamaConfig(**common) if kind == "llama"
+           else transformers.Qwen2Config(tie_word_embeddings=True, **common))
+    torch.manual_seed(0)
+    return transformers.AutoModelForCausalLM.from_config(cfg).float().eval()
+
+
+def _prompts(B=3, P=6, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(3, V, (B, P), generator=g)
+    mask = torch.ones(B, P, dtype=torch.long)
+    mask[1, :2] = 0                   # left padding
+    mask[2, :4] = 0
+    ids[mask == 0] = 0
+    return ids, mask
+
+
+# several eos ids so that rows end at different steps
+EOS = [5, 7, 11, 13, 17]
+
+
+@pytest.mark.parametrize("kind", ["llama", "qwen2"])
+@pytest.mark.parametrize("temperature,top_k,top_p", [(1.0, 0, 1.0), (0.7, 8, 1.0),
+                                                     (1.3, 0, 0.85), (1.0, 12, 0.9)])
+@pytest.mark.parametrize("n", [1, 4])
+def test_multinomial_sampler_equals_generate(kind, temperature, top_k, top_p, n):
+    model = _model(kind)
+    ids, mask = _prompts()
+    kw = dict(temperature=temperature, top_k=top_k, top_p=top_p)
+    torch.manual_seed(123)
+    ref = model.generate(input_ids=ids, attention_mask=mask, do_sample=True, max_new_tokens=20,
+                         num_return_sequences=n, eos_token_id=EOS, pad_token_id=0, **kw)
+    torch.manual_seed(123)
+    out = sample(model, ids, mask, num_samples=n, max_new_tokens=20, eos_token_id=EOS,
+                 pad_token_id=0, sampler="multinomial", **kw)
+    assert out.shape == ref.shape
+    assert torch.equal(out, ref)
+
+
+def test_rows_end_at_eos_and_pad_afterwards():
+    model = _model()
+    ids, mask = _prompts()
+    torch.manual_seed(0)
+    out = sample(model, ids, mask, num_samples=8, max_new_tokens=30, eos_token_id=EOS,
+                 pad_token_id=0)
+    P = ids.size(1)
+    assert out.shape[0] == 24 and P < out.shape[1] <= P + 30
+    assert torch.equal(out[:, :P], ids.repeat_interleave(8, 0))
+    comp = out[:, P:]
+    ended = torch.isin(comp, torch.tensor(EOS))
+    assert bool(ended.any())
+    for row in comp:
+        hits = torch.isin(row, torch.tensor(EOS)).nonzero()
+        if hits.numel():
+            assert bool((row[int(hits[0]) + 1:] == 0).all())   # pad after the first eos
+    # the loop stops as soon as every row has ended (or at the limit)
+    if out.shape[1] < P + 30:
+        assert bool(ended.any(1).all())
+        assert bool(ended[:, -1].any())
+
+
+def test_all_done_keeps_stepping_until_every_process_is_done():
+    model = _model()
+    ids, mask = _prompts()
+    calls = []
+
+    def never(local):
+        calls.append(local)
+        return False
+
+    torch.manual_seed(0)
+    out = sample(model, ids, mask, max_new_tokens=25, eos_token_id=EOS, pad_token_id=0,
+                 all_done=never)
+    assert out.shape[1] == ids.size(1) + 25
+    assert len(calls) == 24                 # asked after every token but the last
+
+
+def test_cdf_sampler_matches_the_distribution():
+    torch.manual_seed(0)
+    p = torch.tensor([0.05, 0.0, 0.3, 0.15, 0.0, 0.4, 0.1])
+    n = 200_000
+    probs = p.expand(n, -1).clone()
+    g = torch.Generator().manual_seed(7)
+    draws = _draw(probs, "cdf", g)
+    counts = torch.bincount(draws, minlength=p.numel()).double()
+    expected = p.double() * n
+    assert counts[1] == 0 and counts[4] == 0            # removed tokens are never drawn
+    sigma = (expected * (1 - p.double())).sqrt().clamp(min=1)
+    assert bool(((counts - expected).abs() <= 5 * sigma).all()), (counts, expected)
+
+
+def test_cdf_sampler_is_inverse_cdf_of_its_uniforms():
+    # the draw is the first token whose cumulative probability exceeds u * total
+    probs = torch.softmax(torch.randn(64, 31), -1)
+    g1, g2 = torch.Generator().manual_seed(3), torch.Generator().manual_seed(3)
+    draws = _draw(probs.clone(), "cdf", g1)
+    u = torch.rand(64, 1, generator=g2, dtype=probs.dtype)
+    cdf = probs.double().cumsum(-1)
+    ref = (cdf <= u.double() * cdf[:, -1:]).sum(-1).clamp(max=30)
+    # float32 cumsum vs float64: only a draw sitting on a boundary could differ
+    assert (draws != ref).sum() <= 1
+
+
+@pytest.mark.parametrize("temperature,top_k,top_p", [(0.6, 0, 1.0), (1.0, 5, 1.0),
+                                                     (1.0, 0, 0.7), (1.4, 9, 0.5)])
+def test_warpers_equal_transformers(temperature, top_k, top_p):
+    from transformers.generation.logits_process import (TemperatureLogitsWarper,
+                                                        TopKLogitsWarper, TopPLogitsWarper)
+
+    torch.manual_seed(0)
+    logits = torch.randn(16, 40) * 3
+    ref = logits.clone()
+    if temperature != 1.0:
+        ref = TemperatureLogitsWarper(temperature)(None, ref)
+    if top_k:
+        ref = TopKLogitsWarper(top_k)(None, ref)
+    if top_p < 1.0:
+        ref = TopPLogitsWarper(top_p)(None, ref)
+    out = warp_logits(logits.clone(), temperature, top_k, top_p)
+    assert torch.equal(torch.isinf(out), torch.isinf(ref))
+    assert torch.allclose(out[~torch.isinf(out)], ref[~torch.isinf(ref)])
+
+
+def test_supports():
+    assert supports(_model())
+
+    class NoCache(torch.nn.Module):
+        def forward(self, input_ids, attention_mask=None):
+            return input_ids
+
+    assert not supports(NoCache())
+
+
+@pytest.mark.parametrize("kw,name", [
+    (dict(max_new_tokens=0), "max_new_tokens"),
+    (dict(temperature=0.0), "temperature"),
+    (dict(top_p=0.0), "top_p"),
+    (dict(top_k=-1), "top_k"),
+    (dict(num_samples=0), "num_samples"),
+    (dict(sampler="gumbel"), "sampler"),
+    (dict(pad_token_id=None), "pad_token_id"),
+])
+def test_bad_input_names_the_argument(kw, name):
+    model = _model()
+    ids, mask = _prompts()
+    args = dict(max_new_tokens=4, eos_token_id=EOS, pad_token_id=0)
+    args.update(kw)
+    with pytest.raises(ValueError, match=name):
+        sample(model, ids, mask, **args)
+    with pytest.raises(ValueError, match="input_ids"):
+        sample(model, ids[0], None, max_new_tokens=4, eos_token_id=None, pad_token_id=None)
+    with pytest.raises(ValueError, match="attention_mask"):
+        sample(model, ids, mask[:, 1:], max_new_tokens=4, eos_token_id=None, pad_token_id=None)
