@@ -15,13 +15,14 @@ from rlfuse.models.generate import _draw, sample, supports, warp_logits  # noqa:
 V = 53
 
 
-def _model(kind="llama"):
+def _model(kind="llama", attn="sdpa"):
     common = dict(vocab_size=V, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128)
     cfg = (transformers.LlamaConfig(**common) if kind == "llama"
            else transformers.Qwen2Config(tie_word_embeddings=True, **common))
     torch.manual_seed(0)
-    return transformers.AutoModelForCausalLM.from_config(cfg).float().eval()
+    return transformers.AutoModelForCausalLM.from_config(
+        cfg, attn_implementation=attn).float().eval()
 
 
 def _prompts(B=3, P=6, seed=1):
@@ -38,13 +39,17 @@ def _prompts(B=3, P=6, seed=1):
 EOS = [5, 7, 11, 13, 17]
 
 
-@pytest.mark.parametrize("kind", ["llama", "qwen2"])
+@pytest.mark.parametrize("kind,attn", [("llama", "sdpa"), ("qwen2", "sdpa"),
+                                       ("llama", "eager")])
 @pytest.mark.parametrize("temperature,top_k,top_p", [(1.0, 0, 1.0), (0.7, 8, 1.0),
                                                      (1.3, 0, 0.85), (1.0, 12, 0.9)])
 @pytest.mark.parametrize("n", [1, 4])
-def test_multinomial_sampler_equals_generate(kind, temperature, top_k, top_p, n):
-    model = _model(kind)
+def test_multinomial_sampler_equals_generate(kind, attn, temperature, top_k, top_p, n,
+                                             padded=True):
+    model = _model(kind, attn)
     ids, mask = _prompts()
+    if not padded:
+        ids, mask = ids[:1], mask[:1]
     kw = dict(temperature=temperature, top_k=top_k, top_p=top_p)
     torch.manual_seed(123)
     ref = model.generate(input_ids=ids, attention_mask=mask, do_sample=True, max_new_tokens=20,
@@ -54,6 +59,12 @@ def test_multinomial_sampler_equals_generate(kind, temperature, top_k, top_p, n)
                  pad_token_id=0, sampler="multinomial", **kw)
     assert out.shape == ref.shape
     assert torch.equal(out, ref)
+
+
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+def test_unpadded_prompt_equals_generate(attn):
+    # no padding: transformers passes no mask to the attention at all
+    test_multinomial_sampler_equals_generate("llama", attn, 0.8, 0, 0.95, 3, padded=False)
 
 
 def test_rows_end_at_eos_and_pad_afterwards():
@@ -170,3 +181,47 @@ def test_bad_input_names_the_argument(kw, name):
         sample(model, ids[0], None, max_new_tokens=4, eos_token_id=None, pad_token_id=None)
     with pytest.raises(ValueError, match="attention_mask"):
         sample(model, ids, mask[:, 1:], max_new_tokens=4, eos_token_id=None, pad_token_id=None)
+
+
+def test_buffer_layer_appends_and_grows():
+    from rlfuse.models.generate import _BufferLayer
+
+    k, v = torch.randn(2, 3, 4, 5), torch.randn(2, 3, 4, 5)
+    layer = _BufferLayer(k, v, 6)
+    keys, vals = [k], [v]
+    for n in (1, 1, 3, 2):                    # 4 + 7 positions: past the capacity of 6
+        nk, nv = torch.randn(2, 3, n, 5), torch.randn(2, 3, n, 5)
+        keys.append(nk)
+        vals.append(nv)
+        gk, gv = layer.update(nk, nv)
+        assert torch.equal(gk, torch.cat(keys, 2)) and torch.equal(gv, torch.cat(vals, 2))
+    assert layer.get_seq_length() == 11
+
+
+def test_decode_mask_kind():
+    from rlfuse.models.generate import _decode_mask_kind
+
+    assert _decode_mask_kind(_model()) == "bool"
+    assert _decode_mask_kind(_model(attn="eager")) == "additive"
+    cfg = transformers.MistralConfig(vocab_size=V, hidden_size=32, intermediate_size=64,
+                                     num_hidden_layers=1, num_attention_heads=4,
+                                     num_key_value_heads=2, sliding_window=8)
+    assert _decode_mask_kind(transformers.AutoModelForCausalLM.from_config(cfg)) is None
+
+
+def test_sliding_window_model_equals_generate():
+    # the model builds its own (sliding-window) masks; the loop still matches generate
+    cfg = transformers.MistralConfig(vocab_size=V, hidden_size=32, intermediate_size=64,
+                                     num_hidden_layers=2, num_attention_heads=4,
+                                     num_key_value_heads=2, sliding_window=5,
+                                     max_position_embeddings=128)
+    torch.manual_seed(0)
+    model = transformers.AutoModelForCausalLM.from_config(cfg).eval()
+    ids, mask = _prompts()
+    torch.manual_seed(9)
+    ref = model.generate(input_ids=ids, attention_mask=mask, do_sample=True, max_new_tokens=12,
+                         num_return_sequences=2, eos_token_id=EOS, pad_token_id=0, top_k=0)
+    torch.manual_seed(9)
+    out = sample(model, ids, mask, num_samples=2, max_new_tokens=12, eos_token_id=EOS,
+                 pad_token_id=0, sampler="multinomial")
+    assert torch.equal(out, ref)

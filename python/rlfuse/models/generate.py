@@ -95,6 +95,90 @@ def _draw(probs: torch.Tensor, sampler: str, generator) -> torch.Tensor:
     return idx.squeeze(1).clamp_(max=probs.shape[-1] - 1)
 
 
+def _growing_cache(cache, capacity: int) -> bool:
+    """Swap every layer of a plain ``DynamicCache`` for one that appends into a buffer of
+    ``capacity`` positions (no concatenation per token; attention reads a view of exactly
+    the filled positions).  False, and nothing changed, for other caches."""
+    try:
+        from transformers.cache_utils import DynamicCache, DynamicLayer
+    except ImportError:
+        return False
+    if type(cache) is not DynamicCache or not cache.layers or \
+            any(type(layer) is not DynamicLayer or not layer.is_initialized
+                for layer in cache.layers):
+        return False
+    cache.layers = [_BufferLayer(layer.keys, layer.values, capacity) for layer in cache.layers]
+    return True
+
+
+def _buffer_layer_class():
+    from transformers.cache_utils import DynamicLayer
+
+    class BufferLayer(DynamicLayer):
+        """A ``DynamicLayer`` whose keys and values are views of the first ``length``
+        positions of preallocated buffers (grown by doubling if ever exceeded)."""
+
+        def __init__(self, keys, values, capacity):
+            super().__init__()
+            B, H, L, D = keys.shape
+            cap = max(capacity, L)
+            self.kbuf = keys.new_empty(B, H, cap, D)
+            self.vbuf = values.new_empty(B, H, cap, values.shape[-1])
+            self.kbuf[:, :, :L] = keys
+            self.vbuf[:, :, :L] = values
+            self.length = L
+            self.dtype, self.device = keys.dtype, keys.device
+            self.is_initialized = True
+            self.keys, self.values = self.kbuf[:, :, :L], self.vbuf[:, :, :L]
+
+        def update(self, key_states, value_states, *args, **kwargs):
+            L, n = self.length, key_states.shape[-2]
+            if L + n > self.kbuf.shape[2]:
+                cap = max(2 * self.kbuf.shape[2], L + n)
+                for name in ("kbuf", "vbuf"):
+                    old = getattr(self, name)
+                    new = old.new_empty(*old.shape[:2], cap, old.shape[-1])
+                    new[:, :, :L] = old[:, :, :L]
+                    setattr(self, name, new)
+            self.kbuf[:, :, L:L + n] = key_states
+            self.vbuf[:, :, L:L + n] = value_states
+            self.length = L + n
+            self.keys, self.values = self.kbuf[:, :, :L + n], self.vbuf[:, :, :L + n]
+            return self.keys, self.values
+
+    return BufferLayer
+
+
+_BUFFER_LAYER = None
+
+
+def _BufferLayer(keys, values, capacity):
+    global _BUFFER_LAYER
+    if _BUFFER_LAYER is None:
+        _BUFFER_LAYER = _buffer_layer_class()
+    return _BUFFER_LAYER(keys, values, capacity)
+
+
+def _decode_mask_kind(model) -> Optional[str]:
+    """How to hand the decode steps a ready 4D padding mask: ``"bool"`` for SDPA,
+    ``"additive"`` for eager attention (the formats ``transformers`` builds for them), or
+    None (let the model build its own: other attention kernels, sliding windows, chunked
+    or hybrid attention)."""
+    cfg = getattr(model, "config", None)
+    impl = getattr(cfg, "_attn_implementation", None)
+    if impl not in ("sdpa", "eager"):
+        return None
+    layer_types = getattr(cfg, "layer_types", None) or []
+    if any(t != "full_attention" for t in layer_types):
+        return None
+    if getattr(cfg, "sliding_window", None) and getattr(cfg, "use_sliding_window", True):
+        return None
+    for name in ("attention_chunk_size", "sliding_window_pattern", "attention_type"):
+        if getattr(cfg, name, None) not in (None, "global"):
+            return None
+    return "bool" if impl == "sdpa" else "additive"
+
+
 def _eos_tensor(eos_token_id, device) -> Optional[torch.Tensor]:
     if eos_token_id is None:
         return None
@@ -162,6 +246,17 @@ def sample(model, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor
     if num_samples > 1:
         last = rep(last)
         cache.batch_repeat_interleave(num_samples)
+    _growing_cache(cache, P + max_new_tokens)
+    # a ready [B, 1, 1, L] padding mask for the one-token steps (a view per step), in the
+    # format the attention kernel gets from transformers, which then builds none itself
+    kind = _decode_mask_kind(model)
+    step_mask = None
+    if kind is not None:
+        step_mask = mask.bool()[:, None, None, :]
+        if kind == "additive":
+            dt = getattr(model, "dtype", torch.float32)
+            step_mask = torch.zeros(step_mask.shape, dtype=dt, device=dev).masked_fill_(
+                ~step_mask, torch.finfo(dt).min)
     unfinished = torch.ones(B, dtype=torch.bool, device=dev)
     n = 0
     for t in range(max_new_tokens):
@@ -182,8 +277,8 @@ def sample(model, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor
                 done = all_done(done)
             if done:
                 break
-        kw = dict(attention_mask=mask[:, :P + t + 1], past_key_values=cache, use_cache=True,
-                  **keep)
+        am = mask[:, :P + t + 1] if step_mask is None else step_mask[..., :P + t + 1]
+        kw = dict(attention_mask=am, past_key_values=cache, use_cache=True, **keep)
         if use_pos:
             kw["position_ids"] = next_pos
             next_pos = next_pos + 1
