@@ -3,8 +3,10 @@
 
 Both trainers load the same saved tiny Llama (untrained, so almost every completion runs
 to ``max_completion_length`` in both), sample ``num_generations`` completions for each
-prompt with ``generate``, use ``beta > 0`` (a reference model) and the ``dapo`` loss, and
-make one optimizer step per generation batch.  Each variant runs in its own subprocess
+prompt (TRL with ``generate``; rlfuse with its defaults: ``rlfuse.models.generate.sample``,
+one prefill per prompt, and log-prob forwards that encode each prompt once), use
+``beta > 0`` (a reference model) and the ``dapo`` loss, and make one optimizer step per
+generation batch.  Each variant runs in its own subprocess
 (``python -m rlfuse.bench.train --child ...``), alternately, ``repeat`` times, so that
 peak memory is measured per process and load on a shared machine hits both alike:
 
