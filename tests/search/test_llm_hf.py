@@ -78,6 +78,47 @@ def test_steps_match_full_sequence_logprobs_through_reused_caches(tiny):
     _check_candidates(model, gen.sample_steps([c.state for c in nxt if c.state.kv], 2))
 
 
+def test_packed_cache_mixes_sources_repeats_and_uncached_prefixes(tiny):
+    """One generation batch over prefixes whose caches come from two earlier batches, a
+    prefix with no cache at all (a BOS-only prompt) and per-state sample counts (0 to 3):
+    the packed cache holds each slice right-aligned and repeated, finite padding, zeros
+    for the uncached row, and the candidates' log-probs equal fresh forwards."""
+    from rlfuse.search.llm_gen import _pack
+
+    model, tok = tiny
+    gen = HFStepModel(model, tok, max_new_tokens=5, temperature=2.0, seed=4)
+    cached = []
+    for p, prompt in enumerate(["12+3=", "1+1-4+5=6"]):     # two generation batches
+        (root,) = gen.root_states([p], [prompt])
+        d = gen._decode([root], 3, 4, gen._eos_tab)
+        # children after the first 1, 2, 3 sampled tokens, holding slices of d's cache
+        cached += [gen._child(root, d, r, 1 + r, True) for r in range(3)]
+    assert len({id(st.kv.layers) for st in cached}) == 2
+    (bos,) = gen.root_states([2], [""])
+    assert bos.ids == [tok.bos_token_id] and bos.kv is None
+    states = [cached[0], bos, *cached[1:]]
+    reps = [2, 1] + [(i % 4) for i in range(len(cached) - 1)]
+    lens = [len(st.ids) - 1 for st in states]
+    C = max(lens)
+    packed = _pack(states, lens, C, reps)
+    r = 0
+    for st, n, k in zip(states, lens, reps):
+        for _ in range(k):
+            for li, (keys, values) in enumerate(packed):
+                for which, t in enumerate((keys, values)):
+                    assert torch.isfinite(t[r]).all()
+                    if n == 0:
+                        assert not t[r].any()
+                        continue
+                    src = st.kv.layers[li][which][st.kv.row, :, st.kv.start:st.kv.stop]
+                    assert torch.equal(t[r, :, C - n:], src)
+            r += 1
+    assert packed[0][0].shape[0] == r == sum(reps)
+    rolled = gen.sample_rollouts(states, reps, max_steps=2)
+    assert [len(row) for row in rolled] == reps
+    _check_candidates(model, [[c for c, _ in row] for row in rolled])
+
+
 def test_kv_slice_equals_a_fresh_prefill(tiny):
     model, tok = tiny
     gen = HFStepModel(model, tok, max_new_tokens=8, temperature=2.0, seed=1)
