@@ -296,3 +296,31 @@ def test_other_architectures_reuse_caches_exactly(arch):
     kids = [c.state for cs in level1 for c in cs]
     rolled = gen.sample_rollouts(kids, 2, max_steps=2)
     _check_candidates(model, level1 + [[c for c, _ in row] for row in rolled])
+
+
+def test_step_texts_decode_as_the_tokenizer_does():
+    """Step texts come from the tokenizer's Rust backend directly only where it agrees
+    with ``tokenizer.decode``; a tokenizer that cleans up spaces, or whose decode differs
+    anywhere on the vocabulary, keeps its own decode."""
+    from rlfuse.search.llm_gen import _fast_decode
+
+    tok = tiny_tokenizer()
+    fast = _fast_decode(tok, len(tok))
+    g = torch.Generator().manual_seed(0)
+    for n in range(40):
+        ids = torch.randint(0, len(tok), (n,), generator=g).tolist()
+        assert fast(ids) == tok.decode(ids, skip_special_tokens=True)
+    plain = type(tok).decode
+
+    class Marked(type(tok)):      # a decode that differs from its backend
+        def decode(self, ids, **kw):
+            return plain(self, ids, **kw) + "!"
+
+    marked = tiny_tokenizer()
+    marked.__class__ = Marked
+    assert _fast_decode(marked, len(marked))([5, 6]) == tok.decode([5, 6]) + "!"
+    tok.clean_up_tokenization_spaces = True
+    calls = []
+    tok.decode = lambda ids, **kw: calls.append(ids) or plain(tok, ids, **kw)
+    _fast_decode(tok, len(tok))([7])
+    assert calls == [[7]]

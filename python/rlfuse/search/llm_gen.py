@@ -246,7 +246,7 @@ def _sample(logits: torch.Tensor, temperature: float, top_p: float, generator) -
     ``torch.multinomial`` or a Gumbel draw per logit); temperature 0 is greedy."""
     if temperature == 0:
         return logits.argmax(-1)
-    p = torch.softmax(logits / temperature, -1)
+    p = torch.softmax(logits / temperature if temperature != 1.0 else logits, -1)
     if top_p < 1.0:
         sp = p.sort(-1, descending=True).values
         # the smallest probability inside the nucleus (the top token is always kept)
@@ -309,6 +309,7 @@ class HFStepModel(StepModel):
         self.stop_ids = torch.tensor(sorted(self._stop_set), device=self.device)
         self._stop_tab, self._eos_tab = self._table(self.stop_ids), self._table(self.eos_ids)
         self._texts: dict = {}
+        self._decode_ids = _fast_decode(tokenizer, vocab)
 
     def _eos_set(self) -> set:
         ids = {int(self.tokenizer.eos_token_id)}
@@ -331,8 +332,9 @@ class HFStepModel(StepModel):
 
     def root_states(self, problems, prompts):
         states = []
-        for p, s in zip(problems, prompts):
-            ids = list(self.tokenizer(s).input_ids)
+        encoded = self.tokenizer(list(prompts)).input_ids if len(prompts) else []
+        for p, s, ids in zip(problems, prompts, encoded):
+            ids = list(ids)
             if not ids:
                 raise ValueError(f"problem {p}: the prompt encodes to no tokens; the tokenizer "
                                  "must add a BOS token or the prompt must be non-empty")
@@ -463,7 +465,7 @@ class HFStepModel(StepModel):
         if text is None:
             if len(self._texts) >= _TEXT_MEMO:
                 self._texts.clear()
-            text = self._texts[key] = self.tokenizer.decode(ids, skip_special_tokens=True)
+            text = self._texts[key] = self._decode_ids(ids)
         return text
 
     def _step_text(self, ids: list, eos: set):
@@ -567,6 +569,30 @@ class HFStepModel(StepModel):
             text = self._text(rows[r][:n])
             out.append((st.completion + text, n))
         return out
+
+
+def _fast_decode(tokenizer, vocab: int):
+    """``ids -> tokenizer.decode(ids, skip_special_tokens=True)``.  For a fast tokenizer
+    that cleans up no spaces that call is the Rust backend's ``decode`` behind ~2 us of
+    Python wrappers, so the backend is called directly, after checking that both agree
+    on the whole vocabulary (in runs of 64 ids); otherwise the tokenizer's own decode."""
+    slow = lambda ids: tokenizer.decode(ids, skip_special_tokens=True)  # noqa: E731
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is None or getattr(tokenizer, "clean_up_tokenization_spaces", False) or \
+            not callable(getattr(backend, "decode", None)):
+        return slow
+
+    def fast(ids):
+        return backend.decode(ids, skip_special_tokens=True)
+
+    try:
+        for i in range(0, vocab, 64):
+            ids = list(range(i, min(i + 64, vocab)))
+            if fast(ids) != slow(ids):
+                return slow
+    except Exception:       # noqa: BLE001 (any failure: keep the tokenizer's own decode)
+        return slow
+    return fast
 
 
 _TEXT_MEMO = 1 << 16         # decoded texts kept by HFStepModel._text
