@@ -4,6 +4,7 @@ search end to end on ChainTask with exports loaded the way TRL's data paths load
 
 from __future__ import annotations
 
+import copy
 import math
 
 import datasets
@@ -100,20 +101,33 @@ def test_packed_cache_mixes_sources_repeats_and_uncached_prefixes(tiny):
     reps = [2, 1] + [(i % 4) for i in range(len(cached) - 1)]
     lens = [len(st.ids) - 1 for st in states]
     C = max(lens)
-    packed = _pack(states, lens, C, reps)
-    r = 0
-    for st, n, k in zip(states, lens, reps):
-        for _ in range(k):
-            for li, (keys, values) in enumerate(packed):
-                for which, t in enumerate((keys, values)):
-                    assert torch.isfinite(t[r]).all()
-                    if n == 0:
-                        assert not t[r].any()
-                        continue
-                    src = st.kv.layers[li][which][st.kv.row, :, st.kv.start:st.kv.stop]
-                    assert torch.equal(t[r, :, C - n:], src)
-            r += 1
-    assert packed[0][0].shape[0] == r == sum(reps)
+    # the C++ kernel (zeros in front) and the index_select path (the first token repeated)
+    for kernel in (True, False):
+        packed = _pack(states, lens, C, reps, kernel=kernel)
+        r = 0
+        for st, n, k in zip(states, lens, reps):
+            for _ in range(k):
+                for li, (keys, values) in enumerate(packed):
+                    for which, t in enumerate((keys, values)):
+                        assert torch.isfinite(t[r]).all()
+                        if n == 0:
+                            assert not t[r].any()
+                            continue
+                        src = st.kv.layers[li][which][st.kv.row, :, st.kv.start:st.kv.stop]
+                        assert torch.equal(t[r, :, C - n:], src)
+                        pad = t[r, :, :C - n]
+                        if kernel:
+                            assert not pad.any()
+                        else:
+                            assert torch.equal(pad, src[:, :1].expand_as(pad))
+                r += 1
+        assert packed[0][0].shape[0] == r == sum(reps)
+    # a slice that reaches past its cache tensor is refused, not read
+    kv = cached[0].kv
+    bad = copy.copy(cached[0])
+    bad.kv = KVSlice(kv.layers, kv.row, kv.start + 100, kv.stop + 100)
+    with pytest.raises(RuntimeError, match="outside its cache"):
+        _pack([bad], [lens[0]], lens[0], [1])
     rolled = gen.sample_rollouts(states, reps, max_steps=2)
     assert [len(row) for row in rolled] == reps
     _check_candidates(model, [[c for c, _ in row] for row in rolled])

@@ -599,13 +599,17 @@ _TEXT_MEMO = 1 << 16         # decoded texts kept by HFStepModel._text
 _LOGITS_BATCH = 1 << 24     # logits kept for one log-prob call per decode (64 MiB f32)
 
 
-def _pack(states, lens, C: int, reps: list) -> list:
+def _pack(states, lens, C: int, reps: list, kernel: bool = True) -> list:
     """Per layer (keys, values) ``[R, H, C, D]``: every state's cache slice right-aligned
-    in C columns, repeated ``reps[i]`` times (state-major rows).  One ``index_select`` per
-    layer per source batch gathers the rows, their repeats and the padding at once: the
-    padding columns repeat the state's first cached token (finite values; attention
-    masks them, so they get weight exactly 0), rather than reading the source row's own
-    padding, which may hold anything.  A state with no cached token gets zeros."""
+    in C columns, repeated ``reps[i]`` times (state-major rows), the columns in front
+    padded with finite values (attention masks them: they get weight exactly 0).
+
+    On the CPU one call of ``rlfuse._C.kv_pack`` per tensor copies every row's slice
+    from its source batch in one pass (zeros in front).  Elsewhere (or without the
+    extension, or with ``kernel=False``) one ``index_select`` per layer per source batch gathers the rows, their
+    repeats and the padding at once: the padding columns repeat the state's first cached
+    token, rather than reading the source row's own padding, which may hold anything.
+    A state with no cached token gets zeros on both paths."""
     N = len(states)
     groups: dict[int, tuple] = {}
     empty: list[int] = []
@@ -626,6 +630,9 @@ def _pack(states, lens, C: int, reps: list) -> list:
         else:
             empty.extend(range(r, r + n))
         r += n
+    packed = _pack_cpu(list(groups.values()), r, C) if kernel else None
+    if packed is not None:
+        return packed
     R = r
     dev = next(iter(groups.values()))[0][0][0].device
     cols = torch.arange(C, device=dev)
@@ -661,6 +668,57 @@ def _pack(states, lens, C: int, reps: list) -> list:
                 dst.index_copy_(0, out_rows, g)
             packed.append(dst)
         out.append(tuple(packed))
+    return out
+
+
+def _pack_cpu(groups: list, R: int, C: int) -> Optional[list]:
+    """``_pack`` through ``rlfuse._C.kv_pack`` (one pass per tensor), or None where it
+    does not apply: tensors off the CPU, without the extension, of mixed dtypes or
+    shapes, or with a strided last dimension."""
+    from rlfuse import _backend
+
+    if not _backend.available("cpu"):
+        return None
+    layers0 = groups[0][0]
+    L = len(layers0)
+    for layers, *_ in groups:
+        if len(layers) != L:
+            return None
+    group = [-1] * R
+    src_row, start, n = [0] * R, [0] * R, [0] * R
+    bounds = []
+    for g, (layers, out_rows, rows, first, off) in enumerate(groups):
+        for o, row, f, p in zip(out_rows, rows, first, off):
+            group[o], src_row[o], start[o], n[o] = g, row, f, C - p
+        # rows, first column and end column of its slices, checked against each tensor
+        bounds.append((min(rows), max(rows), min(first),
+                       max(f + C - p for f, p in zip(first, off))))
+    meta = torch.tensor([group, src_row, start, n], dtype=torch.int64)
+    kernel = _backend.cpu_module().kv_pack
+    out = []
+    for li in range(L):
+        pair = []
+        for which in (0, 1):
+            ref = layers0[li][which]
+            _, H, _, D = ref.shape
+            srcs = []
+            for (layers, *_), (lo, hi, first, end) in zip(groups, bounds):
+                t = layers[li][which]
+                if t.device.type != "cpu" or t.dtype != ref.dtype or t.dim() != 4 or \
+                        t.shape[1] != H or t.shape[3] != D or t.stride(3) != 1:
+                    return None
+                # every slice inside its source (a bad KVSlice must not read out of bounds)
+                if lo < 0 or hi >= t.shape[0] or first < 0 or end > t.shape[2]:
+                    raise RuntimeError("rlfuse.search.llm_gen: a KV slice lies outside its "
+                                       "cache tensor")
+                es = t.element_size()
+                srcs.append([t.data_ptr(), t.stride(0) * es, t.stride(1) * es,
+                             t.stride(2) * es])
+            dst = torch.empty(R, H, C, D, dtype=ref.dtype)
+            kernel(dst.data_ptr(), R, H, C, D * ref.element_size(), srcs, meta[0].data_ptr(),
+                   meta[1].data_ptr(), meta[2].data_ptr(), meta[3].data_ptr())
+            pair.append(dst)
+        out.append(tuple(pair))
     return out
 
 
