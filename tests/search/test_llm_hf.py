@@ -133,6 +133,21 @@ def test_packed_cache_mixes_sources_repeats_and_uncached_prefixes(tiny):
     _check_candidates(model, [[c for c, _ in row] for row in rolled])
 
 
+def test_stop_table_narrower_than_the_logits_is_widened(tiny):
+    """Stop checks index a bool table by token id; logits wider than the table (a model
+    whose output layer is larger than its config says) must not index past it."""
+    model, tok = tiny
+    gen = HFStepModel(model, tok, max_new_tokens=6, temperature=3.0, seed=5)
+    roots = gen.root_states([0, 1], ["1+2=", "3="])
+    eos = tok.eos_token_id
+    narrow = gen._eos_tab[:eos + 1]
+    assert narrow.shape[0] < len(tok)
+    d = gen._decode(roots, 8, 6, narrow)
+    assert int(d.toks.max()) >= narrow.shape[0]            # ids past the narrow table
+    for row, n, stopped in zip(d.rows, d.length.tolist(), d.stopped.tolist()):
+        assert (eos in row[:n]) == stopped and (not stopped or row[n - 1] == eos)
+
+
 def test_kv_slice_equals_a_fresh_prefill(tiny):
     model, tok = tiny
     gen = HFStepModel(model, tok, max_new_tokens=8, temperature=2.0, seed=1)

@@ -606,10 +606,10 @@ def _pack(states, lens, C: int, reps: list, kernel: bool = True) -> list:
 
     On the CPU one call of ``rlfuse._C.kv_pack`` per tensor copies every row's slice
     from its source batch in one pass (zeros in front).  Elsewhere (or without the
-    extension, or with ``kernel=False``) one ``index_select`` per layer per source batch gathers the rows, their
-    repeats and the padding at once: the padding columns repeat the state's first cached
-    token, rather than reading the source row's own padding, which may hold anything.
-    A state with no cached token gets zeros on both paths."""
+    extension, or with ``kernel=False``) one ``index_select`` per layer per source batch
+    gathers the rows, their repeats and the padding at once: the padding columns repeat
+    the state's first cached token, rather than reading the source row's own padding,
+    which may hold anything.  A state with no cached token gets zeros on both paths."""
     N = len(states)
     groups: dict[int, tuple] = {}
     empty: list[int] = []
