@@ -4,6 +4,7 @@ search end to end on ChainTask with exports loaded the way TRL's data paths load
 
 from __future__ import annotations
 
+import copy
 import math
 
 import datasets
@@ -76,6 +77,75 @@ def test_steps_match_full_sequence_logprobs_through_reused_caches(tiny):
     assert gen.counters.generated == before and nxt
     _check_candidates(model, [nxt])
     _check_candidates(model, gen.sample_steps([c.state for c in nxt if c.state.kv], 2))
+
+
+def test_packed_cache_mixes_sources_repeats_and_uncached_prefixes(tiny):
+    """One generation batch over prefixes whose caches come from two earlier batches, a
+    prefix with no cache at all (a BOS-only prompt) and per-state sample counts (0 to 3):
+    the packed cache holds each slice right-aligned and repeated, finite padding, zeros
+    for the uncached row, and the candidates' log-probs equal fresh forwards."""
+    from rlfuse.search.llm_gen import _pack
+
+    model, tok = tiny
+    gen = HFStepModel(model, tok, max_new_tokens=5, temperature=2.0, seed=4)
+    cached = []
+    for p, prompt in enumerate(["12+3=", "1+1-4+5=6"]):     # two generation batches
+        (root,) = gen.root_states([p], [prompt])
+        d = gen._decode([root], 3, 4, gen._eos_tab)
+        # children after the first 1, 2, 3 sampled tokens, holding slices of d's cache
+        cached += [gen._child(root, d, r, 1 + r, True) for r in range(3)]
+    assert len({id(st.kv.layers) for st in cached}) == 2
+    (bos,) = gen.root_states([2], [""])
+    assert bos.ids == [tok.bos_token_id] and bos.kv is None
+    states = [cached[0], bos, *cached[1:]]
+    reps = [2, 1] + [(i % 4) for i in range(len(cached) - 1)]
+    lens = [len(st.ids) - 1 for st in states]
+    C = max(lens)
+    # the C++ kernel (zeros in front) and the index_select path (the first token repeated)
+    for kernel in (True, False):
+        packed = _pack(states, lens, C, reps, kernel=kernel)
+        r = 0
+        for st, n, k in zip(states, lens, reps):
+            for _ in range(k):
+                for li, (keys, values) in enumerate(packed):
+                    for which, t in enumerate((keys, values)):
+                        assert torch.isfinite(t[r]).all()
+                        if n == 0:
+                            assert not t[r].any()
+                            continue
+                        src = st.kv.layers[li][which][st.kv.row, :, st.kv.start:st.kv.stop]
+                        assert torch.equal(t[r, :, C - n:], src)
+                        pad = t[r, :, :C - n]
+                        if kernel:
+                            assert not pad.any()
+                        else:
+                            assert torch.equal(pad, src[:, :1].expand_as(pad))
+                r += 1
+        assert packed[0][0].shape[0] == r == sum(reps)
+    # a slice that reaches past its cache tensor is refused, not read
+    kv = cached[0].kv
+    bad = copy.copy(cached[0])
+    bad.kv = KVSlice(kv.layers, kv.row, kv.start + 100, kv.stop + 100)
+    with pytest.raises(RuntimeError, match="outside its cache"):
+        _pack([bad], [lens[0]], lens[0], [1])
+    rolled = gen.sample_rollouts(states, reps, max_steps=2)
+    assert [len(row) for row in rolled] == reps
+    _check_candidates(model, [[c for c, _ in row] for row in rolled])
+
+
+def test_stop_table_narrower_than_the_logits_is_widened(tiny):
+    """Stop checks index a bool table by token id; logits wider than the table (a model
+    whose output layer is larger than its config says) must not index past it."""
+    model, tok = tiny
+    gen = HFStepModel(model, tok, max_new_tokens=6, temperature=3.0, seed=5)
+    roots = gen.root_states([0, 1], ["1+2=", "3="])
+    eos = tok.eos_token_id
+    narrow = gen._eos_tab[:eos + 1]
+    assert narrow.shape[0] < len(tok)
+    d = gen._decode(roots, 8, 6, narrow)
+    assert int(d.toks.max()) >= narrow.shape[0]            # ids past the narrow table
+    for row, n, stopped in zip(d.rows, d.length.tolist(), d.stopped.tolist()):
+        assert (eos in row[:n]) == stopped and (not stopped or row[n - 1] == eos)
 
 
 def test_kv_slice_equals_a_fresh_prefill(tiny):
@@ -255,3 +325,31 @@ def test_other_architectures_reuse_caches_exactly(arch):
     kids = [c.state for cs in level1 for c in cs]
     rolled = gen.sample_rollouts(kids, 2, max_steps=2)
     _check_candidates(model, level1 + [[c for c, _ in row] for row in rolled])
+
+
+def test_step_texts_decode_as_the_tokenizer_does():
+    """Step texts come from the tokenizer's Rust backend directly only where it agrees
+    with ``tokenizer.decode``; a tokenizer that cleans up spaces, or whose decode differs
+    anywhere on the vocabulary, keeps its own decode."""
+    from rlfuse.search.llm_gen import _fast_decode
+
+    tok = tiny_tokenizer()
+    fast = _fast_decode(tok, len(tok))
+    g = torch.Generator().manual_seed(0)
+    for n in range(40):
+        ids = torch.randint(0, len(tok), (n,), generator=g).tolist()
+        assert fast(ids) == tok.decode(ids, skip_special_tokens=True)
+    plain = type(tok).decode
+
+    class Marked(type(tok)):      # a decode that differs from its backend
+        def decode(self, ids, **kw):
+            return plain(self, ids, **kw) + "!"
+
+    marked = tiny_tokenizer()
+    marked.__class__ = Marked
+    assert _fast_decode(marked, len(marked))([5, 6]) == tok.decode([5, 6]) + "!"
+    tok.clean_up_tokenization_spaces = True
+    calls = []
+    tok.decode = lambda ids, **kw: calls.append(ids) or plain(tok, ids, **kw)
+    _fast_decode(tok, len(tok))([7])
+    assert calls == [[7]]

@@ -19,26 +19,51 @@ prefix (target: at least 2x fewer) and whether MCTS accuracy >= best-of-N's.
 
 from __future__ import annotations
 
+import contextlib
+
 from rlfuse.bench.harness import Row
 
 NAME = "search_llm"
 
 
 def run(device="cpu", quick=False, repeat=None, compile=True, backends=None) -> list[Row]:
-    from rlfuse.search.llm_demo import compare, default_model
+    from rlfuse.search.llm_demo import default_model
     from rlfuse.tasks import ChainTask
 
-    if str(device) != "cpu":
-        device = "cpu"          # the tiny model's forward is launch-bound; CPU is the target
+    # device: the tiny model's forward is launch-bound; the CPU is the target
     task = ChainTask()
     n_problems, sims, warm = (8, 8, 150) if quick else (32, 32, 400)
     model, tok, _ = default_model(task=task, warmup_steps=warm)
+    with one_thread():
+        return _searches(task, model, tok, n_problems, sims, quick)
+
+
+@contextlib.contextmanager
+def one_thread():
+    """The searches run on one torch thread, whatever the process uses (as the tests do):
+    the tiny model's ops take microseconds, and with 2 threads an OpenMP worker spins
+    between them, so any other load on the machine stalls every parallel region
+    (2026-11-27, 2-core VM at load 3-5: 2.4-13 s per search at 2 threads against
+    ~0.2-0.3 s at one)."""
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(n)
+
+
+def _searches(task, model, tok, n_problems, sims, quick) -> list[Row]:
+    from rlfuse.search.llm_demo import compare
+
     problems = task.dataset(n_problems, seed=1000)
     # one small search first so that lazy initialisation is not timed
     compare(model, tok, task, problems[:2], num_simulations=4, parallel=2)
     rep = compare(model, tok, task, problems, num_simulations=sims, num_candidates=4,
                   parallel=4)
-    case = f"chain B={n_problems} K=4 sims={sims} W=4"
+    case = f"chain B={n_problems} K=4 sims={sims} W=4 threads=1"
     s = rep["search"]
     rows = []
     for name in ("mcts", "best_of_n", "beam"):
@@ -82,7 +107,7 @@ def _overhead_row(problems, sims) -> Row:
     search.run(problems)
     s = search.stats
     frac = s["overhead_seconds"] / s["wall_seconds"]
-    case = f"hidden=512 L=8 (random) B={len(problems)} K=4 sims={sims} W=4"
+    case = f"hidden=512 L=8 (random) B={len(problems)} K=4 sims={sims} W=4 threads=1"
     return Row(NAME, case, "f32", "overhead", {"rlfuse": 1000 * s["overhead_seconds"]}, 0.0,
                {"overhead": f"{100 * frac:.1f}% of {s['wall_seconds']:.1f} s outside model "
                             f"forwards; {100 * s['search_seconds'] / s['wall_seconds']:.1f}% "

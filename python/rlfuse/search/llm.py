@@ -25,6 +25,7 @@ value-guided).  Exports for training are in :mod:`rlfuse.search.llm_export`.
 from __future__ import annotations
 
 import collections
+import gc
 import math
 import time
 from dataclasses import dataclass, field
@@ -280,8 +281,8 @@ class StepSearch:
 
     # one batch of expansions: K candidates for every state, merged, with priors
     def _expand(self, ev: _Evaluator, states: list[StepState], tails=None):
-        """Kept candidates (None for merged duplicates), prior logits [S, K], invalid
-        [S, K] and each state's own evaluation: its value (step expansion) or the
+        """Kept candidates (None for merged duplicates), prior logits and invalid masks
+        (lists of S rows of K) and each state's own evaluation: its value (step expansion) or the
         rewards of its newly sampled rollouts (rollout expansion).  ``tails[i]``: the
         ``(tail, reward)`` of the rollouts that already went through state i; up to K of
         them are continued as candidates instead of sampling new ones."""
@@ -308,39 +309,42 @@ class StepSearch:
         else:
             cand_lists = self.gen.sample_steps(states, K)
             own = ev.values(states)
-        logits = torch.zeros(len(states), K, dtype=torch.float32)
-        invalid = torch.zeros(len(states), K, dtype=torch.bool)
+        # prior logits and invalid masks as lists (rows of K); tensors are made once per
+        # simulation step, not written element by element
+        logits: list[list[float]] = []
+        invalid: list[list[bool]] = []
         kept_all = []
-        for i, cands in enumerate(cand_lists):
+        use_lp = self.prior == "logprob"
+        release = self.gen.release
+        for cands in cand_lists:
             if len(cands) != K:
                 raise RuntimeError(f"step model returned {len(cands)} candidates, expected {K}")
             kept, first = _merge(cands)
+            lg, inv = [0.0] * K, [False] * K
             for j, c in enumerate(kept):
                 if c is None:
-                    invalid[i, j] = True
-                    kept[first[j]].returns.extend(cands[j].returns)
-                    kept[first[j]].tails.extend(cands[j].tails)
-                    self.gen.release(cands[j].state)
-                elif self.prior == "logprob":
-                    logits[i, j] = c.mean_logprob
+                    inv[j] = True
+                    f = kept[first[j]]
+                    f.returns.extend(cands[j].returns)
+                    f.tails.extend(cands[j].tails)
+                    release(cands[j].state)
+                elif use_lp:
+                    lg[j] = c.mean_logprob
             kept_all.append(kept)
+            logits.append(lg)
+            invalid.append(inv)
         for st in states:
-            self.gen.release(st)
+            release(st)
         return kept_all, logits, invalid, own
 
-    def _new_nodes(self, ev: _Evaluator, parents: list[_Payload], actions: list[int]):
-        """Payloads, rewards, discounts, prior logits, invalid masks, values and terminal flags
-        of the children reached by ``actions`` from ``parents`` (one batch)."""
-        M = len(parents)
-        reward = torch.zeros(M)
-        discount = torch.ones(M)
-        value = torch.zeros(M)
-        logits = torch.zeros(M, self.K)
-        invalid = torch.zeros(M, self.K, dtype=torch.bool)
-        terminal = torch.zeros(M, dtype=torch.bool)
-        payloads: list[_Payload] = []
+    def _new_nodes(self, ev: _Evaluator, parents: list[_Payload], actions: list[int], rows,
+                   out):
+        """The children reached by ``actions`` from ``parents`` (one batch): their payloads,
+        and their rewards, discounts, prior logits, invalid masks, values and terminal flags
+        written into the lists ``out`` at the positions ``rows``."""
+        reward, discount, logits, invalid, value, terminal, payloads = out
         grow: list[int] = []
-        for i, (par, a) in enumerate(zip(parents, actions)):
+        for i, par, a in zip(rows, parents, actions):
             if par.terminal or par.cands is None:
                 raise RuntimeError("rlfuse.search.llm: the tree search expanded a terminal node")
             cand = par.cands[a]
@@ -352,31 +356,43 @@ class StepSearch:
                     r = cand.returns[0]         # its rollout was this very completion
                 else:
                     r = ev.reward(st.problem, st.completion)
-                payloads.append(_Payload(st, terminal=True, reward=r))
-                reward[i], discount[i], terminal[i] = r, 0.0, True
+                payloads[i] = _Payload(st, terminal=True, reward=r)
+                reward[i], terminal[i] = r, True     # discount 0
                 self.gen.release(st)
             else:
-                payloads.append(_Payload(st))
-                grow.append(i)
+                payloads[i] = _Payload(st)
+                discount[i] = 1.0
+                grow.append((i, cand))
         if grow:
-            kept, lg, inv, own = self._expand(ev, [payloads[i].state for i in grow],
-                                              [parents[i].cands[actions[i]].tails for i in grow])
-            for j, i in enumerate(grow):
+            kept, lg, inv, own = self._expand(ev, [payloads[i].state for i, _ in grow],
+                                              [cand.tails for _, cand in grow])
+            rollout = self.expansion == "rollout"
+            for j, (i, cand) in enumerate(grow):
                 payloads[i].cands = kept[j]
-                if self.expansion == "rollout":      # every rollout through the node
-                    seen = parents[i].cands[actions[i]].returns + own[j]
+                if rollout:      # every rollout through the node
+                    seen = cand.returns + own[j]
                     value[i] = sum(seen) / max(len(seen), 1)
                 else:
                     value[i] = own[j]
-            idx = torch.tensor(grow)
-            logits[idx], invalid[idx] = lg, inv
-        return payloads, reward, discount, logits, invalid, value, terminal
+                logits[i], invalid[i] = lg[j], inv[j]
 
     def run(self, problems) -> list[SearchResult]:
         """Search every problem; one tree per problem, all trees in the same batches."""
+        prompts = _prompts(problems)
+        # Python's cyclic collector is paused while the search runs, as in the tree search
+        # loop: its passes over torch's large heap would cost more than the bookkeeping
+        # they interrupt (~1 ms each here); reference counting still frees memory at once.
+        was_enabled = gc.isenabled()
+        gc.disable()
+        try:
+            return self._run(problems, prompts)
+        finally:
+            if was_enabled:
+                gc.enable()
+
+    def _run(self, problems, prompts) -> list[SearchResult]:
         from rlfuse import search as _search
 
-        prompts = _prompts(problems)
         B = len(prompts)
         t_start = time.perf_counter()
         c0 = self.gen.counters.snapshot()
@@ -387,32 +403,32 @@ class StepSearch:
             else own
         root_payloads = [_Payload(st, cands=k) for st, k in zip(roots, kept)]
 
+        K = self.K
+        zeros_k, false_k = [0.0] * K, [False] * K
+
         def recurrent_fn(embedding, action, exp):
             new = exp.new.tolist()
             M = len(new)
             rows = [i for i in range(M) if new[i]]
             acts = action.tolist()
-            pl, r, d, lg, inv, v, term = self._new_nodes(
-                ev, [embedding[i] for i in rows], [int(acts[i]) for i in rows])
-            full = [None] * M
-            for j, i in enumerate(rows):
-                full[i] = pl[j]
-            idx = torch.tensor(rows, dtype=torch.long)
-
-            def scatter(x, shape, dtype=torch.float32):
-                out = torch.zeros(shape, dtype=dtype)
-                out[idx] = x.to(dtype)
-                return out
-
+            # rows that revisit a node get zeros (their outputs are ignored)
+            out = ([0.0] * M, [0.0] * M, [zeros_k] * M, [false_k] * M, [0.0] * M,
+                   [False] * M, [None] * M)
+            self._new_nodes(ev, [embedding[i] for i in rows], [acts[i] for i in rows], rows,
+                            out)
+            r, d, lg, inv, v, term, full = out
+            f32 = torch.float32
             return _search.RecurrentOutput(
-                reward=scatter(r, (M,)), discount=scatter(d, (M,)),
-                prior_logits=scatter(lg, (M, self.K)), value=scatter(v, (M,)), embedding=full,
-                invalid_actions=scatter(inv, (M, self.K), torch.bool),
-                terminal=scatter(term, (M,), torch.bool))
+                reward=torch.tensor(r, dtype=f32), discount=torch.tensor(d, dtype=f32),
+                prior_logits=torch.tensor(lg, dtype=f32), value=torch.tensor(v, dtype=f32),
+                embedding=full, invalid_actions=torch.tensor(inv, dtype=torch.bool),
+                terminal=torch.tensor(term, dtype=torch.bool))
 
         gen = torch.Generator().manual_seed(self.seed)
-        root = _search.Root(prior_logits=logits, value=torch.tensor(root_vals, dtype=torch.float32),
+        root = _search.Root(prior_logits=torch.tensor(logits, dtype=torch.float32),
+                            value=torch.tensor(root_vals, dtype=torch.float32),
                             embedding=root_payloads)
+        invalid = torch.tensor(invalid, dtype=torch.bool)
         kw = self.search_kwargs
         if self.algorithm == "puct":
             out = _search.puct_search(
@@ -428,7 +444,7 @@ class StepSearch:
                 gumbel_scale=kw["gumbel_scale"],
                 max_num_considered_actions=kw["max_num_considered_actions"], generator=gen,
                 backend=self.backend)
-        results = [self._result(b, problems[b], prompts[b], out.tree, ev) for b in range(B)]
+        results = self._results(problems, prompts, out.tree, ev)
         wall = time.perf_counter() - t_start
         c1 = self.gen.counters.snapshot()
         self.stats = {k: c1[k] - c0[k] for k in c0}
@@ -439,32 +455,45 @@ class StepSearch:
                           search_seconds=wall - self.stats["decode_seconds"] - ev.seconds)
         return results
 
-    def _result(self, b, problem, prompt, tree, ev) -> SearchResult:
-        n_nodes = int(tree.num_nodes()[b])
-        cols = {name: getattr(tree, name)[b, :n_nodes].tolist()
-                for name in ("parent", "action", "visits", "value")}
-        par = tree.parent[b, :n_nodes].long().clamp(min=0)
-        act = tree.action[b, :n_nodes].long().clamp(min=0)
-        q = (tree.rewards[b, par, act] + tree.discounts[b, par, act]
-             * tree.children_values[b, par, act]).tolist()
-        prior = tree.prior[b, par, act].tolist()
-        nodes = []
-        for n in range(n_nodes):
-            pl = tree.embedding(b, n)
-            nodes.append({
-                "id": n, "parent": cols["parent"][n] if n else -1,
-                "step": pl.state.steps[-1] if pl.state.steps else "",
-                "depth": pl.state.depth, "visits": cols["visits"][n],
-                "value": cols["value"][n], "q": q[n] if n else cols["value"][n],
-                "prior": prior[n] if n else 1.0,
-                "terminal": bool(pl.terminal), "reward": pl.reward,
-            })
-        traces = list(ev.traces.get(b, []))
-        completion, reward = self._choose(nodes, traces, tree, b)
-        return SearchResult(problem=problem, prompt=prompt, nodes=nodes, traces=traces,
-                            completion=completion, reward=reward,
-                            tokens_generated=self.gen.counters.generated_per_problem.get(b, 0),
-                            root_visit_counts=tree.root_visit_counts()[b].tolist())
+    def _results(self, problems, prompts, tree, ev) -> list[SearchResult]:
+        """One SearchResult per tree; the tree's arrays are read once for all trees."""
+        B, N, K = tree.batch_size, tree.capacity, tree.num_actions
+        n_nodes = tree.num_nodes().tolist()
+        n_max = max(n_nodes)
+        cols = {name: getattr(tree, name)[:, :n_max].tolist()
+                for name in ("parent", "visits", "value")}
+        # past a tree's next_free the arrays hold no data (clamped: any index is valid)
+        par = tree.parent[:, :n_max].long().clamp(0, N - 1)
+        act = tree.action[:, :n_max].long().clamp(0, K - 1)
+        bi = torch.arange(B, device=par.device)[:, None]
+        q = (tree.rewards[bi, par, act] + tree.discounts[bi, par, act]
+             * tree.children_values[bi, par, act]).tolist()
+        prior = tree.prior[bi, par, act].tolist()
+        root_visits = tree.root_visit_counts().tolist()
+        out = []
+        for b in range(B):
+            parent, visits, value = cols["parent"][b], cols["visits"][b], cols["value"][b]
+            qb, pb = q[b], prior[b]
+            nodes = []
+            for n in range(n_nodes[b]):
+                pl = tree.embedding(b, n)
+                st = pl.state
+                nodes.append({
+                    "id": n, "parent": parent[n] if n else -1,
+                    "step": st.steps[-1] if st.steps else "",
+                    "depth": len(st.steps), "visits": visits[n],
+                    "value": value[n], "q": qb[n] if n else value[n],
+                    "prior": pb[n] if n else 1.0,
+                    "terminal": bool(pl.terminal), "reward": pl.reward,
+                })
+            traces = list(ev.traces.get(b, []))
+            completion, reward = self._choose(nodes, traces, tree, b)
+            out.append(SearchResult(
+                problem=problems[b], prompt=prompts[b], nodes=nodes, traces=traces,
+                completion=completion, reward=reward,
+                tokens_generated=self.gen.counters.generated_per_problem.get(b, 0),
+                root_visit_counts=root_visits[b]))
+        return out
 
     def _choose(self, nodes, traces, tree, b):
         if self.select == "reward" and traces:

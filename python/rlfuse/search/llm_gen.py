@@ -63,7 +63,7 @@ class TokenCounters:
                 "forward_calls": self.forward_calls}
 
 
-@dataclass
+@dataclass(slots=True)
 class StepState:
     """A node's prefix: the problem it belongs to, its steps so far and (HF) its token ids
     and the KV cache of all its tokens but the last."""
@@ -83,7 +83,7 @@ class StepState:
         return len(self.steps)
 
 
-@dataclass
+@dataclass(slots=True)
 class Candidate:
     """One sampled next step: its text, token count, log-prob sum, how it ended
     (``"delimiter"``, ``"eos"`` or ``"length"``) and the child state it leads to."""
@@ -246,7 +246,7 @@ def _sample(logits: torch.Tensor, temperature: float, top_p: float, generator) -
     ``torch.multinomial`` or a Gumbel draw per logit); temperature 0 is greedy."""
     if temperature == 0:
         return logits.argmax(-1)
-    p = torch.softmax(logits / temperature, -1)
+    p = torch.softmax(logits / temperature if temperature != 1.0 else logits, -1)
     if top_p < 1.0:
         sp = p.sort(-1, descending=True).values
         # the smallest probability inside the nucleus (the top token is always kept)
@@ -307,7 +307,9 @@ class HFStepModel(StepModel):
         self._eos = set(self.eos_ids.tolist())
         self._stop_set = set(delim) | self._eos
         self.stop_ids = torch.tensor(sorted(self._stop_set), device=self.device)
+        self._stop_tab, self._eos_tab = self._table(self.stop_ids), self._table(self.eos_ids)
         self._texts: dict = {}
+        self._decode_ids = _fast_decode(tokenizer, vocab)
 
     def _eos_set(self) -> set:
         ids = {int(self.tokenizer.eos_token_id)}
@@ -330,8 +332,9 @@ class HFStepModel(StepModel):
 
     def root_states(self, problems, prompts):
         states = []
-        for p, s in zip(problems, prompts):
-            ids = list(self.tokenizer(s).input_ids)
+        encoded = self.tokenizer(list(prompts)).input_ids if len(prompts) else []
+        for p, s, ids in zip(problems, prompts, encoded):
+            ids = list(ids)
             if not ids:
                 raise ValueError(f"problem {p}: the prompt encodes to no tokens; the tokenizer "
                                  "must add a BOS token or the prompt must be non-empty")
@@ -366,16 +369,17 @@ class HFStepModel(StepModel):
             st.kv = KVSlice(layers, i, T - lens[i], T) if lens[i] else None
 
     def _decode(self, states: list[StepState], repeats, max_new_tokens: int,
-                stop_ids: torch.Tensor) -> "_Decoded":
+                stop: torch.Tensor) -> "_Decoded":
         """Sample ``repeats`` continuations per state (an int, or one count per state;
-        state-major rows) until a token of ``stop_ids`` or ``max_new_tokens``."""
+        state-major rows) until a token marked in the bool table ``stop`` (``_stop_tab``:
+        step delimiters and EOS, ``_eos_tab``: EOS) or ``max_new_tokens``."""
         t0 = time.perf_counter()
         try:
-            return self._decode_impl(states, repeats, max_new_tokens, stop_ids)
+            return self._decode_impl(states, repeats, max_new_tokens, stop)
         finally:
             self.counters.decode_seconds += time.perf_counter() - t0
 
-    def _decode_impl(self, states, repeats, max_new_tokens, stop_ids) -> "_Decoded":
+    def _decode_impl(self, states, repeats, max_new_tokens, stop) -> "_Decoded":
         from rlfuse.ops import token_logprobs
 
         need = [st for st in states if st.kv is None and len(st.ids) > 1]
@@ -383,45 +387,47 @@ class HFStepModel(StepModel):
             self._prefill(need)
         N = len(states)
         reps = [repeats] * N if isinstance(repeats, int) else list(repeats)
-        R = sum(reps)
-        rep_t = torch.tensor(reps, device=self.device)
         lens = [len(st.ids) - 1 for st in states]    # cached tokens per state
         C = max(lens)
         dev = self.device
-        layer_kv = _pack(states, lens, C, rep_t, reps) if C > 0 else []
+        layer_kv = _pack(states, lens, C, reps) if C > 0 else []
+        # per sampled row (state-major): cached tokens, last prefix token
+        row_lens = [n for n, r in zip(lens, reps) for _ in range(r)]
+        R = len(row_lens)
         # the attention mask of every step is a prefix of one preallocated buffer
-        mask = torch.ones(N, C + max_new_tokens, dtype=torch.long, device=dev)
-        for i in range(N):
-            mask[i, :C - lens[i]] = 0
-        mask = mask.repeat_interleave(rep_t, 0)
+        pos = torch.tensor(row_lens, device=dev)
+        mask = (torch.arange(C + max_new_tokens, device=dev)[None, :]
+                >= (C - pos)[:, None]).long()
+        pos = pos[:, None]
+        tok = torch.tensor([st.ids[-1] for st, r in zip(states, reps) for _ in range(r)],
+                           device=dev)[:, None]
         # Re-sent: the one uncached last token per sampled row (prompts were prefilled once).
         self.counters.encoded += R
-        self.counters.encoded_naive += sum(r * (n + 1) for r, n in zip(reps, lens))
+        self.counters.encoded_naive += sum(row_lens) + R
         cache = _cache_from(layer_kv, self.model.config)
-        tok = torch.tensor([st.ids[-1] for st in states],
-                           device=dev).repeat_interleave(rep_t)[:, None]
-        pos = torch.tensor(lens, device=dev).repeat_interleave(rep_t)[:, None]
         done = torch.zeros(R, dtype=torch.bool, device=dev)
         out_tok, out_lp = [], []
-        pad = torch.full((R,), self.pad_id, dtype=torch.long, device=dev)
         for t in range(max_new_tokens):
             logits = self._forward(input_ids=tok, attention_mask=mask[:, :C + t + 1],
                                    position_ids=pos, past_key_values=cache,
                                    use_cache=True).logits[:, -1].float()
             nxt = _sample(logits, self.temperature, self.top_p, self.generator)
+            if t == 0 and logits.shape[-1] > stop.shape[0]:      # wider than the vocabulary
+                stop = torch.cat([stop, stop.new_zeros(logits.shape[-1] - stop.shape[0])])
             # log-probs of the raw distribution: kept as logits and done in one call at
             # the end while they are small, else one call per step
             out_lp.append(logits if R * logits.shape[-1] * max_new_tokens <= _LOGITS_BATCH
                           else token_logprobs(logits, nxt))
-            nxt = torch.where(done, pad, nxt)
+            if t:
+                nxt.masked_fill_(done, self.pad_id)    # rows that stopped: padding
             out_tok.append(nxt)
-            done |= torch.isin(nxt, stop_ids)
+            done |= stop[nxt]
             if bool(done.all()):
                 break
             tok, pos = nxt[:, None], pos + 1
         toks = torch.stack(out_tok, 1)                       # [R, T]
         T = toks.shape[1]
-        hits = torch.isin(toks, stop_ids)
+        hits = stop[toks]
         stopped = hits.any(1)
         # a row's length: up to and including its first stop token, else every token
         length = torch.where(stopped, hits.int().argmax(1) + 1, torch.full((R,), T, device=dev))
@@ -431,7 +437,17 @@ class HFStepModel(StepModel):
             lp = torch.stack(out_lp, 1)
         return _Decoded(toks, length, stopped, lp,
                         [(layer.keys, layer.values) for layer in cache.layers], C,
-                        [n for n, r in zip(lens, reps) for _ in range(r)], toks.tolist())
+                        row_lens, toks.tolist())
+
+    def _table(self, ids: torch.Tensor) -> torch.Tensor:
+        """A bool lookup table over token ids (``table[tok]``: ``tok`` is one of ``ids``):
+        one index per decoding step instead of ``torch.isin``.  Sized by the larger of the
+        tokenizer and the model's vocabulary (logits may be wider than the tokenizer)."""
+        V = max(len(self.tokenizer), int(getattr(self.model.config, "vocab_size", 0) or 0),
+                int(ids.max()) + 1)
+        tab = torch.zeros(V, dtype=torch.bool, device=self.device)
+        tab[ids] = True
+        return tab
 
     def _child(self, st: StepState, d: "_Decoded", r: int, n: int, with_kv: bool) -> StepState:
         """The state after the first ``n`` sampled tokens of row ``r`` (one step)."""
@@ -449,7 +465,7 @@ class HFStepModel(StepModel):
         if text is None:
             if len(self._texts) >= _TEXT_MEMO:
                 self._texts.clear()
-            text = self._texts[key] = self.tokenizer.decode(ids, skip_special_tokens=True)
+            text = self._texts[key] = self._decode_ids(ids)
         return text
 
     def _step_text(self, ids: list, eos: set):
@@ -486,7 +502,7 @@ class HFStepModel(StepModel):
     def sample_steps(self, states, k):
         if not states:
             return []
-        d = self._decode(list(states), k, self.max_new_tokens, self.stop_ids)
+        d = self._decode(list(states), k, self.max_new_tokens, self._stop_tab)
         for r, n in enumerate(d.length.tolist()):
             self.counters.add_generated(states[r // k].problem, n)
         return self._candidates(states, k, d, d.length)
@@ -498,19 +514,21 @@ class HFStepModel(StepModel):
         if not live:
             return out
         d = self._decode([states[i] for i in live], [ks[i] for i in live],
-                         max(1, max_steps) * self.max_new_tokens, self.eos_ids)
+                         max(1, max_steps) * self.max_new_tokens, self._eos_tab)
         lens = d.length.tolist()
         lpc = torch.nn.functional.pad(d.lp.double().cumsum(1), (1, 0)).tolist()
-        eos = set(self.eos_ids.tolist())
-        r = 0
+        eos, rows, split, text = self._eos, d.rows, self._split, self._text
+        r0 = 0
         for i in live:
-            st = states[i]
-            for _ in range(ks[i]):
-                self.counters.add_generated(st.problem, lens[r])
-                ids = [t for t in d.rows[r][:lens[r]] if t not in eos]
-                comp = st.completion + self._text(ids)
-                out[i].append((self._split(st, (d, r, 0, lens[r], lpc[r])), comp))
-                r += 1
+            st, r1 = states[i], r0 + ks[i]
+            done, row_out = st.completion, out[i]
+            for r in range(r0, r1):
+                n, row = lens[r], rows[r]
+                # the rollout's text: its tokens but EOS (only the last one can be EOS)
+                comp = done + text(row[:n - 1] if n and row[n - 1] in eos else row[:n])
+                row_out.append((split(st, (d, r, 0, n, lpc[r])), comp))
+            self.counters.add_generated(st.problem, sum(lens[r0:r1]))
+            r0 = r1
         return out
 
     def continue_tail(self, state, tail):
@@ -519,25 +537,30 @@ class HFStepModel(StepModel):
     def _split(self, st: StepState, tail) -> Optional[Candidate]:
         """The next step of a sampled rollout: row ``r`` of ``d`` from token ``start``."""
         d, r, start, length, lpc = tail
-        seg = d.rows[r][start:length]
-        if not seg:
+        if start >= length:
             return None
-        n = next((j + 1 for j, t in enumerate(seg) if t in self._stop_set), len(seg))
-        text, ended = self._step_text(seg[:n], self._eos)
-        child = StepState(problem=st.problem, prompt=st.prompt, steps=st.steps + (text,),
-                          ids=st.ids + seg[:n])
-        if ended == "delimiter" and self.kv_reuse:
-            child.kv = KVSlice(d.layers, r, d.C - d.lens[r], d.C + start + n)
-        c = Candidate(text, n, lpc[start + n] - lpc[start], ended, child)
+        row, stops = d.rows[r], self._stop_set
+        end = length
+        for j in range(start, length):
+            if row[j] in stops:
+                end = j + 1
+                break
+        seg = row[start:end]
+        n = end - start
+        text, ended = self._step_text(seg, self._eos)
+        child = StepState(st.problem, st.prompt, st.steps + (text,), st.ids + seg)
+        c = Candidate(text, n, lpc[end] - lpc[start], ended, child)
         if ended == "delimiter":
-            c.tail = (d, r, start + n, length, lpc)
+            if self.kv_reuse:
+                child.kv = KVSlice(d.layers, r, d.C - d.lens[r], d.C + end)
+            c.tail = (d, r, end, length, lpc)
         return c
 
     def rollout(self, states, max_steps, repeats=1):
         if not states:
             return []
         d = self._decode(list(states), repeats, max(1, max_steps) * self.max_new_tokens,
-                         self.eos_ids)
+                         self._eos_tab)
         out = []
         lens, rows = d.length.tolist(), d.rows
         for r in range(len(rows)):
@@ -548,44 +571,154 @@ class HFStepModel(StepModel):
         return out
 
 
+def _fast_decode(tokenizer, vocab: int):
+    """``ids -> tokenizer.decode(ids, skip_special_tokens=True)``.  For a fast tokenizer
+    that cleans up no spaces that call is the Rust backend's ``decode`` behind ~2 us of
+    Python wrappers, so the backend is called directly, after checking that both agree
+    on the whole vocabulary (in runs of 64 ids); otherwise the tokenizer's own decode."""
+    slow = lambda ids: tokenizer.decode(ids, skip_special_tokens=True)  # noqa: E731
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is None or getattr(tokenizer, "clean_up_tokenization_spaces", False) or \
+            not callable(getattr(backend, "decode", None)):
+        return slow
+
+    def fast(ids):
+        return backend.decode(ids, skip_special_tokens=True)
+
+    try:
+        for i in range(0, vocab, 64):
+            ids = list(range(i, min(i + 64, vocab)))
+            if fast(ids) != slow(ids):
+                return slow
+    except Exception:       # noqa: BLE001 (any failure: keep the tokenizer's own decode)
+        return slow
+    return fast
+
+
 _TEXT_MEMO = 1 << 16         # decoded texts kept by HFStepModel._text
 _LOGITS_BATCH = 1 << 24     # logits kept for one log-prob call per decode (64 MiB f32)
 
 
-def _pack(states, lens, C: int, rep_t: torch.Tensor, reps: list) -> list:
+def _pack(states, lens, C: int, reps: list, kernel: bool = True) -> list:
     """Per layer (keys, values) ``[R, H, C, D]``: every state's cache slice right-aligned
-    in C columns (zeros in front: padding must be finite, masked scores still multiply
-    the values), repeated ``reps[i]`` times.  One gather per layer per source batch."""
+    in C columns, repeated ``reps[i]`` times (state-major rows), the columns in front
+    padded with finite values (attention masks them: they get weight exactly 0).
+
+    On the CPU one call of ``rlfuse._C.kv_pack`` per tensor copies every row's slice
+    from its source batch in one pass (zeros in front).  Elsewhere (or without the
+    extension, or with ``kernel=False``) one ``index_select`` per layer per source batch
+    gathers the rows, their repeats and the padding at once: the padding columns repeat
+    the state's first cached token, rather than reading the source row's own padding,
+    which may hold anything.  A state with no cached token gets zeros on both paths."""
     N = len(states)
-    dev = next(st.kv for st in states if st.kv is not None).layers[0][0].device
     groups: dict[int, tuple] = {}
-    for i, st in enumerate(states):
+    empty: list[int] = []
+    r = 0
+    for i in range(N):
+        n = reps[i]
+        if not n:
+            continue
         if lens[i]:
-            groups.setdefault(id(st.kv.layers), (st.kv.layers, []))[1].append(i)
+            kv = states[i].kv
+            g = groups.get(id(kv.layers))
+            if g is None:
+                g = groups[id(kv.layers)] = (kv.layers, [], [], [], [])
+            g[1].extend(range(r, r + n))
+            g[2].extend([kv.row] * n)
+            g[3].extend([kv.start] * n)
+            g[4].extend([C - lens[i]] * n)
+        else:
+            empty.extend(range(r, r + n))
+        r += n
+    packed = _pack_cpu(list(groups.values()), r, C) if kernel else None
+    if packed is not None:
+        return packed
+    R = r
+    dev = next(iter(groups.values()))[0][0][0].device
     cols = torch.arange(C, device=dev)
     plan = []
-    for layers, idx in groups.values():
-        rows = torch.tensor([states[i].kv.row for i in idx], device=dev)
-        first = torch.tensor([states[i].kv.start for i in idx], device=dev)
-        off = C - torch.tensor([lens[i] for i in idx], device=dev)
-        src = (first[:, None] + cols[None, :] - off[:, None]).clamp_(min=0)    # [n, C]
-        valid = (cols[None, :] >= off[:, None])[:, None, :, None]             # [n, 1, C, 1]
-        plan.append((layers, torch.tensor(idx, device=dev), rows[:, None], src, valid))
-    empty = [i for i in range(N) if not lens[i]]
+    for layers, out_rows, rows, first, off in groups.values():
+        # column of the source cache for every packed column (padding: the first token)
+        src = torch.tensor(first, device=dev)[:, None] + \
+            (cols[None, :] - torch.tensor(off, device=dev)[:, None]).clamp_(min=0)
+        whole = len(groups) == 1 and not empty          # rows already in order 0..R-1
+        plan.append((layers, torch.tensor(rows, device=dev), src, {},
+                     None if whole else torch.tensor(out_rows, device=dev)))
     out = []
-    for li, (k0, v0) in enumerate(plan[0][0]):
+    for li in range(len(plan[0][0])):
         packed = []
-        for t0 in (k0, v0):
-            dst = t0.new_empty(N, t0.shape[1], C, t0.shape[-1])
-            if empty:
-                dst[empty] = 0
-            for layers, idx, rows, src, valid in plan:
-                src_t = layers[li][0 if t0 is k0 else 1]
-                g = src_t[rows, :, src].permute(0, 2, 1, 3)                   # [n, H, C, D]
-                dst[idx] = torch.where(valid, g, torch.zeros((), dtype=g.dtype, device=dev))
-            packed.append(dst if max(reps) == 1 and min(reps) == 1
-                          else dst.repeat_interleave(rep_t, 0))
+        for which in (0, 1):
+            dst = None
+            for layers, rows, src, flat, out_rows in plan:
+                src_t = layers[li][which]
+                _, H, T, D = src_t.shape
+                idx = flat.get((H, T))
+                if idx is None:     # row of the source viewed as [Rs * H * T, D]
+                    base = rows[:, None, None] * (H * T) + \
+                        torch.arange(0, H * T, T, device=dev)[None, :, None]
+                    idx = flat[(H, T)] = (base + src[:, None, :]).reshape(-1)
+                g = src_t.reshape(-1, D).index_select(0, idx).view(-1, H, C, D)
+                if out_rows is None:
+                    dst = g
+                    break
+                if dst is None:
+                    dst = src_t.new_empty(R, H, C, D)
+                    if empty:
+                        dst[empty] = 0
+                dst.index_copy_(0, out_rows, g)
+            packed.append(dst)
         out.append(tuple(packed))
+    return out
+
+
+def _pack_cpu(groups: list, R: int, C: int) -> Optional[list]:
+    """``_pack`` through ``rlfuse._C.kv_pack`` (one pass per tensor), or None where it
+    does not apply: tensors off the CPU, without the extension, of mixed dtypes or
+    shapes, or with a strided last dimension."""
+    from rlfuse import _backend
+
+    if not _backend.available("cpu"):
+        return None
+    layers0 = groups[0][0]
+    L = len(layers0)
+    for layers, *_ in groups:
+        if len(layers) != L:
+            return None
+    group = [-1] * R
+    src_row, start, n = [0] * R, [0] * R, [0] * R
+    bounds = []
+    for g, (layers, out_rows, rows, first, off) in enumerate(groups):
+        for o, row, f, p in zip(out_rows, rows, first, off):
+            group[o], src_row[o], start[o], n[o] = g, row, f, C - p
+        # rows, first column and end column of its slices, checked against each tensor
+        bounds.append((min(rows), max(rows), min(first),
+                       max(f + C - p for f, p in zip(first, off))))
+    meta = torch.tensor([group, src_row, start, n], dtype=torch.int64)
+    kernel = _backend.cpu_module().kv_pack
+    out = []
+    for li in range(L):
+        pair = []
+        for which in (0, 1):
+            ref = layers0[li][which]
+            _, H, _, D = ref.shape
+            srcs = []
+            for (layers, *_), (lo, hi, first, end) in zip(groups, bounds):
+                t = layers[li][which]
+                if t.device.type != "cpu" or t.dtype != ref.dtype or t.dim() != 4 or \
+                        t.shape[1] != H or t.shape[3] != D or t.stride(3) != 1:
+                    return None
+                # every slice inside its source (a bad KVSlice must not read out of bounds)
+                if lo < 0 or hi >= t.shape[0] or first < 0 or end > t.shape[2]:
+                    raise RuntimeError("rlfuse.search.llm_gen: a KV slice lies outside its "
+                                       "cache tensor")
+                es = t.element_size()
+                srcs.append([t.data_ptr(), t.stride(0) * es, t.stride(1) * es,
+                             t.stride(2) * es])
+            dst = torch.empty(R, H, C, D, dtype=ref.dtype)
+            kernel(dst.data_ptr(), R, H, C, D * ref.element_size(), srcs, meta[0].data_ptr(),
+                   meta[1].data_ptr(), meta[2].data_ptr(), meta[3].data_ptr())
+            pair.append(dst)
+        out.append(tuple(pair))
     return out
 
 
