@@ -181,6 +181,19 @@ def test_bad_input_names_the_argument(kw, name):
         sample(model, ids[0], None, max_new_tokens=4, eos_token_id=None, pad_token_id=None)
     with pytest.raises(ValueError, match="attention_mask"):
         sample(model, ids, mask[:, 1:], max_new_tokens=4, eos_token_id=None, pad_token_id=None)
+    empty = mask.clone()
+    empty[1] = 0
+    with pytest.raises(ValueError, match="attention_mask row 1 has no real token"):
+        sample(model, ids, empty, max_new_tokens=4, eos_token_id=None, pad_token_id=None)
+
+
+def test_non_finite_logits_raise():
+    model = _model()
+    ids, mask = _prompts()
+    with torch.no_grad():
+        model.lm_head.weight[3, 0] = float("nan")
+    with pytest.raises(RuntimeError, match="non-finite logits"):
+        sample(model, ids, mask, max_new_tokens=4, eos_token_id=None, pad_token_id=None)
 
 
 def test_buffer_layer_appends_and_grows():

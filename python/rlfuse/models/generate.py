@@ -87,6 +87,10 @@ def _draw(probs: torch.Tensor, sampler: str, generator) -> torch.Tensor:
     if sampler == "multinomial":
         return torch.multinomial(probs, 1, generator=generator).squeeze(1)
     cdf = probs.cumsum_(-1)
+    if not bool(torch.isfinite(cdf[:, -1]).all()):
+        # (torch.multinomial raises on these too)
+        raise RuntimeError("sample: the model produced non-finite logits (NaN or inf "
+                           "probabilities); no token can be drawn")
     u = torch.rand(probs.shape[0], 1, generator=generator, device=probs.device,
                    dtype=probs.dtype)
     # right=True: a uniform that lands on a plateau (a removed token) goes to the next
@@ -221,6 +225,10 @@ def sample(model, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor
         attention_mask = torch.ones_like(input_ids)
     if attention_mask.shape != input_ids.shape:
         raise ValueError("sample: attention_mask must have the shape of input_ids")
+    empty = (attention_mask == 0).all(1)
+    if bool(empty.any()):
+        raise ValueError(f"sample: attention_mask row {int(empty.nonzero()[0])} has no real "
+                         "token (an empty prompt; the tokenizer adds no BOS)")
     eos = _eos_tensor(eos_token_id, dev)
     if eos is not None and pad_token_id is None:
         raise ValueError("sample: pad_token_id is required with eos_token_id")
