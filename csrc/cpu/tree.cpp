@@ -233,10 +233,169 @@ float puct_explore(const View& t, const tree::SelectParams& p, const NodeRef& r,
   return e;
 }
 
+// ---------------------------------------------------------------------------------------
+// Sparse PUCT choice.  An action without a child has no visits (an invariant of the
+// tree), so its score is explore * prior (n = 0, no virtual visits, never pending), and
+// for explore > 0 the best of them is the one with the largest prior (lowest index on
+// ties): a node's prior does not change during a search, so that action is remembered in
+// p.memo until it gets a child.  Only the allocated children (few below the root) are
+// scored one by one, with the arithmetic of the dense rule; the answer is the dense
+// rule's, bit for bit.  Cases where that argument could fail fall back to the dense rule:
+// two unallocated priors so close that explore * prior may round to the same float,
+// tiny products, a non-finite score, many children.
+// ---------------------------------------------------------------------------------------
+constexpr int64_t kDense = -2;  // "score this node densely"
+constexpr int32_t kMemoUnknown = -2, kMemoNone = -1, kMemoAmbiguous = -3;
+
+// Bits j (0..15) set where child[j] >= 0 (the sign bit is clear).
+inline uint32_t allocated_mask16(const int32_t* child) {
+#if defined(__AVX512DQ__)
+  return uint32_t(~_mm512_movepi32_mask(_mm512_loadu_si512(child))) & 0xffffu;
+#elif defined(__AVX2__)
+  const uint32_t lo = uint32_t(_mm256_movemask_ps(_mm256_loadu_ps(reinterpret_cast<const float*>(child))));
+  const uint32_t hi = uint32_t(_mm256_movemask_ps(_mm256_loadu_ps(reinterpret_cast<const float*>(child + 8))));
+  return ~(lo | hi << 8) & 0xffffu;
+#else
+  uint32_t m = 0;
+  for (int j = 0; j < kLanes; ++j) m |= uint32_t(child[j] >= 0) << j;
+  return m;
+#endif
+}
+
+// The actions with a child, in increasing order, into out[0, limit]; returns their
+// number, or limit + 1 once there are more than limit.
+inline int allocated_actions(const int32_t* child, int64_t K, int limit, int32_t* out) {
+  int n = 0;
+  int64_t a0 = 0;
+  for (; a0 + kLanes <= K; a0 += kLanes) {
+    uint32_t m = allocated_mask16(child + a0);
+    if (n + __builtin_popcount(m) > limit) return limit + 1;
+    for (; m != 0; m &= m - 1) out[n++] = int32_t(a0 + __builtin_ctz(m));
+  }
+  for (int64_t a = a0; a < K; ++a) {
+    if (child[a] < 0) continue;
+    if (n == limit) return limit + 1;
+    out[n++] = int32_t(a);
+  }
+  return n;
+}
+
+// The valid action without a child with the largest prior (lowest index on ties), from
+// the memo or recomputed into it; kMemoNone when there is none, kMemoAmbiguous when some
+// lower-indexed candidate's prior is within 2^-20 of it (or the prior is tiny but not 0).
+int32_t best_unallocated(const View& t, const NodeRef& r, int32_t* slot) {
+  const int32_t* ch = t.child + r.e;
+  const int32_t code = *slot;
+  if (code >= 0 ? ch[code] < 0 : code != kMemoUnknown) return code;
+  const int64_t K = t.K;
+  const float* prior = t.prior + r.e;
+  const uint8_t* inv = t.invalid + r.e;
+  LaneArgmax best;
+  int64_t a0 = 0;
+  for (; a0 + kLanes <= K; a0 += kLanes) {
+    const vi16 cand = (load16<vi16>(ch + a0) < 0) &
+                      (__builtin_convertvector(load16<vb16>(inv + a0), vi16) == 0);
+    best.update(cand ? load16<vf16>(prior + a0) : splat(-kInf), lane_ids() + int32_t(a0));
+  }
+  for (int64_t a = a0; a < K; ++a)
+    best.update(int(a - a0), ch[a] < 0 && !inv[a] ? prior[a] : -kInf, int32_t(a));
+  const int64_t u = best.result();
+  int32_t out = int32_t(u);
+  if (u < 0) {
+    out = kMemoNone;
+  } else {
+    const float pu = prior[u];
+    if (pu > 0.0f && pu < 1e-30f) out = kMemoAmbiguous;
+    const float near = pu - pu * 0x1p-20f;
+    for (int64_t a = 0; a < u && out >= 0; ++a)
+      if (ch[a] < 0 && !inv[a] && prior[a] >= near) out = kMemoAmbiguous;
+  }
+  *slot = out;
+  return out;
+}
+
+// The PUCT choice at node r by the sparse rule (see above), or kDense.
+int64_t select_puct_sparse(const View& t, const tree::SelectParams& p, const NodeRef& r,
+                           bool in_flight, float explore) {
+  const int64_t K = t.K;
+  const int32_t* ch = t.child + r.e;
+  if (K <= 4 * kLanes) {
+    // the rows read below for the allocated children: fetch them while the child row
+    // comes in (they would otherwise be requested only after it)
+    for (int64_t a = 0; a < K; a += kLanes) {
+      __builtin_prefetch(t.edge_visits + r.e + a);
+      __builtin_prefetch(t.edge_q + r.e + a);
+      __builtin_prefetch(t.prior + r.e + a);
+    }
+  }
+  // Above a quarter of the actions (and 16) the dense pass is cheaper.
+  constexpr int kMaxSparse = 64;
+  int32_t kids[kMaxSparse];
+  const int limit = int(K / 4 < 16 ? 16 : K / 4 > kMaxSparse ? kMaxSparse : K / 4);
+  const int nk = allocated_actions(ch, K, limit, kids);
+  if (nk > limit) return kDense;
+  const int32_t u = best_unallocated(t, r, p.memo + r.base + r.s);
+  if (u == kMemoAmbiguous) return kDense;
+  const int32_t* ev = t.edge_visits + r.e;
+  const float* eq = t.edge_q + r.e;
+  const float* prior = t.prior + r.e;
+  const uint8_t* inv = t.invalid + r.e;
+  // Q bounds: the node's value and its visited children's Q (visited implies allocated)
+  float lo = t.value[r.base + r.s], hi = lo;
+  for (int i = 0; i < nk; ++i) {
+    const float qa = eq[kids[i]];
+    const bool vis = ev[kids[i]] > 0;
+    lo = vis && qa < lo ? qa : lo;
+    hi = vis && qa > hi ? qa : hi;
+  }
+  const bool normalise = tree::qnorm_bounds(t, p, r.b, &lo, &hi);
+  const float d = hi - lo > 1e-8f ? hi - lo : 1e-8f;
+  const float vl = p.virtual_loss;
+  float best = -kInf, best_pending = -kInf;
+  int64_t arg = -1, arg_pending = -1;
+  bool finite_scores = true;
+  for (int i = 0; i < nk; ++i) {
+    const int32_t a = kids[i];
+    if (inv[a]) continue;
+    const float n = float(ev[a]);
+    const float qn = normalise ? (eq[a] - lo) / d : 0.0f;
+    float s;
+    bool pending = false;
+    if (!in_flight) {
+      s = puct_score_real(qn, prior[a], explore, n);
+    } else {
+      const int32_t c = ch[a];
+      s = tree::puct_score(qn, prior[a], explore, n, vl * float(t.inflight[r.base + c]));
+      pending = !(t.flags[r.base + c] & tree::kExpanded);
+    }
+    finite_scores &= s - s == 0.0f;
+    if (pending) {
+      if (s > best_pending) { best_pending = s; arg_pending = a; }
+    } else if (s > best) {
+      best = s;
+      arg = a;
+    }
+  }
+  if (!finite_scores) return kDense;
+  if (u >= 0) {
+    // n = 0, no virtual visits: puct_score_real(., prior, explore, 0) = explore * prior
+    const float su = explore * prior[u];
+    if (prior[u] > 0.0f && !(su >= 1e-30f)) return kDense;  // tiny products
+    if (arg < 0 || su > best || (su == best && u < arg)) arg = u;
+  }
+  if (arg >= 0) return arg;
+  return arg_pending >= 0 ? arg_pending : kDense;
+}
+
 // scratch: 2 K floats.  The per-node terms (the Q bounds, c(s) sqrt(N(s))) are computed
 // once, then one branch-free pass over the actions scores them (it vectorises).
 int64_t select_puct(const View& t, const tree::SelectParams& p, const NodeRef& r,
                     bool in_flight, Scratch& scr) {
+  const float explore = puct_explore(t, p, r, scr);
+  if (p.memo != nullptr && explore > 0.0f && explore < kInf) {
+    const int64_t a = select_puct_sparse(t, p, r, in_flight, explore);
+    if (a != kDense) return a;
+  }
   float* scratch = scr.k3.data();
   const int64_t K = t.K;
   const int32_t* ev = t.edge_visits + r.e;
@@ -246,7 +405,6 @@ int64_t select_puct(const View& t, const tree::SelectParams& p, const NodeRef& r
   float lo, hi;
   visited_bounds(ev, eq, K, t.value[r.base + r.s], &lo, &hi);
   const bool normalise = tree::qnorm_bounds(t, p, r.b, &lo, &hi);
-  const float explore = puct_explore(t, p, r, scr);
   float* sc = scratch;
   if (!in_flight) {
     // No virtual loss and no pending leaves (the first simulation of a step): scores with
@@ -297,19 +455,24 @@ float gumbel_sigma(const View& t, const tree::SelectParams& p, const NodeRef& r,
   const float* prior = t.prior + r.e;
   const float* eq = t.edge_q + r.e;
   // sums and maxima in 16 independent lanes (vectorised), then across the lanes
-  float sn[kLanes] = {}, mn[kLanes] = {}, sp[kLanes] = {}, sw[kLanes] = {};
+  vf16 sn16 = splat(0.0f), mn16 = splat(0.0f), sp16 = splat(0.0f), sw16 = splat(0.0f);
   int64_t a0 = 0;
   for (; a0 + kLanes <= K; a0 += kLanes) {
-    for (int j = 0; j < kLanes; ++j) {
-      const int64_t a = a0 + j;
-      const float n = float(ev[a]);
-      const float pr = prior[a] > kTiny ? prior[a] : kTiny;
-      sn[j] += n;
-      mn[j] = n > mn[j] ? n : mn[j];
-      sp[j] += n > 0 ? pr : 0.0f;
-      sw[j] += n > 0 ? pr * eq[a] : 0.0f;
-    }
+    const vf16 n = __builtin_convertvector(load16<vi16>(ev + a0), vf16);
+    vf16 pr = load16<vf16>(prior + a0);
+    pr = pr > kTiny ? pr : splat(kTiny);
+    const vi16 vis = n > 0.0f;
+    sn16 += n;
+    mn16 = n > mn16 ? n : mn16;
+    sp16 = vis ? sp16 + pr : sp16;
+    // pr * q + sw: one fused multiply-add where the ISA level has it, as the scalar form
+    sw16 = vis ? pr * load16<vf16>(eq + a0) + sw16 : sw16;
   }
+  float sn[kLanes], mn[kLanes], sp[kLanes], sw[kLanes];
+  std::memcpy(sn, &sn16, sizeof(sn));
+  std::memcpy(mn, &mn16, sizeof(mn));
+  std::memcpy(sp, &sp16, sizeof(sp));
+  std::memcpy(sw, &sw16, sizeof(sw));
   float sum_n = 0, max_n = 0, sum_p = 0, wq = 0;
   for (int j = 0; j < kLanes; ++j) {
     sum_n += sn[j];
@@ -327,19 +490,12 @@ float gumbel_sigma(const View& t, const tree::SelectParams& p, const NodeRef& r,
   }
   const float raw = t.raw_value[r.base + r.s];
   const float v_mix = sum_n > 0 ? (raw + sum_n * (wq / sum_p)) / (sum_n + 1.0f) : raw;
-  float lo16[kLanes], hi16[kLanes];
-  for (int j = 0; j < kLanes; ++j) {
-    lo16[j] = kInf;
-    hi16[j] = -kInf;
-  }
+  vf16 lo16 = splat(kInf), hi16 = splat(-kInf);
   for (a0 = 0; a0 + kLanes <= K; a0 += kLanes) {
-    for (int j = 0; j < kLanes; ++j) {
-      const int64_t a = a0 + j;
-      const float c = ev[a] > 0 ? eq[a] : v_mix;
-      sigma[a] = c;
-      lo16[j] = c < lo16[j] ? c : lo16[j];
-      hi16[j] = c > hi16[j] ? c : hi16[j];
-    }
+    const vf16 c = load16<vi16>(ev + a0) > 0 ? load16<vf16>(eq + a0) : splat(v_mix);
+    std::memcpy(sigma + a0, &c, sizeof(c));
+    lo16 = c < lo16 ? c : lo16;
+    hi16 = c > hi16 ? c : hi16;
   }
   float lo = kInf, hi = -kInf;
   for (int j = 0; j < kLanes; ++j) {
@@ -357,6 +513,107 @@ float gumbel_sigma(const View& t, const tree::SelectParams& p, const NodeRef& r,
   return sum_n;
 }
 
+// Gumbel choices without simulations in flight (no virtual visits, nothing pending):
+// those of the general code below, bit for bit, in 16-lane passes with the argmax fused.
+// The sum of the visits is an integer sum (exact in float up to 2^24, where the general
+// code's float sum is exact too); the softmax denominator keeps its sequential order.
+int64_t gumbel_root_real(const View& t, const tree::SelectParams& p, const NodeRef& r,
+                         const float* sigma, float* sc) {
+  const int64_t K = t.K;
+  const float* logit = t.logit + r.e;
+  const int32_t* ev = t.edge_visits + r.e;
+  const uint8_t* inv = t.invalid + r.e;
+  vf16 mx16 = splat(-kInf);
+  vi16 sim16 = splat(int32_t(0));
+  int64_t a0 = 0;
+  for (; a0 + kLanes <= K; a0 += kLanes) {
+    const vf16 lg = load16<vf16>(logit + a0);
+    mx16 = lg > mx16 ? lg : mx16;
+    sim16 += load16<vi16>(ev + a0);
+  }
+  float max_logit = -kInf;
+  int64_t sim = 0;
+  for (int j = 0; j < kLanes; ++j) {
+    max_logit = mx16[j] > max_logit ? mx16[j] : max_logit;
+    sim += sim16[j];
+  }
+  for (int64_t a = a0; a < K; ++a) {
+    max_logit = logit[a] > max_logit ? logit[a] : max_logit;
+    sim += ev[a];
+  }
+  if (sim >= p.table_len) sim = p.table_len - 1;
+  const int32_t row = t.considered[r.b] < p.table_rows ? t.considered[r.b] : p.table_rows - 1;
+  const int32_t want = t.table[int64_t(row) * p.table_len + sim];
+  const float* g = t.gumbel + r.b * K;
+  LaneArgmax best;
+  for (a0 = 0; a0 + kLanes <= K; a0 += kLanes) {
+    // tree::gumbel_root_score, lane by lane
+    vf16 s = load16<vf16>(g + a0) + (load16<vf16>(logit + a0) - max_logit) +
+             load16<vf16>(sigma + a0);
+    s = s > -1e9f ? s : splat(-1e9f);
+    const vi16 bad = (load16<vi16>(ev + a0) != want) |
+                     (__builtin_convertvector(load16<vb16>(inv + a0), vi16) != 0);
+    s = bad ? splat(-kInf) : s;
+    std::memcpy(sc + a0, &s, sizeof(s));
+    best.update(s, lane_ids() + int32_t(a0));
+  }
+  for (int64_t a = a0; a < K; ++a) {
+    const float score = tree::gumbel_root_score(g[a], logit[a] - max_logit, sigma[a], ev[a] == want);
+    sc[a] = inv[a] ? -kInf : score;
+    best.update(int(a - a0), sc[a], int32_t(a));
+  }
+  const int64_t a = best.result();
+  return a >= 0 ? a : pick_scores(r, sc, false);  // every valid score is -inf
+}
+
+int64_t gumbel_interior_real(const View& t, const NodeRef& r, const float* sigma, float* sc) {
+  const int64_t K = t.K;
+  const float* logit = t.logit + r.e;
+  const int32_t* ev = t.edge_visits + r.e;
+  const uint8_t* inv = t.invalid + r.e;
+  vf16 zm16 = splat(-kInf);
+  vi16 tot16 = splat(int32_t(0));
+  int64_t a0 = 0;
+  for (; a0 + kLanes <= K; a0 += kLanes) {
+    const vi16 ok = __builtin_convertvector(load16<vb16>(inv + a0), vi16) == 0;
+    const vf16 z = load16<vf16>(logit + a0) + load16<vf16>(sigma + a0);
+    zm16 = (ok & (z > zm16)) ? z : zm16;
+    tot16 += ok ? load16<vi16>(ev + a0) : splat(int32_t(0));
+  }
+  float zmax = -kInf;
+  int64_t tot = 0;
+  for (int j = 0; j < kLanes; ++j) {
+    zmax = zm16[j] > zmax ? zm16[j] : zmax;
+    tot += tot16[j];
+  }
+  for (int64_t a = a0; a < K; ++a) {
+    const float z = logit[a] + sigma[a];
+    zmax = !inv[a] && z > zmax ? z : zmax;
+    tot += inv[a] ? 0 : ev[a];
+  }
+  const float total = float(tot);
+  if (tot >= (int64_t(1) << 24)) return -2;  // the general code's sum would round
+  for (int64_t a = 0; a < K; ++a) sc[a] = inv[a] ? 0.0f : rlfuse::vexp(logit[a] + sigma[a] - zmax);
+  float zsum = 0;
+  for (int64_t a = 0; a < K; ++a) zsum += sc[a];
+  const float den = 1.0f + total;
+  LaneArgmax best;
+  for (a0 = 0; a0 + kLanes <= K; a0 += kLanes) {
+    const vf16 n = __builtin_convertvector(load16<vi16>(ev + a0), vf16);
+    vf16 s = load16<vf16>(sc + a0) / zsum - n / den;
+    s = __builtin_convertvector(load16<vb16>(inv + a0), vi16) != 0 ? splat(-kInf) : s;
+    std::memcpy(sc + a0, &s, sizeof(s));
+    best.update(s, lane_ids() + int32_t(a0));
+  }
+  for (int64_t a = a0; a < K; ++a) {
+    const float score = sc[a] / zsum - float(ev[a]) / den;
+    sc[a] = inv[a] ? -kInf : score;
+    best.update(int(a - a0), sc[a], int32_t(a));
+  }
+  const int64_t a = best.result();
+  return a >= 0 ? a : pick_scores(r, sc, false);  // every valid score is -inf
+}
+
 // scratch: 3 K floats (sigma, virtual visits, scores).
 int64_t select_gumbel(const View& t, const tree::SelectParams& p, const NodeRef& r, bool root,
                       bool in_flight, float* scratch) {
@@ -372,6 +629,7 @@ int64_t select_gumbel(const View& t, const tree::SelectParams& p, const NodeRef&
   if (root) {
     // Sequential halving: the simulation index is the number of root visits taken so far,
     // in-flight ones included.
+    if (!in_flight) return gumbel_root_real(t, p, r, sigma, sc);
     virtual_visits(r, 1.0f, in_flight, v);  // in-flight simulations per action
     float max_logit = -kInf;
     int64_t sim = 0;
@@ -391,6 +649,10 @@ int64_t select_gumbel(const View& t, const tree::SelectParams& p, const NodeRef&
     return in_flight ? pick_scores(r, sc, true) : pick_masked(r, sc);
   }
   // Interior: argmax softmax(logits + sigma) - N(a) / (1 + sum N), over valid actions.
+  if (!in_flight) {
+    const int64_t a = gumbel_interior_real(t, r, sigma, sc);
+    if (a != -2) return a;
+  }
   virtual_visits(r, vl, in_flight, v);
   float zmax = -kInf, total = 0;
   for (int64_t a = 0; a < K; ++a) {
@@ -408,41 +670,119 @@ int64_t select_gumbel(const View& t, const tree::SelectParams& p, const NodeRef&
   return in_flight ? pick_scores(r, sc, true) : pick_masked(r, sc);
 }
 
+// One simulation's walk from the root; step() advances it by one node.
+struct Walk {
+  int64_t b, o;      // tree, output row
+  int32_t* path;
+  int32_t len, s;    // path length, current node
+  int depth;
+  int64_t act;
+  bool is_new;
+};
+
+inline void start_walk(const tree::SelectParams& p, Walk& w, int64_t b, int64_t sim) {
+  w.b = b;
+  w.o = b * p.W + sim;
+  w.path = p.out_path + w.o * (int64_t(p.max_depth) + 1);
+  w.path[0] = 0;
+  w.len = 1;
+  w.s = 0;
+  w.depth = 0;
+  w.act = -1;
+  w.is_new = false;
+}
+
+// Ask for the rows that the choice at node n of tree b will read (the first 64 actions).
+inline void prefetch_node(const View& t, const tree::SelectParams& p, int64_t b, int32_t n) {
+  const int64_t i = b * t.N + n, e = i * t.K;
+  const int64_t K = t.K < 4 * kLanes ? t.K : 4 * kLanes;
+  for (int64_t a = 0; a < K; a += kLanes) {
+    __builtin_prefetch(t.child + e + a);
+    __builtin_prefetch(t.edge_visits + e + a);
+    __builtin_prefetch(t.edge_q + e + a);
+    __builtin_prefetch(t.prior + e + a);
+    if (p.rule == tree::kGumbel) __builtin_prefetch(t.logit + e + a);
+  }
+  for (int64_t a = 0; a < K; a += 4 * kLanes) __builtin_prefetch(t.invalid + e + a);
+  __builtin_prefetch(t.visits + i);
+  __builtin_prefetch(t.inflight + i);
+  if (p.rule == tree::kGumbel) {
+    __builtin_prefetch(t.raw_value + i);
+  } else {
+    __builtin_prefetch(t.value + i);
+    if (p.memo != nullptr) __builtin_prefetch(p.memo + i);
+  }
+}
+
+// One node of walk w: choose, allocate or follow.  Returns 0 (go on), 1 (the walk is
+// finished: its outputs are written) or a Status (negated).
+inline int step(const View& t, const tree::SelectParams& p, Walk& w, bool in_flight,
+                Scratch& scratch) {
+  const NodeRef r(t, w.b, w.s);
+  const int64_t a = p.rule == tree::kGumbel
+                        ? select_gumbel(t, p, r, w.depth == 0, in_flight, scratch.k3.data())
+                        : select_puct(t, p, r, in_flight, scratch);
+  if (a < 0) return -tree::kNoValidAction;  // the root lost its valid actions
+  w.act = a;
+  int32_t c = t.child[r.e + a];
+  if (c < 0) {
+    c = tree::allocate_node(t, w.b, w.s, a);
+    if (c < 0) return -tree::kTreeFull;
+    w.is_new = true;
+  }
+  w.path[w.len++] = c;
+  const uint8_t f = t.flags[r.base + c];
+  if (w.is_new || !(f & tree::kExpanded) || (f & tree::kTerminal) || w.depth + 1 >= p.max_depth) {
+    tree::finish_walk(t, p, w.b, w.o, w.path, w.len, w.act, w.is_new);
+    return 1;
+  }
+  w.s = c;
+  ++w.depth;
+  return 0;
+}
+
 // One tree, W simulations.  Returns a Status.
 int select_tree(const View& t, const tree::SelectParams& p, int64_t b, Scratch& scratch) {
-  const int64_t N = t.N, W = p.W, D = int64_t(p.max_depth) + 1;
-  const int64_t base = b * N;
-  for (int64_t w = 0; w < W; ++w) {
-    const int64_t o = b * W + w;
-    int32_t* path = p.out_path + o * D;
-    int32_t len = 0;
-    int32_t s = 0;
-    path[len++] = 0;
-    int64_t act = -1;
-    bool is_new = false;
-    const bool in_flight = w > 0;  // earlier simulations of this step hold virtual loss
-    for (int depth = 0;; ++depth) {
-      const NodeRef r(t, b, s);
-      const int64_t a = p.rule == tree::kGumbel
-                            ? select_gumbel(t, p, r, depth == 0, in_flight, scratch.k3.data())
-                            : select_puct(t, p, r, in_flight, scratch);
-      if (a < 0) return tree::kNoValidAction;  // the root lost its valid actions
-      act = a;
-      int32_t c = t.child[r.e + a];
-      if (c < 0) {
-        c = tree::allocate_node(t, b, s, a);
-        if (c < 0) return tree::kTreeFull;
-        is_new = true;
-      }
-      path[len++] = c;
-      const uint8_t f = t.flags[base + c];
-      if (is_new || !(f & tree::kExpanded) || (f & tree::kTerminal) || depth + 1 >= p.max_depth)
-        break;
-      s = c;
+  for (int64_t sim = 0; sim < p.W; ++sim) {
+    Walk w;
+    start_walk(p, w, b, sim);
+    const bool in_flight = sim > 0;  // earlier simulations of this step hold virtual loss
+    int rc;
+    while ((rc = step(t, p, w, in_flight, scratch)) == 0) {
     }
-    tree::finish_walk(t, p, b, o, path, len, act, is_new);
+    if (rc < 0) return -rc;
   }
   return tree::kOk;
+}
+
+// Trees [b0, b1), W simulations each, their walks advanced in lockstep (one node of each
+// walk in turn, the next node's rows prefetched), so that the memory accesses and the
+// dependent arithmetic of one walk overlap those of the others.  Simulation `sim` of every
+// tree runs after simulation sim - 1 of that tree has finished, as in select_tree; trees
+// are independent, so the choices are those of select_tree.  codes[b] gets the Status.
+constexpr int kMaxGroup = 64;
+void select_trees(const View& t, const tree::SelectParams& p, int64_t b0, int64_t b1,
+                  Scratch& scratch, int* codes) {
+  Walk walks[kMaxGroup];
+  for (int64_t sim = 0; sim < p.W; ++sim) {
+    const bool in_flight = sim > 0;
+    int n = 0;
+    for (int64_t b = b0; b < b1; ++b)
+      if (codes[b] == tree::kOk) start_walk(p, walks[n++], b, sim);
+    while (n > 0) {
+      for (int i = 0; i < n;) {
+        Walk& w = walks[i];
+        const int rc = step(t, p, w, in_flight, scratch);
+        if (rc == 0) {
+          prefetch_node(t, p, w.b, w.s);
+          ++i;
+          continue;
+        }
+        if (rc < 0) codes[w.b] = -rc;
+        walks[i] = walks[--n];  // finished: the last walk takes its place
+      }
+    }
+  }
 }
 
 inline bool finite(float x) { return std::fabs(x) <= std::numeric_limits<float>::max(); }
@@ -455,8 +795,15 @@ int tree_select(const View& t, const tree::SelectParams& p, int nt, int64_t* whe
   {
     // N(s) <= capacity + (the visits a kept root brought along): the cache covers 2 N
     Scratch scratch(t.K, p.rule == tree::kPuct ? 2 * t.N + 2 : 0);
+    const int64_t G = p.group < kMaxGroup ? p.group : kMaxGroup;
+    if (G <= 1) {
 #pragma omp for schedule(static)
-    for (int64_t b = 0; b < t.B; ++b) codes[size_t(b)] = select_tree(t, p, b, scratch);
+      for (int64_t b = 0; b < t.B; ++b) codes[size_t(b)] = select_tree(t, p, b, scratch);
+    } else {
+#pragma omp for schedule(static)
+      for (int64_t b0 = 0; b0 < t.B; b0 += G)
+        select_trees(t, p, b0, b0 + G < t.B ? b0 + G : t.B, scratch, codes.data());
+    }
   }
   for (int64_t b = 0; b < t.B; ++b) {
     if (codes[size_t(b)] != tree::kOk) {
@@ -477,9 +824,9 @@ int tree_expand(const View& t, const tree::ExpandInputs& in, int nt, int64_t* wh
     const float* lg = in.logits + m * K;
     const uint8_t* inv = in.invalid != nullptr ? in.invalid + m * K : nullptr;
     bool ok = finite(in.reward[m]) && finite(in.discount[m]) && finite(in.value[m]);
-    for (int64_t a = 0; a < K; ++a)
-      if (std::isnan(lg[a]) || lg[a] == kInf) ok = false;
-    if (!ok) {
+    int bad_logit = 0;  // NaN or +inf (branch-free, so that it vectorises)
+    for (int64_t a = 0; a < K; ++a) bad_logit |= int(!(lg[a] < kInf));
+    if (!ok || bad_logit) {
       first_bad = m < first_bad ? m : first_bad;
       continue;
     }
@@ -491,19 +838,26 @@ int tree_expand(const View& t, const tree::ExpandInputs& in, int nt, int64_t* wh
     uint8_t* tinv = t.invalid + e;
     float mx = -kInf;
     int valid = 0;
-    for (int64_t a = 0; a < K; ++a) {
-      const uint8_t bad = ((inv != nullptr && inv[a]) || lg[a] == -kInf) ? 1 : 0;
-      tinv[a] = bad;
-      valid += 1 - bad;
-      mx = !bad && lg[a] > mx ? lg[a] : mx;
+    if (inv != nullptr) {
+      for (int64_t a = 0; a < K; ++a) {
+        const uint8_t bad = (inv[a] != 0) | (lg[a] == -kInf);
+        tinv[a] = bad;
+        valid += 1 - bad;
+        mx = !bad && lg[a] > mx ? lg[a] : mx;
+      }
+    } else {
+      for (int64_t a = 0; a < K; ++a) {
+        const uint8_t bad = lg[a] == -kInf;
+        tinv[a] = bad;
+        valid += 1 - bad;
+        mx = !bad && lg[a] > mx ? lg[a] : mx;
+      }
     }
     float* pr = t.prior + e;
+    // the exponentials in one vectorised pass, then their sum in order
+    for (int64_t a = 0; a < K; ++a) pr[a] = tinv[a] ? 0.0f : rlfuse::vexp(lg[a] - mx);
     float sum = 0;
-    for (int64_t a = 0; a < K; ++a) {
-      const float ex = tinv[a] ? 0.0f : rlfuse::vexp(lg[a] - mx);
-      pr[a] = ex;
-      sum += ex;
-    }
+    for (int64_t a = 0; a < K; ++a) sum += pr[a];
     const float inv_sum = valid > 0 ? 1.0f / sum : 0.0f;
     for (int64_t a = 0; a < K; ++a) pr[a] *= inv_sum;
     std::copy(lg, lg + K, t.logit + e);

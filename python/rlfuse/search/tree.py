@@ -59,6 +59,12 @@ _EDGE_FIELDS = (
 # (tree, action) pairs per phase call from which the CPU kernels use every thread
 # (rlfuse._backend.num_threads); below it they run on one.  Results never depend on it.
 THREAD_MIN_PAIRS = 1 << 16
+# CPU select: the walks of SELECT_GROUP trees advance in lockstep (one node of each in turn,
+# the next node's rows prefetched; 1: one tree at a time), and PUCT scores only a node's
+# allocated children, taking the best of the others from a per-search memo (SPARSE_SELECT;
+# False: every action is scored).  The choices depend on neither (the tests check this).
+SELECT_GROUP = 4
+SPARSE_SELECT = True
 _STATUS = {1: "tree full", 2: "recurrent_fn returned a non-finite value", 3: "no valid action"}
 
 
@@ -443,6 +449,13 @@ class Phases:
             ia += [t.data_ptr() for t in (self.out_node, self.out_parent, self.out_action,
                                           self.out_store, self.out_new, self.out_path,
                                           self.out_len)]
+            # the memo of the sparse PUCT rule: a node's best unallocated action (-2: not yet
+            # known); valid for this search only, so it is filled afresh here
+            self.memo = None
+            if self.backend == "cpu" and self.rule == RULES["puct"] and SPARSE_SELECT:
+                self.memo = torch.full((B * tree.capacity,), -2, dtype=torch.int32)
+            ia += [0 if self.memo is None else self.memo.data_ptr(),
+                   SELECT_GROUP if self.backend == "cpu" else 1]
             if self.backend == "cuda":
                 ia.append(self.status.data_ptr())
             self.cfg = self.mod.SelectConfig(ia, [c1, c2, virtual_loss, value_scale, maxvisit_init])
