@@ -263,19 +263,18 @@ inline uint32_t allocated_mask16(const int32_t* child) {
 }
 
 // The actions with a child, in increasing order, into out[0, limit]; returns their
-// number, or limit + 1 once there are more than limit.
+// number, or limit + 1 once there are more than limit.  The child row is turned into a
+// 64-bit mask per 64 actions (fixed-length loops), then its set bits are listed.
 inline int allocated_actions(const int32_t* child, int64_t K, int limit, int32_t* out) {
   int n = 0;
-  int64_t a0 = 0;
-  for (; a0 + kLanes <= K; a0 += kLanes) {
-    uint32_t m = allocated_mask16(child + a0);
-    if (n + __builtin_popcount(m) > limit) return limit + 1;
-    for (; m != 0; m &= m - 1) out[n++] = int32_t(a0 + __builtin_ctz(m));
-  }
-  for (int64_t a = a0; a < K; ++a) {
-    if (child[a] < 0) continue;
-    if (n == limit) return limit + 1;
-    out[n++] = int32_t(a);
+  for (int64_t b0 = 0; b0 < K; b0 += 64) {
+    const int64_t len = K - b0 < 64 ? K - b0 : 64;
+    uint64_t m = 0;
+    int64_t j = 0;
+    for (; j + kLanes <= len; j += kLanes) m |= uint64_t(allocated_mask16(child + b0 + j)) << j;
+    for (; j < len; ++j) m |= uint64_t(child[b0 + j] >= 0) << j;
+    if (n + __builtin_popcountll(m) > limit) return limit + 1;
+    for (; m != 0; m &= m - 1) out[n++] = int32_t(b0 + __builtin_ctzll(m));
   }
   return n;
 }
@@ -315,19 +314,10 @@ int32_t best_unallocated(const View& t, const NodeRef& r, int32_t* slot) {
 }
 
 // The PUCT choice at node r by the sparse rule (see above), or kDense.
-int64_t select_puct_sparse(const View& t, const tree::SelectParams& p, const NodeRef& r,
+__attribute__((always_inline)) inline int64_t select_puct_sparse(const View& t, const tree::SelectParams& p, const NodeRef& r,
                            bool in_flight, float explore) {
   const int64_t K = t.K;
   const int32_t* ch = t.child + r.e;
-  if (K <= 4 * kLanes) {
-    // the rows read below for the allocated children: fetch them while the child row
-    // comes in (they would otherwise be requested only after it)
-    for (int64_t a = 0; a < K; a += kLanes) {
-      __builtin_prefetch(t.edge_visits + r.e + a);
-      __builtin_prefetch(t.edge_q + r.e + a);
-      __builtin_prefetch(t.prior + r.e + a);
-    }
-  }
   // Above a quarter of the actions (and 16) the dense pass is cheaper.
   constexpr int kMaxSparse = 64;
   int32_t kids[kMaxSparse];
@@ -342,9 +332,13 @@ int64_t select_puct_sparse(const View& t, const tree::SelectParams& p, const Nod
   const uint8_t* inv = t.invalid + r.e;
   // Q bounds: the node's value and its visited children's Q (visited implies allocated)
   float lo = t.value[r.base + r.s], hi = lo;
+  float kq[kMaxSparse], kn[kMaxSparse];
   for (int i = 0; i < nk; ++i) {
     const float qa = eq[kids[i]];
-    const bool vis = ev[kids[i]] > 0;
+    const int32_t na = ev[kids[i]];
+    kq[i] = qa;
+    kn[i] = float(na);
+    const bool vis = na > 0;
     lo = vis && qa < lo ? qa : lo;
     hi = vis && qa > hi ? qa : hi;
   }
@@ -357,8 +351,8 @@ int64_t select_puct_sparse(const View& t, const tree::SelectParams& p, const Nod
   for (int i = 0; i < nk; ++i) {
     const int32_t a = kids[i];
     if (inv[a]) continue;
-    const float n = float(ev[a]);
-    const float qn = normalise ? (eq[a] - lo) / d : 0.0f;
+    const float n = kn[i];
+    const float qn = normalise ? (kq[i] - lo) / d : 0.0f;
     float s;
     bool pending = false;
     if (!in_flight) {
@@ -793,8 +787,9 @@ int tree_select(const View& t, const tree::SelectParams& p, int nt, int64_t* whe
   std::vector<int> codes(size_t(t.B), tree::kOk);
 #pragma omp parallel num_threads(nt)
   {
-    // N(s) <= capacity + (the visits a kept root brought along): the cache covers 2 N
-    Scratch scratch(t.K, p.rule == tree::kPuct ? 2 * t.N + 2 : 0);
+    // N(s) <= capacity + (the visits a kept root brought along): the cache covers 2 N, up
+    // to 4096 entries (it is filled afresh by every call; larger N(s) are computed)
+    Scratch scratch(t.K, p.rule == tree::kPuct ? (2 * t.N + 2 < 4096 ? 2 * t.N + 2 : 4096) : 0);
     const int64_t G = p.group < kMaxGroup ? p.group : kMaxGroup;
     if (G <= 1) {
 #pragma omp for schedule(static)

@@ -263,6 +263,11 @@ def _wants_expansion(fn) -> bool:
 
 
 def _f32(name, x, shape, device):
+    # the common case (a float32 contiguous tensor of the right shape and device) without a
+    # conversion call: this runs four times per simulation step
+    if (type(x) is torch.Tensor and x.dtype is torch.float32 and x.shape == shape
+            and x.device == device and x.is_contiguous()):
+        return x
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"recurrent_fn: {name} must be a torch.Tensor, got {type(x).__name__}")
     if tuple(x.shape) != shape:
