@@ -220,8 +220,11 @@ inline float puct_score_real(float q_norm, float prior, float explore, float n) 
 struct Scratch {
   std::vector<float> k3;
   std::vector<float> explore;
-  Scratch(int64_t K, int64_t n_explore)
-      : k3(3 * size_t(K)), explore(size_t(n_explore), std::numeric_limits<float>::quiet_NaN()) {}
+  std::vector<float> walks;  // Gumbel lockstep walks: 2 K floats per walk and a zero row
+  Scratch(int64_t K, int64_t n_explore, int64_t n_walks = 0)
+      : k3(3 * size_t(K)),
+        explore(size_t(n_explore), std::numeric_limits<float>::quiet_NaN()),
+        walks(n_walks > 0 ? size_t(2 * n_walks + 1) * size_t(K) : 0, 0.0f) {}
 };
 
 float puct_explore(const View& t, const tree::SelectParams& p, const NodeRef& r, Scratch& sc) {
@@ -560,7 +563,10 @@ int64_t gumbel_root_real(const View& t, const tree::SelectParams& p, const NodeR
   return a >= 0 ? a : pick_scores(r, sc, false);  // every valid score is -inf
 }
 
-int64_t gumbel_interior_real(const View& t, const NodeRef& r, const float* sigma, float* sc) {
+// Interior, first part: the exponentials of the valid actions' logits + sigma (minus
+// their maximum) into sc[K]; returns 1 + the sum of the valid actions' visits, or -1 when
+// that sum is not exact in float (the general code then decides).
+float gumbel_interior_exps(const View& t, const NodeRef& r, const float* sigma, float* sc) {
   const int64_t K = t.K;
   const float* logit = t.logit + r.e;
   const int32_t* ev = t.edge_visits + r.e;
@@ -585,14 +591,26 @@ int64_t gumbel_interior_real(const View& t, const NodeRef& r, const float* sigma
     zmax = !inv[a] && z > zmax ? z : zmax;
     tot += inv[a] ? 0 : ev[a];
   }
-  const float total = float(tot);
-  if (tot >= (int64_t(1) << 24)) return -2;  // the general code's sum would round
+  if (tot >= (int64_t(1) << 24)) return -1.0f;  // the general code's sum would round
   for (int64_t a = 0; a < K; ++a) sc[a] = inv[a] ? 0.0f : rlfuse::vexp(logit[a] + sigma[a] - zmax);
-  float zsum = 0;
-  for (int64_t a = 0; a < K; ++a) zsum += sc[a];
-  const float den = 1.0f + total;
+  return 1.0f + float(tot);
+}
+
+// The softmax denominator, in the order of the general code.
+inline float sequential_sum(const float* x, int64_t K) {
+  float s = 0;
+  for (int64_t a = 0; a < K; ++a) s += x[a];
+  return s;
+}
+
+// Interior, last part: scores sc[a] / zsum - N(a) / den over the valid actions, argmax.
+int64_t gumbel_interior_pick(const View& t, const NodeRef& r, float* sc, float zsum, float den) {
+  const int64_t K = t.K;
+  const int32_t* ev = t.edge_visits + r.e;
+  const uint8_t* inv = t.invalid + r.e;
   LaneArgmax best;
-  for (a0 = 0; a0 + kLanes <= K; a0 += kLanes) {
+  int64_t a0 = 0;
+  for (; a0 + kLanes <= K; a0 += kLanes) {
     const vf16 n = __builtin_convertvector(load16<vi16>(ev + a0), vf16);
     vf16 s = load16<vf16>(sc + a0) / zsum - n / den;
     s = __builtin_convertvector(load16<vb16>(inv + a0), vi16) != 0 ? splat(-kInf) : s;
@@ -606,6 +624,12 @@ int64_t gumbel_interior_real(const View& t, const NodeRef& r, const float* sigma
   }
   const int64_t a = best.result();
   return a >= 0 ? a : pick_scores(r, sc, false);  // every valid score is -inf
+}
+
+int64_t gumbel_interior_real(const View& t, const NodeRef& r, const float* sigma, float* sc) {
+  const float den = gumbel_interior_exps(t, r, sigma, sc);
+  if (den < 0.0f) return -2;
+  return gumbel_interior_pick(t, r, sc, sequential_sum(sc, t.K), den);
 }
 
 // scratch: 3 K floats (sigma, virtual visits, scores).
@@ -710,12 +734,21 @@ inline void prefetch_node(const View& t, const tree::SelectParams& p, int64_t b,
 
 // One node of walk w: choose, allocate or follow.  Returns 0 (go on), 1 (the walk is
 // finished: its outputs are written) or a Status (negated).
+inline int advance(const View& t, const tree::SelectParams& p, Walk& w, const NodeRef& r,
+                   int64_t a);
+
 inline int step(const View& t, const tree::SelectParams& p, Walk& w, bool in_flight,
                 Scratch& scratch) {
   const NodeRef r(t, w.b, w.s);
   const int64_t a = p.rule == tree::kGumbel
                         ? select_gumbel(t, p, r, w.depth == 0, in_flight, scratch.k3.data())
                         : select_puct(t, p, r, in_flight, scratch);
+  return advance(t, p, w, r, a);
+}
+
+// Walk w takes action a at node r: allocate or follow; 0, 1 or a negated Status as step().
+inline int advance(const View& t, const tree::SelectParams& p, Walk& w, const NodeRef& r,
+                   int64_t a) {
   if (a < 0) return -tree::kNoValidAction;  // the root lost its valid actions
   w.act = a;
   int32_t c = t.child[r.e + a];
@@ -749,12 +782,79 @@ int select_tree(const View& t, const tree::SelectParams& p, int64_t b, Scratch& 
   return tree::kOk;
 }
 
+constexpr int kMaxGroup = 64;
+
+// Gumbel walks without simulations in flight, advanced in lockstep and each node in
+// stages (completed Q; root choice or the exponentials; the softmax denominators of four
+// walks in one loop; scores and argmax): the long chains of dependent arithmetic of the
+// interior rule (sequential sums) run four at a time.  The choices are those of step().
+void gumbel_walks(const View& t, const tree::SelectParams& p, Walk* walks, int n,
+                  Scratch& scratch, int* codes) {
+  const int64_t K = t.K;
+  float* buf = scratch.walks.data();  // per walk: sigma [K], scores [K]; a zero row at the end
+  const float* zero = buf + (scratch.walks.size() - size_t(K));
+  int64_t act[kMaxGroup];
+  float den[kMaxGroup], zsum[kMaxGroup];
+  while (n > 0) {
+    for (int i = 0; i < n; ++i) {
+      const Walk& w = walks[i];
+      const NodeRef r(t, w.b, w.s);
+      float* sigma = buf + int64_t(i) * 2 * K;
+      gumbel_sigma(t, p, r, sigma);
+      if (w.depth == 0) {
+        act[i] = gumbel_root_real(t, p, r, sigma, sigma + K);
+        den[i] = 0.0f;  // decided
+      } else {
+        den[i] = gumbel_interior_exps(t, r, sigma, sigma + K);
+        if (den[i] < 0.0f) {  // the general rule
+          act[i] = select_gumbel(t, p, r, false, false, scratch.k3.data());
+          den[i] = 0.0f;
+        }
+      }
+    }
+    // the sequential sums of up to four walks side by side (each in its own order)
+    for (int i0 = 0; i0 < n; i0 += 4) {
+      const float* x[4];
+      for (int k = 0; k < 4; ++k)
+        x[k] = i0 + k < n && den[i0 + k] > 0.0f ? buf + int64_t(i0 + k) * 2 * K + K : zero;
+      float s0 = 0, s1 = 0, s2 = 0, s3 = 0;
+      for (int64_t a = 0; a < K; ++a) {
+        s0 += x[0][a];
+        s1 += x[1][a];
+        s2 += x[2][a];
+        s3 += x[3][a];
+      }
+      const float sums[4] = {s0, s1, s2, s3};
+      for (int k = 0; k < 4 && i0 + k < n; ++k) zsum[i0 + k] = sums[k];
+    }
+    for (int i = 0; i < n;) {
+      Walk& w = walks[i];
+      const NodeRef r(t, w.b, w.s);
+      const int64_t a = den[i] > 0.0f
+                            ? gumbel_interior_pick(t, r, buf + int64_t(i) * 2 * K + K, zsum[i], den[i])
+                            : act[i];
+      const int rc = advance(t, p, w, r, a);
+      if (rc == 0) {
+        prefetch_node(t, p, w.b, w.s);
+        ++i;
+        continue;
+      }
+      if (rc < 0) codes[w.b] = -rc;
+      --n;  // finished: the last walk takes its place (with its stage results)
+      walks[i] = walks[n];
+      act[i] = act[n];
+      den[i] = den[n];
+      zsum[i] = zsum[n];
+      if (i < n) std::memcpy(buf + int64_t(i) * 2 * K, buf + int64_t(n) * 2 * K, 2 * K * sizeof(float));
+    }
+  }
+}
+
 // Trees [b0, b1), W simulations each, their walks advanced in lockstep (one node of each
 // walk in turn, the next node's rows prefetched), so that the memory accesses and the
 // dependent arithmetic of one walk overlap those of the others.  Simulation `sim` of every
 // tree runs after simulation sim - 1 of that tree has finished, as in select_tree; trees
 // are independent, so the choices are those of select_tree.  codes[b] gets the Status.
-constexpr int kMaxGroup = 64;
 void select_trees(const View& t, const tree::SelectParams& p, int64_t b0, int64_t b1,
                   Scratch& scratch, int* codes) {
   Walk walks[kMaxGroup];
@@ -763,6 +863,10 @@ void select_trees(const View& t, const tree::SelectParams& p, int64_t b0, int64_
     int n = 0;
     for (int64_t b = b0; b < b1; ++b)
       if (codes[b] == tree::kOk) start_walk(p, walks[n++], b, sim);
+    if (p.rule == tree::kGumbel && !in_flight) {
+      gumbel_walks(t, p, walks, n, scratch, codes);
+      continue;
+    }
     while (n > 0) {
       for (int i = 0; i < n;) {
         Walk& w = walks[i];
@@ -789,8 +893,9 @@ int tree_select(const View& t, const tree::SelectParams& p, int nt, int64_t* whe
   {
     // N(s) <= capacity + (the visits a kept root brought along): the cache covers 2 N, up
     // to 4096 entries (it is filled afresh by every call; larger N(s) are computed)
-    Scratch scratch(t.K, p.rule == tree::kPuct ? (2 * t.N + 2 < 4096 ? 2 * t.N + 2 : 4096) : 0);
     const int64_t G = p.group < kMaxGroup ? p.group : kMaxGroup;
+    Scratch scratch(t.K, p.rule == tree::kPuct ? (2 * t.N + 2 < 4096 ? 2 * t.N + 2 : 4096) : 0,
+                    p.rule == tree::kGumbel && G > 1 ? G : 0);
     if (G <= 1) {
 #pragma omp for schedule(static)
       for (int64_t b = 0; b < t.B; ++b) codes[size_t(b)] = select_tree(t, p, b, scratch);
