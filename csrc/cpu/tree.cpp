@@ -384,6 +384,90 @@ __attribute__((always_inline)) inline int64_t select_puct_sparse(const View& t, 
   return arg_pending >= 0 ? arg_pending : kDense;
 }
 
+// Index of the lowest set bit, 64 for none.
+inline int lowest_bit(uint64_t m) {
+#if defined(__BMI__)
+  return int(_tzcnt_u64(m));
+#else
+  return m != 0 ? __builtin_ctzll(m) : 64;
+#endif
+}
+
+// The sparse rule for the common case, in two halves without branches on the data: no
+// simulation in flight, K <= 64, at most 4 allocated children, a memo entry that still
+// names an unallocated action.  puct_small_a reads the node (children mask, memo) and says
+// whether the case applies; puct_small_b scores (the children in increasing order, so the
+// strict > keeps the lowest index on ties, as the scan does) and returns the choice or
+// kDense (a non-finite or tiny score: another path decides).
+struct SmallNode {
+  uint64_t mask;
+  int32_t code;
+  float explore;
+};
+
+inline bool puct_small_a(const View& t, const tree::SelectParams& p, const NodeRef& r,
+                         float explore, SmallNode& sn) {
+  const int64_t K = t.K;
+  const int32_t* ch = t.child + r.e;
+  uint64_t m = 0;
+  int64_t j = 0;
+  for (; j + kLanes <= K; j += kLanes) m |= uint64_t(allocated_mask16(ch + j)) << j;
+  for (; j < K; ++j) m |= uint64_t(ch[j] >= 0) << j;
+  const int32_t code = p.memo[r.base + r.s];
+  sn.mask = m;
+  sn.code = code;
+  sn.explore = explore;
+  return (explore > 0.0f) & (explore < kInf) & (__builtin_popcountll(m) <= 4) & (code >= 0) &&
+         ch[code] < 0;
+}
+
+inline int64_t puct_small_b(const View& t, const tree::SelectParams& p, const NodeRef& r,
+                            const SmallNode& sn) {
+  const int32_t* ev = t.edge_visits + r.e;
+  const float* eq = t.edge_q + r.e;
+  const float* prior = t.prior + r.e;
+  const uint8_t* inv = t.invalid + r.e;
+  const float explore = sn.explore;
+  uint64_t m = sn.mask;
+  int32_t a[4];
+  bool present[4];
+  float n[4], q[4];
+  float lo = t.value[r.base + r.s], hi = lo;
+  for (int i = 0; i < 4; ++i) {
+    const int bit = lowest_bit(m);
+    m &= m - 1;
+    present[i] = bit < 64;
+    a[i] = present[i] ? bit : 0;  // a safe index for the absent ones (masked below)
+    const int32_t na = ev[a[i]];
+    n[i] = float(na);
+    q[i] = eq[a[i]];
+    const bool vis = present[i] & (na > 0);
+    lo = vis && q[i] < lo ? q[i] : lo;
+    hi = vis && q[i] > hi ? q[i] : hi;
+  }
+  const bool normalise = tree::qnorm_bounds(t, p, r.b, &lo, &hi);
+  const float d = hi - lo > 1e-8f ? hi - lo : 1e-8f;
+  float best = -kInf;
+  int32_t arg = -1;
+  bool finite_scores = true;
+  for (int i = 0; i < 4; ++i) {
+    const float qn = normalise ? (q[i] - lo) / d : 0.0f;
+    const float s = puct_score_real(qn, prior[a[i]], explore, n[i]);
+    const bool valid = present[i] & (inv[a[i]] == 0);
+    finite_scores &= !valid | (s - s == 0.0f);
+    const bool take = valid & (s > best);
+    best = take ? s : best;
+    arg = take ? a[i] : arg;
+  }
+  // the best unallocated action: n = 0, no virtual visits, score explore * prior
+  const int32_t u = sn.code;
+  const float pu = prior[u];
+  const float su = explore * pu;
+  if ((!finite_scores) | ((pu > 0.0f) & !(su >= 1e-30f))) return kDense;
+  const bool take_u = (arg < 0) | (su > best) | ((su == best) & (u < arg));
+  return take_u ? u : arg;
+}
+
 // scratch: 2 K floats.  The per-node terms (the Q bounds, c(s) sqrt(N(s))) are computed
 // once, then one branch-free pass over the actions scores them (it vectorises).
 int64_t select_puct(const View& t, const tree::SelectParams& p, const NodeRef& r,
@@ -784,6 +868,37 @@ int select_tree(const View& t, const tree::SelectParams& p, int64_t b, Scratch& 
 
 constexpr int kMaxGroup = 64;
 
+// PUCT walks without simulations in flight (K <= 64, with the memo), advanced in lockstep
+// and each node in stages across the walks (read the node; score; advance), so that the
+// dependent loads and arithmetic of the walks overlap.  The choices are those of step().
+void puct_walks(const View& t, const tree::SelectParams& p, Walk* walks, int n, Scratch& scratch,
+                int* codes) {
+  SmallNode sn[kMaxGroup];
+  bool small[kMaxGroup];
+  while (n > 0) {
+    for (int i = 0; i < n; ++i) {
+      const NodeRef r(t, walks[i].b, walks[i].s);
+      small[i] = puct_small_a(t, p, r, puct_explore(t, p, r, scratch), sn[i]);
+    }
+    for (int i = 0; i < n;) {
+      Walk& w = walks[i];
+      const NodeRef r(t, w.b, w.s);
+      int64_t a = small[i] ? puct_small_b(t, p, r, sn[i]) : kDense;
+      if (a == kDense) a = select_puct(t, p, r, false, scratch);
+      const int rc = advance(t, p, w, r, a);
+      if (rc == 0) {
+        ++i;
+        continue;
+      }
+      if (rc < 0) codes[w.b] = -rc;
+      --n;  // finished: the last walk takes its place (with its first stage)
+      walks[i] = walks[n];
+      sn[i] = sn[n];
+      small[i] = small[n];
+    }
+  }
+}
+
 // Gumbel walks without simulations in flight, advanced in lockstep and each node in
 // stages (completed Q; root choice or the exponentials; the softmax denominators of four
 // walks in one loop; scores and argmax): the long chains of dependent arithmetic of the
@@ -865,6 +980,10 @@ void select_trees(const View& t, const tree::SelectParams& p, int64_t b0, int64_
       if (codes[b] == tree::kOk) start_walk(p, walks[n++], b, sim);
     if (p.rule == tree::kGumbel && !in_flight) {
       gumbel_walks(t, p, walks, n, scratch, codes);
+      continue;
+    }
+    if (p.rule == tree::kPuct && !in_flight && p.memo != nullptr && t.K <= 64) {
+      puct_walks(t, p, walks, n, scratch, codes);
       continue;
     }
     while (n > 0) {
