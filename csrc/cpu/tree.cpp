@@ -1034,59 +1034,108 @@ int tree_select(const View& t, const tree::SelectParams& p, int nt, int64_t* whe
   return tree::kOk;
 }
 
+namespace {
+
+// Expand, first part for row m: checks (false: a non-finite output), the invalid mask,
+// the exponentials of the valid logits (minus their maximum) into the prior row; *valid
+// gets the number of valid actions.
+bool expand_exps(const View& t, const tree::ExpandInputs& in, int64_t m, int64_t e, int* valid) {
+  const int64_t K = t.K;
+  const float* lg = in.logits + m * K;
+  const uint8_t* inv = in.invalid != nullptr ? in.invalid + m * K : nullptr;
+  const bool ok = finite(in.reward[m]) && finite(in.discount[m]) && finite(in.value[m]);
+  int bad_logit = 0;  // NaN or +inf (branch-free, so that it vectorises)
+  for (int64_t a = 0; a < K; ++a) bad_logit |= int(!(lg[a] < kInf));
+  if (!ok || bad_logit) return false;
+  // Softmax over the valid actions (invalid: masked, or a -inf logit).
+  uint8_t* tinv = t.invalid + e;
+  vf16 mx16 = splat(-kInf);
+  vi16 nv16 = splat(int32_t(0));
+  int64_t a0 = 0;
+  for (; a0 + kLanes <= K; a0 += kLanes) {
+    const vf16 x = load16<vf16>(lg + a0);
+    vi16 bad = x == -kInf;
+    if (inv != nullptr) bad |= __builtin_convertvector(load16<vb16>(inv + a0), vi16) != 0;
+    const vb16 b8 = __builtin_convertvector(bad & 1, vb16);
+    std::memcpy(tinv + a0, &b8, sizeof(b8));
+    nv16 += bad + 1;  // 1 - bad (bad is -1 or 0)
+    mx16 = (~bad & (x > mx16)) ? x : mx16;
+  }
+  float mx = -kInf;
+  int nvalid = 0;
+  for (int j = 0; j < kLanes; ++j) {
+    mx = mx16[j] > mx ? mx16[j] : mx;
+    nvalid += nv16[j];
+  }
+  for (int64_t a = a0; a < K; ++a) {
+    const uint8_t bad = ((inv != nullptr && inv[a]) || lg[a] == -kInf) ? 1 : 0;
+    tinv[a] = bad;
+    nvalid += 1 - bad;
+    mx = !bad && lg[a] > mx ? lg[a] : mx;
+  }
+  float* pr = t.prior + e;
+  for (int64_t a = 0; a < K; ++a) pr[a] = tinv[a] ? 0.0f : rlfuse::vexp(lg[a] - mx);
+  *valid = nvalid;
+  return true;
+}
+
+// Expand, last part for row m: the prior (exponentials / their sum), the logits, fresh
+// edges, the node's fields.
+void expand_finish(const View& t, const tree::ExpandInputs& in, int64_t m, int64_t base,
+                   int64_t n, int64_t e, int valid, float sum) {
+  const int64_t K = t.K;
+  float* pr = t.prior + e;
+  const float inv_sum = valid > 0 ? 1.0f / sum : 0.0f;
+  for (int64_t a = 0; a < K; ++a) pr[a] *= inv_sum;
+  const float* lg = in.logits + m * K;
+  std::copy(lg, lg + K, t.logit + e);
+  std::fill(t.child + e, t.child + e + K, -1);
+  std::fill(t.edge_visits + e, t.edge_visits + e + K, 0);
+  std::fill(t.edge_value + e, t.edge_value + e + K, 0.0f);
+  std::fill(t.edge_q + e, t.edge_q + e + K, 0.0f);
+  std::fill(t.reward + e, t.reward + e + K, 0.0f);
+  std::fill(t.discount + e, t.discount + e + K, 0.0f);
+  tree::expand_node_fields(t, in, m, base, n, valid);
+}
+
+}  // namespace
+
+// Rows in groups of four: the exponentials of each row, then the four softmax sums
+// (sequential, each in its own order) side by side, then the rest of each row.
 int tree_expand(const View& t, const tree::ExpandInputs& in, int nt, int64_t* where) {
   const int64_t K = t.K, N = t.N, M = in.M;
   int64_t first_bad = M;
 #pragma omp parallel for num_threads(nt) schedule(static) reduction(min : first_bad)
-  for (int64_t m = 0; m < M; ++m) {
-    if (!in.is_new[m]) continue;
-    const float* lg = in.logits + m * K;
-    const uint8_t* inv = in.invalid != nullptr ? in.invalid + m * K : nullptr;
-    bool ok = finite(in.reward[m]) && finite(in.discount[m]) && finite(in.value[m]);
-    int bad_logit = 0;  // NaN or +inf (branch-free, so that it vectorises)
-    for (int64_t a = 0; a < K; ++a) bad_logit |= int(!(lg[a] < kInf));
-    if (!ok || bad_logit) {
-      first_bad = m < first_bad ? m : first_bad;
-      continue;
-    }
-    const int64_t b = m / in.W;
-    const int64_t base = b * N;
-    const int64_t n = in.node[m];
-    const int64_t e = (base + n) * K;
-    // Softmax over the valid actions (invalid: masked, or a -inf logit).
-    uint8_t* tinv = t.invalid + e;
-    float mx = -kInf;
-    int valid = 0;
-    if (inv != nullptr) {
-      for (int64_t a = 0; a < K; ++a) {
-        const uint8_t bad = (inv[a] != 0) | (lg[a] == -kInf);
-        tinv[a] = bad;
-        valid += 1 - bad;
-        mx = !bad && lg[a] > mx ? lg[a] : mx;
+  for (int64_t m0 = 0; m0 < M; m0 += 4) {
+    int64_t row[4], e[4];
+    int valid[4];
+    int nr = 0;
+    for (int64_t m = m0; m < m0 + 4 && m < M; ++m) {
+      if (!in.is_new[m]) continue;
+      const int64_t base = (m / in.W) * N;
+      e[nr] = (base + in.node[m]) * K;
+      if (!expand_exps(t, in, m, e[nr], &valid[nr])) {
+        first_bad = m < first_bad ? m : first_bad;
+        continue;
       }
-    } else {
-      for (int64_t a = 0; a < K; ++a) {
-        const uint8_t bad = lg[a] == -kInf;
-        tinv[a] = bad;
-        valid += 1 - bad;
-        mx = !bad && lg[a] > mx ? lg[a] : mx;
-      }
+      row[nr++] = m;
     }
-    float* pr = t.prior + e;
-    // the exponentials in one vectorised pass, then their sum in order
-    for (int64_t a = 0; a < K; ++a) pr[a] = tinv[a] ? 0.0f : rlfuse::vexp(lg[a] - mx);
-    float sum = 0;
-    for (int64_t a = 0; a < K; ++a) sum += pr[a];
-    const float inv_sum = valid > 0 ? 1.0f / sum : 0.0f;
-    for (int64_t a = 0; a < K; ++a) pr[a] *= inv_sum;
-    std::copy(lg, lg + K, t.logit + e);
-    std::fill(t.child + e, t.child + e + K, -1);
-    std::fill(t.edge_visits + e, t.edge_visits + e + K, 0);
-    std::fill(t.edge_value + e, t.edge_value + e + K, 0.0f);
-    std::fill(t.edge_q + e, t.edge_q + e + K, 0.0f);
-    std::fill(t.reward + e, t.reward + e + K, 0.0f);
-    std::fill(t.discount + e, t.discount + e + K, 0.0f);
-    tree::expand_node_fields(t, in, m, base, n, valid);
+    if (nr == 0) continue;
+    const float* x[4];
+    for (int k = 0; k < 4; ++k) x[k] = t.prior + e[k < nr ? k : 0];
+    float s0 = 0, s1 = 0, s2 = 0, s3 = 0;
+    for (int64_t a = 0; a < K; ++a) {
+      s0 += x[0][a];
+      s1 += x[1][a];
+      s2 += x[2][a];
+      s3 += x[3][a];
+    }
+    const float sums[4] = {s0, s1, s2, s3};
+    for (int k = 0; k < nr; ++k) {
+      const int64_t m = row[k];
+      const int64_t base = (m / in.W) * N;
+      expand_finish(t, in, m, base, in.node[m], e[k], valid[k], sums[k]);
+    }
   }
   *where = first_bad;
   return first_bad < M ? tree::kNotFinite : tree::kOk;
