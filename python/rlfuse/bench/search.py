@@ -9,16 +9,16 @@ environment (:class:`HashEnv`) maps (state, action) to an integer hash and looks
 values and prior logits up in fixed tables, identically in torch, JAX and plain Python.
 
 rlfuse reuses one preallocated Tree (``Tree.clear()``, ``tree=``) across searches.  Times
-are ms per search of the whole batch; the pure-Python MCTS (PUCT, the mctx rules,
-one node object per node, one tree after another) runs on fewer trees and its time is
-scaled to the full batch (it is linear in the number of trees).  Every row's notes give
+are ms per search of the whole batch (medians, all variants interleaved); the pure-Python
+MCTS (PUCT, the mctx rules, one node object per node, one tree after another) runs on
+fewer trees and its time is scaled to the full batch (it is linear in the number of
+trees).  Every row's notes give
 the expansions per second.
 """
 
 from __future__ import annotations
 
 import math
-import time
 
 import numpy as np
 import torch
@@ -193,12 +193,12 @@ def run(device: str = "cpu", quick: bool = False, repeat: int | None = None,
                 fns["mctx"] = mctx_fns[mode]
             else:
                 notes["mctx"] = mctx_err
+            if mode == "puct":  # timed with the others, interleaved, then scaled
+                fns["python"] = py_search
             times, errors = time_variants(fns, dev, warmup=1, repeat=repeat)
             notes.update(errors)
-            if mode == "puct":
-                t0 = time.perf_counter()
-                py_search()
-                times["python"] = (time.perf_counter() - t0) * 1e3 * B / B_py
+            if times.get("python"):
+                times["python"] *= B / B_py
                 notes["python"] = f"pure-Python PUCT MCTS on {B_py} trees, scaled to {B}"
             for v, t in times.items():
                 if t:
