@@ -1141,9 +1141,62 @@ int tree_expand(const View& t, const tree::ExpandInputs& in, int nt, int64_t* wh
   return first_bad < M ? tree::kNotFinite : tree::kOk;
 }
 
+namespace {
+
+// tree::backup_tree with the child's new mean carried in a register from one edge to the
+// next (backup_tree reads it back from memory, which the compiler cannot forward past the
+// other arrays' stores); the same operations in the same order.
+void backup_tree_cpu(const View& t, const tree::BackupInputs& in, int64_t b) {
+  const int64_t N = t.N, K = t.K, W = in.W, D = in.path_stride;
+  const int64_t base = b * N;
+  float* __restrict value = t.value + base;
+  int32_t* __restrict visits = t.visits + base;
+  int32_t* __restrict inflight = t.inflight + base;
+  const int32_t* __restrict action = t.action + base;
+  const float* __restrict reward = t.reward;
+  const float* __restrict discount = t.discount;
+  int32_t* __restrict edge_visits = t.edge_visits;
+  float* __restrict edge_value = t.edge_value;
+  float* __restrict edge_q = t.edge_q;
+  float lo = t.minmax[2 * b], hi = t.minmax[2 * b + 1];
+  for (int64_t w = 0; w < W; ++w) {
+    const int32_t* path = in.path + (b * W + w) * D;
+    const int32_t len = in.len[b * W + w];
+    const int32_t leaf = path[len - 1];
+    float g = t.raw_value[base + leaf];
+    float cnt = float(visits[leaf]);
+    float v = value[leaf] + (g - value[leaf]) / (cnt + 1.0f);
+    value[leaf] = v;
+    visits[leaf] += 1;
+    inflight[leaf] -= 1;
+    for (int32_t i = len - 1; i >= 1; --i) {
+      const int32_t c = path[i], s = path[i - 1];
+      const int64_t pe = (base + s) * K + action[c];
+      const float r = reward[pe], d = discount[pe];
+      g = r + d * g;
+      cnt = float(visits[s]);
+      const float vs = value[s] + (g - value[s]) / (cnt + 1.0f);
+      value[s] = vs;
+      visits[s] += 1;
+      inflight[s] -= 1;
+      edge_visits[pe] += 1;
+      edge_value[pe] = v;  // the child's mean, updated just before
+      const float q = r + d * v;
+      edge_q[pe] = q;
+      lo = q < lo ? q : lo;
+      hi = q > hi ? q : hi;
+      v = vs;
+    }
+  }
+  t.minmax[2 * b] = lo;
+  t.minmax[2 * b + 1] = hi;
+}
+
+}  // namespace
+
 int tree_backup(const View& t, const tree::BackupInputs& in, int nt) {
 #pragma omp parallel for num_threads(nt) schedule(static)
-  for (int64_t b = 0; b < t.B; ++b) tree::backup_tree(t, in, b);
+  for (int64_t b = 0; b < t.B; ++b) backup_tree_cpu(t, in, b);
   return tree::kOk;
 }
 
