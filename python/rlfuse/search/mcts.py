@@ -21,6 +21,7 @@ keeps its B * W shape, but their outputs are ignored.
 
 from __future__ import annotations
 
+import functools
 import gc
 import inspect
 import math
@@ -121,6 +122,12 @@ def sequential_halving_table(max_considered: int, num_simulations: int) -> torch
     have to be chosen by simulation i when m actions are considered.  Each phase gives every
     remaining action max(1, n // (ceil(log2 m) * live)) more visits and then halves the
     number of live actions (down to 2), as in Gumbel MuZero."""
+    return _halving_table(int(max_considered), int(num_simulations)).clone()
+
+
+@functools.lru_cache(maxsize=64)
+def _halving_table(max_considered: int, num_simulations: int) -> torch.Tensor:
+    # built once per (m, n): a search calls for it every time (~0.2 ms in Python)
     rows = []
     n = num_simulations
     for m in range(max_considered + 1):

@@ -106,11 +106,11 @@ class Tree:
         logits = prior_logits.to(self.device, torch.float32)
         inv = (torch.zeros(B, K, dtype=torch.bool, device=self.device) if invalid is None
                else invalid.to(self.device).bool())
-        sel = (torch.ones(B, dtype=torch.bool, device=self.device) if trees is None
-               else trees.to(self.device).bool())
         # logits of invalid actions do not matter; keep them finite for the softmax
         prior = torch.softmax(logits.masked_fill(inv, -math.inf), -1).nan_to_num(0.0)
-        rows = sel.nonzero().squeeze(1)
+        # every tree (the common case): plain slices instead of an index list
+        rows = (slice(None) if trees is None
+                else trees.to(self.device).bool().nonzero().squeeze(1))
         for name, fill in (("parent", -1), ("action", -1), ("depth", 0), ("inflight", 0)):
             getattr(self, name)[rows, 0] = fill
         for name, fill in (("children", -1), ("children_visits", 0), ("children_values", 0),
