@@ -60,7 +60,11 @@ class HashEnv:
         d = self._disc.get(M)
         if d is None:
             d = self._disc[M] = torch.full((M,), self.discount, device=self.device)
-        return self.Rt[nxt], d, self.Lt[nxt], self.Vt[nxt], nxt
+        # index_select, not Lt[nxt]: with 2 torch threads, advanced indexing of the [P, A]
+        # table takes the parallel index kernel, ~25x slower on a 2-core VM (and its worker
+        # then spins); the values are the same
+        return (self.Rt.index_select(0, nxt), d, self.Lt.index_select(0, nxt),
+                self.Vt.index_select(0, nxt), nxt)
 
     # plain-Python twin for the pure-Python MCTS
     def py_tables(self):
