@@ -309,8 +309,16 @@ int32_t best_unallocated(const View& t, const NodeRef& r, int32_t* slot) {
     const float pu = prior[u];
     if (pu > 0.0f && pu < 1e-30f) out = kMemoAmbiguous;
     const float near = pu - pu * 0x1p-20f;
-    for (int64_t a = 0; a < u && out >= 0; ++a)
-      if (ch[a] < 0 && !inv[a] && prior[a] >= near) out = kMemoAmbiguous;
+    // a lower-indexed candidate within 2^-20 of it (16 lanes at a time)
+    vi16 hit = splat(int32_t(0));
+    for (a0 = 0; a0 < u && a0 + kLanes <= K; a0 += kLanes)
+      hit |= (load16<vi16>(ch + a0) < 0) &
+             (__builtin_convertvector(load16<vb16>(inv + a0), vi16) == 0) &
+             (lane_ids() + int32_t(a0) < int32_t(u)) & (load16<vf16>(prior + a0) >= near);
+    bool any = false;
+    for (int j = 0; j < kLanes; ++j) any |= hit[j] != 0;
+    for (int64_t a = a0; a < u; ++a) any |= ch[a] < 0 && !inv[a] && prior[a] >= near;
+    if (any) out = kMemoAmbiguous;
   }
   *slot = out;
   return out;
