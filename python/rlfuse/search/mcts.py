@@ -336,12 +336,15 @@ def _steps(ph: Phases, recurrent_fn: Callable, num_simulations: int, pass_exp: b
         inv = term = None
         if len(out) == 7:
             inv, term = out[5], out[6]
-        ph.expand(w, _f32("reward", out[0], (M,), dev), _f32("discount", out[1], (M,), dev),
-                  _f32("prior_logits", out[2], (M, K), dev), _f32("value", out[3], (M,), dev),
-                  _u8("invalid_actions", inv, (M, K), dev), _u8("terminal", term, (M,), dev))
+        # the payload rows are written after the backup (neither phase reads them)
+        ph.expand_backup(w, _f32("reward", out[0], (M,), dev),
+                         _f32("discount", out[1], (M,), dev),
+                         _f32("prior_logits", out[2], (M, K), dev),
+                         _f32("value", out[3], (M,), dev),
+                         _u8("invalid_actions", inv, (M, K), dev),
+                         _u8("terminal", term, (M,), dev))
         if store is not None:
             store.put(sel.tree, sel.store, out[4], M)
-        ph.backup(w)
         done += w
 
 

@@ -501,6 +501,20 @@ class Phases:
         if self.backend == "cpu" and out[0]:
             self._raise("expand", out[0], out[1], "row")
 
+    def expand_backup(self, w: int, reward, discount, logits, value, invalid=None,
+                      terminal=None):
+        """expand, then backup (one call into the CPU extension)."""
+        if self.backend != "cpu":
+            self.expand(w, reward, discount, logits, value, invalid, terminal)
+            self.backup(w)
+            return
+        out = self.mod.tree_expand_backup(
+            self.view, self.cfg, w, reward.data_ptr(), discount.data_ptr(), logits.data_ptr(),
+            value.data_ptr(), 0 if invalid is None else invalid.data_ptr(),
+            0 if terminal is None else terminal.data_ptr(), self.arg)
+        if out[0]:
+            self._raise("expand", out[0], out[1], "row")
+
     def backup(self, w: int) -> None:
         if self.mod is None:
             backup_reference(self, w)
