@@ -188,7 +188,17 @@ def run(device: str = "cpu", quick: bool = False, repeat: int | None = None,
             search = puct_search if mode == "puct" else gumbel_search
 
             def ours(backend=None, search=search):
-                return search(root, env.step, sims, tree=storage.clear(), backend=backend)
+                # torch at one intra-op thread while the search runs (restored after): its
+                # tensors are tiny, and with 2 threads on a shared 2-core VM each op that
+                # enters torch's thread pool can wait milliseconds for the other thread
+                # (100 ms per search measured under load, against 20 ms); the kernels
+                # themselves use one thread at this size either way (tree.THREAD_MIN_PAIRS)
+                threads = torch.get_num_threads()
+                torch.set_num_threads(1)
+                try:
+                    return search(root, env.step, sims, tree=storage.clear(), backend=backend)
+                finally:
+                    torch.set_num_threads(threads)
             # `backends` is not used: the tree backend follows the device (cpu / cuda) and
             # there is no Triton one.
             fns = {"rlfuse": ours}
@@ -207,6 +217,7 @@ def run(device: str = "cpu", quick: bool = False, repeat: int | None = None,
             for v, t in times.items():
                 if t:
                     notes[f"{v} expansions/s"] = f"{expansions / (t * 1e-3):,.0f}"
+            notes["rlfuse"] = "torch at 1 intra-op thread during the search"
             rows.append(Row(op="search", case=f"B={B} A={A} sims={sims}", dtype="float32",
                             mode=mode, times_ms=times, bytes_moved=0.0, notes=notes))
     return rows
