@@ -6,6 +6,12 @@
 // one thread, so the virtual loss (in-flight counts) of the earlier ones steers the later
 // ones and the bump allocator needs no atomics; expand is parallel over rows (every new row
 // writes its own node and its own parent edge).  Results do not depend on the thread count.
+//
+// Fast paths, each giving the plain rule's choices and values bit for bit (docs/search.md,
+// tests/search/test_select_paths.py): sparse PUCT (only allocated children scored, the best
+// unallocated action from a per-search memo), the walks of SelectParams::group trees in
+// lockstep and in stages (select_trees, puct_walks, gumbel_walks), 16-lane Gumbel passes,
+// expand rows in groups of four.
 #include "rlfuse/common.h"
 #include "tree.h"
 
