@@ -6,6 +6,12 @@
 // one thread, so the virtual loss (in-flight counts) of the earlier ones steers the later
 // ones and the bump allocator needs no atomics; expand is parallel over rows (every new row
 // writes its own node and its own parent edge).  Results do not depend on the thread count.
+//
+// Fast paths, each giving the plain rule's choices and values bit for bit (docs/search.md,
+// tests/search/test_select_paths.py): sparse PUCT (only allocated children scored, the best
+// unallocated action from a per-search memo), the walks of SelectParams::group trees in
+// lockstep and in stages (select_trees, puct_walks, gumbel_walks), 16-lane Gumbel passes,
+// expand rows in groups of four.
 #include "rlfuse/common.h"
 #include "tree.h"
 
@@ -220,8 +226,11 @@ inline float puct_score_real(float q_norm, float prior, float explore, float n) 
 struct Scratch {
   std::vector<float> k3;
   std::vector<float> explore;
-  Scratch(int64_t K, int64_t n_explore)
-      : k3(3 * size_t(K)), explore(size_t(n_explore), std::numeric_limits<float>::quiet_NaN()) {}
+  std::vector<float> walks;  // Gumbel lockstep walks: 2 K floats per walk and a zero row
+  Scratch(int64_t K, int64_t n_explore, int64_t n_walks = 0)
+      : k3(3 * size_t(K)),
+        explore(size_t(n_explore), std::numeric_limits<float>::quiet_NaN()),
+        walks(n_walks > 0 ? size_t(2 * n_walks + 1) * size_t(K) : 0, 0.0f) {}
 };
 
 float puct_explore(const View& t, const tree::SelectParams& p, const NodeRef& r, Scratch& sc) {
@@ -233,10 +242,255 @@ float puct_explore(const View& t, const tree::SelectParams& p, const NodeRef& r,
   return e;
 }
 
+// ---------------------------------------------------------------------------------------
+// Sparse PUCT choice.  An action without a child has no visits (an invariant of the
+// tree), so its score is explore * prior (n = 0, no virtual visits, never pending), and
+// for explore > 0 the best of them is the one with the largest prior (lowest index on
+// ties): a node's prior does not change during a search, so that action is remembered in
+// p.memo until it gets a child.  Only the allocated children (few below the root) are
+// scored one by one, with the arithmetic of the dense rule; the answer is the dense
+// rule's, bit for bit.  Cases where that argument could fail fall back to the dense rule:
+// two unallocated priors so close that explore * prior may round to the same float,
+// tiny products, a non-finite score, many children.
+// ---------------------------------------------------------------------------------------
+constexpr int64_t kDense = -2;  // "score this node densely"
+constexpr int32_t kMemoUnknown = -2, kMemoNone = -1, kMemoAmbiguous = -3;
+
+// Bits j (0..15) set where child[j] >= 0 (the sign bit is clear).
+inline uint32_t allocated_mask16(const int32_t* child) {
+#if defined(__AVX512DQ__)
+  return uint32_t(~_mm512_movepi32_mask(_mm512_loadu_si512(child))) & 0xffffu;
+#elif defined(__AVX2__)
+  const uint32_t lo = uint32_t(_mm256_movemask_ps(_mm256_loadu_ps(reinterpret_cast<const float*>(child))));
+  const uint32_t hi = uint32_t(_mm256_movemask_ps(_mm256_loadu_ps(reinterpret_cast<const float*>(child + 8))));
+  return ~(lo | hi << 8) & 0xffffu;
+#else
+  uint32_t m = 0;
+  for (int j = 0; j < kLanes; ++j) m |= uint32_t(child[j] >= 0) << j;
+  return m;
+#endif
+}
+
+// The actions with a child, in increasing order, into out[0, limit]; returns their
+// number, or limit + 1 once there are more than limit.  The child row is turned into a
+// 64-bit mask per 64 actions (fixed-length loops), then its set bits are listed.
+inline int allocated_actions(const int32_t* child, int64_t K, int limit, int32_t* out) {
+  int n = 0;
+  for (int64_t b0 = 0; b0 < K; b0 += 64) {
+    const int64_t len = K - b0 < 64 ? K - b0 : 64;
+    uint64_t m = 0;
+    int64_t j = 0;
+    for (; j + kLanes <= len; j += kLanes) m |= uint64_t(allocated_mask16(child + b0 + j)) << j;
+    for (; j < len; ++j) m |= uint64_t(child[b0 + j] >= 0) << j;
+    if (n + __builtin_popcountll(m) > limit) return limit + 1;
+    for (; m != 0; m &= m - 1) out[n++] = int32_t(b0 + __builtin_ctzll(m));
+  }
+  return n;
+}
+
+// The valid action without a child with the largest prior (lowest index on ties), from
+// the memo or recomputed into it; kMemoNone when there is none, kMemoAmbiguous when some
+// lower-indexed candidate's prior is within 2^-20 of it (or the prior is tiny but not 0).
+int32_t best_unallocated(const View& t, const NodeRef& r, int32_t* slot) {
+  const int32_t* ch = t.child + r.e;
+  const int32_t code = *slot;
+  if (code >= 0 ? ch[code] < 0 : code != kMemoUnknown) return code;
+  const int64_t K = t.K;
+  const float* prior = t.prior + r.e;
+  const uint8_t* inv = t.invalid + r.e;
+  LaneArgmax best;
+  int64_t a0 = 0;
+  for (; a0 + kLanes <= K; a0 += kLanes) {
+    const vi16 cand = (load16<vi16>(ch + a0) < 0) &
+                      (__builtin_convertvector(load16<vb16>(inv + a0), vi16) == 0);
+    best.update(cand ? load16<vf16>(prior + a0) : splat(-kInf), lane_ids() + int32_t(a0));
+  }
+  for (int64_t a = a0; a < K; ++a)
+    best.update(int(a - a0), ch[a] < 0 && !inv[a] ? prior[a] : -kInf, int32_t(a));
+  const int64_t u = best.result();
+  int32_t out = int32_t(u);
+  if (u < 0) {
+    out = kMemoNone;
+  } else {
+    const float pu = prior[u];
+    if (pu > 0.0f && pu < 1e-30f) out = kMemoAmbiguous;
+    const float near = pu - pu * 0x1p-20f;
+    // a lower-indexed candidate within 2^-20 of it (16 lanes at a time)
+    vi16 hit = splat(int32_t(0));
+    for (a0 = 0; a0 < u && a0 + kLanes <= K; a0 += kLanes)
+      hit |= (load16<vi16>(ch + a0) < 0) &
+             (__builtin_convertvector(load16<vb16>(inv + a0), vi16) == 0) &
+             (lane_ids() + int32_t(a0) < int32_t(u)) & (load16<vf16>(prior + a0) >= near);
+    bool any = false;
+    for (int j = 0; j < kLanes; ++j) any |= hit[j] != 0;
+    for (int64_t a = a0; a < u; ++a) any |= ch[a] < 0 && !inv[a] && prior[a] >= near;
+    if (any) out = kMemoAmbiguous;
+  }
+  *slot = out;
+  return out;
+}
+
+// The PUCT choice at node r by the sparse rule (see above), or kDense.
+__attribute__((always_inline)) inline int64_t select_puct_sparse(const View& t, const tree::SelectParams& p, const NodeRef& r,
+                           bool in_flight, float explore) {
+  const int64_t K = t.K;
+  const int32_t* ch = t.child + r.e;
+  // Above a quarter of the actions (and 16) the dense pass is cheaper.
+  constexpr int kMaxSparse = 64;
+  int32_t kids[kMaxSparse];
+  const int limit = int(K / 4 < 16 ? 16 : K / 4 > kMaxSparse ? kMaxSparse : K / 4);
+  const int nk = allocated_actions(ch, K, limit, kids);
+  if (nk > limit) return kDense;
+  const int32_t u = best_unallocated(t, r, p.memo + r.base + r.s);
+  if (u == kMemoAmbiguous) return kDense;
+  const int32_t* ev = t.edge_visits + r.e;
+  const float* eq = t.edge_q + r.e;
+  const float* prior = t.prior + r.e;
+  const uint8_t* inv = t.invalid + r.e;
+  // Q bounds: the node's value and its visited children's Q (visited implies allocated)
+  float lo = t.value[r.base + r.s], hi = lo;
+  float kq[kMaxSparse], kn[kMaxSparse];
+  for (int i = 0; i < nk; ++i) {
+    const float qa = eq[kids[i]];
+    const int32_t na = ev[kids[i]];
+    kq[i] = qa;
+    kn[i] = float(na);
+    const bool vis = na > 0;
+    lo = vis && qa < lo ? qa : lo;
+    hi = vis && qa > hi ? qa : hi;
+  }
+  const bool normalise = tree::qnorm_bounds(t, p, r.b, &lo, &hi);
+  const float d = hi - lo > 1e-8f ? hi - lo : 1e-8f;
+  const float vl = p.virtual_loss;
+  float best = -kInf, best_pending = -kInf;
+  int64_t arg = -1, arg_pending = -1;
+  bool finite_scores = true;
+  for (int i = 0; i < nk; ++i) {
+    const int32_t a = kids[i];
+    if (inv[a]) continue;
+    const float n = kn[i];
+    const float qn = normalise ? (kq[i] - lo) / d : 0.0f;
+    float s;
+    bool pending = false;
+    if (!in_flight) {
+      s = puct_score_real(qn, prior[a], explore, n);
+    } else {
+      const int32_t c = ch[a];
+      s = tree::puct_score(qn, prior[a], explore, n, vl * float(t.inflight[r.base + c]));
+      pending = !(t.flags[r.base + c] & tree::kExpanded);
+    }
+    finite_scores &= s - s == 0.0f;
+    if (pending) {
+      if (s > best_pending) { best_pending = s; arg_pending = a; }
+    } else if (s > best) {
+      best = s;
+      arg = a;
+    }
+  }
+  if (!finite_scores) return kDense;
+  if (u >= 0) {
+    // n = 0, no virtual visits: puct_score_real(., prior, explore, 0) = explore * prior
+    const float su = explore * prior[u];
+    if (prior[u] > 0.0f && !(su >= 1e-30f)) return kDense;  // tiny products
+    if (arg < 0 || su > best || (su == best && u < arg)) arg = u;
+  }
+  if (arg >= 0) return arg;
+  return arg_pending >= 0 ? arg_pending : kDense;
+}
+
+// Index of the lowest set bit, 64 for none.
+inline int lowest_bit(uint64_t m) {
+#if defined(__BMI__)
+  return int(_tzcnt_u64(m));
+#else
+  return m != 0 ? __builtin_ctzll(m) : 64;
+#endif
+}
+
+// The sparse rule for the common case, in two halves without branches on the data: no
+// simulation in flight, K <= 64, at most 4 allocated children, a memo entry that still
+// names an unallocated action.  puct_small_a reads the node (children mask, memo) and says
+// whether the case applies; puct_small_b scores (the children in increasing order, so the
+// strict > keeps the lowest index on ties, as the scan does) and returns the choice or
+// kDense (a non-finite or tiny score: another path decides).
+struct SmallNode {
+  uint64_t mask;
+  int32_t code;
+  float explore;
+};
+
+inline bool puct_small_a(const View& t, const tree::SelectParams& p, const NodeRef& r,
+                         float explore, SmallNode& sn) {
+  const int64_t K = t.K;
+  const int32_t* ch = t.child + r.e;
+  uint64_t m = 0;
+  int64_t j = 0;
+  for (; j + kLanes <= K; j += kLanes) m |= uint64_t(allocated_mask16(ch + j)) << j;
+  for (; j < K; ++j) m |= uint64_t(ch[j] >= 0) << j;
+  const int32_t code = p.memo[r.base + r.s];
+  sn.mask = m;
+  sn.code = code;
+  sn.explore = explore;
+  return (explore > 0.0f) & (explore < kInf) & (__builtin_popcountll(m) <= 4) & (code >= 0) &&
+         ch[code] < 0;
+}
+
+inline int64_t puct_small_b(const View& t, const tree::SelectParams& p, const NodeRef& r,
+                            const SmallNode& sn) {
+  const int32_t* ev = t.edge_visits + r.e;
+  const float* eq = t.edge_q + r.e;
+  const float* prior = t.prior + r.e;
+  const uint8_t* inv = t.invalid + r.e;
+  const float explore = sn.explore;
+  uint64_t m = sn.mask;
+  int32_t a[4];
+  bool present[4];
+  float n[4], q[4];
+  float lo = t.value[r.base + r.s], hi = lo;
+  for (int i = 0; i < 4; ++i) {
+    const int bit = lowest_bit(m);
+    m &= m - 1;
+    present[i] = bit < 64;
+    a[i] = present[i] ? bit : 0;  // a safe index for the absent ones (masked below)
+    const int32_t na = ev[a[i]];
+    n[i] = float(na);
+    q[i] = eq[a[i]];
+    const bool vis = present[i] & (na > 0);
+    lo = vis && q[i] < lo ? q[i] : lo;
+    hi = vis && q[i] > hi ? q[i] : hi;
+  }
+  const bool normalise = tree::qnorm_bounds(t, p, r.b, &lo, &hi);
+  const float d = hi - lo > 1e-8f ? hi - lo : 1e-8f;
+  float best = -kInf;
+  int32_t arg = -1;
+  bool finite_scores = true;
+  for (int i = 0; i < 4; ++i) {
+    const float qn = normalise ? (q[i] - lo) / d : 0.0f;
+    const float s = puct_score_real(qn, prior[a[i]], explore, n[i]);
+    const bool valid = present[i] & (inv[a[i]] == 0);
+    finite_scores &= !valid | (s - s == 0.0f);
+    const bool take = valid & (s > best);
+    best = take ? s : best;
+    arg = take ? a[i] : arg;
+  }
+  // the best unallocated action: n = 0, no virtual visits, score explore * prior
+  const int32_t u = sn.code;
+  const float pu = prior[u];
+  const float su = explore * pu;
+  if ((!finite_scores) | ((pu > 0.0f) & !(su >= 1e-30f))) return kDense;
+  const bool take_u = (arg < 0) | (su > best) | ((su == best) & (u < arg));
+  return take_u ? u : arg;
+}
+
 // scratch: 2 K floats.  The per-node terms (the Q bounds, c(s) sqrt(N(s))) are computed
 // once, then one branch-free pass over the actions scores them (it vectorises).
 int64_t select_puct(const View& t, const tree::SelectParams& p, const NodeRef& r,
                     bool in_flight, Scratch& scr) {
+  const float explore = puct_explore(t, p, r, scr);
+  if (p.memo != nullptr && explore > 0.0f && explore < kInf) {
+    const int64_t a = select_puct_sparse(t, p, r, in_flight, explore);
+    if (a != kDense) return a;
+  }
   float* scratch = scr.k3.data();
   const int64_t K = t.K;
   const int32_t* ev = t.edge_visits + r.e;
@@ -246,7 +500,6 @@ int64_t select_puct(const View& t, const tree::SelectParams& p, const NodeRef& r
   float lo, hi;
   visited_bounds(ev, eq, K, t.value[r.base + r.s], &lo, &hi);
   const bool normalise = tree::qnorm_bounds(t, p, r.b, &lo, &hi);
-  const float explore = puct_explore(t, p, r, scr);
   float* sc = scratch;
   if (!in_flight) {
     // No virtual loss and no pending leaves (the first simulation of a step): scores with
@@ -297,19 +550,24 @@ float gumbel_sigma(const View& t, const tree::SelectParams& p, const NodeRef& r,
   const float* prior = t.prior + r.e;
   const float* eq = t.edge_q + r.e;
   // sums and maxima in 16 independent lanes (vectorised), then across the lanes
-  float sn[kLanes] = {}, mn[kLanes] = {}, sp[kLanes] = {}, sw[kLanes] = {};
+  vf16 sn16 = splat(0.0f), mn16 = splat(0.0f), sp16 = splat(0.0f), sw16 = splat(0.0f);
   int64_t a0 = 0;
   for (; a0 + kLanes <= K; a0 += kLanes) {
-    for (int j = 0; j < kLanes; ++j) {
-      const int64_t a = a0 + j;
-      const float n = float(ev[a]);
-      const float pr = prior[a] > kTiny ? prior[a] : kTiny;
-      sn[j] += n;
-      mn[j] = n > mn[j] ? n : mn[j];
-      sp[j] += n > 0 ? pr : 0.0f;
-      sw[j] += n > 0 ? pr * eq[a] : 0.0f;
-    }
+    const vf16 n = __builtin_convertvector(load16<vi16>(ev + a0), vf16);
+    vf16 pr = load16<vf16>(prior + a0);
+    pr = pr > kTiny ? pr : splat(kTiny);
+    const vi16 vis = n > 0.0f;
+    sn16 += n;
+    mn16 = n > mn16 ? n : mn16;
+    sp16 = vis ? sp16 + pr : sp16;
+    // pr * q + sw: one fused multiply-add where the ISA level has it, as the scalar form
+    sw16 = vis ? pr * load16<vf16>(eq + a0) + sw16 : sw16;
   }
+  float sn[kLanes], mn[kLanes], sp[kLanes], sw[kLanes];
+  std::memcpy(sn, &sn16, sizeof(sn));
+  std::memcpy(mn, &mn16, sizeof(mn));
+  std::memcpy(sp, &sp16, sizeof(sp));
+  std::memcpy(sw, &sw16, sizeof(sw));
   float sum_n = 0, max_n = 0, sum_p = 0, wq = 0;
   for (int j = 0; j < kLanes; ++j) {
     sum_n += sn[j];
@@ -327,19 +585,12 @@ float gumbel_sigma(const View& t, const tree::SelectParams& p, const NodeRef& r,
   }
   const float raw = t.raw_value[r.base + r.s];
   const float v_mix = sum_n > 0 ? (raw + sum_n * (wq / sum_p)) / (sum_n + 1.0f) : raw;
-  float lo16[kLanes], hi16[kLanes];
-  for (int j = 0; j < kLanes; ++j) {
-    lo16[j] = kInf;
-    hi16[j] = -kInf;
-  }
+  vf16 lo16 = splat(kInf), hi16 = splat(-kInf);
   for (a0 = 0; a0 + kLanes <= K; a0 += kLanes) {
-    for (int j = 0; j < kLanes; ++j) {
-      const int64_t a = a0 + j;
-      const float c = ev[a] > 0 ? eq[a] : v_mix;
-      sigma[a] = c;
-      lo16[j] = c < lo16[j] ? c : lo16[j];
-      hi16[j] = c > hi16[j] ? c : hi16[j];
-    }
+    const vf16 c = load16<vi16>(ev + a0) > 0 ? load16<vf16>(eq + a0) : splat(v_mix);
+    std::memcpy(sigma + a0, &c, sizeof(c));
+    lo16 = c < lo16 ? c : lo16;
+    hi16 = c > hi16 ? c : hi16;
   }
   float lo = kInf, hi = -kInf;
   for (int j = 0; j < kLanes; ++j) {
@@ -357,6 +608,128 @@ float gumbel_sigma(const View& t, const tree::SelectParams& p, const NodeRef& r,
   return sum_n;
 }
 
+// Gumbel choices without simulations in flight (no virtual visits, nothing pending):
+// those of the general code below, bit for bit, in 16-lane passes with the argmax fused.
+// The sum of the visits is an integer sum (exact in float up to 2^24, where the general
+// code's float sum is exact too); the softmax denominator keeps its sequential order.
+int64_t gumbel_root_real(const View& t, const tree::SelectParams& p, const NodeRef& r,
+                         const float* sigma, float* sc) {
+  const int64_t K = t.K;
+  const float* logit = t.logit + r.e;
+  const int32_t* ev = t.edge_visits + r.e;
+  const uint8_t* inv = t.invalid + r.e;
+  vf16 mx16 = splat(-kInf);
+  vi16 sim16 = splat(int32_t(0));
+  int64_t a0 = 0;
+  for (; a0 + kLanes <= K; a0 += kLanes) {
+    const vf16 lg = load16<vf16>(logit + a0);
+    mx16 = lg > mx16 ? lg : mx16;
+    sim16 += load16<vi16>(ev + a0);
+  }
+  float max_logit = -kInf;
+  int64_t sim = 0;
+  for (int j = 0; j < kLanes; ++j) {
+    max_logit = mx16[j] > max_logit ? mx16[j] : max_logit;
+    sim += sim16[j];
+  }
+  for (int64_t a = a0; a < K; ++a) {
+    max_logit = logit[a] > max_logit ? logit[a] : max_logit;
+    sim += ev[a];
+  }
+  if (sim >= p.table_len) sim = p.table_len - 1;
+  const int32_t row = t.considered[r.b] < p.table_rows ? t.considered[r.b] : p.table_rows - 1;
+  const int32_t want = t.table[int64_t(row) * p.table_len + sim];
+  const float* g = t.gumbel + r.b * K;
+  LaneArgmax best;
+  for (a0 = 0; a0 + kLanes <= K; a0 += kLanes) {
+    // tree::gumbel_root_score, lane by lane
+    vf16 s = load16<vf16>(g + a0) + (load16<vf16>(logit + a0) - max_logit) +
+             load16<vf16>(sigma + a0);
+    s = s > -1e9f ? s : splat(-1e9f);
+    const vi16 bad = (load16<vi16>(ev + a0) != want) |
+                     (__builtin_convertvector(load16<vb16>(inv + a0), vi16) != 0);
+    s = bad ? splat(-kInf) : s;
+    std::memcpy(sc + a0, &s, sizeof(s));
+    best.update(s, lane_ids() + int32_t(a0));
+  }
+  for (int64_t a = a0; a < K; ++a) {
+    const float score = tree::gumbel_root_score(g[a], logit[a] - max_logit, sigma[a], ev[a] == want);
+    sc[a] = inv[a] ? -kInf : score;
+    best.update(int(a - a0), sc[a], int32_t(a));
+  }
+  const int64_t a = best.result();
+  return a >= 0 ? a : pick_scores(r, sc, false);  // every valid score is -inf
+}
+
+// Interior, first part: the exponentials of the valid actions' logits + sigma (minus
+// their maximum) into sc[K]; returns 1 + the sum of the valid actions' visits, or -1 when
+// that sum is not exact in float (the general code then decides).
+float gumbel_interior_exps(const View& t, const NodeRef& r, const float* sigma, float* sc) {
+  const int64_t K = t.K;
+  const float* logit = t.logit + r.e;
+  const int32_t* ev = t.edge_visits + r.e;
+  const uint8_t* inv = t.invalid + r.e;
+  vf16 zm16 = splat(-kInf);
+  vi16 tot16 = splat(int32_t(0));
+  int64_t a0 = 0;
+  for (; a0 + kLanes <= K; a0 += kLanes) {
+    const vi16 ok = __builtin_convertvector(load16<vb16>(inv + a0), vi16) == 0;
+    const vf16 z = load16<vf16>(logit + a0) + load16<vf16>(sigma + a0);
+    zm16 = (ok & (z > zm16)) ? z : zm16;
+    tot16 += ok ? load16<vi16>(ev + a0) : splat(int32_t(0));
+  }
+  float zmax = -kInf;
+  int64_t tot = 0;
+  for (int j = 0; j < kLanes; ++j) {
+    zmax = zm16[j] > zmax ? zm16[j] : zmax;
+    tot += tot16[j];
+  }
+  for (int64_t a = a0; a < K; ++a) {
+    const float z = logit[a] + sigma[a];
+    zmax = !inv[a] && z > zmax ? z : zmax;
+    tot += inv[a] ? 0 : ev[a];
+  }
+  if (tot >= (int64_t(1) << 24)) return -1.0f;  // the general code's sum would round
+  for (int64_t a = 0; a < K; ++a) sc[a] = inv[a] ? 0.0f : rlfuse::vexp(logit[a] + sigma[a] - zmax);
+  return 1.0f + float(tot);
+}
+
+// The softmax denominator, in the order of the general code.
+inline float sequential_sum(const float* x, int64_t K) {
+  float s = 0;
+  for (int64_t a = 0; a < K; ++a) s += x[a];
+  return s;
+}
+
+// Interior, last part: scores sc[a] / zsum - N(a) / den over the valid actions, argmax.
+int64_t gumbel_interior_pick(const View& t, const NodeRef& r, float* sc, float zsum, float den) {
+  const int64_t K = t.K;
+  const int32_t* ev = t.edge_visits + r.e;
+  const uint8_t* inv = t.invalid + r.e;
+  LaneArgmax best;
+  int64_t a0 = 0;
+  for (; a0 + kLanes <= K; a0 += kLanes) {
+    const vf16 n = __builtin_convertvector(load16<vi16>(ev + a0), vf16);
+    vf16 s = load16<vf16>(sc + a0) / zsum - n / den;
+    s = __builtin_convertvector(load16<vb16>(inv + a0), vi16) != 0 ? splat(-kInf) : s;
+    std::memcpy(sc + a0, &s, sizeof(s));
+    best.update(s, lane_ids() + int32_t(a0));
+  }
+  for (int64_t a = a0; a < K; ++a) {
+    const float score = sc[a] / zsum - float(ev[a]) / den;
+    sc[a] = inv[a] ? -kInf : score;
+    best.update(int(a - a0), sc[a], int32_t(a));
+  }
+  const int64_t a = best.result();
+  return a >= 0 ? a : pick_scores(r, sc, false);  // every valid score is -inf
+}
+
+int64_t gumbel_interior_real(const View& t, const NodeRef& r, const float* sigma, float* sc) {
+  const float den = gumbel_interior_exps(t, r, sigma, sc);
+  if (den < 0.0f) return -2;
+  return gumbel_interior_pick(t, r, sc, sequential_sum(sc, t.K), den);
+}
+
 // scratch: 3 K floats (sigma, virtual visits, scores).
 int64_t select_gumbel(const View& t, const tree::SelectParams& p, const NodeRef& r, bool root,
                       bool in_flight, float* scratch) {
@@ -372,6 +745,7 @@ int64_t select_gumbel(const View& t, const tree::SelectParams& p, const NodeRef&
   if (root) {
     // Sequential halving: the simulation index is the number of root visits taken so far,
     // in-flight ones included.
+    if (!in_flight) return gumbel_root_real(t, p, r, sigma, sc);
     virtual_visits(r, 1.0f, in_flight, v);  // in-flight simulations per action
     float max_logit = -kInf;
     int64_t sim = 0;
@@ -391,6 +765,10 @@ int64_t select_gumbel(const View& t, const tree::SelectParams& p, const NodeRef&
     return in_flight ? pick_scores(r, sc, true) : pick_masked(r, sc);
   }
   // Interior: argmax softmax(logits + sigma) - N(a) / (1 + sum N), over valid actions.
+  if (!in_flight) {
+    const int64_t a = gumbel_interior_real(t, r, sigma, sc);
+    if (a != -2) return a;
+  }
   virtual_visits(r, vl, in_flight, v);
   float zmax = -kInf, total = 0;
   for (int64_t a = 0; a < K; ++a) {
@@ -408,41 +786,234 @@ int64_t select_gumbel(const View& t, const tree::SelectParams& p, const NodeRef&
   return in_flight ? pick_scores(r, sc, true) : pick_masked(r, sc);
 }
 
+// One simulation's walk from the root; step() advances it by one node.
+struct Walk {
+  int64_t b, o;      // tree, output row
+  int32_t* path;
+  int32_t len, s;    // path length, current node
+  int depth;
+  int64_t act;
+  bool is_new;
+};
+
+inline void start_walk(const tree::SelectParams& p, Walk& w, int64_t b, int64_t sim) {
+  w.b = b;
+  w.o = b * p.W + sim;
+  w.path = p.out_path + w.o * (int64_t(p.max_depth) + 1);
+  w.path[0] = 0;
+  w.len = 1;
+  w.s = 0;
+  w.depth = 0;
+  w.act = -1;
+  w.is_new = false;
+}
+
+// Ask for the rows that the choice at node n of tree b will read (the first 64 actions).
+inline void prefetch_node(const View& t, const tree::SelectParams& p, int64_t b, int32_t n) {
+  const int64_t i = b * t.N + n, e = i * t.K;
+  const int64_t K = t.K < 4 * kLanes ? t.K : 4 * kLanes;
+  for (int64_t a = 0; a < K; a += kLanes) {
+    __builtin_prefetch(t.child + e + a);
+    __builtin_prefetch(t.edge_visits + e + a);
+    __builtin_prefetch(t.edge_q + e + a);
+    __builtin_prefetch(t.prior + e + a);
+    if (p.rule == tree::kGumbel) __builtin_prefetch(t.logit + e + a);
+  }
+  for (int64_t a = 0; a < K; a += 4 * kLanes) __builtin_prefetch(t.invalid + e + a);
+  __builtin_prefetch(t.visits + i);
+  __builtin_prefetch(t.inflight + i);
+  if (p.rule == tree::kGumbel) {
+    __builtin_prefetch(t.raw_value + i);
+  } else {
+    __builtin_prefetch(t.value + i);
+    if (p.memo != nullptr) __builtin_prefetch(p.memo + i);
+  }
+}
+
+// One node of walk w: choose, allocate or follow.  Returns 0 (go on), 1 (the walk is
+// finished: its outputs are written) or a Status (negated).
+inline int advance(const View& t, const tree::SelectParams& p, Walk& w, const NodeRef& r,
+                   int64_t a);
+
+inline int step(const View& t, const tree::SelectParams& p, Walk& w, bool in_flight,
+                Scratch& scratch) {
+  const NodeRef r(t, w.b, w.s);
+  const int64_t a = p.rule == tree::kGumbel
+                        ? select_gumbel(t, p, r, w.depth == 0, in_flight, scratch.k3.data())
+                        : select_puct(t, p, r, in_flight, scratch);
+  return advance(t, p, w, r, a);
+}
+
+// Walk w takes action a at node r: allocate or follow; 0, 1 or a negated Status as step().
+inline int advance(const View& t, const tree::SelectParams& p, Walk& w, const NodeRef& r,
+                   int64_t a) {
+  if (a < 0) return -tree::kNoValidAction;  // the root lost its valid actions
+  w.act = a;
+  int32_t c = t.child[r.e + a];
+  if (c < 0) {
+    c = tree::allocate_node(t, w.b, w.s, a);
+    if (c < 0) return -tree::kTreeFull;
+    w.is_new = true;
+  }
+  w.path[w.len++] = c;
+  const uint8_t f = t.flags[r.base + c];
+  if (w.is_new || !(f & tree::kExpanded) || (f & tree::kTerminal) || w.depth + 1 >= p.max_depth) {
+    tree::finish_walk(t, p, w.b, w.o, w.path, w.len, w.act, w.is_new);
+    return 1;
+  }
+  w.s = c;
+  ++w.depth;
+  return 0;
+}
+
 // One tree, W simulations.  Returns a Status.
 int select_tree(const View& t, const tree::SelectParams& p, int64_t b, Scratch& scratch) {
-  const int64_t N = t.N, W = p.W, D = int64_t(p.max_depth) + 1;
-  const int64_t base = b * N;
-  for (int64_t w = 0; w < W; ++w) {
-    const int64_t o = b * W + w;
-    int32_t* path = p.out_path + o * D;
-    int32_t len = 0;
-    int32_t s = 0;
-    path[len++] = 0;
-    int64_t act = -1;
-    bool is_new = false;
-    const bool in_flight = w > 0;  // earlier simulations of this step hold virtual loss
-    for (int depth = 0;; ++depth) {
-      const NodeRef r(t, b, s);
-      const int64_t a = p.rule == tree::kGumbel
-                            ? select_gumbel(t, p, r, depth == 0, in_flight, scratch.k3.data())
-                            : select_puct(t, p, r, in_flight, scratch);
-      if (a < 0) return tree::kNoValidAction;  // the root lost its valid actions
-      act = a;
-      int32_t c = t.child[r.e + a];
-      if (c < 0) {
-        c = tree::allocate_node(t, b, s, a);
-        if (c < 0) return tree::kTreeFull;
-        is_new = true;
-      }
-      path[len++] = c;
-      const uint8_t f = t.flags[base + c];
-      if (is_new || !(f & tree::kExpanded) || (f & tree::kTerminal) || depth + 1 >= p.max_depth)
-        break;
-      s = c;
+  for (int64_t sim = 0; sim < p.W; ++sim) {
+    Walk w;
+    start_walk(p, w, b, sim);
+    const bool in_flight = sim > 0;  // earlier simulations of this step hold virtual loss
+    int rc;
+    while ((rc = step(t, p, w, in_flight, scratch)) == 0) {
     }
-    tree::finish_walk(t, p, b, o, path, len, act, is_new);
+    if (rc < 0) return -rc;
   }
   return tree::kOk;
+}
+
+constexpr int kMaxGroup = 64;
+
+// PUCT walks without simulations in flight (K <= 64, with the memo), advanced in lockstep
+// and each node in stages across the walks (read the node; score; advance), so that the
+// dependent loads and arithmetic of the walks overlap.  The choices are those of step().
+void puct_walks(const View& t, const tree::SelectParams& p, Walk* walks, int n, Scratch& scratch,
+                int* codes) {
+  SmallNode sn[kMaxGroup];
+  bool small[kMaxGroup];
+  while (n > 0) {
+    for (int i = 0; i < n; ++i) {
+      const NodeRef r(t, walks[i].b, walks[i].s);
+      small[i] = puct_small_a(t, p, r, puct_explore(t, p, r, scratch), sn[i]);
+    }
+    for (int i = 0; i < n;) {
+      Walk& w = walks[i];
+      const NodeRef r(t, w.b, w.s);
+      int64_t a = small[i] ? puct_small_b(t, p, r, sn[i]) : kDense;
+      if (a == kDense) a = select_puct(t, p, r, false, scratch);
+      const int rc = advance(t, p, w, r, a);
+      if (rc == 0) {
+        ++i;
+        continue;
+      }
+      if (rc < 0) codes[w.b] = -rc;
+      --n;  // finished: the last walk takes its place (with its first stage)
+      walks[i] = walks[n];
+      sn[i] = sn[n];
+      small[i] = small[n];
+    }
+  }
+}
+
+// Gumbel walks without simulations in flight, advanced in lockstep and each node in
+// stages (completed Q; root choice or the exponentials; the softmax denominators of four
+// walks in one loop; scores and argmax): the long chains of dependent arithmetic of the
+// interior rule (sequential sums) run four at a time.  The choices are those of step().
+void gumbel_walks(const View& t, const tree::SelectParams& p, Walk* walks, int n,
+                  Scratch& scratch, int* codes) {
+  const int64_t K = t.K;
+  float* buf = scratch.walks.data();  // per walk: sigma [K], scores [K]; a zero row at the end
+  const float* zero = buf + (scratch.walks.size() - size_t(K));
+  int64_t act[kMaxGroup];
+  float den[kMaxGroup], zsum[kMaxGroup];
+  while (n > 0) {
+    for (int i = 0; i < n; ++i) {
+      const Walk& w = walks[i];
+      const NodeRef r(t, w.b, w.s);
+      float* sigma = buf + int64_t(i) * 2 * K;
+      gumbel_sigma(t, p, r, sigma);
+      if (w.depth == 0) {
+        act[i] = gumbel_root_real(t, p, r, sigma, sigma + K);
+        den[i] = 0.0f;  // decided
+      } else {
+        den[i] = gumbel_interior_exps(t, r, sigma, sigma + K);
+        if (den[i] < 0.0f) {  // the general rule
+          act[i] = select_gumbel(t, p, r, false, false, scratch.k3.data());
+          den[i] = 0.0f;
+        }
+      }
+    }
+    // the sequential sums of up to four walks side by side (each in its own order)
+    for (int i0 = 0; i0 < n; i0 += 4) {
+      const float* x[4];
+      for (int k = 0; k < 4; ++k)
+        x[k] = i0 + k < n && den[i0 + k] > 0.0f ? buf + int64_t(i0 + k) * 2 * K + K : zero;
+      float s0 = 0, s1 = 0, s2 = 0, s3 = 0;
+      for (int64_t a = 0; a < K; ++a) {
+        s0 += x[0][a];
+        s1 += x[1][a];
+        s2 += x[2][a];
+        s3 += x[3][a];
+      }
+      const float sums[4] = {s0, s1, s2, s3};
+      for (int k = 0; k < 4 && i0 + k < n; ++k) zsum[i0 + k] = sums[k];
+    }
+    for (int i = 0; i < n;) {
+      Walk& w = walks[i];
+      const NodeRef r(t, w.b, w.s);
+      const int64_t a = den[i] > 0.0f
+                            ? gumbel_interior_pick(t, r, buf + int64_t(i) * 2 * K + K, zsum[i], den[i])
+                            : act[i];
+      const int rc = advance(t, p, w, r, a);
+      if (rc == 0) {
+        prefetch_node(t, p, w.b, w.s);
+        ++i;
+        continue;
+      }
+      if (rc < 0) codes[w.b] = -rc;
+      --n;  // finished: the last walk takes its place (with its stage results)
+      walks[i] = walks[n];
+      act[i] = act[n];
+      den[i] = den[n];
+      zsum[i] = zsum[n];
+      if (i < n) std::memcpy(buf + int64_t(i) * 2 * K, buf + int64_t(n) * 2 * K, 2 * K * sizeof(float));
+    }
+  }
+}
+
+// Trees [b0, b1), W simulations each, their walks advanced in lockstep (one node of each
+// walk in turn, the next node's rows prefetched), so that the memory accesses and the
+// dependent arithmetic of one walk overlap those of the others.  Simulation `sim` of every
+// tree runs after simulation sim - 1 of that tree has finished, as in select_tree; trees
+// are independent, so the choices are those of select_tree.  codes[b] gets the Status.
+void select_trees(const View& t, const tree::SelectParams& p, int64_t b0, int64_t b1,
+                  Scratch& scratch, int* codes) {
+  Walk walks[kMaxGroup];
+  for (int64_t sim = 0; sim < p.W; ++sim) {
+    const bool in_flight = sim > 0;
+    int n = 0;
+    for (int64_t b = b0; b < b1; ++b)
+      if (codes[b] == tree::kOk) start_walk(p, walks[n++], b, sim);
+    if (p.rule == tree::kGumbel && !in_flight) {
+      gumbel_walks(t, p, walks, n, scratch, codes);
+      continue;
+    }
+    if (p.rule == tree::kPuct && !in_flight && p.memo != nullptr && t.K <= 64) {
+      puct_walks(t, p, walks, n, scratch, codes);
+      continue;
+    }
+    while (n > 0) {
+      for (int i = 0; i < n;) {
+        Walk& w = walks[i];
+        const int rc = step(t, p, w, in_flight, scratch);
+        if (rc == 0) {
+          prefetch_node(t, p, w.b, w.s);
+          ++i;
+          continue;
+        }
+        if (rc < 0) codes[w.b] = -rc;
+        walks[i] = walks[--n];  // finished: the last walk takes its place
+      }
+    }
+  }
 }
 
 inline bool finite(float x) { return std::fabs(x) <= std::numeric_limits<float>::max(); }
@@ -453,10 +1024,19 @@ int tree_select(const View& t, const tree::SelectParams& p, int nt, int64_t* whe
   std::vector<int> codes(size_t(t.B), tree::kOk);
 #pragma omp parallel num_threads(nt)
   {
-    // N(s) <= capacity + (the visits a kept root brought along): the cache covers 2 N
-    Scratch scratch(t.K, p.rule == tree::kPuct ? 2 * t.N + 2 : 0);
+    // N(s) <= capacity + (the visits a kept root brought along): the cache covers 2 N, up
+    // to 4096 entries (it is filled afresh by every call; larger N(s) are computed)
+    const int64_t G = p.group < kMaxGroup ? p.group : kMaxGroup;
+    Scratch scratch(t.K, p.rule == tree::kPuct ? (2 * t.N + 2 < 4096 ? 2 * t.N + 2 : 4096) : 0,
+                    p.rule == tree::kGumbel && G > 1 ? G : 0);
+    if (G <= 1) {
 #pragma omp for schedule(static)
-    for (int64_t b = 0; b < t.B; ++b) codes[size_t(b)] = select_tree(t, p, b, scratch);
+      for (int64_t b = 0; b < t.B; ++b) codes[size_t(b)] = select_tree(t, p, b, scratch);
+    } else {
+#pragma omp for schedule(static)
+      for (int64_t b0 = 0; b0 < t.B; b0 += G)
+        select_trees(t, p, b0, b0 + G < t.B ? b0 + G : t.B, scratch, codes.data());
+    }
   }
   for (int64_t b = 0; b < t.B; ++b) {
     if (codes[size_t(b)] != tree::kOk) {
@@ -468,60 +1048,169 @@ int tree_select(const View& t, const tree::SelectParams& p, int nt, int64_t* whe
   return tree::kOk;
 }
 
+namespace {
+
+// Expand, first part for row m: checks (false: a non-finite output), the invalid mask,
+// the exponentials of the valid logits (minus their maximum) into the prior row; *valid
+// gets the number of valid actions.
+bool expand_exps(const View& t, const tree::ExpandInputs& in, int64_t m, int64_t e, int* valid) {
+  const int64_t K = t.K;
+  const float* lg = in.logits + m * K;
+  const uint8_t* inv = in.invalid != nullptr ? in.invalid + m * K : nullptr;
+  const bool ok = finite(in.reward[m]) && finite(in.discount[m]) && finite(in.value[m]);
+  int bad_logit = 0;  // NaN or +inf (branch-free, so that it vectorises)
+  for (int64_t a = 0; a < K; ++a) bad_logit |= int(!(lg[a] < kInf));
+  if (!ok || bad_logit) return false;
+  // Softmax over the valid actions (invalid: masked, or a -inf logit).
+  uint8_t* tinv = t.invalid + e;
+  vf16 mx16 = splat(-kInf);
+  vi16 nv16 = splat(int32_t(0));
+  int64_t a0 = 0;
+  for (; a0 + kLanes <= K; a0 += kLanes) {
+    const vf16 x = load16<vf16>(lg + a0);
+    vi16 bad = x == -kInf;
+    if (inv != nullptr) bad |= __builtin_convertvector(load16<vb16>(inv + a0), vi16) != 0;
+    const vb16 b8 = __builtin_convertvector(bad & 1, vb16);
+    std::memcpy(tinv + a0, &b8, sizeof(b8));
+    nv16 += bad + 1;  // 1 - bad (bad is -1 or 0)
+    mx16 = (~bad & (x > mx16)) ? x : mx16;
+  }
+  float mx = -kInf;
+  int nvalid = 0;
+  for (int j = 0; j < kLanes; ++j) {
+    mx = mx16[j] > mx ? mx16[j] : mx;
+    nvalid += nv16[j];
+  }
+  for (int64_t a = a0; a < K; ++a) {
+    const uint8_t bad = ((inv != nullptr && inv[a]) || lg[a] == -kInf) ? 1 : 0;
+    tinv[a] = bad;
+    nvalid += 1 - bad;
+    mx = !bad && lg[a] > mx ? lg[a] : mx;
+  }
+  float* pr = t.prior + e;
+  for (int64_t a = 0; a < K; ++a) pr[a] = tinv[a] ? 0.0f : rlfuse::vexp(lg[a] - mx);
+  *valid = nvalid;
+  return true;
+}
+
+// Expand, last part for row m: the prior (exponentials / their sum), the logits, fresh
+// edges, the node's fields.
+void expand_finish(const View& t, const tree::ExpandInputs& in, int64_t m, int64_t base,
+                   int64_t n, int64_t e, int valid, float sum) {
+  const int64_t K = t.K;
+  float* pr = t.prior + e;
+  const float inv_sum = valid > 0 ? 1.0f / sum : 0.0f;
+  for (int64_t a = 0; a < K; ++a) pr[a] *= inv_sum;
+  const float* lg = in.logits + m * K;
+  std::copy(lg, lg + K, t.logit + e);
+  std::fill(t.child + e, t.child + e + K, -1);
+  std::fill(t.edge_visits + e, t.edge_visits + e + K, 0);
+  std::fill(t.edge_value + e, t.edge_value + e + K, 0.0f);
+  std::fill(t.edge_q + e, t.edge_q + e + K, 0.0f);
+  std::fill(t.reward + e, t.reward + e + K, 0.0f);
+  std::fill(t.discount + e, t.discount + e + K, 0.0f);
+  tree::expand_node_fields(t, in, m, base, n, valid);
+}
+
+}  // namespace
+
+// Rows in groups of four: the exponentials of each row, then the four softmax sums
+// (sequential, each in its own order) side by side, then the rest of each row.
 int tree_expand(const View& t, const tree::ExpandInputs& in, int nt, int64_t* where) {
   const int64_t K = t.K, N = t.N, M = in.M;
   int64_t first_bad = M;
 #pragma omp parallel for num_threads(nt) schedule(static) reduction(min : first_bad)
-  for (int64_t m = 0; m < M; ++m) {
-    if (!in.is_new[m]) continue;
-    const float* lg = in.logits + m * K;
-    const uint8_t* inv = in.invalid != nullptr ? in.invalid + m * K : nullptr;
-    bool ok = finite(in.reward[m]) && finite(in.discount[m]) && finite(in.value[m]);
-    for (int64_t a = 0; a < K; ++a)
-      if (std::isnan(lg[a]) || lg[a] == kInf) ok = false;
-    if (!ok) {
-      first_bad = m < first_bad ? m : first_bad;
-      continue;
+  for (int64_t m0 = 0; m0 < M; m0 += 4) {
+    int64_t row[4], e[4];
+    int valid[4];
+    int nr = 0;
+    for (int64_t m = m0; m < m0 + 4 && m < M; ++m) {
+      if (!in.is_new[m]) continue;
+      const int64_t base = (m / in.W) * N;
+      e[nr] = (base + in.node[m]) * K;
+      if (!expand_exps(t, in, m, e[nr], &valid[nr])) {
+        first_bad = m < first_bad ? m : first_bad;
+        continue;
+      }
+      row[nr++] = m;
     }
-    const int64_t b = m / in.W;
-    const int64_t base = b * N;
-    const int64_t n = in.node[m];
-    const int64_t e = (base + n) * K;
-    // Softmax over the valid actions (invalid: masked, or a -inf logit).
-    uint8_t* tinv = t.invalid + e;
-    float mx = -kInf;
-    int valid = 0;
+    if (nr == 0) continue;
+    const float* x[4];
+    for (int k = 0; k < 4; ++k) x[k] = t.prior + e[k < nr ? k : 0];
+    float s0 = 0, s1 = 0, s2 = 0, s3 = 0;
     for (int64_t a = 0; a < K; ++a) {
-      const uint8_t bad = ((inv != nullptr && inv[a]) || lg[a] == -kInf) ? 1 : 0;
-      tinv[a] = bad;
-      valid += 1 - bad;
-      mx = !bad && lg[a] > mx ? lg[a] : mx;
+      s0 += x[0][a];
+      s1 += x[1][a];
+      s2 += x[2][a];
+      s3 += x[3][a];
     }
-    float* pr = t.prior + e;
-    float sum = 0;
-    for (int64_t a = 0; a < K; ++a) {
-      const float ex = tinv[a] ? 0.0f : rlfuse::vexp(lg[a] - mx);
-      pr[a] = ex;
-      sum += ex;
+    const float sums[4] = {s0, s1, s2, s3};
+    for (int k = 0; k < nr; ++k) {
+      const int64_t m = row[k];
+      const int64_t base = (m / in.W) * N;
+      expand_finish(t, in, m, base, in.node[m], e[k], valid[k], sums[k]);
     }
-    const float inv_sum = valid > 0 ? 1.0f / sum : 0.0f;
-    for (int64_t a = 0; a < K; ++a) pr[a] *= inv_sum;
-    std::copy(lg, lg + K, t.logit + e);
-    std::fill(t.child + e, t.child + e + K, -1);
-    std::fill(t.edge_visits + e, t.edge_visits + e + K, 0);
-    std::fill(t.edge_value + e, t.edge_value + e + K, 0.0f);
-    std::fill(t.edge_q + e, t.edge_q + e + K, 0.0f);
-    std::fill(t.reward + e, t.reward + e + K, 0.0f);
-    std::fill(t.discount + e, t.discount + e + K, 0.0f);
-    tree::expand_node_fields(t, in, m, base, n, valid);
   }
   *where = first_bad;
   return first_bad < M ? tree::kNotFinite : tree::kOk;
 }
 
+namespace {
+
+// tree::backup_tree with the child's new mean carried in a register from one edge to the
+// next (backup_tree reads it back from memory, which the compiler cannot forward past the
+// other arrays' stores); the same operations in the same order.
+void backup_tree_cpu(const View& t, const tree::BackupInputs& in, int64_t b) {
+  const int64_t N = t.N, K = t.K, W = in.W, D = in.path_stride;
+  const int64_t base = b * N;
+  float* __restrict value = t.value + base;
+  int32_t* __restrict visits = t.visits + base;
+  int32_t* __restrict inflight = t.inflight + base;
+  const int32_t* __restrict action = t.action + base;
+  const float* __restrict reward = t.reward;
+  const float* __restrict discount = t.discount;
+  int32_t* __restrict edge_visits = t.edge_visits;
+  float* __restrict edge_value = t.edge_value;
+  float* __restrict edge_q = t.edge_q;
+  float lo = t.minmax[2 * b], hi = t.minmax[2 * b + 1];
+  for (int64_t w = 0; w < W; ++w) {
+    const int32_t* path = in.path + (b * W + w) * D;
+    const int32_t len = in.len[b * W + w];
+    const int32_t leaf = path[len - 1];
+    float g = t.raw_value[base + leaf];
+    float cnt = float(visits[leaf]);
+    float v = value[leaf] + (g - value[leaf]) / (cnt + 1.0f);
+    value[leaf] = v;
+    visits[leaf] += 1;
+    inflight[leaf] -= 1;
+    for (int32_t i = len - 1; i >= 1; --i) {
+      const int32_t c = path[i], s = path[i - 1];
+      const int64_t pe = (base + s) * K + action[c];
+      const float r = reward[pe], d = discount[pe];
+      g = r + d * g;
+      cnt = float(visits[s]);
+      const float vs = value[s] + (g - value[s]) / (cnt + 1.0f);
+      value[s] = vs;
+      visits[s] += 1;
+      inflight[s] -= 1;
+      edge_visits[pe] += 1;
+      edge_value[pe] = v;  // the child's mean, updated just before
+      const float q = r + d * v;
+      edge_q[pe] = q;
+      lo = q < lo ? q : lo;
+      hi = q > hi ? q : hi;
+      v = vs;
+    }
+  }
+  t.minmax[2 * b] = lo;
+  t.minmax[2 * b + 1] = hi;
+}
+
+}  // namespace
+
 int tree_backup(const View& t, const tree::BackupInputs& in, int nt) {
 #pragma omp parallel for num_threads(nt) schedule(static)
-  for (int64_t b = 0; b < t.B; ++b) tree::backup_tree(t, in, b);
+  for (int64_t b = 0; b < t.B; ++b) backup_tree_cpu(t, in, b);
   return tree::kOk;
 }
 

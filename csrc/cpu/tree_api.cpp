@@ -76,6 +76,40 @@ void rlfuse_bind_tree(py::module_& m) {
       "Write the new leaves of the last select (float32 contiguous rows; invalid / terminal "
       "uint8 or 0); returns (status, first bad row).");
   m.def(
+      "tree_expand_backup",
+      [](const View& t, const rlfuse::tree::SelectParams& p, int W, int64_t reward,
+         int64_t discount, int64_t logits, int64_t value, int64_t invalid, int64_t terminal,
+         int nt) {
+        rlfuse::tree::ExpandInputs in{};
+        in.M = t.B * W;
+        in.W = W;
+        in.node = p.out_node;
+        in.parent = p.out_parent;
+        in.action = p.out_action;
+        in.is_new = p.out_new;
+        in.reward = ptr<const float>(reward);
+        in.discount = ptr<const float>(discount);
+        in.logits = ptr<const float>(logits);
+        in.value = ptr<const float>(value);
+        in.invalid = ptr<const uint8_t>(invalid);
+        in.terminal = ptr<const uint8_t>(terminal);
+        rlfuse::tree::BackupInputs bi{};
+        bi.W = W;
+        bi.path_stride = p.max_depth + 1;
+        bi.path = p.out_path;
+        bi.len = p.out_len;
+        int64_t where = -1;
+        int rc;
+        {
+          py::gil_scoped_release release;
+          rc = RLFUSE_ISA_CALL(tree_expand, t, in, nt, &where);
+          if (rc == 0) RLFUSE_ISA_CALL(tree_backup, t, bi, nt);
+        }
+        return py::make_tuple(rc, where);
+      },
+      "tree_expand, then (if it succeeded) tree_backup, in one call; returns expand's "
+      "(status, first bad row).");
+  m.def(
       "tree_backup",
       [](const View& t, const rlfuse::tree::SelectParams& p, int W, int nt) {
         rlfuse::tree::BackupInputs in{};

@@ -151,3 +151,12 @@ def test_dirichlet_noise_changes_search_and_generator_reproduces():
     runs = [puct_search(root, fn, 30, generator=torch.Generator().manual_seed(s)) for s in (1, 1, 2)]
     assert torch.equal(runs[0].root_visit_counts, runs[1].root_visit_counts)
     assert not torch.equal(runs[0].root_visit_counts, runs[2].root_visit_counts)
+
+
+def test_halving_table_is_cached_but_fresh():
+    """The table is built once per (m, n) and handed out as a new tensor each call."""
+    a = sequential_halving_table(4, 8)
+    assert a[4].tolist() == [0, 0, 0, 0, 1, 1, 2, 2]
+    a.fill_(-1)
+    b = sequential_halving_table(4, 8)
+    assert b[4].tolist() == [0, 0, 0, 0, 1, 1, 2, 2] and b.data_ptr() != a.data_ptr()

@@ -9,16 +9,16 @@ environment (:class:`HashEnv`) maps (state, action) to an integer hash and looks
 values and prior logits up in fixed tables, identically in torch, JAX and plain Python.
 
 rlfuse reuses one preallocated Tree (``Tree.clear()``, ``tree=``) across searches.  Times
-are ms per search of the whole batch; the pure-Python MCTS (PUCT, the mctx rules,
-one node object per node, one tree after another) runs on fewer trees and its time is
-scaled to the full batch (it is linear in the number of trees).  Every row's notes give
+are ms per search of the whole batch (medians, all variants interleaved); the pure-Python
+MCTS (PUCT, the mctx rules, one node object per node, one tree after another) runs on
+fewer trees and its time is scaled to the full batch (it is linear in the number of
+trees).  Every row's notes give
 the expansions per second.
 """
 
 from __future__ import annotations
 
 import math
-import time
 
 import numpy as np
 import torch
@@ -60,7 +60,11 @@ class HashEnv:
         d = self._disc.get(M)
         if d is None:
             d = self._disc[M] = torch.full((M,), self.discount, device=self.device)
-        return self.Rt[nxt], d, self.Lt[nxt], self.Vt[nxt], nxt
+        # index_select, not Lt[nxt]: with 2 torch threads, advanced indexing of the [P, A]
+        # table takes the parallel index kernel, ~25x slower on a 2-core VM (and its worker
+        # then spins); the values are the same
+        return (self.Rt.index_select(0, nxt), d, self.Lt.index_select(0, nxt),
+                self.Vt.index_select(0, nxt), nxt)
 
     # plain-Python twin for the pure-Python MCTS
     def py_tables(self):
@@ -184,7 +188,17 @@ def run(device: str = "cpu", quick: bool = False, repeat: int | None = None,
             search = puct_search if mode == "puct" else gumbel_search
 
             def ours(backend=None, search=search):
-                return search(root, env.step, sims, tree=storage.clear(), backend=backend)
+                # torch at one intra-op thread while the search runs (restored after): its
+                # tensors are tiny, and with 2 threads on a shared 2-core VM each op that
+                # enters torch's thread pool can wait milliseconds for the other thread
+                # (100 ms per search measured under load, against 20 ms); the kernels
+                # themselves use one thread at this size either way (tree.THREAD_MIN_PAIRS)
+                threads = torch.get_num_threads()
+                torch.set_num_threads(1)
+                try:
+                    return search(root, env.step, sims, tree=storage.clear(), backend=backend)
+                finally:
+                    torch.set_num_threads(threads)
             # `backends` is not used: the tree backend follows the device (cpu / cuda) and
             # there is no Triton one.
             fns = {"rlfuse": ours}
@@ -193,16 +207,17 @@ def run(device: str = "cpu", quick: bool = False, repeat: int | None = None,
                 fns["mctx"] = mctx_fns[mode]
             else:
                 notes["mctx"] = mctx_err
+            if mode == "puct":  # timed with the others, interleaved, then scaled
+                fns["python"] = py_search
             times, errors = time_variants(fns, dev, warmup=1, repeat=repeat)
             notes.update(errors)
-            if mode == "puct":
-                t0 = time.perf_counter()
-                py_search()
-                times["python"] = (time.perf_counter() - t0) * 1e3 * B / B_py
+            if times.get("python"):
+                times["python"] *= B / B_py
                 notes["python"] = f"pure-Python PUCT MCTS on {B_py} trees, scaled to {B}"
             for v, t in times.items():
                 if t:
                     notes[f"{v} expansions/s"] = f"{expansions / (t * 1e-3):,.0f}"
+            notes["rlfuse"] = "torch at 1 intra-op thread during the search"
             rows.append(Row(op="search", case=f"B={B} A={A} sims={sims}", dtype="float32",
                             mode=mode, times_ms=times, bytes_moved=0.0, notes=notes))
     return rows

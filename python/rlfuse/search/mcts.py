@@ -21,6 +21,7 @@ keeps its B * W shape, but their outputs are ignored.
 
 from __future__ import annotations
 
+import functools
 import gc
 import inspect
 import math
@@ -121,6 +122,12 @@ def sequential_halving_table(max_considered: int, num_simulations: int) -> torch
     have to be chosen by simulation i when m actions are considered.  Each phase gives every
     remaining action max(1, n // (ceil(log2 m) * live)) more visits and then halves the
     number of live actions (down to 2), as in Gumbel MuZero."""
+    return _halving_table(int(max_considered), int(num_simulations)).clone()
+
+
+@functools.lru_cache(maxsize=64)
+def _halving_table(max_considered: int, num_simulations: int) -> torch.Tensor:
+    # built once per (m, n): a search calls for it every time (~0.2 ms in Python)
     rows = []
     n = num_simulations
     for m in range(max_considered + 1):
@@ -263,6 +270,11 @@ def _wants_expansion(fn) -> bool:
 
 
 def _f32(name, x, shape, device):
+    # the common case (a float32 contiguous tensor of the right shape and device) without a
+    # conversion call: this runs four times per simulation step
+    if (type(x) is torch.Tensor and x.dtype is torch.float32 and x.shape == shape
+            and x.device == device and x.is_contiguous()):
+        return x
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"recurrent_fn: {name} must be a torch.Tensor, got {type(x).__name__}")
     if tuple(x.shape) != shape:
@@ -324,12 +336,15 @@ def _steps(ph: Phases, recurrent_fn: Callable, num_simulations: int, pass_exp: b
         inv = term = None
         if len(out) == 7:
             inv, term = out[5], out[6]
-        ph.expand(w, _f32("reward", out[0], (M,), dev), _f32("discount", out[1], (M,), dev),
-                  _f32("prior_logits", out[2], (M, K), dev), _f32("value", out[3], (M,), dev),
-                  _u8("invalid_actions", inv, (M, K), dev), _u8("terminal", term, (M,), dev))
+        # the payload rows are written after the backup (neither phase reads them)
+        ph.expand_backup(w, _f32("reward", out[0], (M,), dev),
+                         _f32("discount", out[1], (M,), dev),
+                         _f32("prior_logits", out[2], (M, K), dev),
+                         _f32("value", out[3], (M,), dev),
+                         _u8("invalid_actions", inv, (M, K), dev),
+                         _u8("terminal", term, (M,), dev))
         if store is not None:
             store.put(sel.tree, sel.store, out[4], M)
-        ph.backup(w)
         done += w
 
 

@@ -59,6 +59,12 @@ _EDGE_FIELDS = (
 # (tree, action) pairs per phase call from which the CPU kernels use every thread
 # (rlfuse._backend.num_threads); below it they run on one.  Results never depend on it.
 THREAD_MIN_PAIRS = 1 << 16
+# CPU select: the walks of SELECT_GROUP trees advance in lockstep (one node of each in turn,
+# the next node's rows prefetched; 1: one tree at a time), and PUCT scores only a node's
+# allocated children, taking the best of the others from a per-search memo (SPARSE_SELECT;
+# False: every action is scored).  The choices depend on neither (the tests check this).
+SELECT_GROUP = 4
+SPARSE_SELECT = True
 _STATUS = {1: "tree full", 2: "recurrent_fn returned a non-finite value", 3: "no valid action"}
 
 
@@ -100,11 +106,11 @@ class Tree:
         logits = prior_logits.to(self.device, torch.float32)
         inv = (torch.zeros(B, K, dtype=torch.bool, device=self.device) if invalid is None
                else invalid.to(self.device).bool())
-        sel = (torch.ones(B, dtype=torch.bool, device=self.device) if trees is None
-               else trees.to(self.device).bool())
         # logits of invalid actions do not matter; keep them finite for the softmax
         prior = torch.softmax(logits.masked_fill(inv, -math.inf), -1).nan_to_num(0.0)
-        rows = sel.nonzero().squeeze(1)
+        # every tree (the common case): plain slices instead of an index list
+        rows = (slice(None) if trees is None
+                else trees.to(self.device).bool().nonzero().squeeze(1))
         for name, fill in (("parent", -1), ("action", -1), ("depth", 0), ("inflight", 0)):
             getattr(self, name)[rows, 0] = fill
         for name, fill in (("children", -1), ("children_visits", 0), ("children_values", 0),
@@ -443,6 +449,13 @@ class Phases:
             ia += [t.data_ptr() for t in (self.out_node, self.out_parent, self.out_action,
                                           self.out_store, self.out_new, self.out_path,
                                           self.out_len)]
+            # the memo of the sparse PUCT rule: a node's best unallocated action (-2: not yet
+            # known); valid for this search only, so it is filled afresh here
+            self.memo = None
+            if self.backend == "cpu" and self.rule == RULES["puct"] and SPARSE_SELECT:
+                self.memo = torch.full((B * tree.capacity,), -2, dtype=torch.int32)
+            ia += [0 if self.memo is None else self.memo.data_ptr(),
+                   SELECT_GROUP if self.backend == "cpu" else 1]
             if self.backend == "cuda":
                 ia.append(self.status.data_ptr())
             self.cfg = self.mod.SelectConfig(ia, [c1, c2, virtual_loss, value_scale, maxvisit_init])
@@ -486,6 +499,20 @@ class Phases:
             value.data_ptr(), 0 if invalid is None else invalid.data_ptr(),
             0 if terminal is None else terminal.data_ptr(), self.arg)
         if self.backend == "cpu" and out[0]:
+            self._raise("expand", out[0], out[1], "row")
+
+    def expand_backup(self, w: int, reward, discount, logits, value, invalid=None,
+                      terminal=None):
+        """expand, then backup (one call into the CPU extension)."""
+        if self.backend != "cpu":
+            self.expand(w, reward, discount, logits, value, invalid, terminal)
+            self.backup(w)
+            return
+        out = self.mod.tree_expand_backup(
+            self.view, self.cfg, w, reward.data_ptr(), discount.data_ptr(), logits.data_ptr(),
+            value.data_ptr(), 0 if invalid is None else invalid.data_ptr(),
+            0 if terminal is None else terminal.data_ptr(), self.arg)
+        if out[0]:
             self._raise("expand", out[0], out[1], "row")
 
     def backup(self, w: int) -> None:
