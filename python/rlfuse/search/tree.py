@@ -305,11 +305,26 @@ class TensorStore:
             buf[:, 0] = x
             return buf
         self.buf = _tmap(alloc, root_embedding)
+        self._fast_path()
+
+    def _fast_path(self):
+        # one plain tensor (the common case): gather / put without the pytree walk
+        self._single = type(self.buf) is torch.Tensor
+        self._row_shape = tuple(self.buf.shape[2:]) if self._single else None
 
     def gather(self, b, parent):
+        if self._single:
+            return self.buf[b, parent]
         return _tmap(lambda buf: buf[b, parent], self.buf)
 
     def put(self, b, store, value, M: int):
+        buf = self.buf
+        if self._single and type(value) is torch.Tensor and value.dtype is buf.dtype \
+                and value.device == buf.device \
+                and value.shape[:1] == (M,) and tuple(value.shape[1:]) == self._row_shape:
+            buf.index_put_((b, store), value)
+            return
+
         def write(buf, v):
             if not isinstance(v, torch.Tensor) or tuple(v.shape) != (M,) + tuple(buf.shape[2:]):
                 got = tuple(v.shape) if isinstance(v, torch.Tensor) else type(v).__name__
@@ -344,6 +359,7 @@ class TensorStore:
             new[:, :cap] = buf[b, src]
             return new
         out.buf = _tmap(move, self.buf)
+        out._fast_path()
         return out
 
 
