@@ -238,3 +238,18 @@ def test_sliding_window_model_equals_generate():
     out = sample(model, ids, mask, num_samples=2, max_new_tokens=12, eos_token_id=EOS,
                  pad_token_id=0, sampler="multinomial")
     assert torch.equal(out, ref)
+
+
+def test_a_model_that_returns_no_cache_raises():
+    from types import SimpleNamespace
+
+    class NoCacheReturned(torch.nn.Module):
+        def forward(self, input_ids, attention_mask=None, past_key_values=None,
+                    use_cache=None):
+            return SimpleNamespace(logits=torch.zeros(*input_ids.shape, V),
+                                   past_key_values=None)
+
+    ids, mask = _prompts()
+    with pytest.raises(ValueError, match="returned no KV cache"):
+        sample(NoCacheReturned(), ids, mask, max_new_tokens=3, eos_token_id=None,
+               pad_token_id=None)

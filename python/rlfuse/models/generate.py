@@ -26,6 +26,12 @@ Two things make it cheaper than ``generate`` besides the leaner loop:
   uses ``torch.multinomial`` as ``generate`` does: with the same seed and ``num_samples=1``
   the tokens then equal ``generate``'s (tested).
 
+Per decode step it also spares the model two costs that do not change the numbers: a plain
+``DynamicCache`` gets layers that append into buffers preallocated for the whole sequence
+(a view of the filled part is what attention reads) instead of concatenating the cache at
+every token, and models with full attention under SDPA or eager attention get the 4D
+padding mask ready-made, in the format ``transformers`` would build for them.
+
 What it leaves out is the machinery ``generate`` runs around every token for features a
 trainer's rollout does not use: the logits-processor and stopping-criteria lists, the
 model-kwargs update and input preparation, the streamer and output bookkeeping.  Those
@@ -250,7 +256,10 @@ def sample(model, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor
         next_pos = rep(pos[:, -1:] + 1)
     out = model(input_ids=input_ids, **kw)
     last = out.logits[:, -1, :]
-    cache = out.past_key_values
+    cache = getattr(out, "past_key_values", None)
+    if cache is None:
+        raise ValueError(f"sample: {type(model).__name__} returned no KV cache with "
+                         "use_cache=True; sample with model.generate instead")
     if num_samples > 1:
         last = rep(last)
         cache.batch_repeat_interleave(num_samples)
