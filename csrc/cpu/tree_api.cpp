@@ -23,6 +23,37 @@ T* ptr(int64_t p) {
   return reinterpret_cast<T*>(static_cast<uintptr_t>(p));
 }
 
+// The rows of the last select (its output buffers) and the recurrent outputs' addresses.
+rlfuse::tree::ExpandInputs expand_inputs(const View& t, const rlfuse::tree::SelectParams& p,
+                                         int W, int64_t reward, int64_t discount,
+                                         int64_t logits, int64_t value, int64_t invalid,
+                                         int64_t terminal) {
+  rlfuse::tree::ExpandInputs in{};
+  in.M = t.B * W;
+  in.W = W;
+  in.node = p.out_node;
+  in.parent = p.out_parent;
+  in.action = p.out_action;
+  in.is_new = p.out_new;
+  in.reward = ptr<const float>(reward);
+  in.discount = ptr<const float>(discount);
+  in.logits = ptr<const float>(logits);
+  in.value = ptr<const float>(value);
+  in.invalid = ptr<const uint8_t>(invalid);
+  in.terminal = ptr<const uint8_t>(terminal);
+  return in;
+}
+
+// The paths the last select recorded.
+rlfuse::tree::BackupInputs backup_inputs(const rlfuse::tree::SelectParams& p, int W) {
+  rlfuse::tree::BackupInputs in{};
+  in.W = W;
+  in.path_stride = p.max_depth + 1;
+  in.path = p.out_path;
+  in.len = p.out_len;
+  return in;
+}
+
 }  // namespace
 
 void rlfuse_bind_tree(py::module_& m) {
@@ -52,19 +83,8 @@ void rlfuse_bind_tree(py::module_& m) {
       [](const View& t, const rlfuse::tree::SelectParams& p, int W, int64_t reward,
          int64_t discount, int64_t logits, int64_t value, int64_t invalid, int64_t terminal,
          int nt) {
-        rlfuse::tree::ExpandInputs in{};
-        in.M = t.B * W;
-        in.W = W;
-        in.node = p.out_node;
-        in.parent = p.out_parent;
-        in.action = p.out_action;
-        in.is_new = p.out_new;
-        in.reward = ptr<const float>(reward);
-        in.discount = ptr<const float>(discount);
-        in.logits = ptr<const float>(logits);
-        in.value = ptr<const float>(value);
-        in.invalid = ptr<const uint8_t>(invalid);
-        in.terminal = ptr<const uint8_t>(terminal);
+        const rlfuse::tree::ExpandInputs in =
+            expand_inputs(t, p, W, reward, discount, logits, value, invalid, terminal);
         int64_t where = -1;
         int rc;
         {
@@ -80,24 +100,9 @@ void rlfuse_bind_tree(py::module_& m) {
       [](const View& t, const rlfuse::tree::SelectParams& p, int W, int64_t reward,
          int64_t discount, int64_t logits, int64_t value, int64_t invalid, int64_t terminal,
          int nt) {
-        rlfuse::tree::ExpandInputs in{};
-        in.M = t.B * W;
-        in.W = W;
-        in.node = p.out_node;
-        in.parent = p.out_parent;
-        in.action = p.out_action;
-        in.is_new = p.out_new;
-        in.reward = ptr<const float>(reward);
-        in.discount = ptr<const float>(discount);
-        in.logits = ptr<const float>(logits);
-        in.value = ptr<const float>(value);
-        in.invalid = ptr<const uint8_t>(invalid);
-        in.terminal = ptr<const uint8_t>(terminal);
-        rlfuse::tree::BackupInputs bi{};
-        bi.W = W;
-        bi.path_stride = p.max_depth + 1;
-        bi.path = p.out_path;
-        bi.len = p.out_len;
+        const rlfuse::tree::ExpandInputs in =
+            expand_inputs(t, p, W, reward, discount, logits, value, invalid, terminal);
+        const rlfuse::tree::BackupInputs bi = backup_inputs(p, W);
         int64_t where = -1;
         int rc;
         {
@@ -112,11 +117,7 @@ void rlfuse_bind_tree(py::module_& m) {
   m.def(
       "tree_backup",
       [](const View& t, const rlfuse::tree::SelectParams& p, int W, int nt) {
-        rlfuse::tree::BackupInputs in{};
-        in.W = W;
-        in.path_stride = p.max_depth + 1;
-        in.path = p.out_path;
-        in.len = p.out_len;
+        const rlfuse::tree::BackupInputs in = backup_inputs(p, W);
         py::gil_scoped_release release;
         RLFUSE_ISA_CALL(tree_backup, t, in, nt);
       },
