@@ -711,13 +711,13 @@ class BaseTrainer:
         attn = r.attention_mask
         P = r.prompt_ids.size(1)
         comp = torch.cat([torch.zeros_like(r.prompt_mask), r.completion_mask], 1)
-        pos = position_ids_from_mask(attn)
         module = self._root(module)
         if not isinstance(module, torch.nn.Module) or not isinstance(
                 getattr(module, "module", module), _LogprobModule):
             module = _LogprobModule(module)
         share = getattr(self.args, "share_prompt_prefix", False)
-        res = module(ids, attn, comp, pos, self.args.temperature, return_entropy,
+        # split at P inside the module (positions are counted there over real tokens)
+        res = module(ids, attn, comp, None, self.args.temperature, return_entropy,
                      prompt_length=P, share_prompts=share)
         self._reshard(module)
         return res
