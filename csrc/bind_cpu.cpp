@@ -16,6 +16,7 @@ void rlfuse_bind_policy_loss(py::module_& m);
 void rlfuse_bind_preference(py::module_& m);
 void rlfuse_bind_tree(py::module_& m);
 void rlfuse_bind_kvpack(py::module_& m);
+void rlfuse_bind_decode(py::module_& m);
 
 PYBIND11_MODULE(_C, m) {
   m.doc() = "rlfuse CPU kernels (raw-pointer interface; use rlfuse.ops instead)";
@@ -36,4 +37,5 @@ PYBIND11_MODULE(_C, m) {
   rlfuse_bind_preference(m);
   rlfuse_bind_tree(m);
   rlfuse_bind_kvpack(m);
+  rlfuse_bind_decode(m);
 }

@@ -45,7 +45,7 @@ EOS = [5, 7, 11, 13, 17]
                                                      (1.3, 0, 0.85), (1.0, 12, 0.9)])
 @pytest.mark.parametrize("n", [1, 4])
 def test_multinomial_sampler_equals_generate(kind, attn, temperature, top_k, top_p, n,
-                                             padded=True):
+                                             padded=True, lean=None):
     model = _model(kind, attn)
     ids, mask = _prompts()
     if not padded:
@@ -56,9 +56,18 @@ def test_multinomial_sampler_equals_generate(kind, attn, temperature, top_k, top
                          num_return_sequences=n, eos_token_id=EOS, pad_token_id=0, **kw)
     torch.manual_seed(123)
     out = sample(model, ids, mask, num_samples=n, max_new_tokens=20, eos_token_id=EOS,
-                 pad_token_id=0, sampler="multinomial", **kw)
+                 pad_token_id=0, sampler="multinomial", lean=lean, **kw)
     assert out.shape == ref.shape
     assert torch.equal(out, ref)
+
+
+@pytest.mark.parametrize("kind,attn", [("llama", "sdpa"), ("qwen2", "sdpa"),
+                                       ("llama", "eager")])
+@pytest.mark.parametrize("n", [1, 4])
+def test_model_forward_decode_equals_generate(kind, attn, n):
+    # the same with the model's own forward for the decode steps (lean=False; the cases
+    # above run the lean decoder)
+    test_multinomial_sampler_equals_generate(kind, attn, 0.9, 10, 0.95, n, lean=False)
 
 
 @pytest.mark.parametrize("attn", ["sdpa", "eager"])

@@ -203,13 +203,15 @@ def sample(model, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor
            max_new_tokens: int, eos_token_id: Union[int, Sequence[int], None],
            pad_token_id: Optional[int], num_samples: int = 1, temperature: float = 1.0,
            top_p: float = 1.0, top_k: int = 0, generator: Optional[torch.Generator] = None,
-           sampler: str = "cdf", all_done: Optional[Callable[[bool], bool]] = None
-           ) -> torch.Tensor:
+           sampler: str = "cdf", all_done: Optional[Callable[[bool], bool]] = None,
+           lean: Optional[bool] = None) -> torch.Tensor:
     """Each prompt ``num_samples`` times followed by up to ``max_new_tokens`` sampled ids,
     ``[B * num_samples, P + n]`` (``n <= max_new_tokens``: the loop stops early when every
     row has ended).  ``all_done(local_done) -> bool``: with several processes that must run
     the same number of forwards (FSDP), whether every process is done (an all-reduce);
-    a process whose rows are done keeps stepping with pad tokens until then."""
+    a process whose rows are done keeps stepping with pad tokens until then.  ``lean``:
+    run the decode steps with :class:`rlfuse.models.decode.LeanDecoder` (None: when it
+    supports the model; True: raise if it does not; False: the model's forward)."""
     if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2 or input_ids.numel() == 0:
         raise ValueError("sample: input_ids must be a non-empty [B, P] tensor")
     if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
@@ -222,6 +224,8 @@ def sample(model, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor
         raise ValueError(f"sample: top_k must be an int >= 0, got {top_k!r}")
     if not isinstance(num_samples, int) or num_samples < 1:
         raise ValueError(f"sample: num_samples must be a positive int, got {num_samples!r}")
+    if lean not in (None, True, False):
+        raise ValueError(f"sample: lean must be None, True or False, got {lean!r}")
     if sampler not in ("cdf", "multinomial"):
         raise ValueError(f"sample: sampler must be 'cdf' or 'multinomial', got {sampler!r}")
     B0, P = input_ids.shape
@@ -260,13 +264,33 @@ def sample(model, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor
     if cache is None:
         raise ValueError(f"sample: {type(model).__name__} returned no KV cache with "
                          "use_cache=True; sample with model.generate instead")
+    dec = None
+    if lean is not False and max_new_tokens > 1:
+        # the lean decoder takes the prefill's cache (repeating it for the samples itself)
+        from rlfuse.models.decode import _why_not, lean_decoder
+
+        if use_pos and all_done is None:
+            dec = lean_decoder(model, B, P + max_new_tokens)
+        if lean and dec is None:
+            why = ("needs position ids" if not use_pos else "runs on one process only"
+                   if all_done is not None else
+                   _why_not(model, P + max_new_tokens) or "needs rlfuse._C")
+            raise ValueError(f"sample: lean=True but the lean decoder cannot run "
+                             f"{type(model).__name__} ({why})")
     if num_samples > 1:
         last = rep(last)
-        cache.batch_repeat_interleave(num_samples)
-    _growing_cache(cache, P + max_new_tokens)
+    if dec is not None:
+        dec.load_cache(cache, num_samples)
+        cache = None
+        dec.mask[:, :mask.shape[1]] = mask
+        dec.pos.copy_(next_pos[:, 0])
+    else:
+        if num_samples > 1:
+            cache.batch_repeat_interleave(num_samples)
+        _growing_cache(cache, P + max_new_tokens)
     # a ready [B, 1, 1, L] padding mask for the one-token steps (a view per step), in the
     # format the attention kernel gets from transformers, which then builds none itself
-    kind = _decode_mask_kind(model)
+    kind = _decode_mask_kind(model) if dec is None else None
     step_mask = None
     if kind is not None:
         step_mask = mask.bool()[:, None, None, :]
@@ -277,7 +301,8 @@ def sample(model, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor
     unfinished = torch.ones(B, dtype=torch.bool, device=dev)
     n = 0
     for t in range(max_new_tokens):
-        logits = last.to(dtype=torch.float32, copy=True)
+        # (the lean decoder's logits are a fresh float32 tensor: no copy needed)
+        logits = last if dec is not None and t > 0 else last.to(dtype=torch.float32, copy=True)
         warp_logits(logits, temperature, top_k, top_p)
         probs = torch.softmax(logits, dim=-1)
         nxt = _draw(probs, sampler, generator)
@@ -294,6 +319,10 @@ def sample(model, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor
                 done = all_done(done)
             if done:
                 break
+        if dec is not None:
+            last = dec.step(nxt, P + t)
+            dec.pos += 1
+            continue
         am = mask[:, :P + t + 1] if step_mask is None else step_mask[..., :P + t + 1]
         kw = dict(attention_mask=am, past_key_values=cache, use_cache=True, **keep)
         if use_pos:

@@ -1,0 +1,277 @@
+"""A lean one-token decode step for Llama-family models on the CPU.
+
+At a rollout's batch sizes a decode step of a small model costs more in per-op dispatch
+than in arithmetic: ``transformers``' Llama layer runs some 35 tensor ops and a dozen module
+calls per token, of which only the seven projections do real work.  :class:`LeanDecoder`
+runs the same arithmetic from the model's own weights with about ten ops per layer:
+
+* the q/k/v projections as one matmul, and gate/up as one, on weights concatenated once per
+  rollout (when they are small; a large model keeps separate matmuls, whose cost then
+  dwarfs the dispatch);
+* rotary embedding, the KV write, the masked attention over the cache and the softmax in
+  one C++ kernel (``rlfuse._C.decode_attention``), and SwiGLU's ``silu(g) * u`` in another;
+* residual adds fused into the output matmuls (``addmm``), preallocated intermediates.
+
+The prompt is still encoded by the model's own forward (the prefill); its KV cache is copied
+into the decoder's buffers.  The numbers are those of the model's forward up to float32
+rounding (tested against it to 1e-5 for Llama, Qwen2 and Mistral, with padding and grouped
+KV heads); the sampled tokens equal ``generate``'s for the tested seeds.
+
+:func:`lean_decoder` returns None, and the sampler uses the model's forward, for anything
+else: another architecture or a modified one (adapters, hooks, quantised or sharded
+weights), a non-float32 or non-CPU model, sliding windows shorter than the sequence,
+position-dependent RoPE scaling, or attention dropout in training mode.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+__all__ = ["LeanDecoder", "lean_decoder"]
+
+_MODEL_TYPES = ("llama", "mistral", "qwen2")
+_NORMS = ("LlamaRMSNorm", "MistralRMSNorm", "Qwen2RMSNorm")
+_ROPE_TYPES = ("default", "linear", "llama3", "yarn")
+# weights (bytes per layer) up to which q/k/v and gate/up are concatenated per rollout
+_FUSE_BYTES = 16 << 20
+
+
+def _plain_linear(mod) -> bool:
+    return type(mod) is torch.nn.Linear
+
+
+def _why_not(model, total_len: int) -> Optional[str]:
+    """None if :class:`LeanDecoder` can run ``model`` for sequences of ``total_len``
+    positions, else the reason."""
+    cfg = getattr(model, "config", None)
+    if getattr(cfg, "model_type", None) not in _MODEL_TYPES:
+        return "architecture"
+    if getattr(cfg, "hidden_act", None) != "silu":
+        return "activation"
+    base, head = getattr(model, "model", None), getattr(model, "lm_head", None)
+    if base is None or not _plain_linear(head):
+        return "structure"
+    for name in ("embed_tokens", "layers", "norm", "rotary_emb"):
+        if not hasattr(base, name):
+            return "structure"
+    if type(base.embed_tokens) is not torch.nn.Embedding or \
+            type(base.norm).__name__ not in _NORMS:
+        return "structure"
+    rope = getattr(cfg, "rope_parameters", None) or {}
+    if rope.get("rope_type", "default") not in _ROPE_TYPES:
+        return "rope"
+    window = getattr(cfg, "sliding_window", None)
+    if window and getattr(cfg, "use_sliding_window", True) and total_len > window:
+        return "sliding window"
+    if any(t not in ("full_attention", "sliding_attention") for t in
+           (getattr(cfg, "layer_types", None) or [])):
+        return "layer types"
+    if model.training and float(getattr(cfg, "attention_dropout", 0.0) or 0.0) > 0:
+        return "attention dropout"
+    if getattr(cfg, "final_logit_softcapping", None) or getattr(cfg, "logit_scale", None):
+        return "logit scaling"
+    nh, nkv = cfg.num_attention_heads, getattr(cfg, "num_key_value_heads", None) or \
+        cfg.num_attention_heads
+    hd = getattr(cfg, "head_dim", None) or cfg.hidden_size // nh
+    if nh % nkv or hd % 2:
+        return "heads"
+    if len(base.layers) != cfg.num_hidden_layers:
+        return "structure"
+    for layer in base.layers:
+        at, mlp = getattr(layer, "self_attn", None), getattr(layer, "mlp", None)
+        if at is None or mlp is None:
+            return "structure"
+        projs = [getattr(at, n, None) for n in ("q_proj", "k_proj", "v_proj", "o_proj")] + \
+            [getattr(mlp, n, None) for n in ("gate_proj", "up_proj", "down_proj")]
+        if not all(_plain_linear(p) for p in projs):
+            return "modified projections"
+        q, k, v = projs[:3]
+        if (q.out_features, k.out_features, v.out_features) != (nh * hd, nkv * hd, nkv * hd):
+            return "heads"
+        if type(getattr(mlp, "act_fn", None)).__name__ not in ("SiLU", "SiLUActivation"):
+            return "activation"
+        for n in ("input_layernorm", "post_attention_layernorm"):
+            if type(getattr(layer, n, None)).__name__ not in _NORMS:
+                return "structure"
+        if any(hasattr(at, n) for n in ("q_norm", "k_norm")):
+            return "structure"
+    for mod in model.modules():
+        if mod._forward_hooks or mod._forward_pre_hooks:
+            return "hooks"
+    for p in model.parameters():
+        if type(p.data) is not torch.Tensor or p.device.type != "cpu" or \
+                p.dtype != torch.float32:
+            return "weights (CPU float32 tensors only)"
+    return None
+
+
+def lean_decoder(model, batch: int, capacity: int) -> Optional["LeanDecoder"]:
+    """A :class:`LeanDecoder` for ``batch`` rows of up to ``capacity`` positions, or None when
+    ``model`` is not one it can run (see the module docstring)."""
+    try:
+        from rlfuse import _C
+    except ImportError:
+        return None
+    if not hasattr(_C, "decode_attention") or _why_not(model, capacity) is not None:
+        return None
+    return LeanDecoder(model, batch, capacity)
+
+
+class _Layer:
+    __slots__ = ("n1", "n2", "eps1", "eps2", "qkv", "qkv_b", "q", "k", "v", "q_b", "k_b", "v_b",
+                 "o", "o_b", "gu", "g", "u", "d", "d_b", "kbuf", "vbuf", "scale")
+
+
+class LeanDecoder:
+    """Runs one-token decode steps of a Llama-family model from its current weights.
+
+    ``load_cache(cache, repeat)`` takes the prefill's KV cache (repeating each row
+    ``repeat`` times); ``step(tokens, L)`` feeds one token per row at cache column ``L``
+    (the positions come from ``self.pos``, which the caller sets and advances) and returns
+    the next-token logits ``[B, V]`` (float32, a fresh tensor)."""
+
+    def __init__(self, model, batch: int, capacity: int):
+        from rlfuse import _C
+
+        self._C = _C
+        cfg = model.config
+        base = model.model
+        self.B, self.capacity = batch, capacity
+        self.C = -(-capacity // 64) * 64  # the kernel's column blocks
+        self.H = cfg.hidden_size
+        self.nh = cfg.num_attention_heads
+        self.nkv = getattr(cfg, "num_key_value_heads", None) or self.nh
+        self.hd = getattr(cfg, "head_dim", None) or self.H // self.nh
+        self.threads = torch.get_num_threads()
+        self.embed = base.embed_tokens.weight
+        self.norm_w, self.norm_eps = base.norm.weight.contiguous(), base.norm.variance_epsilon
+        self.head_w, self.head_b = model.lm_head.weight, model.lm_head.bias
+        B, nq, nk = batch, self.nh * self.hd, self.nkv * self.hd
+        with torch.no_grad():
+            # rotary tables for every position the rows can reach
+            probe = self.embed.new_empty(1, 1, self.H)
+            cos, sin = base.rotary_emb(probe, torch.arange(capacity)[None])
+            self.cos, self.sin = cos[0].float().contiguous(), sin[0].float().contiguous()
+            self.layers = []
+            inter = 0
+            for layer in base.layers:
+                at, mlp = layer.self_attn, layer.mlp
+                ly = _Layer()
+                ly.n1 = layer.input_layernorm.weight.contiguous()
+                ly.eps1 = layer.input_layernorm.variance_epsilon
+                ly.n2 = layer.post_attention_layernorm.weight.contiguous()
+                ly.eps2 = layer.post_attention_layernorm.variance_epsilon
+                ly.scale = float(getattr(at, "scaling", self.hd ** -0.5))
+                fuse = 4 * (nq + 2 * nk) * self.H <= _FUSE_BYTES
+                ws = (at.q_proj, at.k_proj, at.v_proj)
+                if fuse:
+                    ly.qkv = torch.cat([w.weight for w in ws]).t()
+                    bs = [w.bias for w in ws]
+                    ly.qkv_b = None if all(b is None for b in bs) else torch.cat(
+                        [b if b is not None else w.weight.new_zeros(w.out_features)
+                         for w, b in zip(ws, bs)])
+                else:
+                    ly.qkv = ly.qkv_b = None
+                ly.q, ly.k, ly.v = (w.weight for w in ws)
+                ly.q_b, ly.k_b, ly.v_b = (w.bias for w in ws)
+                ly.o, ly.o_b = at.o_proj.weight.t(), at.o_proj.bias
+                inter = mlp.gate_proj.out_features
+                if 4 * 2 * inter * self.H <= _FUSE_BYTES and mlp.gate_proj.bias is None and \
+                        mlp.up_proj.bias is None:
+                    ly.gu = torch.cat([mlp.gate_proj.weight, mlp.up_proj.weight]).t()
+                else:
+                    ly.gu = None
+                ly.g = (mlp.gate_proj.weight, mlp.gate_proj.bias)
+                ly.u = (mlp.up_proj.weight, mlp.up_proj.bias)
+                ly.d, ly.d_b = mlp.down_proj.weight.t(), mlp.down_proj.bias
+                ly.kbuf = torch.zeros(B, self.nkv, self.hd, self.C)  # keys transposed
+                ly.vbuf = torch.zeros(B, self.nkv, self.C, self.hd)
+                self.layers.append(ly)
+        self.inter = inter
+        self.h = torch.empty(B, self.H)
+        self.qkv = torch.empty(B, nq + 2 * nk)
+        self.att = torch.empty(B, nq)
+        self.gu = torch.empty(B, 2 * inter)
+        self.act = torch.empty(B, inter)
+        self.pos = torch.zeros(B, dtype=torch.int64)
+        self.mask = torch.zeros(B, self.C, dtype=torch.uint8)
+
+    def load_cache(self, cache, repeat: int = 1) -> int:
+        """Copy the prefill's cache (``[B / repeat, nkv, P, hd]`` per layer) into the buffers;
+        returns P."""
+        P = 0
+        for i, ly in enumerate(self.layers):
+            k, v = cache.layers[i].keys, cache.layers[i].values
+            if repeat > 1:
+                k, v = k.repeat_interleave(repeat, 0), v.repeat_interleave(repeat, 0)
+            P = k.shape[2]
+            if k.shape != (self.B, self.nkv, P, self.hd) or P >= self.C:
+                raise ValueError(f"LeanDecoder: cache layer {i} has shape {tuple(k.shape)}, "
+                                 f"expected [{self.B}, {self.nkv}, < {self.C}, {self.hd}]")
+            ly.kbuf[:, :, :, :P] = k.transpose(2, 3)
+            ly.vbuf[:, :, :P] = v
+        return P
+
+    def _qkv(self, ly, h):
+        if ly.qkv is not None:
+            if ly.qkv_b is not None:
+                torch.addmm(ly.qkv_b, h, ly.qkv, out=self.qkv)
+            else:
+                torch.mm(h, ly.qkv, out=self.qkv)
+            return self.qkv
+        nq, nk = self.nh * self.hd, self.nkv * self.hd
+        out = self.qkv
+        for w, b, sl in ((ly.q, ly.q_b, slice(0, nq)), (ly.k, ly.k_b, slice(nq, nq + nk)),
+                         (ly.v, ly.v_b, slice(nq + nk, nq + 2 * nk))):
+            out[:, sl] = F.linear(h, w, b)
+        return out
+
+    def _mlp(self, ly, h):
+        if ly.gu is not None:
+            torch.mm(h, ly.gu, out=self.gu)
+            g, u = self.gu, self.gu[:, self.inter:]
+        else:
+            g = F.linear(h, *ly.g)
+            u = F.linear(h, *ly.u)
+        self._C.silu_mul(g.data_ptr(), u.data_ptr(), g.stride(0), u.stride(0),
+                         self.act.data_ptr(), self.act.stride(0), self.B, self.inter,
+                         self.threads)
+        return self.act
+
+    def _norm(self, x, w, eps):
+        self._C.rms_norm(x.data_ptr(), x.stride(0), w.data_ptr(), eps, self.h.data_ptr(),
+                         self.h.stride(0), self.B, self.H, self.threads)
+        return self.h
+
+    @torch.no_grad()
+    def step(self, tokens: torch.Tensor, L: int) -> torch.Tensor:
+        if not 0 <= L < self.capacity:
+            raise ValueError(f"LeanDecoder.step: column {L} outside the buffers "
+                             f"({self.capacity})")
+        nq, nk, hd = self.nh * self.hd, self.nkv * self.hd, self.hd
+        x = F.embedding(tokens, self.embed)
+        if not x.is_contiguous():
+            x = x.contiguous()
+        qkv, att = self.qkv, self.att
+        base, st = qkv.data_ptr(), qkv.stride(0)
+        for ly in self.layers:
+            h = self._norm(x, ly.n1, ly.eps1)
+            self._qkv(ly, h)
+            self._C.decode_attention(
+                base, base + 4 * nq, base + 4 * (nq + nk), st, st, st,
+                self.cos.data_ptr(), self.sin.data_ptr(), self.cos.stride(0),
+                self.pos.data_ptr(), ly.kbuf.data_ptr(), ly.vbuf.data_ptr(),
+                self.mask.data_ptr(), self.mask.stride(0), att.data_ptr(), att.stride(0),
+                self.B, self.nh, self.nkv, hd, self.C, L, ly.scale, self.threads)
+            x = torch.addmm(x, att, ly.o)
+            if ly.o_b is not None:
+                x += ly.o_b
+            h = self._norm(x, ly.n2, ly.eps2)
+            x = torch.addmm(x, self._mlp(ly, h), ly.d)
+            if ly.d_b is not None:
+                x += ly.d_b
+        h = self._norm(x, self.norm_w, self.norm_eps)
+        return F.linear(h, self.head_w, self.head_b)

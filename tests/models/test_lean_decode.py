@@ -1,0 +1,287 @@
+"""rlfuse.models.decode: the lean decode step against a float64 run of the model itself
+(Llama, Qwen2, Mistral; grouped KV heads, biases, tied embeddings, left padding, fused and
+separate projections), its C++ kernels against float64 references at every ISA level, the
+sampler with and without it, and the models it must refuse."""
+
+from __future__ import annotations
+
+import copy
+import math
+import platform
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+
+from rlfuse.models import decode as D  # noqa: E402
+from rlfuse.models.generate import sample  # noqa: E402
+
+_C = pytest.importorskip("rlfuse._C")
+
+V = 61
+
+
+def _model(kind="llama", *, hd=16, heads=4, kv=2, bias=False, tied=False, **extra):
+    common = dict(vocab_size=V, hidden_size=hd * heads, intermediate_size=3 * hd * heads,
+                  num_hidden_layers=2, num_attention_heads=heads, num_key_value_heads=kv,
+                  max_position_embeddings=128, tie_word_embeddings=tied)
+    if kind == "llama":
+        cfg = transformers.LlamaConfig(attention_bias=bias, mlp_bias=bias, **common, **extra)
+    elif kind == "qwen2":
+        cfg = transformers.Qwen2Config(**common, **extra)
+    elif kind == "mistral":
+        cfg = transformers.MistralConfig(sliding_window=64, **common, **extra)
+    else:
+        cfg = transformers.Qwen3Config(head_dim=hd, **common, **extra)
+    torch.manual_seed(0)
+    model = transformers.AutoModelForCausalLM.from_config(cfg).float().eval()
+    with torch.no_grad():  # biases are zero at init: make them matter
+        for name, p in model.named_parameters():
+            if name.endswith("bias"):
+                p.normal_(0, 0.5)
+    return model
+
+
+def _prompts(B, P, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(3, V, (B, P), generator=g)
+    mask = torch.ones(B, P, dtype=torch.long)
+    mask[1, :3] = 0
+    if B > 2:
+        mask[2, :P - 1] = 0               # a one-token prompt
+    ids[mask == 0] = 0
+    return ids, mask
+
+
+def _positions(mask):
+    return (mask.cumsum(-1) - 1).clamp(min=0)
+
+
+def _check_steps(model, *, repeat=2, T=7, B0=3, P=9, fuse=True, monkeypatch=None):
+    """Decode T random tokens with the lean decoder; each step's logits must equal the
+    float64 model's last-position logits on the whole sequence."""
+    if not fuse:
+        monkeypatch.setattr(D, "_FUSE_BYTES", 0)
+    ref_model = copy.deepcopy(model).double()
+    ids, mask = _prompts(B0, P)
+    B = B0 * repeat
+    with torch.no_grad():
+        out = model(input_ids=ids, attention_mask=mask, position_ids=_positions(mask),
+                    use_cache=True)
+        dec = D.lean_decoder(model, B, P + T)
+        assert dec is not None, D._why_not(model, P + T)
+        assert (dec.layers[0].qkv is not None) == fuse
+        dec.load_cache(out.past_key_values, repeat)
+        full = torch.ones(B, P + T, dtype=torch.long)
+        full[:, :P] = mask.repeat_interleave(repeat, 0)
+        dec.mask[:, :P + T] = full
+        dec.pos.copy_(_positions(mask)[:, -1].repeat_interleave(repeat) + 1)
+        seq = ids.repeat_interleave(repeat, 0)
+        g = torch.Generator().manual_seed(5)
+        for t in range(T):
+            tok = torch.randint(3, V, (B,), generator=g)
+            for buf in (dec.qkv, dec.att, dec.gu, dec.act, dec.h):
+                buf.fill_(float("nan"))   # every element must be written each step
+            got = dec.step(tok, P + t)
+            dec.pos += 1
+            seq = torch.cat([seq, tok[:, None]], 1)
+            m = full[:, :P + t + 1]
+            want = ref_model(input_ids=seq, attention_mask=m,
+                             position_ids=_positions(m)).logits[:, -1]
+            assert got.dtype == torch.float32 and got.shape == (B, V)
+            torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=2e-5)
+
+
+@pytest.mark.parametrize("kind,kw", [
+    ("llama", dict()),
+    ("llama", dict(kv=4)),                       # no grouping
+    ("llama", dict(bias=True, hd=32, heads=2, kv=1)),  # biases; hd a multiple of 16
+    ("llama", dict(tied=True, hd=24)),           # hd not a multiple of 16
+    ("qwen2", dict(tied=True)),                  # q/k/v biases
+    ("mistral", dict(hd=64, heads=2, kv=2)),
+])
+def test_steps_equal_the_model_in_float64(kind, kw):
+    _check_steps(_model(kind, **kw))
+
+
+def test_separate_projections_equal_the_model(monkeypatch):
+    # large models keep q/k/v and gate/up as separate matmuls
+    _check_steps(_model("qwen2"), fuse=False, monkeypatch=monkeypatch)
+    _check_steps(_model("llama", bias=True), fuse=False, monkeypatch=monkeypatch)
+
+
+def test_llama3_rope_scaling():
+    rope = dict(rope_type="llama3", rope_theta=10000.0, factor=8.0, low_freq_factor=1.0,
+                high_freq_factor=4.0, original_max_position_embeddings=16)
+    _check_steps(_model("llama", rope_parameters=rope), T=12)
+
+
+@pytest.mark.parametrize("kind", ["llama", "qwen2"])
+@pytest.mark.parametrize("n", [1, 3])
+def test_sampler_tokens_equal_with_and_without_it(kind, n):
+    model = _model(kind)
+    ids, mask = _prompts(3, 6)
+    outs = []
+    for lean in (True, False):
+        g = torch.Generator().manual_seed(11)
+        outs.append(sample(model, ids, mask, max_new_tokens=16, eos_token_id=[5, 9],
+                           pad_token_id=0, num_samples=n, temperature=0.9, top_k=20,
+                           generator=g, sampler="multinomial", lean=lean))
+    assert torch.equal(outs[0], outs[1])
+
+
+def _hooked(m):
+    m.model.layers[0].mlp.register_forward_hook(lambda *a: None)
+    return m
+
+
+class _LoraLike(torch.nn.Linear):
+    pass
+
+
+def _adapter(m):
+    at = m.model.layers[1].self_attn
+    new = _LoraLike(at.q_proj.in_features, at.q_proj.out_features, bias=False)
+    new.weight = at.q_proj.weight
+    at.q_proj = new
+    return m
+
+
+@pytest.mark.parametrize("make,reason", [
+    (lambda: _model("qwen3"), "architecture"),                     # q_norm / k_norm
+    (lambda: _model("llama").to(torch.bfloat16), "weights"),
+    (lambda: _hooked(_model("llama")), "hooks"),
+    (lambda: _adapter(_model("llama")), "modified projections"),
+    (lambda: _model("llama", hidden_act="gelu"), "activation"),
+    (lambda: _model("llama", rope_parameters=dict(rope_type="dynamic", factor=2.0,
+                                                  rope_theta=10000.0)), "rope"),
+    (lambda: _model("llama", attention_dropout=0.1).train(), "attention dropout"),
+])
+def test_refuses_what_it_cannot_run(make, reason):
+    model = make()
+    why = D._why_not(model, 20)
+    assert why is not None and reason in why
+    assert D.lean_decoder(model, 2, 20) is None
+    ids, mask = _prompts(2, 5)
+    with pytest.raises(ValueError, match="lean=True"):
+        sample(model, ids, mask, max_new_tokens=4, eos_token_id=None, pad_token_id=0,
+               lean=True)
+    # the default falls back to the model's forward
+    out = sample(model, ids, mask, max_new_tokens=4, eos_token_id=None, pad_token_id=0)
+    assert out.shape == (2, 9)
+
+
+def test_sliding_window_shorter_than_the_sequence_is_refused():
+    model = _model("mistral")
+    model.config.sliding_window = 8
+    assert D._why_not(model, 20) == "sliding window"
+    assert D._why_not(model, 8) is None
+
+
+def test_bad_lean_argument_and_columns():
+    model = _model("llama")
+    ids, mask = _prompts(2, 5)
+    with pytest.raises(ValueError, match="lean"):
+        sample(model, ids, mask, max_new_tokens=4, eos_token_id=None, pad_token_id=0,
+               lean="yes")
+    dec = D.lean_decoder(model, 2, 10)
+    with pytest.raises(ValueError, match="column"):
+        dec.step(torch.zeros(2, dtype=torch.long), 10)
+
+
+# ------------------------------------------------------------------------------ kernels
+_ISAS = (["x86-64-v2", "x86-64-v3", "x86-64-v4"]
+         if platform.machine().lower() in ("x86_64", "amd64") else ["baseline"])
+
+
+def _rot(x, c, s):
+    h = x.shape[-1] // 2
+    return x * c + torch.cat([-x[..., h:], x[..., :h]], -1) * s
+
+
+def _attention_case(B, nh, nkv, hd, L, seed):
+    g = torch.Generator().manual_seed(seed)
+    C = -(-(L + 1 + 5) // 64) * 64
+    qkv = torch.randn(B, (nh + 2 * nkv) * hd + 3, generator=g)   # padded rows
+    cos = torch.randn(C + 4, hd, generator=g)
+    sin = torch.randn(C + 4, hd, generator=g)
+    pos = torch.randint(0, C + 4, (B,), generator=g)
+    kbuf = torch.randn(B, nkv, hd, C, generator=g)
+    vbuf = torch.randn(B, nkv, C, hd, generator=g)
+    mask = (torch.rand(B, C, generator=g) > 0.3).to(torch.uint8)
+    mask[:, L] = 1
+    return qkv, cos, sin, pos, kbuf, vbuf, mask, C
+
+
+@pytest.mark.parametrize("isa", _ISAS)
+@pytest.mark.parametrize("nh,nkv,hd", [(4, 2, 32), (3, 3, 24), (2, 1, 64), (2, 2, 48),
+                                       (1, 1, 8)])
+@pytest.mark.parametrize("L", [0, 17, 63, 64, 100])
+def test_decode_attention_kernel(isa, nh, nkv, hd, L):
+    old = _C.active_isa()
+    if not _C.set_isa(isa):
+        pytest.skip(f"this CPU (or build) lacks {isa}")
+    try:
+        B = 3
+        qkv, cos, sin, pos, kbuf, vbuf, mask, C = _attention_case(B, nh, nkv, hd, L, L + hd)
+        k0, v0 = kbuf.clone(), vbuf.clone()
+        out = torch.full((B, nh * hd + 2), float("nan"))
+        scale = hd ** -0.5
+        base, st, nq, nk = qkv.data_ptr(), qkv.stride(0), nh * hd, nkv * hd
+        _C.decode_attention(base, base + 4 * nq, base + 4 * (nq + nk), st, st, st,
+                            cos.data_ptr(), sin.data_ptr(), cos.stride(0), pos.data_ptr(),
+                            kbuf.data_ptr(), vbuf.data_ptr(), mask.data_ptr(), C,
+                            out.data_ptr(), out.stride(0), B, nh, nkv, hd, C, L, scale, 2)
+        q = qkv[:, :nq].double().view(B, nh, hd)
+        k = qkv[:, nq:nq + nk].double().view(B, nkv, hd)
+        v = qkv[:, nq + nk:nq + 2 * nk].double().view(B, nkv, hd)
+        c, s = cos[pos].double()[:, None], sin[pos].double()[:, None]
+        q, k = _rot(q, c, s), _rot(k, c, s)
+        # the new column written, every other one untouched
+        torch.testing.assert_close(kbuf[:, :, :, L].double(), k, rtol=1e-6, atol=1e-6)
+        torch.testing.assert_close(vbuf[:, :, L].double(), v)
+        keep = torch.ones(C, dtype=torch.bool)
+        keep[L] = False
+        assert torch.equal(kbuf[..., keep], k0[..., keep])
+        assert torch.equal(vbuf[:, :, keep], v0[:, :, keep])
+        keys = kbuf.double().transpose(2, 3)[:, :, :L + 1]       # [B, nkv, L+1, hd]
+        vals = vbuf.double()[:, :, :L + 1]
+        rep = nh // nkv
+        keys, vals = keys.repeat_interleave(rep, 1), vals.repeat_interleave(rep, 1)
+        sc = torch.einsum("bhd,bhjd->bhj", q, keys) * scale
+        sc = sc.masked_fill(mask[:, None, :L + 1] == 0, -math.inf)
+        want = torch.einsum("bhj,bhjd->bhd", sc.softmax(-1), vals).reshape(B, nq)
+        torch.testing.assert_close(out[:, :nq].double(), want, rtol=1e-5, atol=1e-5)
+        assert out[:, nq:].isnan().all()   # nothing written past the row
+    finally:
+        _C.set_isa(old)
+
+
+@pytest.mark.parametrize("isa", _ISAS)
+def test_silu_mul_and_rms_norm_kernels(isa):
+    old = _C.active_isa()
+    if not _C.set_isa(isa):
+        pytest.skip(f"this CPU (or build) lacks {isa}")
+    try:
+        g = torch.Generator().manual_seed(3)
+        B, n = 5, 77
+        gu = torch.randn(B, 2 * n + 1, generator=g) * 6
+        gu[0, :4] = torch.tensor([-100.0, 100.0, 0.0, -0.0])
+        out = torch.full((B, n + 3), float("nan"))
+        _C.silu_mul(gu.data_ptr(), gu.data_ptr() + 4 * n, gu.stride(0), gu.stride(0),
+                    out.data_ptr(), out.stride(0), B, n, 2)
+        x = gu.double()
+        want = torch.nn.functional.silu(x[:, :n]) * x[:, n:2 * n]
+        torch.testing.assert_close(out[:, :n].double(), want, rtol=1e-6, atol=1e-6)
+        assert out[:, n:].isnan().all()
+        w = torch.randn(n, generator=g)
+        out.fill_(float("nan"))
+        _C.rms_norm(gu.data_ptr(), gu.stride(0), w.data_ptr(), 1e-6, out.data_ptr(),
+                    out.stride(0), B, n, 2)
+        xr = x[:, :n]
+        want = w.double() * xr / (xr.pow(2).mean(-1, keepdim=True) + 1e-6).sqrt()
+        torch.testing.assert_close(out[:, :n].double(), want, rtol=1e-5, atol=1e-6)
+        assert out[:, n:].isnan().all()
+    finally:
+        _C.set_isa(old)
