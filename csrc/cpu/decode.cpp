@@ -37,6 +37,20 @@ inline void rotate(const float* x, const float* c, const float* s, int64_t hd, f
   for (int64_t i = h; i < hd; ++i) y[i] = x[i] * c[i] + x[i - h] * s[i];
 }
 
+// rotary of x, or of w * rmsnorm(x) when w is given (tmp: hd floats of scratch)
+inline void norm_rotate(const float* x, const float* w, float eps, const float* c,
+                        const float* s, int64_t hd, float* tmp, float* y) {
+  if (w) {
+    float ss = 0.f;
+#pragma omp simd reduction(+ : ss)
+    for (int64_t i = 0; i < hd; ++i) ss += x[i] * x[i];
+    const float r = 1.f / std::sqrt(ss / static_cast<float>(hd) + eps);
+    for (int64_t i = 0; i < hd; ++i) tmp[i] = w[i] * (x[i] * r);
+    x = tmp;
+  }
+  rotate(x, c, s, hd, y);
+}
+
 }  // namespace
 
 void decode_attention(const DecodeAttnArgs& a) {
@@ -46,7 +60,8 @@ void decode_attention(const DecodeAttnArgs& a) {
 #pragma omp parallel num_threads(threads)
   {
     const int64_t cols = (L / kS + 1) * kS;
-    std::vector<float> scratch(static_cast<size_t>(2 * hd + 2 * cols));
+    std::vector<float> scratch(static_cast<size_t>(3 * hd + 2 * cols));
+    float* tmp = scratch.data() + 2 * hd + 2 * cols;
     float* qr = scratch.data();
     float* acc = qr + hd;
     float* p = acc + hd;
@@ -58,14 +73,14 @@ void decode_attention(const DecodeAttnArgs& a) {
       const float* s = a.sin + a.pos[b] * a.cs_stride;
       float* kb = a.kbuf + (bk * C) * hd;
       float* vb = a.vbuf + (bk * C) * hd;
-      rotate(a.k + b * a.k_stride + kh * hd, c, s, hd, acc);
+      norm_rotate(a.k + b * a.k_stride + kh * hd, a.k_norm, a.norm_eps, c, s, hd, tmp, acc);
       for (int64_t i = 0; i < hd; ++i) kb[i * C + L] = acc[i];
       const float* vn = a.v + b * a.v_stride + kh * hd;
       std::copy(vn, vn + hd, vb + L * hd);
       const uint8_t* m = a.mask + b * a.mask_stride;
       for (int64_t g = 0; g < group; ++g) {
         const int64_t qh = kh * group + g;
-        rotate(a.q + b * a.q_stride + qh * hd, c, s, hd, qr);
+        norm_rotate(a.q + b * a.q_stride + qh * hd, a.q_norm, a.norm_eps, c, s, hd, tmp, qr);
         // scores of kS columns at a time from the transposed keys (C is a multiple of kS;
         // columns past L are computed and ignored): kS / 16 independent vertical FMA chains
         const int64_t nb = (L + kS) / kS;

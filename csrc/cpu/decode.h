@@ -21,6 +21,11 @@ struct DecodeAttnArgs {
   const float* sin;
   int64_t cs_stride;
   const int64_t* pos;
+  // per-head RMSNorm weights [hd] applied to q and k before the rotary (Qwen3's q_norm /
+  // k_norm), or null
+  const float* q_norm;
+  const float* k_norm;
+  float norm_eps;
   // KV buffers, contiguous: keys transposed [B, nkv, hd, C], values [B, nkv, C, hd], C a
   // multiple of 64 (the mask too has C columns); the step writes column L and attends
   // columns 0 .. L

@@ -19,13 +19,15 @@ void rlfuse_bind_decode(py::module_& m) {
       "decode_attention",
       [](uint64_t q, uint64_t k, uint64_t v, int64_t q_stride, int64_t k_stride,
          int64_t v_stride, uint64_t cos, uint64_t sin, int64_t cs_stride, uint64_t pos,
-         uint64_t kbuf, uint64_t vbuf, uint64_t mask, int64_t mask_stride, uint64_t out,
+         uint64_t q_norm, uint64_t k_norm, double norm_eps, uint64_t kbuf, uint64_t vbuf, uint64_t mask, int64_t mask_stride, uint64_t out,
          int64_t out_stride, int64_t B, int64_t nh, int64_t nkv, int64_t hd, int64_t C,
          int64_t L, double scale, int num_threads) {
         rlfuse::cpu::DecodeAttnArgs a{ptr<const float>(q), ptr<const float>(k),
                                       ptr<const float>(v), q_stride, k_stride, v_stride,
                                       ptr<const float>(cos), ptr<const float>(sin), cs_stride,
-                                      ptr<const int64_t>(pos), ptr<float>(kbuf),
+                                      ptr<const int64_t>(pos), ptr<const float>(q_norm),
+                                      ptr<const float>(k_norm), static_cast<float>(norm_eps),
+                                      ptr<float>(kbuf),
                                       ptr<float>(vbuf), ptr<const uint8_t>(mask), mask_stride,
                                       ptr<float>(out), out_stride, B, nh, nkv, hd, C, L,
                                       static_cast<float>(scale), num_threads};

@@ -32,8 +32,10 @@ def _model(kind="llama", *, hd=16, heads=4, kv=2, bias=False, tied=False, **extr
         cfg = transformers.Qwen2Config(**common, **extra)
     elif kind == "mistral":
         cfg = transformers.MistralConfig(sliding_window=64, **common, **extra)
-    else:
+    elif kind == "qwen3":
         cfg = transformers.Qwen3Config(head_dim=hd, **common, **extra)
+    else:
+        cfg = transformers.GemmaConfig(head_dim=hd, **common, **extra)
     torch.manual_seed(0)
     model = transformers.AutoModelForCausalLM.from_config(cfg).float().eval()
     with torch.no_grad():  # biases are zero at init: make them matter
@@ -100,6 +102,8 @@ def _check_steps(model, *, repeat=2, T=7, B0=3, P=9, fuse=True, monkeypatch=None
     ("llama", dict(tied=True, hd=24)),           # hd not a multiple of 16
     ("qwen2", dict(tied=True)),                  # q/k/v biases
     ("mistral", dict(hd=64, heads=2, kv=2)),
+    ("qwen3", dict()),                           # per-head q/k RMSNorm
+    ("qwen3", dict(hd=32, tied=True)),
 ])
 def test_steps_equal_the_model_in_float64(kind, kw):
     _check_steps(_model(kind, **kw))
@@ -117,7 +121,7 @@ def test_llama3_rope_scaling():
     _check_steps(_model("llama", rope_parameters=rope), T=12)
 
 
-@pytest.mark.parametrize("kind", ["llama", "qwen2"])
+@pytest.mark.parametrize("kind", ["llama", "qwen2", "qwen3"])
 @pytest.mark.parametrize("n", [1, 3])
 def test_sampler_tokens_equal_with_and_without_it(kind, n):
     model = _model(kind)
@@ -149,7 +153,7 @@ def _adapter(m):
 
 
 @pytest.mark.parametrize("make,reason", [
-    (lambda: _model("qwen3"), "architecture"),                     # q_norm / k_norm
+    (lambda: _model("gemma"), "architecture"),
     (lambda: _model("llama").to(torch.bfloat16), "weights"),
     (lambda: _hooked(_model("llama")), "hooks"),
     (lambda: _adapter(_model("llama")), "modified projections"),
@@ -218,7 +222,8 @@ def _attention_case(B, nh, nkv, hd, L, seed):
 @pytest.mark.parametrize("nh,nkv,hd", [(4, 2, 32), (3, 3, 24), (2, 1, 64), (2, 2, 48),
                                        (1, 1, 8)])
 @pytest.mark.parametrize("L", [0, 17, 63, 64, 100])
-def test_decode_attention_kernel(isa, nh, nkv, hd, L):
+@pytest.mark.parametrize("norm", [False, True])
+def test_decode_attention_kernel(isa, nh, nkv, hd, L, norm):
     old = _C.active_isa()
     if not _C.set_isa(isa):
         pytest.skip(f"this CPU (or build) lacks {isa}")
@@ -229,13 +234,19 @@ def test_decode_attention_kernel(isa, nh, nkv, hd, L):
         out = torch.full((B, nh * hd + 2), float("nan"))
         scale = hd ** -0.5
         base, st, nq, nk = qkv.data_ptr(), qkv.stride(0), nh * hd, nkv * hd
+        qn = torch.rand(hd, generator=torch.Generator().manual_seed(9)) + 0.5 if norm else None
+        kn = torch.rand(hd, generator=torch.Generator().manual_seed(8)) + 0.5 if norm else None
         _C.decode_attention(base, base + 4 * nq, base + 4 * (nq + nk), st, st, st,
                             cos.data_ptr(), sin.data_ptr(), cos.stride(0), pos.data_ptr(),
+                            qn.data_ptr() if norm else 0, kn.data_ptr() if norm else 0, 1e-6,
                             kbuf.data_ptr(), vbuf.data_ptr(), mask.data_ptr(), C,
                             out.data_ptr(), out.stride(0), B, nh, nkv, hd, C, L, scale, 2)
         q = qkv[:, :nq].double().view(B, nh, hd)
         k = qkv[:, nq:nq + nk].double().view(B, nkv, hd)
         v = qkv[:, nq + nk:nq + 2 * nk].double().view(B, nkv, hd)
+        if norm:
+            q = qn.double() * q / (q.pow(2).mean(-1, keepdim=True) + 1e-6).sqrt()
+            k = kn.double() * k / (k.pow(2).mean(-1, keepdim=True) + 1e-6).sqrt()
         c, s = cos[pos].double()[:, None], sin[pos].double()[:, None]
         q, k = _rot(q, c, s), _rot(k, c, s)
         # the new column written, every other one untouched

@@ -8,13 +8,13 @@ runs the same arithmetic from the model's own weights with about ten ops per lay
 * the q/k/v projections as one matmul, and gate/up as one, on weights concatenated once per
   rollout (when they are small; a large model keeps separate matmuls, whose cost then
   dwarfs the dispatch);
-* rotary embedding, the KV write, the masked attention over the cache and the softmax in
+* (Qwen3's per-head q/k RMSNorm,) rotary embedding, the KV write, the masked attention over the cache and the softmax in
   one C++ kernel (``rlfuse._C.decode_attention``), and SwiGLU's ``silu(g) * u`` in another;
 * residual adds fused into the output matmuls (``addmm``), preallocated intermediates.
 
 The prompt is still encoded by the model's own forward (the prefill); its KV cache is copied
 into the decoder's buffers.  The numbers are those of the model's forward up to float32
-rounding (tested against it to 1e-5 for Llama, Qwen2 and Mistral, with padding and grouped
+rounding (tested against it to 1e-5 for Llama, Qwen2, Qwen3 and Mistral, with padding and grouped
 KV heads); the sampled tokens equal ``generate``'s for the tested seeds.
 
 :func:`lean_decoder` returns None, and the sampler uses the model's forward, for anything
@@ -32,8 +32,8 @@ import torch.nn.functional as F
 
 __all__ = ["LeanDecoder", "lean_decoder"]
 
-_MODEL_TYPES = ("llama", "mistral", "qwen2")
-_NORMS = ("LlamaRMSNorm", "MistralRMSNorm", "Qwen2RMSNorm")
+_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
+_NORMS = ("LlamaRMSNorm", "MistralRMSNorm", "Qwen2RMSNorm", "Qwen3RMSNorm")
 _ROPE_TYPES = ("default", "linear", "llama3", "yarn")
 # weights (bytes per layer) up to which q/k/v and gate/up are concatenated per rollout
 _FUSE_BYTES = 16 << 20
@@ -96,7 +96,12 @@ def _why_not(model, total_len: int) -> Optional[str]:
         for n in ("input_layernorm", "post_attention_layernorm"):
             if type(getattr(layer, n, None)).__name__ not in _NORMS:
                 return "structure"
-        if any(hasattr(at, n) for n in ("q_norm", "k_norm")):
+        norms = [getattr(at, n, None) for n in ("q_norm", "k_norm")]
+        if cfg.model_type == "qwen3":
+            if any(type(n).__name__ not in _NORMS or n.weight.shape != (hd,) for n in norms) \
+                    or norms[0].variance_epsilon != norms[1].variance_epsilon:
+                return "structure"
+        elif any(n is not None for n in norms):
             return "structure"
     for mod in model.modules():
         if mod._forward_hooks or mod._forward_pre_hooks:
@@ -121,7 +126,7 @@ def lean_decoder(model, batch: int, capacity: int) -> Optional["LeanDecoder"]:
 
 
 class _Layer:
-    __slots__ = ("n1", "n2", "eps1", "eps2", "qkv", "qkv_b", "q", "k", "v", "q_b", "k_b", "v_b",
+    __slots__ = ("n1", "n2", "eps1", "eps2", "qn", "kn", "qk_eps", "qkv", "qkv_b", "q", "k", "v", "q_b", "k_b", "v_b",
                  "o", "o_b", "gu", "g", "u", "d", "d_b", "kbuf", "vbuf", "scale")
 
 
@@ -165,6 +170,12 @@ class LeanDecoder:
                 ly.n2 = layer.post_attention_layernorm.weight.contiguous()
                 ly.eps2 = layer.post_attention_layernorm.variance_epsilon
                 ly.scale = float(getattr(at, "scaling", self.hd ** -0.5))
+                if getattr(at, "q_norm", None) is not None:  # Qwen3: RMSNorm per head
+                    ly.qn, ly.kn = at.q_norm.weight.contiguous(), at.k_norm.weight.contiguous()
+                    ly.qk_eps = at.q_norm.variance_epsilon
+                else:
+                    ly.qn = ly.kn = None
+                    ly.qk_eps = 0.0
                 fuse = 4 * (nq + 2 * nk) * self.H <= _FUSE_BYTES
                 ws = (at.q_proj, at.k_proj, at.v_proj)
                 if fuse:
@@ -263,7 +274,8 @@ class LeanDecoder:
             self._C.decode_attention(
                 base, base + 4 * nq, base + 4 * (nq + nk), st, st, st,
                 self.cos.data_ptr(), self.sin.data_ptr(), self.cos.stride(0),
-                self.pos.data_ptr(), ly.kbuf.data_ptr(), ly.vbuf.data_ptr(),
+                self.pos.data_ptr(), 0 if ly.qn is None else ly.qn.data_ptr(),
+                0 if ly.kn is None else ly.kn.data_ptr(), ly.qk_eps, ly.kbuf.data_ptr(), ly.vbuf.data_ptr(),
                 self.mask.data_ptr(), self.mask.stride(0), att.data_ptr(), att.stride(0),
                 self.B, self.nh, self.nkv, hd, self.C, L, ly.scale, self.threads)
             x = torch.addmm(x, att, ly.o)
