@@ -67,96 +67,97 @@ void decode_attention(const DecodeAttnArgs& a) {
     float* p = acc + hd;
     float* keep = p + cols;
 #pragma omp for schedule(static)
-    for (int64_t bk = 0; bk < a.B * a.nkv; ++bk) {
-      const int64_t b = bk / a.nkv, kh = bk % a.nkv;
+    for (int64_t b = 0; b < a.B; ++b) {
       const float* c = a.cos + a.pos[b] * a.cs_stride;
       const float* s = a.sin + a.pos[b] * a.cs_stride;
-      float* kb = a.kbuf + (bk * C) * hd;
-      float* vb = a.vbuf + (bk * C) * hd;
-      norm_rotate(a.k + b * a.k_stride + kh * hd, a.k_norm, a.norm_eps, c, s, hd, tmp, acc);
-      for (int64_t i = 0; i < hd; ++i) kb[i * C + L] = acc[i];
-      const float* vn = a.v + b * a.v_stride + kh * hd;
-      std::copy(vn, vn + hd, vb + L * hd);
       const uint8_t* m = a.mask + b * a.mask_stride;
-      for (int64_t g = 0; g < group; ++g) {
-        const int64_t qh = kh * group + g;
-        norm_rotate(a.q + b * a.q_stride + qh * hd, a.q_norm, a.norm_eps, c, s, hd, tmp, qr);
-        // scores of kS columns at a time from the transposed keys (C is a multiple of kS;
-        // columns past L are computed and ignored): kS / 16 independent vertical FMA chains
-        const int64_t nb = (L + kS) / kS;
-        for (int64_t jb = 0; jb < nb; ++jb) {
-          float t[kS] = {};
-          const float* kt = kb + jb * kS;
-          for (int64_t i = 0; i < hd; ++i) {
-            const float qi = qr[i] * a.scale;
-            for (int l = 0; l < kS; ++l) t[l] += qi * kt[i * C + l];
+      // attended columns: mask nonzero and column <= L (a 0/1 float per column)
+      const int64_t nb = (L + kS) / kS, nv = nb * (kS / kW);
+      for (int64_t jb = 0; jb < nv; ++jb) {
+        const uint8_t* mb = m + jb * kW;
+        const int lim = static_cast<int>(std::min<int64_t>(L - jb * kW, kW));
+        float* kb2 = keep + jb * kW;
+        for (int l = 0; l < kW; ++l) kb2[l] = (l <= lim ? 1.f : 0.f) * (mb[l] ? 1.f : 0.f);
+      }
+      for (int64_t kh = 0; kh < a.nkv; ++kh) {
+        const int64_t bk = b * a.nkv + kh;
+        float* kb = a.kbuf + (bk * C) * hd;
+        float* vb = a.vbuf + (bk * C) * hd;
+        norm_rotate(a.k + b * a.k_stride + kh * hd, a.k_norm, a.norm_eps, c, s, hd, tmp, acc);
+        for (int64_t i = 0; i < hd; ++i) kb[i * C + L] = acc[i];
+        const float* vn = a.v + b * a.v_stride + kh * hd;
+        std::copy(vn, vn + hd, vb + L * hd);
+        for (int64_t g = 0; g < group; ++g) {
+          const int64_t qh = kh * group + g;
+          norm_rotate(a.q + b * a.q_stride + qh * hd, a.q_norm, a.norm_eps, c, s, hd, tmp, qr);
+          // scores of kS columns at a time from the transposed keys (C is a multiple of kS;
+          // columns past L are computed and ignored): kS / 16 independent vertical FMA chains
+          for (int64_t jb = 0; jb < nb; ++jb) {
+            float t[kS] = {};
+            const float* kt = kb + jb * kS;
+            for (int64_t i = 0; i < hd; ++i) {
+              const float qi = qr[i] * a.scale;
+              for (int l = 0; l < kS; ++l) t[l] += qi * kt[i * C + l];
+            }
+            std::copy(t, t + kS, p + jb * kS);
           }
-          std::copy(t, t + kS, p + jb * kS);
-        }
-        // attended columns: mask nonzero and column <= L (a 0/1 float per column)
-        const int64_t nv = nb * (kS / kW);
-        for (int64_t jb = 0; jb < nv; ++jb) {
-          const uint8_t* mb = m + jb * kW;
-          const int lim = static_cast<int>(std::min<int64_t>(L - jb * kW, kW));
-          float* kb2 = keep + jb * kW;
-          for (int l = 0; l < kW; ++l) kb2[l] = (l <= lim ? 1.f : 0.f) * (mb[l] ? 1.f : 0.f);
-        }
-        float lane[kW];
-        std::fill(lane, lane + kW, -INFINITY);
-        for (int64_t jb = 0; jb < nv; ++jb)
-          for (int l = 0; l < kW; ++l) {
-            const float v = keep[jb * kW + l] != 0.f ? p[jb * kW + l] : -INFINITY;
-            lane[l] = lane[l] > v ? lane[l] : v;
+          float lane[kW];
+          std::fill(lane, lane + kW, -INFINITY);
+          for (int64_t jb = 0; jb < nv; ++jb)
+            for (int l = 0; l < kW; ++l) {
+              const float v = keep[jb * kW + l] != 0.f ? p[jb * kW + l] : -INFINITY;
+              lane[l] = lane[l] > v ? lane[l] : v;
+            }
+          float mx = lane[0];
+          for (int l = 1; l < kW; ++l) mx = std::max(mx, lane[l]);
+          // exp of the attended scores (2^u form, vectorised), 0 elsewhere
+          const float shift = mx * kLog2e;
+          std::fill(lane, lane + kW, 0.f);
+          for (int64_t jb = 0; jb < nv; ++jb) {
+            float* pb = p + jb * kW;
+            const float* kp = keep + jb * kW;
+            for (int l = 0; l < kW; ++l) {
+              pb[l] = vexp2_nonpos(pb[l] * kLog2e - shift) * kp[l];
+              lane[l] += pb[l];
+            }
           }
-        float mx = lane[0];
-        for (int l = 1; l < kW; ++l) mx = std::max(mx, lane[l]);
-        // exp of the attended scores (2^u form, vectorised), 0 elsewhere
-        const float shift = mx * kLog2e;
-        std::fill(lane, lane + kW, 0.f);
-        for (int64_t jb = 0; jb < nv; ++jb) {
-          float* pb = p + jb * kW;
-          const float* kp = keep + jb * kW;
-          for (int l = 0; l < kW; ++l) {
-            pb[l] = vexp2_nonpos(pb[l] * kLog2e - shift) * kp[l];
-            lane[l] += pb[l];
-          }
-        }
-        float sum = 0.f;
-        for (int l = 0; l < kW; ++l) sum += lane[l];
-        float* o = a.out + b * a.out_stride + qh * hd;
-        const float inv = 1.f / sum;  // column L (the new token) is always attended
-        if (hd % kW == 0) {
-          // chunks of up to 32 lanes of the head, two columns in flight (independent chains)
-          for (int64_t ib = 0; ib < hd; ib += kV) {
-            const int64_t w = std::min<int64_t>(kV, hd - ib);
-            float t0[kV] = {}, t1[kV] = {};
-            int64_t j = 0;
-            for (; j + 1 <= L; j += 2) {
-              const float w0 = p[j], w1 = p[j + 1];
-              const float* v0 = vb + j * hd + ib;
-              const float* v1 = v0 + hd;
-              if (w == kV) {
-                for (int l = 0; l < kV; ++l) t0[l] += w0 * v0[l];
-                for (int l = 0; l < kV; ++l) t1[l] += w1 * v1[l];
-              } else {
-                for (int64_t l = 0; l < w; ++l) t0[l] += w0 * v0[l];
-                for (int64_t l = 0; l < w; ++l) t1[l] += w1 * v1[l];
+          float sum = 0.f;
+          for (int l = 0; l < kW; ++l) sum += lane[l];
+          float* o = a.out + b * a.out_stride + qh * hd;
+          const float inv = 1.f / sum;  // column L (the new token) is always attended
+          if (hd % kW == 0) {
+            // chunks of up to 32 lanes of the head, two columns in flight (independent chains)
+            for (int64_t ib = 0; ib < hd; ib += kV) {
+              const int64_t w = std::min<int64_t>(kV, hd - ib);
+              float t0[kV] = {}, t1[kV] = {};
+              int64_t j = 0;
+              for (; j + 1 <= L; j += 2) {
+                const float w0 = p[j], w1 = p[j + 1];
+                const float* v0 = vb + j * hd + ib;
+                const float* v1 = v0 + hd;
+                if (w == kV) {
+                  for (int l = 0; l < kV; ++l) t0[l] += w0 * v0[l];
+                  for (int l = 0; l < kV; ++l) t1[l] += w1 * v1[l];
+                } else {
+                  for (int64_t l = 0; l < w; ++l) t0[l] += w0 * v0[l];
+                  for (int64_t l = 0; l < w; ++l) t1[l] += w1 * v1[l];
+                }
               }
+              if (j == L) {
+                const float* v0 = vb + j * hd + ib;
+                for (int64_t l = 0; l < w; ++l) t0[l] += p[j] * v0[l];
+              }
+              for (int64_t l = 0; l < w; ++l) o[ib + l] = (t0[l] + t1[l]) * inv;
             }
-            if (j == L) {
-              const float* v0 = vb + j * hd + ib;
-              for (int64_t l = 0; l < w; ++l) t0[l] += p[j] * v0[l];
+          } else {
+            std::fill(acc, acc + hd, 0.f);
+            for (int64_t j = 0; j <= L; ++j) {
+              const float w = p[j];
+              const float* vj = vb + j * hd;
+              for (int64_t i = 0; i < hd; ++i) acc[i] += w * vj[i];
             }
-            for (int64_t l = 0; l < w; ++l) o[ib + l] = (t0[l] + t1[l]) * inv;
+            for (int64_t i = 0; i < hd; ++i) o[i] = acc[i] * inv;
           }
-        } else {
-          std::fill(acc, acc + hd, 0.f);
-          for (int64_t j = 0; j <= L; ++j) {
-            const float w = p[j];
-            const float* vj = vb + j * hd;
-            for (int64_t i = 0; i < hd; ++i) acc[i] += w * vj[i];
-          }
-          for (int64_t i = 0; i < hd; ++i) o[i] = acc[i] * inv;
         }
       }
     }
