@@ -61,15 +61,17 @@ sanitize: $(DEPS_STAMP)
 # The bounded subset CI runs after `make test` (a couple of minutes on 2 cores): the
 # reliability property tests, error table and concurrent calls on the cpu backend, whose
 # random shapes, views and extreme values drive every C++ kernel; the tree-search
-# properties (cpu kernels against the Python reference: random trees, masks, extreme values).
+# properties (cpu kernels against the Python reference: random trees, masks, extreme values);
+# the lean decoder's kernels against float64 references and models.
 SAN_CI_TESTS = tests/reliability/test_properties_logprob.py \
 	  tests/reliability/test_properties_advantage.py tests/reliability/test_properties_policy.py \
 	  tests/reliability/test_properties_search.py \
-	  tests/reliability/test_errors.py tests/reliability/test_threads.py
+	  tests/reliability/test_errors.py tests/reliability/test_threads.py \
+	  tests/models/test_lean_decode.py
 sanitize-ci: $(DEPS_STAMP)
 	$(SAN_INSTALL)
 	$(SAN_RUN) $(SAN_CI_TESTS) \
-	  -k "(cpu and not triton and not blas) or row_raises or properties_search"; \
+	  -k "(cpu and not triton and not blas) or row_raises or properties_search or lean_decode"; \
 	  rc=$$?; $(SAN_RESTORE); exit $$rc
 
 # Longer property-based runs (hypothesis profile "fuzz" in tests/conftest.py).
