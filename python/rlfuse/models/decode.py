@@ -60,9 +60,11 @@ def _why_not(model, total_len: int) -> Optional[str]:
     if type(base.embed_tokens) is not torch.nn.Embedding or \
             type(base.norm).__name__ not in _NORMS:
         return "structure"
-    rope = getattr(cfg, "rope_parameters", None) or {}
-    if rope.get("rope_type", "default") not in _ROPE_TYPES:
-        return "rope"
+    for rope in (getattr(cfg, "rope_parameters", None), getattr(cfg, "rope_scaling", None)):
+        # (rope_scaling: the name in transformers before 5)
+        if isinstance(rope, dict) and \
+                rope.get("rope_type", rope.get("type", "default")) not in _ROPE_TYPES:
+            return "rope"
     window = getattr(cfg, "sliding_window", None)
     if window and getattr(cfg, "use_sliding_window", True) and total_len > window:
         return "sliding window"
