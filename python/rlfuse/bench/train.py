@@ -222,8 +222,12 @@ def child_rlfuse(model_dir, case, device):
     peak = _memory_peak_mib(device, mem["base"])
     w = case["warmup"]
     share = {k: statistics.mean(s[k] for s in shares[w:]) for k in shares[w]}
+    from rlfuse.models.decode import _why_not
+
+    why = _why_not(tr.model, 256)
+    decode = "lean decoder" if why is None else f"the model's forward ({why})"
     return {"step_s": steps[w:], "peak_mib": peak, "process_peak_mib": _process_peak_mib(device),
-            "shares": share}
+            "shares": share, "decode": decode}
 
 
 def child_trl(model_dir, case, device):
@@ -328,6 +332,7 @@ def run(device="cpu", quick=False, repeat=None, compile=True, backends=None, thr
     if results["rlfuse"]:
         sh = results["rlfuse"][-1]["shares"]
         rows[0].notes["rlfuse_time_shares"] = ", ".join(f"{k} {v:.0%}" for k, v in sh.items())
+        rows[0].notes["rlfuse_decode_steps"] = results["rlfuse"][0].get("decode", "?")
     return rows
 
 
