@@ -12,6 +12,7 @@ SUITES = {
     "losses": "rlfuse.bench.losses",
     "search": "rlfuse.bench.search",
     "train": "rlfuse.bench.train",
+    "generate": "rlfuse.bench.generate",
     "preference": "rlfuse.bench.preference",
     "search_llm": "rlfuse.bench.search_llm",
     "trl": "rlfuse.bench.trl",
