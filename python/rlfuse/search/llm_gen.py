@@ -240,12 +240,9 @@ class ScriptedStepModel(StepModel):
         return out
 
 
-def _sample(logits: torch.Tensor, temperature: float, top_p: float, generator) -> torch.Tensor:
-    """One token per row from ``softmax(logits / temperature)`` restricted to the nucleus
-    ``top_p``, by inverting the CDF with one uniform draw per row (cheaper than
-    ``torch.multinomial`` or a Gumbel draw per logit); temperature 0 is greedy."""
-    if temperature == 0:
-        return logits.argmax(-1)
+def _probs(logits: torch.Tensor, temperature: float, top_p: float) -> torch.Tensor:
+    """``softmax(logits / temperature)`` restricted to the nucleus ``top_p`` (not
+    renormalised: the CDF inversion scales by the total)."""
     p = torch.softmax(logits / temperature if temperature != 1.0 else logits, -1)
     if top_p < 1.0:
         sp = p.sort(-1, descending=True).values
@@ -253,6 +250,16 @@ def _sample(logits: torch.Tensor, temperature: float, top_p: float, generator) -
         inside = (sp.cumsum(-1) - sp) < top_p
         floor = sp.masked_fill(~inside, float("inf")).min(-1, keepdim=True).values
         p = p.masked_fill(p < floor, 0.0)
+    return p
+
+
+def _sample(logits: torch.Tensor, temperature: float, top_p: float, generator) -> torch.Tensor:
+    """One token per row from :func:`_probs` by inverting the CDF with one uniform draw per
+    row (cheaper than ``torch.multinomial`` or a Gumbel draw per logit); temperature 0 is
+    greedy."""
+    if temperature == 0:
+        return logits.argmax(-1)
+    p = _probs(logits, temperature, top_p)
     cdf = p.cumsum(-1)
     u = torch.rand(p.shape[0], 1, generator=generator, device=p.device, dtype=p.dtype)
     idx = torch.searchsorted(cdf, u * cdf[:, -1:], right=True)
@@ -310,6 +317,8 @@ class HFStepModel(StepModel):
         self._stop_tab, self._eos_tab = self._table(self.stop_ids), self._table(self.eos_ids)
         self._texts: dict = {}
         self._decode_ids = _fast_decode(tokenizer, vocab)
+        # False: the decoding loop in torch ops even where rlfuse._C.decode_step applies
+        self.step_kernel = True
 
     def _eos_set(self) -> set:
         ids = {int(self.tokenizer.eos_token_id)}
@@ -380,8 +389,6 @@ class HFStepModel(StepModel):
             self.counters.decode_seconds += time.perf_counter() - t0
 
     def _decode_impl(self, states, repeats, max_new_tokens, stop) -> "_Decoded":
-        from rlfuse.ops import token_logprobs
-
         need = [st for st in states if st.kv is None and len(st.ids) > 1]
         if need:
             self._prefill(need)
@@ -405,6 +412,79 @@ class HFStepModel(StepModel):
         self.counters.encoded += R
         self.counters.encoded_naive += sum(row_lens) + R
         cache = _cache_from(layer_kv, self.model.config)
+        step = self._step_kernel(dev)
+        loop = self._loop_kernel if step is not None else self._loop_torch
+        toks, length, stopped, lp = loop(step, cache, tok, pos, mask, C, R, max_new_tokens,
+                                         stop)
+        return _Decoded(toks, length, stopped, lp,
+                        [(layer.keys, layer.values) for layer in cache.layers], C,
+                        row_lens, toks.tolist())
+
+    def _step_kernel(self, dev):
+        """``rlfuse._C.decode_step`` where the decoding loop may use it (CPU tensors, the
+        extension built, the CPU backend chosen for ``token_logprobs``), else None."""
+        from rlfuse import _backend
+
+        if not self.step_kernel or dev.type != "cpu" or \
+                _backend.resolve(None, dev, "token_logprobs") != "cpu":
+            return None
+        return getattr(_backend.cpu_module(), "decode_step", None)
+
+    def _loop_kernel(self, step, cache, tok, pos, mask, C, R, max_new_tokens, stop):
+        """The decoding loop with one ``rlfuse._C.decode_step`` call per step after the
+        forward and the softmax: the same tokens, lengths and log-probs as
+        :meth:`_loop_torch` (the same uniform draws, the CDF inverted as torch's cumsum
+        and searchsorted do, the log-probs by the kernel behind ``token_logprobs``)."""
+        from rlfuse import _backend
+
+        Tm = max_new_tokens
+        toks = torch.empty(R, Tm, dtype=torch.long)
+        lp = torch.empty(R, Tm, dtype=torch.float32)
+        length = torch.zeros(R, dtype=torch.long)
+        done = torch.zeros(R, dtype=torch.bool)
+        cur = tok.contiguous()           # [R, 1]: the input ids, rewritten by every step
+        pos = pos.contiguous()           # [R, 1]: the position ids, advanced by every step
+        stop = stop.contiguous()
+        greedy, temp, top_p, gen = self.temperature == 0, self.temperature, self.top_p, \
+            self.generator
+        nt = None
+        t = 0
+        for t in range(Tm):
+            logits = self._forward(input_ids=cur, attention_mask=mask[:, :C + t + 1],
+                                   position_ids=pos, past_key_values=cache,
+                                   use_cache=True).logits[:, -1].float()
+            if logits.stride(-1) != 1:
+                logits = logits.contiguous()
+            if nt is None:
+                V = logits.shape[-1]
+                nt = _backend.threads_for(R * V)
+            if greedy:
+                am, probs, u = logits.argmax(-1), None, None
+            else:
+                probs = _probs(logits, temp, top_p)
+                u = torch.rand(R, 1, generator=gen, dtype=probs.dtype)
+            live = step(probs.data_ptr() if probs is not None else 0,
+                        u.data_ptr() if u is not None else 0,
+                        am.data_ptr() if greedy else 0, logits.data_ptr(),
+                        0, logits.stride(0), R, V,           # 0: float32
+                        stop.data_ptr(), stop.shape[0], done.data_ptr(), cur.data_ptr(),
+                        toks.data_ptr(), Tm, lp.data_ptr(), Tm, length.data_ptr(),
+                        pos.data_ptr(), t, self.pad_id, nt)
+            if live < 0:
+                raise RuntimeError(f"rlfuse.search.llm_gen: sampled token id out of range "
+                                   f"in row {-1 - live}")
+            if live == 0:
+                break
+        T = t + 1
+        stopped = length > 0
+        return (toks[:, :T], length.masked_fill_(~stopped, T), stopped,
+                lp[:, :T].contiguous())
+
+    def _loop_torch(self, step, cache, tok, pos, mask, C, R, max_new_tokens, stop):
+        """The decoding loop in torch ops (any device)."""
+        from rlfuse.ops import token_logprobs
+
+        dev = tok.device
         done = torch.zeros(R, dtype=torch.bool, device=dev)
         out_tok, out_lp = [], []
         for t in range(max_new_tokens):
@@ -435,9 +515,7 @@ class HFStepModel(StepModel):
             lp = token_logprobs(torch.stack(out_lp, 1), toks)
         else:
             lp = torch.stack(out_lp, 1)
-        return _Decoded(toks, length, stopped, lp,
-                        [(layer.keys, layer.values) for layer in cache.layers], C,
-                        row_lens, toks.tolist())
+        return toks, length, stopped, lp
 
     def _table(self, ids: torch.Tensor) -> torch.Tensor:
         """A bool lookup table over token ids (``table[tok]``: ``tok`` is one of ``ids``):
