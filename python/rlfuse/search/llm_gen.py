@@ -316,9 +316,11 @@ class HFStepModel(StepModel):
         self.stop_ids = torch.tensor(sorted(self._stop_set), device=self.device)
         self._stop_tab, self._eos_tab = self._table(self.stop_ids), self._table(self.eos_ids)
         self._texts: dict = {}
+        self._steps_memo: dict = {}
         self._decode_ids = _fast_decode(tokenizer, vocab)
         # False: the decoding loop in torch ops even where rlfuse._C.decode_step applies
         self.step_kernel = True
+        self._cache_template = None       # an empty DynamicCache, copied for every decode
 
     def _eos_set(self) -> set:
         ids = {int(self.tokenizer.eos_token_id)}
@@ -359,13 +361,12 @@ class HFStepModel(StepModel):
             for st in states:
                 st.kv = None
             return
-        B = len(seqs)
-        ids = torch.full((B, T), self.pad_id, dtype=torch.long, device=self.device)
-        mask = torch.zeros(B, T, dtype=torch.long, device=self.device)
-        for i, s in enumerate(seqs):
-            if lens[i]:
-                ids[i, T - lens[i]:] = torch.tensor(s, device=self.device)
-                mask[i, T - lens[i]:] = 1
+        # left-padded rows built as lists: one tensor each, not two writes per row
+        pad = self.pad_id
+        ids = torch.tensor([[pad] * (T - n) + s for s, n in zip(seqs, lens)],
+                           dtype=torch.long, device=self.device)
+        mask = torch.tensor([[0] * (T - n) + [1] * n for n in lens], dtype=torch.long,
+                            device=self.device)
         pos = (mask.cumsum(1) - 1).clamp(min=0)
         from transformers import DynamicCache
 
@@ -411,7 +412,11 @@ class HFStepModel(StepModel):
         # Re-sent: the one uncached last token per sampled row (prompts were prefilled once).
         self.counters.encoded += R
         self.counters.encoded_naive += sum(row_lens) + R
-        cache = _cache_from(layer_kv, self.model.config)
+        if self._cache_template is None:
+            from transformers import DynamicCache
+
+            self._cache_template = DynamicCache(config=self.model.config)
+        cache = _cache_from(layer_kv, self.model.config, self._cache_template)
         step = self._step_kernel(dev)
         loop = self._loop_kernel if step is not None else self._loop_torch
         toks, length, stopped, lp = loop(step, cache, tok, pos, mask, C, R, max_new_tokens,
@@ -546,9 +551,19 @@ class HFStepModel(StepModel):
             text = self._texts[key] = self._decode_ids(ids)
         return text
 
-    def _step_text(self, ids: list, eos: set):
-        """(text, ended) of one step's token ids (the last may be a stop token)."""
-        if ids and ids[-1] in eos:
+    def _step_text(self, ids: list):
+        """(text, ended) of one step's token ids (the last may be a stop token), memoised
+        like :meth:`_text`."""
+        key = tuple(ids)
+        got = self._steps_memo.get(key)
+        if got is None:
+            if len(self._steps_memo) >= _TEXT_MEMO:
+                self._steps_memo.clear()
+            got = self._steps_memo[key] = self._step_text_of(ids)
+        return got
+
+    def _step_text_of(self, ids: list):
+        if ids and ids[-1] in self._eos:
             return self._text(ids[:-1]), "eos"
         text = self._text(ids)
         cut = text.find(self.step_delimiter)
@@ -563,14 +578,13 @@ class HFStepModel(StepModel):
         steps = torch.arange(d.toks.shape[1], device=self.device)[None, :]
         sums = reduce_sequences(d.lp, mask=steps < first[:, None])[0].tolist()
         first_l, rows = first.tolist(), d.rows
-        eos = set(self.eos_ids.tolist())
         out = []
         for i, st in enumerate(states):
             cands = []
             for j in range(k):
                 r = i * k + j
                 n = first_l[r]
-                text, ended = self._step_text(rows[r][:n], eos)
+                text, ended = self._step_text(rows[r][:n])
                 child = self._child(st, d, r, n, ended == "delimiter")
                 child.steps = st.steps + (text,)
                 cands.append(Candidate(text, n, sums[r], ended, child))
@@ -625,7 +639,7 @@ class HFStepModel(StepModel):
                 break
         seg = row[start:end]
         n = end - start
-        text, ended = self._step_text(seg, self._eos)
+        text, ended = self._step_text(seg)
         child = StepState(st.problem, st.prompt, st.steps + (text,), st.ids + seg)
         c = Candidate(text, n, lpc[end] - lpc[start], ended, child)
         if ended == "delimiter":
@@ -800,13 +814,21 @@ def _pack_cpu(groups: list, R: int, C: int) -> Optional[list]:
     return out
 
 
-def _cache_from(layer_kv: list, config):
+def _cache_from(layer_kv: list, config, template=None):
     """A ``DynamicCache`` holding ``layer_kv`` without copying it (the constructor's
-    ``ddp_cache_data`` path concatenates, i.e. copies, every layer)."""
+    ``ddp_cache_data`` path concatenates, i.e. copies, every layer).  ``template``: an
+    empty ``DynamicCache(config=config)`` to copy instead of building one (building reads
+    the config's layer types, ~50 us of Python per call)."""
+    import copy
+
     from transformers import DynamicCache
     from transformers.cache_utils import DynamicLayer
 
-    cache = DynamicCache(config=config)
+    if template is None:
+        cache = DynamicCache(config=config)
+    else:
+        cache = copy.copy(template)
+        cache.layers = [copy.copy(layer) for layer in template.layers]
     if not layer_kv:
         return cache
     if len(cache.layers) != len(layer_kv) or \
