@@ -3,13 +3,14 @@
 // (decode_step, for HFStepModel._decode_impl).
 //
 // kv_pack:
-// One output tensor [R, H, C, D] (contiguous) receives, for every row r, the cache slice
-// of one prefix: columns start[r] .. start[r] + n[r] of row src_row[r] of source tensor
-// group[r], right-aligned (columns C - n[r] .. C - 1), zeros in front; a row with
-// group[r] < 0 is all zeros.  Sources are [Rs, H, Ts, D] tensors with any strides but a
-// contiguous last dimension; their rows may repeat (several samples of one prefix).  Only
-// bytes are copied, so every dtype works.  This replaces a gather per source batch plus a
-// scatter into the output (two passes over the cache) with one pass of contiguous copies.
+// One output tensor [R, H, C, D] (contiguous) receives, for every prefix i (a plan row
+// (group, row, start, n, reps)), reps consecutive rows holding its cache slice: columns
+// start .. start + n of row `row` of source tensor `group`, right-aligned (columns C - n ..
+// C - 1), zeros in front; a prefix with group < 0 gets zero rows.  Sources are
+// [Rs, H, Ts, D] tensors with any strides but a contiguous last dimension.  The first row
+// of a prefix is copied from its source, its repeats from that row (one contiguous copy
+// each).  Only bytes are copied, so every dtype works.  Every slice is checked against its
+// source's rows and columns before anything is written.
 //
 // decode_step: everything a decoding step does after the forward and torch's softmax, in
 // one call instead of ~12 small torch ops: per row, the next token (inverting the CDF of
@@ -39,22 +40,44 @@ namespace {
 struct Source {
   const char* base;
   int64_t s_row, s_head, s_col;  // bytes
+  int64_t rows, cols;            // its extent: [rows, H, cols, D]
 };
 
-void kv_pack(char* dst, int64_t R, int64_t H, int64_t C, int64_t row_bytes,
-             const std::vector<Source>& src, const int64_t* group, const int64_t* src_row,
-             const int64_t* start, const int64_t* n) {
-  const int64_t head_bytes = C * row_bytes;
-  for (int64_t r = 0; r < R; ++r) {
-    char* out = dst + r * H * head_bytes;
-    const int64_t g = group[r];
+// The first plan row whose slice does not fit (its source, its rows, its columns, C, the
+// R output rows), or -1.
+int64_t kv_pack_check(int64_t R, int64_t C, const std::vector<Source>& src,
+                      const int64_t* plan, int64_t N) {
+  int64_t rows = 0;
+  for (int64_t i = 0; i < N; ++i) {
+    const int64_t* p = plan + 5 * i;
+    const int64_t g = p[0], row = p[1], start = p[2], n = p[3], reps = p[4];
+    if (reps < 0 || (rows += reps) > R) return i;
+    if (g < 0) continue;
+    if (g >= static_cast<int64_t>(src.size())) return i;
+    const Source& s = src[static_cast<size_t>(g)];
+    if (row < 0 || row >= s.rows || start < 0 || n < 0 || n > C || start + n > s.cols)
+      return i;
+  }
+  return rows == R ? -1 : N;
+}
+
+void kv_pack(char* dst, int64_t H, int64_t C, int64_t row_bytes,
+             const std::vector<Source>& src, const int64_t* plan, int64_t N) {
+  const int64_t head_bytes = C * row_bytes, out_row = H * head_bytes;
+  char* out = dst;
+  for (int64_t i = 0; i < N; ++i) {
+    const int64_t* p = plan + 5 * i;
+    const int64_t g = p[0], reps = p[4];
+    if (reps == 0) continue;
     if (g < 0) {
-      std::memset(out, 0, static_cast<size_t>(H * head_bytes));
+      std::memset(out, 0, static_cast<size_t>(reps * out_row));
+      out += reps * out_row;
       continue;
     }
     const Source& s = src[static_cast<size_t>(g)];
-    const int64_t cols = n[r], pad = C - cols;
-    const char* in = s.base + src_row[r] * s.s_row + start[r] * s.s_col;
+    const int64_t cols = p[3], pad = C - cols;
+    const char* in = s.base + p[1] * s.s_row + p[2] * s.s_col;
+    char* first = out;
     for (int64_t h = 0; h < H; ++h, out += head_bytes, in += s.s_head) {
       if (pad) std::memset(out, 0, static_cast<size_t>(pad * row_bytes));
       char* o = out + pad * row_bytes;
@@ -65,6 +88,8 @@ void kv_pack(char* dst, int64_t R, int64_t H, int64_t C, int64_t row_bytes,
           std::memcpy(o + c * row_bytes, in + c * s.s_col, static_cast<size_t>(row_bytes));
       }
     }
+    for (int64_t k = 1; k < reps; ++k, out += out_row)
+      std::memcpy(out, first, static_cast<size_t>(out_row));
   }
 }
 
@@ -142,22 +167,27 @@ void rlfuse_bind_kvpack(py::module_& m) {
   m.def(
       "kv_pack",
       [](uint64_t dst, int64_t R, int64_t H, int64_t C, int64_t row_bytes,
-         const std::vector<std::vector<int64_t>>& sources, uint64_t group, uint64_t src_row,
-         uint64_t start, uint64_t n) {
+         const std::vector<std::vector<int64_t>>& sources, uint64_t plan, int64_t N) {
+        if (R < 0 || H < 1 || C < 0 || row_bytes < 1 || N < 0)
+          throw std::invalid_argument("kv_pack: needs R, C, N >= 0 and H, row_bytes >= 1");
         std::vector<Source> src;
         src.reserve(sources.size());
         for (const auto& s : sources) {
-          if (s.size() != 4) throw std::invalid_argument("kv_pack: a source is (ptr, s_row, s_head, s_col)");
+          if (s.size() != 6)
+            throw std::invalid_argument("kv_pack: a source is (ptr, s_row, s_head, s_col, rows, cols)");
           src.push_back(Source{reinterpret_cast<const char*>(static_cast<uintptr_t>(s[0])), s[1],
-                               s[2], s[3]});
+                               s[2], s[3], s[4], s[5]});
         }
+        const int64_t* p = reinterpret_cast<const int64_t*>(plan);
         py::gil_scoped_release release;
-        kv_pack(reinterpret_cast<char*>(dst), R, H, C, row_bytes, src,
-                reinterpret_cast<const int64_t*>(group), reinterpret_cast<const int64_t*>(src_row),
-                reinterpret_cast<const int64_t*>(start), reinterpret_cast<const int64_t*>(n));
+        const int64_t bad = kv_pack_check(R, C, src, p, N);
+        if (bad < 0) kv_pack(reinterpret_cast<char*>(dst), H, C, row_bytes, src, p, N);
+        return bad;
       },
       "Pack right-aligned KV-cache slices of several source tensors into one [R, H, C, D] "
-      "tensor (raw pointers and byte strides; validated in rlfuse.search.llm_gen).");
+      "tensor, each repeated as its plan row says (raw pointers and byte strides; a plan of "
+      "N rows (group, row, start, n, reps) as int64).  Returns -1, or the first plan row "
+      "that does not fit (N: the repeats do not add up to R); nothing is written then.");
   m.def(
       "decode_step",
       [](uint64_t probs, uint64_t u, uint64_t argmax, uint64_t logits, int logits_dtype,

@@ -125,9 +125,11 @@ def test_packed_cache_mixes_sources_repeats_and_uncached_prefixes(tiny):
     # a slice that reaches past its cache tensor is refused, not read
     kv = cached[0].kv
     bad = copy.copy(cached[0])
-    bad.kv = KVSlice(kv.layers, kv.row, kv.start + 100, kv.stop + 100)
-    with pytest.raises(RuntimeError, match="outside its cache"):
-        _pack([bad], [lens[0]], lens[0], [1])
+    for slc in ((kv.row, kv.start + 100, kv.stop + 100), (kv.row + 100, kv.start, kv.stop),
+                (kv.row, -1, kv.stop - 1)):
+        bad.kv = KVSlice(kv.layers, *slc)
+        with pytest.raises(RuntimeError, match="outside its cache"):
+            _pack([cached[1], bad], [len(cached[1].ids) - 1, lens[0]], C, [1, 2])
     rolled = gen.sample_rollouts(states, reps, max_steps=2)
     assert [len(row) for row in rolled] == reps
     _check_candidates(model, [[c for c, _ in row] for row in rolled])

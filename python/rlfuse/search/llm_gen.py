@@ -19,6 +19,7 @@ Both count the tokens they generate and the prefix tokens they encode
 
 from __future__ import annotations
 
+import array
 import math
 import time
 from dataclasses import dataclass, field
@@ -702,6 +703,10 @@ def _pack(states, lens, C: int, reps: list, kernel: bool = True) -> list:
     gathers the rows, their repeats and the padding at once: the padding columns repeat
     the state's first cached token, rather than reading the source row's own padding,
     which may hold anything.  A state with no cached token gets zeros on both paths."""
+    if kernel:
+        packed = _pack_cpu(states, lens, C, reps)
+        if packed is not None:
+            return packed
     N = len(states)
     groups: dict[int, tuple] = {}
     empty: list[int] = []
@@ -722,9 +727,6 @@ def _pack(states, lens, C: int, reps: list, kernel: bool = True) -> list:
         else:
             empty.extend(range(r, r + n))
         r += n
-    packed = _pack_cpu(list(groups.values()), r, C) if kernel else None
-    if packed is not None:
-        return packed
     R = r
     dev = next(iter(groups.values()))[0][0][0].device
     cols = torch.arange(C, device=dev)
@@ -763,52 +765,59 @@ def _pack(states, lens, C: int, reps: list, kernel: bool = True) -> list:
     return out
 
 
-def _pack_cpu(groups: list, R: int, C: int) -> Optional[list]:
-    """``_pack`` through ``rlfuse._C.kv_pack`` (one pass per tensor), or None where it
-    does not apply: tensors off the CPU, without the extension, of mixed dtypes or
-    shapes, or with a strided last dimension."""
+def _pack_cpu(states, lens, C: int, reps: list) -> Optional[list]:
+    """``_pack`` through ``rlfuse._C.kv_pack`` (one pass per tensor over a plan of one
+    row per state: source, row, first column, columns, repeats), or None where it does
+    not apply: tensors off the CPU, without the extension, of mixed dtypes or shapes, or
+    with a strided last dimension.  The kernel checks every slice against its source
+    first (a bad ``KVSlice`` must not read out of bounds)."""
     from rlfuse import _backend
 
     if not _backend.available("cpu"):
         return None
-    layers0 = groups[0][0]
+    index: dict = {}
+    sources: list = []
+    plan = array.array("q")
+    for st, n, k in zip(states, lens, reps):
+        if n and k:
+            kv = st.kv
+            g = index.get(id(kv.layers))
+            if g is None:
+                g = index[id(kv.layers)] = len(sources)
+                sources.append(kv.layers)
+            plan.extend((g, kv.row, kv.start, n, k))
+        else:
+            plan.extend((-1, 0, 0, 0, k))
+    if not sources:
+        return None
+    layers0 = sources[0]
     L = len(layers0)
-    for layers, *_ in groups:
-        if len(layers) != L:
-            return None
-    group = [-1] * R
-    src_row, start, n = [0] * R, [0] * R, [0] * R
-    bounds = []
-    for g, (layers, out_rows, rows, first, off) in enumerate(groups):
-        for o, row, f, p in zip(out_rows, rows, first, off):
-            group[o], src_row[o], start[o], n[o] = g, row, f, C - p
-        # rows, first column and end column of its slices, checked against each tensor
-        bounds.append((min(rows), max(rows), min(first),
-                       max(f + C - p for f, p in zip(first, off))))
-    meta = torch.tensor([group, src_row, start, n], dtype=torch.int64)
+    if any(len(layers) != L for layers in sources):
+        return None
+    R, N, plan_ptr = sum(reps), len(plan) // 5, plan.buffer_info()[0]
     kernel = _backend.cpu_module().kv_pack
     out = []
     for li in range(L):
         pair = []
         for which in (0, 1):
             ref = layers0[li][which]
+            if ref.dim() != 4:
+                return None
             _, H, _, D = ref.shape
             srcs = []
-            for (layers, *_), (lo, hi, first, end) in zip(groups, bounds):
+            for layers in sources:
                 t = layers[li][which]
                 if t.device.type != "cpu" or t.dtype != ref.dtype or t.dim() != 4 or \
                         t.shape[1] != H or t.shape[3] != D or t.stride(3) != 1:
                     return None
-                # every slice inside its source (a bad KVSlice must not read out of bounds)
-                if lo < 0 or hi >= t.shape[0] or first < 0 or end > t.shape[2]:
-                    raise RuntimeError("rlfuse.search.llm_gen: a KV slice lies outside its "
-                                       "cache tensor")
                 es = t.element_size()
                 srcs.append([t.data_ptr(), t.stride(0) * es, t.stride(1) * es,
-                             t.stride(2) * es])
+                             t.stride(2) * es, t.shape[0], t.shape[2]])
             dst = torch.empty(R, H, C, D, dtype=ref.dtype)
-            kernel(dst.data_ptr(), R, H, C, D * ref.element_size(), srcs, meta[0].data_ptr(),
-                   meta[1].data_ptr(), meta[2].data_ptr(), meta[3].data_ptr())
+            bad = kernel(dst.data_ptr(), R, H, C, D * ref.element_size(), srcs, plan_ptr, N)
+            if bad >= 0:
+                raise RuntimeError("rlfuse.search.llm_gen: a KV slice lies outside its cache "
+                                   f"tensor (state {bad} of {N}, layer {li})")
             pair.append(dst)
         out.append(tuple(pair))
     return out
