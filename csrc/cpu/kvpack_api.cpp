@@ -16,7 +16,8 @@
 // one call instead of ~12 small torch ops: per row, the next token (inverting the CDF of
 // the row's probabilities at one uniform draw, as torch's cumsum + searchsorted do, or a
 // given greedy argmax), padding for rows that already stopped, the stop check against a
-// lookup table, the row's length at its first stop, the log-prob of the token under the
+// lookup table, the row's length at its first stop (and, optionally, at its first token
+// of a second table: where a rollout's first step ends), the log-prob of the token under the
 // raw logits (the token_logprobs kernel of logprob.cpp, so the same bits as
 // rlfuse.ops.token_logprobs), and the position ids advanced by one.
 //
@@ -126,6 +127,9 @@ struct Step {
   int64_t* toks;        // [R, toks_stride] out: column t
   float* lp;            // [R, lp_stride] out: column t
   int64_t* length;      // [R] in/out: t + 1 at a row's first stop token (else unchanged)
+  const uint8_t* split;  // a second table (ids >= n_split: not in it), or null
+  int64_t n_split;
+  int64_t* first_split;  // [R] in/out: t + 1 at a row's first token in `split` (if 0 before)
   int64_t* pos;         // [R] in/out: + 1
   int64_t toks_stride, lp_stride, t, pad_id;
   int num_threads;
@@ -140,6 +144,8 @@ int64_t decode_step(const Step& s) {
     int64_t id = s.pad_id;
     if (!s.done[r]) {
       id = s.argmax ? s.argmax[r] : sample_row(s.probs + r * s.V, s.V, s.u[r]);
+      if (s.split && id >= 0 && id < s.n_split && s.split[id] && !s.first_split[r])
+        s.first_split[r] = s.t + 1;
       if (id >= 0 && id < s.n_stop && s.stop[id]) {
         s.done[r] = 1;
         s.length[r] = s.t + 1;
@@ -193,10 +199,12 @@ void rlfuse_bind_kvpack(py::module_& m) {
       [](uint64_t probs, uint64_t u, uint64_t argmax, uint64_t logits, int logits_dtype,
          int64_t logits_stride, int64_t R, int64_t V, uint64_t stop, int64_t n_stop,
          uint64_t done, uint64_t cur, uint64_t toks, int64_t toks_stride, uint64_t lp,
-         int64_t lp_stride, uint64_t length, uint64_t pos, int64_t t, int64_t pad_id,
-         int num_threads) {
+         int64_t lp_stride, uint64_t length, uint64_t split, int64_t n_split,
+         uint64_t first_split, uint64_t pos, int64_t t, int64_t pad_id, int num_threads) {
         if (R < 1 || V < 1 || (argmax == 0 && (probs == 0 || u == 0)))
           throw std::invalid_argument("decode_step: needs R, V >= 1 and argmax or probs and u");
+        if (split != 0 && first_split == 0)
+          throw std::invalid_argument("decode_step: a split table needs first_split");
         if (logits_dtype < 0 || logits_dtype > 3)
           throw std::invalid_argument("decode_step: logits_dtype must be a dtype code 0-3");
         Step s{reinterpret_cast<float*>(probs), reinterpret_cast<const float*>(u),
@@ -204,12 +212,14 @@ void rlfuse_bind_kvpack(py::module_& m) {
                logits_dtype, logits_stride, R, V, reinterpret_cast<const uint8_t*>(stop),
                n_stop, reinterpret_cast<uint8_t*>(done), reinterpret_cast<int64_t*>(cur),
                reinterpret_cast<int64_t*>(toks), reinterpret_cast<float*>(lp),
-               reinterpret_cast<int64_t*>(length), reinterpret_cast<int64_t*>(pos),
+               reinterpret_cast<int64_t*>(length), reinterpret_cast<const uint8_t*>(split),
+               n_split, reinterpret_cast<int64_t*>(first_split), reinterpret_cast<int64_t*>(pos),
                toks_stride, lp_stride, t, pad_id, num_threads < 1 ? 1 : num_threads};
         py::gil_scoped_release release;
         return decode_step(s);
       },
-      "One decoding step's sampling (or greedy ids), padding, stop checks, lengths, "
+      "One decoding step's sampling (or greedy ids), padding, stop checks, lengths (and "
+      "first positions in a second table), "
       "log-probs and positions; returns the rows still live, or -1 - row for a token id "
       "outside [0, V) (raw pointers; buffers built in rlfuse.search.llm_gen).");
 }

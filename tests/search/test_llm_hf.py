@@ -357,20 +357,27 @@ def test_step_texts_decode_as_the_tokenizer_does():
     assert calls == [[7]]
 
 
-def _decode_step(probs, u, logits, stop, done, t=0, pad_id=0, argmax=None, threads=1):
-    """One raw ``rlfuse._C.decode_step`` call over fresh buffers of R rows (T = t + 1)."""
+def _decode_step(probs, u, logits, stop, done, t=0, pad_id=0, argmax=None, threads=1,
+                 split=None):
+    """One raw ``rlfuse._C.decode_step`` call over fresh buffers of R rows (T = t + 1);
+    with a ``split`` table, also the rows' first positions in it (``first``)."""
     from rlfuse import _backend
 
     R, V = logits.shape
     T = t + 1
     toks, lp = torch.full((R, T), -7, dtype=torch.long), torch.zeros(R, T)
     cur, pos, length = torch.empty(R, dtype=torch.long), torch.arange(R), torch.zeros(R, dtype=torch.long)
+    first = torch.zeros(R, dtype=torch.long)
+    first[::4] = 1                                   # rows that met the table before: kept
     live = _backend.cpu_module().decode_step(
         probs.data_ptr() if probs is not None else 0, u.data_ptr() if u is not None else 0,
         argmax.data_ptr() if argmax is not None else 0, logits.data_ptr(), 0,
         logits.stride(0), R, V, stop.data_ptr(), stop.shape[0], done.data_ptr(),
         cur.data_ptr(), toks.data_ptr(), T, lp.data_ptr(), T, length.data_ptr(),
-        pos.data_ptr(), t, pad_id, threads)
+        split.data_ptr() if split is not None else 0, split.shape[0] if split is not None else 0,
+        first.data_ptr() if split is not None else 0, pos.data_ptr(), t, pad_id, threads)
+    if split is not None:
+        return live, cur, toks[:, t], lp[:, t], length, pos, first
     return live, cur, toks[:, t], lp[:, t], length, pos
 
 
@@ -404,8 +411,9 @@ def test_decode_step_samples_as_torch_cumsum_and_searchsorted(V):
         stop[torch.randint(0, V, (max(1, V // 3),), generator=g)] = True
         done = torch.zeros(R, dtype=torch.bool)
         done[3] = True                               # a row that stopped before: padding
-        live, cur, toks, lp, length, pos = _decode_step(probs.clone(), u, logits, stop, done,
-                                                        t=2, pad_id=V - 1)
+        split = torch.rand(V, generator=g) < 0.3
+        live, cur, toks, lp, length, pos, first = _decode_step(
+            probs.clone(), u, logits, stop, done, t=2, pad_id=V - 1, split=split)
         want[3] = V - 1
         assert torch.equal(cur, want) and torch.equal(toks, want)
         hit = stop[want] & ~torch.arange(R).eq(3)
@@ -413,6 +421,10 @@ def test_decode_step_samples_as_torch_cumsum_and_searchsorted(V):
         assert live == int((~done).sum())
         assert torch.equal(length, torch.where(hit, 3, 0))
         assert torch.equal(pos, torch.arange(R) + 1)
+        before = torch.arange(R) % 4 == 0
+        live_rows = ~torch.arange(R).eq(3)
+        assert torch.equal(first, torch.where(before, 1, torch.where(split[want] & live_rows,
+                                                                        3, 0)))
         assert torch.equal(lp, token_logprobs(logits, want, backend="cpu"))
     # greedy: the given argmax, same bookkeeping
     done = torch.zeros(R, dtype=torch.bool)
@@ -427,6 +439,12 @@ def test_decode_step_refuses_empty_batches_and_missing_draws():
     stop = torch.zeros(3, dtype=torch.bool)
     with pytest.raises(ValueError, match="argmax or probs and u"):
         _decode_step(t, None, t, stop, torch.zeros(2, dtype=torch.bool))
+    with pytest.raises(ValueError, match="needs first_split"):
+        from rlfuse import _backend
+
+        _backend.cpu_module().decode_step(t.data_ptr(), t.data_ptr(), 0, t.data_ptr(), 0, 3, 2, 3,
+                                          stop.data_ptr(), 3, stop.data_ptr(), 0, 0, 1, 0, 1, 0,
+                                          stop.data_ptr(), 3, 0, 0, 0, 0, 1)
     with pytest.raises(ValueError, match="R, V >= 1"):
         _decode_step(t[:0], torch.zeros(0, 1), t[:0], stop, torch.zeros(0, dtype=torch.bool))
 
@@ -447,12 +465,13 @@ def test_decode_kernel_and_torch_loop_give_the_same_candidates(tiny, sampling):
         level1 = gen.sample_steps(roots, 3)
         kids = [c.state for cs in level1 for c in cs if c.state.kv is not None]
         rolled = gen.sample_rollouts(kids, [i % 3 for i in range(len(kids))], max_steps=2)
-        d = gen._decode(roots, 4, 9, gen._eos_tab[:tok.eos_token_id + 1])
+        d = gen._decode(roots, 4, 9, gen._eos_tab[:tok.eos_token_id + 1],
+                        split=gen._stop_tab[:tok.eos_token_id + 1])
         out.append((
             [[(c.text, c.num_tokens, c.logprob, c.ended, c.state.ids) for c in cs]
              for cs in level1],
             [[(c.text, c.num_tokens, c.logprob, c.ended, comp) for c, comp in row]
              for row in rolled],
-            d.rows, d.length.tolist(), d.stopped.tolist(), d.lp.tolist(),
+            d.rows, d.length.tolist(), d.stopped.tolist(), d.lp.tolist(), d.first_split,
             gen.counters.snapshot()["generated"]))
     assert out[0] == out[1]

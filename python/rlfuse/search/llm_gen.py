@@ -380,17 +380,17 @@ class HFStepModel(StepModel):
             st.kv = KVSlice(layers, i, T - lens[i], T) if lens[i] else None
 
     def _decode(self, states: list[StepState], repeats, max_new_tokens: int,
-                stop: torch.Tensor) -> "_Decoded":
+                stop: torch.Tensor, split: Optional[torch.Tensor] = None) -> "_Decoded":
         """Sample ``repeats`` continuations per state (an int, or one count per state;
         state-major rows) until a token marked in the bool table ``stop`` (``_stop_tab``:
         step delimiters and EOS, ``_eos_tab``: EOS) or ``max_new_tokens``."""
         t0 = time.perf_counter()
         try:
-            return self._decode_impl(states, repeats, max_new_tokens, stop)
+            return self._decode_impl(states, repeats, max_new_tokens, stop, split)
         finally:
             self.counters.decode_seconds += time.perf_counter() - t0
 
-    def _decode_impl(self, states, repeats, max_new_tokens, stop) -> "_Decoded":
+    def _decode_impl(self, states, repeats, max_new_tokens, stop, split) -> "_Decoded":
         need = [st for st in states if st.kv is None and len(st.ids) > 1]
         if need:
             self._prefill(need)
@@ -420,11 +420,11 @@ class HFStepModel(StepModel):
         cache = _cache_from(layer_kv, self.model.config, self._cache_template)
         step = self._step_kernel(dev)
         loop = self._loop_kernel if step is not None else self._loop_torch
-        toks, length, stopped, lp = loop(step, cache, tok, pos, mask, C, R, max_new_tokens,
-                                         stop)
+        toks, length, stopped, lp, first = loop(step, cache, tok, pos, mask, C, R,
+                                                max_new_tokens, stop, split)
         return _Decoded(toks, length, stopped, lp,
                         [(layer.keys, layer.values) for layer in cache.layers], C,
-                        row_lens, toks.tolist())
+                        row_lens, toks.tolist(), first)
 
     def _step_kernel(self, dev):
         """``rlfuse._C.decode_step`` where the decoding loop may use it (CPU tensors, the
@@ -436,7 +436,7 @@ class HFStepModel(StepModel):
             return None
         return getattr(_backend.cpu_module(), "decode_step", None)
 
-    def _loop_kernel(self, step, cache, tok, pos, mask, C, R, max_new_tokens, stop):
+    def _loop_kernel(self, step, cache, tok, pos, mask, C, R, max_new_tokens, stop, split):
         """The decoding loop with one ``rlfuse._C.decode_step`` call per step after the
         forward and the softmax: the same tokens, lengths and log-probs as
         :meth:`_loop_torch` (the same uniform draws, the CDF inverted as torch's cumsum
@@ -447,6 +447,8 @@ class HFStepModel(StepModel):
         toks = torch.empty(R, Tm, dtype=torch.long)
         lp = torch.empty(R, Tm, dtype=torch.float32)
         length = torch.zeros(R, dtype=torch.long)
+        first = torch.zeros(R, dtype=torch.long) if split is not None else None
+        split = split.contiguous() if split is not None else None
         done = torch.zeros(R, dtype=torch.bool)
         cur = tok.contiguous()           # [R, 1]: the input ids, rewritten by every step
         pos = pos.contiguous()           # [R, 1]: the position ids, advanced by every step
@@ -475,6 +477,9 @@ class HFStepModel(StepModel):
                         0, logits.stride(0), R, V,           # 0: float32
                         stop.data_ptr(), stop.shape[0], done.data_ptr(), cur.data_ptr(),
                         toks.data_ptr(), Tm, lp.data_ptr(), Tm, length.data_ptr(),
+                        split.data_ptr() if split is not None else 0,
+                        split.shape[0] if split is not None else 0,
+                        first.data_ptr() if first is not None else 0,
                         pos.data_ptr(), t, self.pad_id, nt)
             if live < 0:
                 raise RuntimeError(f"rlfuse.search.llm_gen: sampled token id out of range "
@@ -484,9 +489,9 @@ class HFStepModel(StepModel):
         T = t + 1
         stopped = length > 0
         return (toks[:, :T], length.masked_fill_(~stopped, T), stopped,
-                lp[:, :T].contiguous())
+                lp[:, :T].contiguous(), _first_hits(first))
 
-    def _loop_torch(self, step, cache, tok, pos, mask, C, R, max_new_tokens, stop):
+    def _loop_torch(self, step, cache, tok, pos, mask, C, R, max_new_tokens, stop, split):
         """The decoding loop in torch ops (any device)."""
         from rlfuse.ops import token_logprobs
 
@@ -521,7 +526,13 @@ class HFStepModel(StepModel):
             lp = token_logprobs(torch.stack(out_lp, 1), toks)
         else:
             lp = torch.stack(out_lp, 1)
-        return toks, length, stopped, lp
+        first = None
+        if split is not None:        # the first token of each row in `split`, up to its end
+            if split.shape[0] < stop.shape[0]:
+                split = torch.cat([split, split.new_zeros(stop.shape[0] - split.shape[0])])
+            hit = split[toks] & (torch.arange(T, device=dev)[None, :] < length[:, None])
+            first = torch.where(hit.any(1), hit.int().argmax(1) + 1, 0)
+        return toks, length, stopped, lp, _first_hits(first)
 
     def _table(self, ids: torch.Tensor) -> torch.Tensor:
         """A bool lookup table over token ids (``table[tok]``: ``tok`` is one of ``ids``):
@@ -607,9 +618,16 @@ class HFStepModel(StepModel):
         if not live:
             return out
         d = self._decode([states[i] for i in live], [ks[i] for i in live],
-                         max(1, max_steps) * self.max_new_tokens, self._eos_tab)
+                         max(1, max_steps) * self.max_new_tokens, self._eos_tab,
+                         split=self._stop_tab)
+        ends = d.first_split
         lens = d.length.tolist()
-        lpc = torch.nn.functional.pad(d.lp.double().cumsum(1), (1, 0)).tolist()
+        # log-prob prefix sums of every row (float64, rows of W = T + 1 starting at 0) in
+        # a flat array: read at the step boundaries only, no Python float per token
+        W = d.lp.shape[1] + 1
+        lpc = array.array("d", bytes(8 * len(lens) * W))
+        torch.cumsum(d.lp, 1, dtype=torch.float64,
+                     out=torch.frombuffer(lpc, dtype=torch.float64).view(-1, W)[:, 1:])
         eos, rows, split, text = self._eos, d.rows, self._split, self._text
         r0 = 0
         for i in live:
@@ -619,7 +637,7 @@ class HFStepModel(StepModel):
                 n, row = lens[r], rows[r]
                 # the rollout's text: its tokens but EOS (only the last one can be EOS)
                 comp = done + text(row[:n - 1] if n and row[n - 1] in eos else row[:n])
-                row_out.append((split(st, (d, r, 0, n, lpc[r])), comp))
+                row_out.append((split(st, (d, r, 0, n, lpc, r * W), ends[r] or n), comp))
             self.counters.add_generated(st.problem, sum(lens[r0:r1]))
             r0 = r1
         return out
@@ -627,26 +645,30 @@ class HFStepModel(StepModel):
     def continue_tail(self, state, tail):
         return self._split(state, tail)
 
-    def _split(self, st: StepState, tail) -> Optional[Candidate]:
-        """The next step of a sampled rollout: row ``r`` of ``d`` from token ``start``."""
-        d, r, start, length, lpc = tail
+    def _split(self, st: StepState, tail, end: Optional[int] = None) -> Optional[Candidate]:
+        """The next step of a sampled rollout: row ``r`` of ``d`` from token ``start``
+        (``lpc[o + j]``: the row's log-prob sum over its first ``j`` tokens) to ``end``
+        (default: found here, after the first step-stop token or at the rollout's end)."""
+        d, r, start, length, lpc, o = tail
         if start >= length:
             return None
-        row, stops = d.rows[r], self._stop_set
-        end = length
-        for j in range(start, length):
-            if row[j] in stops:
-                end = j + 1
-                break
+        row = d.rows[r]
+        if end is None:
+            stops = self._stop_set
+            end = length
+            for j in range(start, length):
+                if row[j] in stops:
+                    end = j + 1
+                    break
         seg = row[start:end]
         n = end - start
         text, ended = self._step_text(seg)
         child = StepState(st.problem, st.prompt, st.steps + (text,), st.ids + seg)
-        c = Candidate(text, n, lpc[end] - lpc[start], ended, child)
+        c = Candidate(text, n, lpc[o + end] - lpc[o + start], ended, child)
         if ended == "delimiter":
             if self.kv_reuse:
                 child.kv = KVSlice(d.layers, r, d.C - d.lens[r], d.C + end)
-            c.tail = (d, r, end, length, lpc)
+            c.tail = (d, r, end, length, lpc, o)
         return c
 
     def rollout(self, states, max_steps, repeats=1):
@@ -662,6 +684,11 @@ class HFStepModel(StepModel):
             text = self._text(rows[r][:n])
             out.append((st.completion + text, n))
         return out
+
+
+def _first_hits(first: Optional[torch.Tensor]) -> Optional[list]:
+    """Per row: 1 + the position of its first token in the ``split`` table, 0 for none."""
+    return None if first is None else first.tolist()
 
 
 def _fast_decode(tokenizer, vocab: int):
@@ -868,3 +895,4 @@ class _Decoded(NamedTuple):
     C: int                   # cache columns before the first sampled token's input
     lens: list               # [R] cached prefix tokens of each row's state
     rows: list               # toks as Python lists
+    first_split: Optional[list] = None   # [R] 1 + first position in the split table, or 0
