@@ -626,7 +626,7 @@ class HFStepModel(StepModel):
         # a flat array: read at the step boundaries only, no Python float per token
         W = d.lp.shape[1] + 1
         lpc = array.array("d", bytes(8 * len(lens) * W))
-        torch.cumsum(d.lp, 1, dtype=torch.float64,
+        torch.cumsum(d.lp.cpu(), 1, dtype=torch.float64,
                      out=torch.frombuffer(lpc, dtype=torch.float64).view(-1, W)[:, 1:])
         eos, rows, split, text = self._eos, d.rows, self._split, self._text
         r0 = 0
