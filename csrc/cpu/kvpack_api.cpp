@@ -1,6 +1,6 @@
 // The CPU helpers of the LLM step search's generation (python/rlfuse/search/llm_gen.py):
 // KV-cache packing (kv_pack, for _pack) and the bookkeeping of one decoding step
-// (decode_step, for HFStepModel._decode_impl).
+// (DecodeLoop, for HFStepModel._loop_kernel).
 //
 // kv_pack:
 // One output tensor [R, H, C, D] (contiguous) receives, for every prefix i (a plan row
@@ -12,7 +12,7 @@
 // each).  Only bytes are copied, so every dtype works.  Every slice is checked against its
 // source's rows and columns before anything is written.
 //
-// decode_step: everything a decoding step does after the forward and torch's softmax, in
+// DecodeLoop.step: everything a decoding step does after the forward and torch's softmax, in
 // one call instead of ~12 small torch ops: per row, the next token (inverting the CDF of
 // the row's probabilities at one uniform draw, as torch's cumsum + searchsorted do, or a
 // given greedy argmax), padding for rows that already stopped, the stop check against a
@@ -21,7 +21,7 @@
 // raw logits (the token_logprobs kernel of logprob.cpp, so the same bits as
 // rlfuse.ops.token_logprobs), and the position ids advanced by one.
 //
-// Compiled once (no ISA variants: kv_pack is memcpy / memset bound, decode_step reads one
+// Compiled once (no ISA variants: kv_pack is memcpy / memset bound, a decode step reads one
 // row of probabilities; the log-probs go through the ISA dispatch).  The Python side
 // builds every buffer itself and checks shapes, strides and dtypes before the calls.
 #include <pybind11/pybind11.h>
@@ -113,57 +113,61 @@ int64_t sample_row(float* p, int64_t V, float u) {
   return lo < V - 1 ? lo : V - 1;
 }
 
-struct Step {
-  float* probs;         // [R, V] contiguous (sampling), or null
-  const float* u;       // [R] uniforms (sampling), or null
-  const int64_t* argmax;  // [R] greedy tokens, or null
-  const void* logits;   // [R, V] rows at logits_stride elements, dtype code logits_dtype
-  int logits_dtype;
-  int64_t logits_stride, R, V;
-  const uint8_t* stop;  // stop[id] != 0: id ends a row; ids >= n_stop do not
+// The buffers of one decoding loop (set once per loop) and what one step reads.
+struct Loop {
+  int64_t R, width, pad_id;
+  const uint8_t* stop;   // stop[id] != 0: id ends a row; ids >= n_stop do not
   int64_t n_stop;
-  uint8_t* done;        // [R] in/out
-  int64_t* cur;         // [R] out: the tokens (the next step's input ids)
-  int64_t* toks;        // [R, toks_stride] out: column t
-  float* lp;            // [R, lp_stride] out: column t
-  int64_t* length;      // [R] in/out: t + 1 at a row's first stop token (else unchanged)
   const uint8_t* split;  // a second table (ids >= n_split: not in it), or null
   int64_t n_split;
+  uint8_t* done;         // [R] in/out
+  int64_t* cur;          // [R] out: the tokens (the next step's input ids)
+  int64_t* toks;         // [R, width] out: column t
+  float* lp;             // [R, width] out: column t
+  int64_t* length;       // [R] in/out: t + 1 at a row's first stop token (else unchanged)
   int64_t* first_split;  // [R] in/out: t + 1 at a row's first token in `split` (if 0 before)
-  int64_t* pos;         // [R] in/out: + 1
-  int64_t toks_stride, lp_stride, t, pad_id;
+  int64_t* pos;          // [R] in/out: + 1
+};
+
+struct Step {
+  float* probs;           // [R, V] contiguous (sampling), or null
+  const float* u;         // [R] uniforms (sampling), or null
+  const int64_t* argmax;  // [R] greedy tokens, or null
+  const float* logits;    // [R, V] rows at logits_stride elements
+  int64_t logits_stride, V, t;
   int num_threads;
 };
 
-int64_t decode_step(const Step& s) {
+int64_t decode_step(const Loop& s, const Step& q) {
   int64_t live = 0;
+  const int64_t t = q.t;
 #ifdef _OPENMP
-#pragma omp parallel for num_threads(s.num_threads) if (s.num_threads > 1) reduction(+ : live)
+#pragma omp parallel for num_threads(q.num_threads) if (q.num_threads > 1) reduction(+ : live)
 #endif
   for (int64_t r = 0; r < s.R; ++r) {
     int64_t id = s.pad_id;
     if (!s.done[r]) {
-      id = s.argmax ? s.argmax[r] : sample_row(s.probs + r * s.V, s.V, s.u[r]);
+      id = q.argmax ? q.argmax[r] : sample_row(q.probs + r * q.V, q.V, q.u[r]);
       if (s.split && id >= 0 && id < s.n_split && s.split[id] && !s.first_split[r])
-        s.first_split[r] = s.t + 1;
+        s.first_split[r] = t + 1;
       if (id >= 0 && id < s.n_stop && s.stop[id]) {
         s.done[r] = 1;
-        s.length[r] = s.t + 1;
+        s.length[r] = t + 1;
       } else {
         ++live;
       }
     }
     s.cur[r] = id;
-    s.toks[r * s.toks_stride + s.t] = id;
+    s.toks[r * s.width + t] = id;
     s.pos[r] += 1;
   }
   // log-probs of the tokens (padding included, as token_logprobs over the whole batch)
   std::vector<float> lp(static_cast<size_t>(s.R)), lse(static_cast<size_t>(s.R));
-  const int64_t bad = RLFUSE_ISA_CALL(token_logprobs_fwd, s.logits, s.logits_dtype, s.R, 1,
-                                      s.logits_stride, 0, s.V, s.cur, 1, lp.data(), nullptr,
-                                      lse.data(), 1.0, int64_t(-100), s.num_threads);
+  const int64_t bad = RLFUSE_ISA_CALL(token_logprobs_fwd, q.logits, 0 /* float32 */, s.R, 1,
+                                      q.logits_stride, 0, q.V, s.cur, 1 /* int64 */, lp.data(),
+                                      nullptr, lse.data(), 1.0, int64_t(-100), q.num_threads);
   if (bad >= 0) return -1 - bad;
-  for (int64_t r = 0; r < s.R; ++r) s.lp[r * s.lp_stride + s.t] = lp[static_cast<size_t>(r)];
+  for (int64_t r = 0; r < s.R; ++r) s.lp[r * s.width + t] = lp[static_cast<size_t>(r)];
   return live;
 }
 
@@ -194,32 +198,54 @@ void rlfuse_bind_kvpack(py::module_& m) {
       "tensor, each repeated as its plan row says (raw pointers and byte strides; a plan of "
       "N rows (group, row, start, n, reps) as int64).  Returns -1, or the first plan row "
       "that does not fit (N: the repeats do not add up to R); nothing is written then.");
-  m.def(
-      "decode_step",
-      [](uint64_t probs, uint64_t u, uint64_t argmax, uint64_t logits, int logits_dtype,
-         int64_t logits_stride, int64_t R, int64_t V, uint64_t stop, int64_t n_stop,
-         uint64_t done, uint64_t cur, uint64_t toks, int64_t toks_stride, uint64_t lp,
-         int64_t lp_stride, uint64_t length, uint64_t split, int64_t n_split,
-         uint64_t first_split, uint64_t pos, int64_t t, int64_t pad_id, int num_threads) {
-        if (R < 1 || V < 1 || (argmax == 0 && (probs == 0 || u == 0)))
-          throw std::invalid_argument("decode_step: needs R, V >= 1 and argmax or probs and u");
-        if (split != 0 && first_split == 0)
-          throw std::invalid_argument("decode_step: a split table needs first_split");
-        if (logits_dtype < 0 || logits_dtype > 3)
-          throw std::invalid_argument("decode_step: logits_dtype must be a dtype code 0-3");
-        Step s{reinterpret_cast<float*>(probs), reinterpret_cast<const float*>(u),
-               reinterpret_cast<const int64_t*>(argmax), reinterpret_cast<const void*>(logits),
-               logits_dtype, logits_stride, R, V, reinterpret_cast<const uint8_t*>(stop),
-               n_stop, reinterpret_cast<uint8_t*>(done), reinterpret_cast<int64_t*>(cur),
-               reinterpret_cast<int64_t*>(toks), reinterpret_cast<float*>(lp),
-               reinterpret_cast<int64_t*>(length), reinterpret_cast<const uint8_t*>(split),
-               n_split, reinterpret_cast<int64_t*>(first_split), reinterpret_cast<int64_t*>(pos),
-               toks_stride, lp_stride, t, pad_id, num_threads < 1 ? 1 : num_threads};
-        py::gil_scoped_release release;
-        return decode_step(s);
-      },
-      "One decoding step's sampling (or greedy ids), padding, stop checks, lengths (and "
-      "first positions in a second table), "
-      "log-probs and positions; returns the rows still live, or -1 - row for a token id "
-      "outside [0, V) (raw pointers; buffers built in rlfuse.search.llm_gen).");
+  py::class_<Loop>(m, "DecodeLoop",
+                   "The buffers of one decoding loop of the LLM step search (raw pointers, "
+                   "built in rlfuse.search.llm_gen): stop and split tables (pointer, size), "
+                   "then done, cur, toks, lp, length, first_split (0: no split table), pos.")
+      .def(py::init([](int64_t R, int64_t width, int64_t pad_id,
+                       const std::vector<uint64_t>& tables,
+                       const std::vector<uint64_t>& buffers) {
+             if (R < 1 || width < 1)
+               throw std::invalid_argument("DecodeLoop: needs R, width >= 1");
+             if (tables.size() != 4 || buffers.size() != 7)
+               throw std::invalid_argument(
+                   "DecodeLoop: tables are (stop, n_stop, split, n_split), buffers (done, cur, "
+                   "toks, lp, length, first_split, pos)");
+             for (size_t i = 0; i < buffers.size(); ++i)
+               if (buffers[i] == 0 && i != 5)
+                 throw std::invalid_argument("DecodeLoop: a null buffer");
+             if (tables[0] == 0 || (tables[2] != 0 && buffers[5] == 0))
+               throw std::invalid_argument(
+                   "DecodeLoop: needs a stop table, and first_split with a split table");
+             auto i64 = [&](size_t i) { return reinterpret_cast<int64_t*>(buffers[i]); };
+             return Loop{R, width, pad_id, reinterpret_cast<const uint8_t*>(tables[0]),
+                         static_cast<int64_t>(tables[1]),
+                         reinterpret_cast<const uint8_t*>(tables[2]),
+                         static_cast<int64_t>(tables[3]), reinterpret_cast<uint8_t*>(buffers[0]),
+                         i64(1), i64(2), reinterpret_cast<float*>(buffers[3]), i64(4),
+                         i64(5), i64(6)};
+           }),
+           py::arg("R"), py::arg("width"), py::arg("pad_id"), py::arg("tables"),
+           py::arg("buffers"))
+      .def(
+          "step",
+          [](const Loop& s, uint64_t probs, uint64_t u, uint64_t argmax, uint64_t logits,
+             int64_t logits_stride, int64_t V, int64_t t, int num_threads) {
+            if (V < 1 || t < 0 || t >= s.width || logits == 0 ||
+                (argmax == 0 && (probs == 0 || u == 0)))
+              throw std::invalid_argument(
+                  "DecodeLoop.step: needs V >= 1, 0 <= t < width, logits, and argmax or "
+                  "probs and u");
+            const Step q{reinterpret_cast<float*>(probs), reinterpret_cast<const float*>(u),
+                         reinterpret_cast<const int64_t*>(argmax),
+                         reinterpret_cast<const float*>(logits), logits_stride, V, t,
+                         num_threads < 1 ? 1 : num_threads};
+            py::gil_scoped_release release;
+            return decode_step(s, q);
+          },
+          "Step t's sampling (or greedy ids; float32 probabilities, overwritten) over "
+          "float32 logits: padding, stop checks, lengths, first split positions, log-probs, "
+          "positions.  Returns the rows still live, or -1 - row for a token id outside "
+          "[0, V).");
 }
+

@@ -359,23 +359,26 @@ def test_step_texts_decode_as_the_tokenizer_does():
 
 def _decode_step(probs, u, logits, stop, done, t=0, pad_id=0, argmax=None, threads=1,
                  split=None):
-    """One raw ``rlfuse._C.decode_step`` call over fresh buffers of R rows (T = t + 1);
-    with a ``split`` table, also the rows' first positions in it (``first``)."""
+    """Step ``t`` of a raw ``rlfuse._C.DecodeLoop`` over fresh buffers of R rows (width
+    t + 1); with a ``split`` table, also the rows' first positions in it (``first``)."""
     from rlfuse import _backend
 
     R, V = logits.shape
     T = t + 1
     toks, lp = torch.full((R, T), -7, dtype=torch.long), torch.zeros(R, T)
-    cur, pos, length = torch.empty(R, dtype=torch.long), torch.arange(R), torch.zeros(R, dtype=torch.long)
-    first = torch.zeros(R, dtype=torch.long)
+    cur, pos = torch.empty(R, dtype=torch.long), torch.arange(R)
+    length, first = torch.zeros(R, dtype=torch.long), torch.zeros(R, dtype=torch.long)
     first[::4] = 1                                   # rows that met the table before: kept
-    live = _backend.cpu_module().decode_step(
-        probs.data_ptr() if probs is not None else 0, u.data_ptr() if u is not None else 0,
-        argmax.data_ptr() if argmax is not None else 0, logits.data_ptr(), 0,
-        logits.stride(0), R, V, stop.data_ptr(), stop.shape[0], done.data_ptr(),
-        cur.data_ptr(), toks.data_ptr(), T, lp.data_ptr(), T, length.data_ptr(),
-        split.data_ptr() if split is not None else 0, split.shape[0] if split is not None else 0,
-        first.data_ptr() if split is not None else 0, pos.data_ptr(), t, pad_id, threads)
+    loop = _backend.cpu_module().DecodeLoop(
+        R, T, pad_id,
+        [stop.data_ptr(), stop.shape[0], split.data_ptr() if split is not None else 0,
+         split.shape[0] if split is not None else 0],
+        [done.data_ptr(), cur.data_ptr(), toks.data_ptr(), lp.data_ptr(), length.data_ptr(),
+         first.data_ptr() if split is not None else 0, pos.data_ptr()])
+    live = loop.step(probs.data_ptr() if probs is not None else 0,
+                     u.data_ptr() if u is not None else 0,
+                     argmax.data_ptr() if argmax is not None else 0, logits.data_ptr(),
+                     logits.stride(0), V, t, threads)
     if split is not None:
         return live, cur, toks[:, t], lp[:, t], length, pos, first
     return live, cur, toks[:, t], lp[:, t], length, pos
@@ -434,24 +437,28 @@ def test_decode_step_samples_as_torch_cumsum_and_searchsorted(V):
     assert torch.equal(cur, am)
 
 
-def test_decode_step_refuses_empty_batches_and_missing_draws():
+def test_decode_loop_refuses_bad_buffers_and_missing_draws():
+    from rlfuse import _backend
+
+    DecodeLoop = _backend.cpu_module().DecodeLoop
     t = torch.zeros(2, 3)
     stop = torch.zeros(3, dtype=torch.bool)
     with pytest.raises(ValueError, match="argmax or probs and u"):
         _decode_step(t, None, t, stop, torch.zeros(2, dtype=torch.bool))
-    with pytest.raises(ValueError, match="needs first_split"):
-        from rlfuse import _backend
-
-        _backend.cpu_module().decode_step(t.data_ptr(), t.data_ptr(), 0, t.data_ptr(), 0, 3, 2, 3,
-                                          stop.data_ptr(), 3, stop.data_ptr(), 0, 0, 1, 0, 1, 0,
-                                          stop.data_ptr(), 3, 0, 0, 0, 0, 1)
-    with pytest.raises(ValueError, match="R, V >= 1"):
-        _decode_step(t[:0], torch.zeros(0, 1), t[:0], stop, torch.zeros(0, dtype=torch.bool))
+    p = t.data_ptr()
+    with pytest.raises(ValueError, match="first_split with a split table"):
+        DecodeLoop(2, 1, 0, [p, 3, p, 3], [p, p, p, p, p, 0, p])
+    with pytest.raises(ValueError, match="a null buffer"):
+        DecodeLoop(2, 1, 0, [p, 3, 0, 0], [p, 0, p, p, p, 0, p])
+    with pytest.raises(ValueError, match="R, width >= 1"):
+        DecodeLoop(0, 1, 0, [p, 3, 0, 0], [p] * 7)
+    with pytest.raises(ValueError, match="0 <= t < width"):
+        DecodeLoop(2, 1, 0, [p, 3, 0, 0], [p] * 7).step(p, p, 0, p, 3, 3, 1, 1)
 
 
 @pytest.mark.parametrize("sampling", [(1.0, 1.0), (1.8, 0.6), (0.0, 1.0)])
 def test_decode_kernel_and_torch_loop_give_the_same_candidates(tiny, sampling):
-    """The decoding loop through ``rlfuse._C.decode_step`` and the torch-ops loop (used off
+    """The decoding loop through ``rlfuse._C.DecodeLoop`` and the torch-ops loop (used off
     the CPU) give identical tokens, lengths, log-probs, candidates and rollouts, with
     packed caches from earlier batches, per-state sample counts and a narrow stop table."""
     model, tok = tiny

@@ -319,7 +319,7 @@ class HFStepModel(StepModel):
         self._texts: dict = {}
         self._steps_memo: dict = {}
         self._decode_ids = _fast_decode(tokenizer, vocab)
-        # False: the decoding loop in torch ops even where rlfuse._C.decode_step applies
+        # False: the decoding loop in torch ops even where rlfuse._C.DecodeLoop applies
         self.step_kernel = True
         self._cache_template = None       # an empty DynamicCache, copied for every decode
 
@@ -418,26 +418,26 @@ class HFStepModel(StepModel):
 
             self._cache_template = DynamicCache(config=self.model.config)
         cache = _cache_from(layer_kv, self.model.config, self._cache_template)
-        step = self._step_kernel(dev)
-        loop = self._loop_kernel if step is not None else self._loop_torch
-        toks, length, stopped, lp, first = loop(step, cache, tok, pos, mask, C, R,
+        kernel = self._step_kernel(dev)
+        loop = self._loop_kernel if kernel is not None else self._loop_torch
+        toks, length, stopped, lp, first = loop(kernel, cache, tok, pos, mask, C, R,
                                                 max_new_tokens, stop, split)
         return _Decoded(toks, length, stopped, lp,
                         [(layer.keys, layer.values) for layer in cache.layers], C,
                         row_lens, toks.tolist(), first)
 
     def _step_kernel(self, dev):
-        """``rlfuse._C.decode_step`` where the decoding loop may use it (CPU tensors, the
+        """``rlfuse._C.DecodeLoop`` where the decoding loop may use it (CPU tensors, the
         extension built, the CPU backend chosen for ``token_logprobs``), else None."""
         from rlfuse import _backend
 
         if not self.step_kernel or dev.type != "cpu" or \
                 _backend.resolve(None, dev, "token_logprobs") != "cpu":
             return None
-        return getattr(_backend.cpu_module(), "decode_step", None)
+        return getattr(_backend.cpu_module(), "DecodeLoop", None)
 
-    def _loop_kernel(self, step, cache, tok, pos, mask, C, R, max_new_tokens, stop, split):
-        """The decoding loop with one ``rlfuse._C.decode_step`` call per step after the
+    def _loop_kernel(self, kernel, cache, tok, pos, mask, C, R, max_new_tokens, stop, split):
+        """The decoding loop with one ``rlfuse._C.DecodeLoop.step`` call per step after the
         forward and the softmax: the same tokens, lengths and log-probs as
         :meth:`_loop_torch` (the same uniform draws, the CDF inverted as torch's cumsum
         and searchsorted do, the log-probs by the kernel behind ``token_logprobs``)."""
@@ -453,6 +453,11 @@ class HFStepModel(StepModel):
         cur = tok.contiguous()           # [R, 1]: the input ids, rewritten by every step
         pos = pos.contiguous()           # [R, 1]: the position ids, advanced by every step
         stop = stop.contiguous()
+        loop = kernel(R, Tm, self.pad_id, [
+            stop.data_ptr(), stop.shape[0], split.data_ptr() if split is not None else 0,
+            split.shape[0] if split is not None else 0], [
+            done.data_ptr(), cur.data_ptr(), toks.data_ptr(), lp.data_ptr(), length.data_ptr(),
+            first.data_ptr() if first is not None else 0, pos.data_ptr()])
         greedy, temp, top_p, gen = self.temperature == 0, self.temperature, self.top_p, \
             self.generator
         nt = None
@@ -471,16 +476,10 @@ class HFStepModel(StepModel):
             else:
                 probs = _probs(logits, temp, top_p)
                 u = torch.rand(R, 1, generator=gen, dtype=probs.dtype)
-            live = step(probs.data_ptr() if probs is not None else 0,
-                        u.data_ptr() if u is not None else 0,
-                        am.data_ptr() if greedy else 0, logits.data_ptr(),
-                        0, logits.stride(0), R, V,           # 0: float32
-                        stop.data_ptr(), stop.shape[0], done.data_ptr(), cur.data_ptr(),
-                        toks.data_ptr(), Tm, lp.data_ptr(), Tm, length.data_ptr(),
-                        split.data_ptr() if split is not None else 0,
-                        split.shape[0] if split is not None else 0,
-                        first.data_ptr() if first is not None else 0,
-                        pos.data_ptr(), t, self.pad_id, nt)
+            live = loop.step(probs.data_ptr() if probs is not None else 0,
+                             u.data_ptr() if u is not None else 0,
+                             am.data_ptr() if greedy else 0, logits.data_ptr(),
+                             logits.stride(0), V, t, nt)
             if live < 0:
                 raise RuntimeError(f"rlfuse.search.llm_gen: sampled token id out of range "
                                    f"in row {-1 - live}")
@@ -491,7 +490,7 @@ class HFStepModel(StepModel):
         return (toks[:, :T], length.masked_fill_(~stopped, T), stopped,
                 lp[:, :T].contiguous(), _first_hits(first))
 
-    def _loop_torch(self, step, cache, tok, pos, mask, C, R, max_new_tokens, stop, split):
+    def _loop_torch(self, kernel, cache, tok, pos, mask, C, R, max_new_tokens, stop, split):
         """The decoding loop in torch ops (any device)."""
         from rlfuse.ops import token_logprobs
 
@@ -555,24 +554,12 @@ class HFStepModel(StepModel):
         """``tokenizer.decode(ids, skip_special_tokens=True)``, memoised: sampled steps
         repeat across rollouts and searches, and a decode call costs several microseconds
         of Python per step."""
-        key = tuple(ids)
-        text = self._texts.get(key)
-        if text is None:
-            if len(self._texts) >= _TEXT_MEMO:
-                self._texts.clear()
-            text = self._texts[key] = self._decode_ids(ids)
-        return text
+        return _memoised(self._texts, ids, self._decode_ids)
 
     def _step_text(self, ids: list):
         """(text, ended) of one step's token ids (the last may be a stop token), memoised
         like :meth:`_text`."""
-        key = tuple(ids)
-        got = self._steps_memo.get(key)
-        if got is None:
-            if len(self._steps_memo) >= _TEXT_MEMO:
-                self._steps_memo.clear()
-            got = self._steps_memo[key] = self._step_text_of(ids)
-        return got
+        return _memoised(self._steps_memo, ids, self._step_text_of)
 
     def _step_text_of(self, ids: list):
         if ids and ids[-1] in self._eos:
@@ -684,6 +671,18 @@ class HFStepModel(StepModel):
             text = self._text(rows[r][:n])
             out.append((st.completion + text, n))
         return out
+
+
+def _memoised(memo: dict, ids: list, make):
+    """``make(ids)`` through ``memo`` (keyed by the ids; cleared when it holds
+    ``_TEXT_MEMO`` entries)."""
+    key = tuple(ids)
+    got = memo.get(key)
+    if got is None:
+        if len(memo) >= _TEXT_MEMO:
+            memo.clear()
+        got = memo[key] = make(ids)
+    return got
 
 
 def _first_hits(first: Optional[torch.Tensor]) -> Optional[list]:
