@@ -27,6 +27,7 @@
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
+#include <algorithm>
 #include <cstdint>
 #include <cstring>
 #include <stdexcept>
@@ -94,23 +95,52 @@ void kv_pack(char* dst, int64_t H, int64_t C, int64_t row_bytes,
   }
 }
 
-// Row r's next token from its probabilities p[0:V) and the uniform draw u, exactly as
-// torch does it on the CPU: cdf = p.cumsum(-1) (accumulated in double, stored as float),
-// v = u * cdf[-1] (float), idx = searchsorted(cdf, v, right=True) (the same binary
-// search), clamped to V - 1.  The row's probabilities are overwritten by the cdf.
-int64_t sample_row(float* p, int64_t V, float u) {
-  double acc = 0.0;
+// Sampling a row's next token from its probabilities p[0:V) and the uniform draw u,
+// exactly as torch does it on the CPU: cdf = p.cumsum(-1) (accumulated in double, stored
+// as float), v = u * cdf[-1] (float), idx = searchsorted(cdf, v, right=True) (the same
+// binary search), clamped to V - 1.  The rows' probabilities are overwritten by the cdf.
+//
+// cdf_rows: the cumulative sums of B rows at once.  Each row's sums keep their order (the
+// same bits as one row at a time); the B independent chains of double additions overlap
+// instead of waiting on each other's latency.
+template <int B>
+void cdf_rows(float* const* p, int64_t V) {
+  double acc[B];
+  for (int j = 0; j < B; ++j) acc[j] = 0.0;
   for (int64_t i = 0; i < V; ++i) {
-    acc += static_cast<double>(p[i]);
-    p[i] = static_cast<float>(acc);
+    for (int j = 0; j < B; ++j) {
+      acc[j] += static_cast<double>(p[j][i]);
+      p[j][i] = static_cast<float>(acc[j]);
+    }
   }
-  const float v = u * p[V - 1];
+}
+
+int64_t invert_cdf(const float* cdf, int64_t V, float u) {
+  const float v = u * cdf[V - 1];
   int64_t lo = 0, hi = V;
   while (lo < hi) {
     const int64_t mid = lo + ((hi - lo) >> 1);
-    if (!(p[mid] > v)) lo = mid + 1; else hi = mid;
+    if (!(cdf[mid] > v)) lo = mid + 1; else hi = mid;
   }
   return lo < V - 1 ? lo : V - 1;
+}
+
+constexpr int kRowBlock = 8;
+
+// The sampled token of each row in rows[0:n) (row r's probabilities at probs + r * V).
+void sample_rows(float* probs, int64_t V, const float* u, const int64_t* rows, int64_t n,
+                 int64_t* out) {
+  float* p[kRowBlock];
+  int64_t i = 0;
+  for (; i + kRowBlock <= n; i += kRowBlock) {
+    for (int j = 0; j < kRowBlock; ++j) p[j] = probs + rows[i + j] * V;
+    cdf_rows<kRowBlock>(p, V);
+  }
+  for (; i < n; ++i) {
+    p[0] = probs + rows[i] * V;
+    cdf_rows<1>(p, V);
+  }
+  for (i = 0; i < n; ++i) out[i] = invert_cdf(probs + rows[i] * V, V, u[rows[i]]);
 }
 
 // The buffers of one decoding loop (set once per loop) and what one step reads.
@@ -139,15 +169,31 @@ struct Step {
 };
 
 int64_t decode_step(const Loop& s, const Step& q) {
-  int64_t live = 0;
   const int64_t t = q.t;
+  // the rows still running, and their tokens (sampled in blocks of rows, or the argmax)
+  std::vector<int64_t> rows, ids;
+  rows.reserve(static_cast<size_t>(s.R));
+  for (int64_t r = 0; r < s.R; ++r)
+    if (!s.done[r]) rows.push_back(r);
+  const int64_t n = static_cast<int64_t>(rows.size());
+  ids.resize(rows.size());
+  if (q.argmax) {
+    for (int64_t i = 0; i < n; ++i) ids[i] = q.argmax[rows[i]];
+  } else {
+    const int64_t blocks = (n + 4 * kRowBlock - 1) / (4 * kRowBlock);
 #ifdef _OPENMP
-#pragma omp parallel for num_threads(q.num_threads) if (q.num_threads > 1) reduction(+ : live)
+#pragma omp parallel for num_threads(q.num_threads) if (q.num_threads > 1 && blocks > 1)
 #endif
-  for (int64_t r = 0; r < s.R; ++r) {
+    for (int64_t b = 0; b < blocks; ++b) {
+      const int64_t lo = b * 4 * kRowBlock, hi = std::min(n, lo + 4 * kRowBlock);
+      sample_rows(q.probs, q.V, q.u, rows.data() + lo, hi - lo, ids.data() + lo);
+    }
+  }
+  int64_t live = 0;
+  for (int64_t r = 0, i = 0; r < s.R; ++r) {
     int64_t id = s.pad_id;
     if (!s.done[r]) {
-      id = q.argmax ? q.argmax[r] : sample_row(q.probs + r * q.V, q.V, q.u[r]);
+      id = ids[i++];
       if (s.split && id >= 0 && id < s.n_split && s.split[id] && !s.first_split[r])
         s.first_split[r] = t + 1;
       if (id >= 0 && id < s.n_stop && s.stop[id]) {
