@@ -274,7 +274,9 @@ class HFStepModel(StepModel):
     tokens per step at most (a longer step ends as ``"length"``, a terminal).
     ``kv_reuse=False`` re-encodes each prefix once per call instead of keeping caches
     (lower memory; still once per prefix, not once per sample).  ``seed`` seeds the
-    sampling generator.
+    sampling generator.  On the CPU each decoding step's sampling and bookkeeping is one
+    ``rlfuse._C.DecodeLoop.step`` call; setting the attribute ``step_kernel = False`` runs
+    the same loop in torch ops (as on other devices; the tokens and log-probs are the same).
     """
 
     def __init__(self, model, tokenizer, *, step_delimiter: str = "\n", temperature: float = 1.0,
