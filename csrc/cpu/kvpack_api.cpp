@@ -1,22 +1,39 @@
-// KV-cache packing for the LLM step search (python/rlfuse/search/llm_gen.py, _pack).
+// The CPU helpers of the LLM step search's generation (python/rlfuse/search/llm_gen.py):
+// KV-cache packing (kv_pack, for _pack) and the bookkeeping of one decoding step
+// (DecodeLoop, for HFStepModel._loop_kernel).
 //
-// One output tensor [R, H, C, D] (contiguous) receives, for every row r, the cache slice
-// of one prefix: columns start[r] .. start[r] + n[r] of row src_row[r] of source tensor
-// group[r], right-aligned (columns C - n[r] .. C - 1), zeros in front; a row with
-// group[r] < 0 is all zeros.  Sources are [Rs, H, Ts, D] tensors with any strides but a
-// contiguous last dimension; their rows may repeat (several samples of one prefix).  Only
-// bytes are copied, so every dtype works.  This replaces a gather per source batch plus a
-// scatter into the output (two passes over the cache) with one pass of contiguous copies.
+// kv_pack:
+// One output tensor [R, H, C, D] (contiguous) receives, for every prefix i (a plan row
+// (group, row, start, n, reps)), reps consecutive rows holding its cache slice: columns
+// start .. start + n of row `row` of source tensor `group`, right-aligned (columns C - n ..
+// C - 1), zeros in front; a prefix with group < 0 gets zero rows.  Sources are
+// [Rs, H, Ts, D] tensors with any strides but a contiguous last dimension.  The first row
+// of a prefix is copied from its source, its repeats from that row (one contiguous copy
+// each).  Only bytes are copied, so every dtype works.  Every slice is checked against its
+// source's rows and columns before anything is written.
 //
-// Compiled once (no ISA variants: it is memcpy / memset bound).  The Python side checks
-// shapes, strides, dtypes and ranges before the call.
+// DecodeLoop.step: everything a decoding step does after the forward and torch's softmax, in
+// one call instead of ~12 small torch ops: per row, the next token (inverting the CDF of
+// the row's probabilities at one uniform draw, as torch's cumsum + searchsorted do, or a
+// given greedy argmax), padding for rows that already stopped, the stop check against a
+// lookup table, the row's length at its first stop (and, optionally, at its first token
+// of a second table: where a rollout's first step ends), the log-prob of the token under the
+// raw logits (the token_logprobs kernel of logprob.cpp, so the same bits as
+// rlfuse.ops.token_logprobs), and the position ids advanced by one.
+//
+// Compiled once (no ISA variants: kv_pack is memcpy / memset bound, a decode step reads one
+// row of probabilities; the log-probs go through the ISA dispatch).  The Python side
+// builds every buffer itself and checks shapes, strides and dtypes before the calls.
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
+#include <algorithm>
 #include <cstdint>
 #include <cstring>
 #include <stdexcept>
 #include <vector>
+
+#include "cpu/logprob.h"
 
 namespace py = pybind11;
 
@@ -25,22 +42,44 @@ namespace {
 struct Source {
   const char* base;
   int64_t s_row, s_head, s_col;  // bytes
+  int64_t rows, cols;            // its extent: [rows, H, cols, D]
 };
 
-void kv_pack(char* dst, int64_t R, int64_t H, int64_t C, int64_t row_bytes,
-             const std::vector<Source>& src, const int64_t* group, const int64_t* src_row,
-             const int64_t* start, const int64_t* n) {
-  const int64_t head_bytes = C * row_bytes;
-  for (int64_t r = 0; r < R; ++r) {
-    char* out = dst + r * H * head_bytes;
-    const int64_t g = group[r];
+// The first plan row whose slice does not fit (its source, its rows, its columns, C, the
+// R output rows), or -1.
+int64_t kv_pack_check(int64_t R, int64_t C, const std::vector<Source>& src,
+                      const int64_t* plan, int64_t N) {
+  int64_t rows = 0;
+  for (int64_t i = 0; i < N; ++i) {
+    const int64_t* p = plan + 5 * i;
+    const int64_t g = p[0], row = p[1], start = p[2], n = p[3], reps = p[4];
+    if (reps < 0 || (rows += reps) > R) return i;
+    if (g < 0) continue;
+    if (g >= static_cast<int64_t>(src.size())) return i;
+    const Source& s = src[static_cast<size_t>(g)];
+    if (row < 0 || row >= s.rows || start < 0 || n < 0 || n > C || start + n > s.cols)
+      return i;
+  }
+  return rows == R ? -1 : N;
+}
+
+void kv_pack(char* dst, int64_t H, int64_t C, int64_t row_bytes,
+             const std::vector<Source>& src, const int64_t* plan, int64_t N) {
+  const int64_t head_bytes = C * row_bytes, out_row = H * head_bytes;
+  char* out = dst;
+  for (int64_t i = 0; i < N; ++i) {
+    const int64_t* p = plan + 5 * i;
+    const int64_t g = p[0], reps = p[4];
+    if (reps == 0) continue;
     if (g < 0) {
-      std::memset(out, 0, static_cast<size_t>(H * head_bytes));
+      std::memset(out, 0, static_cast<size_t>(reps * out_row));
+      out += reps * out_row;
       continue;
     }
     const Source& s = src[static_cast<size_t>(g)];
-    const int64_t cols = n[r], pad = C - cols;
-    const char* in = s.base + src_row[r] * s.s_row + start[r] * s.s_col;
+    const int64_t cols = p[3], pad = C - cols;
+    const char* in = s.base + p[1] * s.s_row + p[2] * s.s_col;
+    char* first = out;
     for (int64_t h = 0; h < H; ++h, out += head_bytes, in += s.s_head) {
       if (pad) std::memset(out, 0, static_cast<size_t>(pad * row_bytes));
       char* o = out + pad * row_bytes;
@@ -51,7 +90,131 @@ void kv_pack(char* dst, int64_t R, int64_t H, int64_t C, int64_t row_bytes,
           std::memcpy(o + c * row_bytes, in + c * s.s_col, static_cast<size_t>(row_bytes));
       }
     }
+    for (int64_t k = 1; k < reps; ++k, out += out_row)
+      std::memcpy(out, first, static_cast<size_t>(out_row));
   }
+}
+
+// Sampling a row's next token from its probabilities p[0:V) and the uniform draw u,
+// exactly as torch does it on the CPU: cdf = p.cumsum(-1) (accumulated in double, stored
+// as float), v = u * cdf[-1] (float), idx = searchsorted(cdf, v, right=True) (the same
+// binary search), clamped to V - 1.  The rows' probabilities are overwritten by the cdf.
+//
+// cdf_rows: the cumulative sums of B rows at once.  Each row's sums keep their order (the
+// same bits as one row at a time); the B independent chains of double additions overlap
+// instead of waiting on each other's latency.
+template <int B>
+void cdf_rows(float* const* p, int64_t V) {
+  double acc[B];
+  for (int j = 0; j < B; ++j) acc[j] = 0.0;
+  for (int64_t i = 0; i < V; ++i) {
+    for (int j = 0; j < B; ++j) {
+      acc[j] += static_cast<double>(p[j][i]);
+      p[j][i] = static_cast<float>(acc[j]);
+    }
+  }
+}
+
+int64_t invert_cdf(const float* cdf, int64_t V, float u) {
+  const float v = u * cdf[V - 1];
+  int64_t lo = 0, hi = V;
+  while (lo < hi) {
+    const int64_t mid = lo + ((hi - lo) >> 1);
+    if (!(cdf[mid] > v)) lo = mid + 1; else hi = mid;
+  }
+  return lo < V - 1 ? lo : V - 1;
+}
+
+constexpr int kRowBlock = 8;
+
+// The sampled token of each row in rows[0:n) (row r's probabilities at probs + r * V).
+void sample_rows(float* probs, int64_t V, const float* u, const int64_t* rows, int64_t n,
+                 int64_t* out) {
+  float* p[kRowBlock];
+  int64_t i = 0;
+  for (; i + kRowBlock <= n; i += kRowBlock) {
+    for (int j = 0; j < kRowBlock; ++j) p[j] = probs + rows[i + j] * V;
+    cdf_rows<kRowBlock>(p, V);
+  }
+  for (; i < n; ++i) {
+    p[0] = probs + rows[i] * V;
+    cdf_rows<1>(p, V);
+  }
+  for (i = 0; i < n; ++i) out[i] = invert_cdf(probs + rows[i] * V, V, u[rows[i]]);
+}
+
+// The buffers of one decoding loop (set once per loop) and what one step reads.
+struct Loop {
+  int64_t R, width, pad_id;
+  const uint8_t* stop;   // stop[id] != 0: id ends a row; ids >= n_stop do not
+  int64_t n_stop;
+  const uint8_t* split;  // a second table (ids >= n_split: not in it), or null
+  int64_t n_split;
+  uint8_t* done;         // [R] in/out
+  int64_t* cur;          // [R] out: the tokens (the next step's input ids)
+  int64_t* toks;         // [R, width] out: column t
+  float* lp;             // [R, width] out: column t
+  int64_t* length;       // [R] in/out: t + 1 at a row's first stop token (else unchanged)
+  int64_t* first_split;  // [R] in/out: t + 1 at a row's first token in `split` (if 0 before)
+  int64_t* pos;          // [R] in/out: + 1
+};
+
+struct Step {
+  float* probs;           // [R, V] contiguous (sampling), or null
+  const float* u;         // [R] uniforms (sampling), or null
+  const int64_t* argmax;  // [R] greedy tokens, or null
+  const float* logits;    // [R, V] rows at logits_stride elements
+  int64_t logits_stride, V, t;
+  int num_threads;
+};
+
+int64_t decode_step(const Loop& s, const Step& q) {
+  const int64_t t = q.t;
+  // the rows still running, and their tokens (sampled in blocks of rows, or the argmax)
+  std::vector<int64_t> rows, ids;
+  rows.reserve(static_cast<size_t>(s.R));
+  for (int64_t r = 0; r < s.R; ++r)
+    if (!s.done[r]) rows.push_back(r);
+  const int64_t n = static_cast<int64_t>(rows.size());
+  ids.resize(rows.size());
+  if (q.argmax) {
+    for (int64_t i = 0; i < n; ++i) ids[i] = q.argmax[rows[i]];
+  } else {
+    const int64_t blocks = (n + 4 * kRowBlock - 1) / (4 * kRowBlock);
+#ifdef _OPENMP
+#pragma omp parallel for num_threads(q.num_threads) if (q.num_threads > 1 && blocks > 1)
+#endif
+    for (int64_t b = 0; b < blocks; ++b) {
+      const int64_t lo = b * 4 * kRowBlock, hi = std::min(n, lo + 4 * kRowBlock);
+      sample_rows(q.probs, q.V, q.u, rows.data() + lo, hi - lo, ids.data() + lo);
+    }
+  }
+  int64_t live = 0;
+  for (int64_t r = 0, i = 0; r < s.R; ++r) {
+    int64_t id = s.pad_id;
+    if (!s.done[r]) {
+      id = ids[i++];
+      if (s.split && id >= 0 && id < s.n_split && s.split[id] && !s.first_split[r])
+        s.first_split[r] = t + 1;
+      if (id >= 0 && id < s.n_stop && s.stop[id]) {
+        s.done[r] = 1;
+        s.length[r] = t + 1;
+      } else {
+        ++live;
+      }
+    }
+    s.cur[r] = id;
+    s.toks[r * s.width + t] = id;
+    s.pos[r] += 1;
+  }
+  // log-probs of the tokens (padding included, as token_logprobs over the whole batch)
+  std::vector<float> lp(static_cast<size_t>(s.R)), lse(static_cast<size_t>(s.R));
+  const int64_t bad = RLFUSE_ISA_CALL(token_logprobs_fwd, q.logits, 0 /* float32 */, s.R, 1,
+                                      q.logits_stride, 0, q.V, s.cur, 1 /* int64 */, lp.data(),
+                                      nullptr, lse.data(), 1.0, int64_t(-100), q.num_threads);
+  if (bad >= 0) return -1 - bad;
+  for (int64_t r = 0; r < s.R; ++r) s.lp[r * s.width + t] = lp[static_cast<size_t>(r)];
+  return live;
 }
 
 }  // namespace
@@ -60,20 +223,75 @@ void rlfuse_bind_kvpack(py::module_& m) {
   m.def(
       "kv_pack",
       [](uint64_t dst, int64_t R, int64_t H, int64_t C, int64_t row_bytes,
-         const std::vector<std::vector<int64_t>>& sources, uint64_t group, uint64_t src_row,
-         uint64_t start, uint64_t n) {
+         const std::vector<std::vector<int64_t>>& sources, uint64_t plan, int64_t N) {
+        if (R < 0 || H < 1 || C < 0 || row_bytes < 1 || N < 0)
+          throw std::invalid_argument("kv_pack: needs R, C, N >= 0 and H, row_bytes >= 1");
         std::vector<Source> src;
         src.reserve(sources.size());
         for (const auto& s : sources) {
-          if (s.size() != 4) throw std::invalid_argument("kv_pack: a source is (ptr, s_row, s_head, s_col)");
+          if (s.size() != 6)
+            throw std::invalid_argument("kv_pack: a source is (ptr, s_row, s_head, s_col, rows, cols)");
           src.push_back(Source{reinterpret_cast<const char*>(static_cast<uintptr_t>(s[0])), s[1],
-                               s[2], s[3]});
+                               s[2], s[3], s[4], s[5]});
         }
+        const int64_t* p = reinterpret_cast<const int64_t*>(plan);
         py::gil_scoped_release release;
-        kv_pack(reinterpret_cast<char*>(dst), R, H, C, row_bytes, src,
-                reinterpret_cast<const int64_t*>(group), reinterpret_cast<const int64_t*>(src_row),
-                reinterpret_cast<const int64_t*>(start), reinterpret_cast<const int64_t*>(n));
+        const int64_t bad = kv_pack_check(R, C, src, p, N);
+        if (bad < 0) kv_pack(reinterpret_cast<char*>(dst), H, C, row_bytes, src, p, N);
+        return bad;
       },
       "Pack right-aligned KV-cache slices of several source tensors into one [R, H, C, D] "
-      "tensor (raw pointers and byte strides; validated in rlfuse.search.llm_gen).");
+      "tensor, each repeated as its plan row says (raw pointers and byte strides; a plan of "
+      "N rows (group, row, start, n, reps) as int64).  Returns -1, or the first plan row "
+      "that does not fit (N: the repeats do not add up to R); nothing is written then.");
+  py::class_<Loop>(m, "DecodeLoop",
+                   "The buffers of one decoding loop of the LLM step search (raw pointers, "
+                   "built in rlfuse.search.llm_gen): stop and split tables (pointer, size), "
+                   "then done, cur, toks, lp, length, first_split (0: no split table), pos.")
+      .def(py::init([](int64_t R, int64_t width, int64_t pad_id,
+                       const std::vector<uint64_t>& tables,
+                       const std::vector<uint64_t>& buffers) {
+             if (R < 1 || width < 1)
+               throw std::invalid_argument("DecodeLoop: needs R, width >= 1");
+             if (tables.size() != 4 || buffers.size() != 7)
+               throw std::invalid_argument(
+                   "DecodeLoop: tables are (stop, n_stop, split, n_split), buffers (done, cur, "
+                   "toks, lp, length, first_split, pos)");
+             for (size_t i = 0; i < buffers.size(); ++i)
+               if (buffers[i] == 0 && i != 5)
+                 throw std::invalid_argument("DecodeLoop: a null buffer");
+             if (tables[0] == 0 || (tables[2] != 0 && buffers[5] == 0))
+               throw std::invalid_argument(
+                   "DecodeLoop: needs a stop table, and first_split with a split table");
+             auto i64 = [&](size_t i) { return reinterpret_cast<int64_t*>(buffers[i]); };
+             return Loop{R, width, pad_id, reinterpret_cast<const uint8_t*>(tables[0]),
+                         static_cast<int64_t>(tables[1]),
+                         reinterpret_cast<const uint8_t*>(tables[2]),
+                         static_cast<int64_t>(tables[3]), reinterpret_cast<uint8_t*>(buffers[0]),
+                         i64(1), i64(2), reinterpret_cast<float*>(buffers[3]), i64(4),
+                         i64(5), i64(6)};
+           }),
+           py::arg("R"), py::arg("width"), py::arg("pad_id"), py::arg("tables"),
+           py::arg("buffers"))
+      .def(
+          "step",
+          [](const Loop& s, uint64_t probs, uint64_t u, uint64_t argmax, uint64_t logits,
+             int64_t logits_stride, int64_t V, int64_t t, int num_threads) {
+            if (V < 1 || t < 0 || t >= s.width || logits == 0 ||
+                (argmax == 0 && (probs == 0 || u == 0)))
+              throw std::invalid_argument(
+                  "DecodeLoop.step: needs V >= 1, 0 <= t < width, logits, and argmax or "
+                  "probs and u");
+            const Step q{reinterpret_cast<float*>(probs), reinterpret_cast<const float*>(u),
+                         reinterpret_cast<const int64_t*>(argmax),
+                         reinterpret_cast<const float*>(logits), logits_stride, V, t,
+                         num_threads < 1 ? 1 : num_threads};
+            py::gil_scoped_release release;
+            return decode_step(s, q);
+          },
+          "Step t's sampling (or greedy ids; float32 probabilities, overwritten) over "
+          "float32 logits: padding, stop checks, lengths, first split positions, log-probs, "
+          "positions.  Returns the rows still live, or -1 - row for a token id outside "
+          "[0, V).");
 }
+

@@ -125,9 +125,11 @@ def test_packed_cache_mixes_sources_repeats_and_uncached_prefixes(tiny):
     # a slice that reaches past its cache tensor is refused, not read
     kv = cached[0].kv
     bad = copy.copy(cached[0])
-    bad.kv = KVSlice(kv.layers, kv.row, kv.start + 100, kv.stop + 100)
-    with pytest.raises(RuntimeError, match="outside its cache"):
-        _pack([bad], [lens[0]], lens[0], [1])
+    for slc in ((kv.row, kv.start + 100, kv.stop + 100), (kv.row + 100, kv.start, kv.stop),
+                (kv.row, -1, kv.stop - 1)):
+        bad.kv = KVSlice(kv.layers, *slc)
+        with pytest.raises(RuntimeError, match="outside its cache"):
+            _pack([cached[1], bad], [len(cached[1].ids) - 1, lens[0]], C, [1, 2])
     rolled = gen.sample_rollouts(states, reps, max_steps=2)
     assert [len(row) for row in rolled] == reps
     _check_candidates(model, [[c for c, _ in row] for row in rolled])
@@ -353,3 +355,130 @@ def test_step_texts_decode_as_the_tokenizer_does():
     tok.decode = lambda ids, **kw: calls.append(ids) or plain(tok, ids, **kw)
     _fast_decode(tok, len(tok))([7])
     assert calls == [[7]]
+
+
+def _decode_step(probs, u, logits, stop, done, t=0, pad_id=0, argmax=None, threads=1,
+                 split=None):
+    """Step ``t`` of a raw ``rlfuse._C.DecodeLoop`` over fresh buffers of R rows (width
+    t + 1); with a ``split`` table, also the rows' first positions in it (``first``)."""
+    from rlfuse import _backend
+
+    R, V = logits.shape
+    T = t + 1
+    toks, lp = torch.full((R, T), -7, dtype=torch.long), torch.zeros(R, T)
+    cur, pos = torch.empty(R, dtype=torch.long), torch.arange(R)
+    length, first = torch.zeros(R, dtype=torch.long), torch.zeros(R, dtype=torch.long)
+    first[::4] = 1                                   # rows that met the table before: kept
+    loop = _backend.cpu_module().DecodeLoop(
+        R, T, pad_id,
+        [stop.data_ptr(), stop.shape[0], split.data_ptr() if split is not None else 0,
+         split.shape[0] if split is not None else 0],
+        [done.data_ptr(), cur.data_ptr(), toks.data_ptr(), lp.data_ptr(), length.data_ptr(),
+         first.data_ptr() if split is not None else 0, pos.data_ptr()])
+    live = loop.step(probs.data_ptr() if probs is not None else 0,
+                     u.data_ptr() if u is not None else 0,
+                     argmax.data_ptr() if argmax is not None else 0, logits.data_ptr(),
+                     logits.stride(0), V, t, threads)
+    if split is not None:
+        return live, cur, toks[:, t], lp[:, t], length, pos, first
+    return live, cur, toks[:, t], lp[:, t], length, pos
+
+
+@pytest.mark.parametrize("V", [1, 3, 64, 5000, 50257])
+def test_decode_step_samples_as_torch_cumsum_and_searchsorted(V):
+    """The step kernel picks the same token as ``_sample`` (softmax, cumsum, one uniform,
+    searchsorted) for the same draws, on fresh random logits with exact zeros in the
+    probabilities, ties, and draws of 0 and just below 1; stop checks, padding, lengths,
+    positions and log-probs (rlfuse.ops.token_logprobs's bits) come with it."""
+    from rlfuse.ops import token_logprobs
+    from rlfuse.search.llm_gen import _probs, _sample
+
+    g = torch.Generator().manual_seed(V)
+    R = 41
+    logits = torch.randn(R, V, generator=g) * 4
+    logits[::5, : V // 2] = -float("inf")            # zero probabilities
+    logits[1::7] = 0.5                               # uniform rows: ties everywhere
+    for temp, top_p in ((1.0, 1.0), (0.7, 1.0), (1.5, 0.6)):
+        state = g.get_state()
+        sampled = _sample(logits, temp, top_p, g)
+        g.set_state(state)
+        probs = _probs(logits, temp, top_p)
+        u = torch.rand(R, 1, generator=g)
+        cdf = probs.cumsum(-1)
+        inverted = lambda u: torch.searchsorted(cdf, u * cdf[:, -1:], right=True)[:, 0] \
+            .clamp(max=V - 1)  # noqa: E731
+        assert torch.equal(inverted(u), sampled)          # _sample: these draws, inverted
+        u[0], u[2] = 0.0, 1.0 - 2 ** -24
+        want = inverted(u)
+        stop = torch.zeros(V + 3, dtype=torch.bool)
+        stop[torch.randint(0, V, (max(1, V // 3),), generator=g)] = True
+        done = torch.zeros(R, dtype=torch.bool)
+        done[3] = True                               # a row that stopped before: padding
+        split = torch.rand(V, generator=g) < 0.3
+        live, cur, toks, lp, length, pos, first = _decode_step(
+            probs.clone(), u, logits, stop, done, t=2, pad_id=V - 1, split=split)
+        want[3] = V - 1
+        assert torch.equal(cur, want) and torch.equal(toks, want)
+        hit = stop[want] & ~torch.arange(R).eq(3)
+        assert torch.equal(done, hit | torch.arange(R).eq(3))
+        assert live == int((~done).sum())
+        assert torch.equal(length, torch.where(hit, 3, 0))
+        assert torch.equal(pos, torch.arange(R) + 1)
+        before = torch.arange(R) % 4 == 0
+        live_rows = ~torch.arange(R).eq(3)
+        assert torch.equal(first, torch.where(before, 1, torch.where(split[want] & live_rows,
+                                                                        3, 0)))
+        assert torch.equal(lp, token_logprobs(logits, want, backend="cpu"))
+    # greedy: the given argmax, same bookkeeping
+    done = torch.zeros(R, dtype=torch.bool)
+    am = logits.argmax(-1)
+    _, cur, *_ = _decode_step(None, None, logits, torch.zeros(1, dtype=torch.bool), done,
+                              argmax=am)
+    assert torch.equal(cur, am)
+
+
+def test_decode_loop_refuses_bad_buffers_and_missing_draws():
+    from rlfuse import _backend
+
+    DecodeLoop = _backend.cpu_module().DecodeLoop
+    t = torch.zeros(2, 3)
+    stop = torch.zeros(3, dtype=torch.bool)
+    with pytest.raises(ValueError, match="argmax or probs and u"):
+        _decode_step(t, None, t, stop, torch.zeros(2, dtype=torch.bool))
+    p = t.data_ptr()
+    with pytest.raises(ValueError, match="first_split with a split table"):
+        DecodeLoop(2, 1, 0, [p, 3, p, 3], [p, p, p, p, p, 0, p])
+    with pytest.raises(ValueError, match="a null buffer"):
+        DecodeLoop(2, 1, 0, [p, 3, 0, 0], [p, 0, p, p, p, 0, p])
+    with pytest.raises(ValueError, match="R, width >= 1"):
+        DecodeLoop(0, 1, 0, [p, 3, 0, 0], [p] * 7)
+    with pytest.raises(ValueError, match="0 <= t < width"):
+        DecodeLoop(2, 1, 0, [p, 3, 0, 0], [p] * 7).step(p, p, 0, p, 3, 3, 1, 1)
+
+
+@pytest.mark.parametrize("sampling", [(1.0, 1.0), (1.8, 0.6), (0.0, 1.0)])
+def test_decode_kernel_and_torch_loop_give_the_same_candidates(tiny, sampling):
+    """The decoding loop through ``rlfuse._C.DecodeLoop`` and the torch-ops loop (used off
+    the CPU) give identical tokens, lengths, log-probs, candidates and rollouts, with
+    packed caches from earlier batches, per-state sample counts and a narrow stop table."""
+    model, tok = tiny
+    temp, top_p = sampling
+    out = []
+    for kernel in (True, False):
+        gen = HFStepModel(model, tok, max_new_tokens=6, temperature=temp, top_p=top_p, seed=7)
+        gen.step_kernel = kernel
+        assert (gen._step_kernel(gen.device) is not None) == kernel
+        roots = gen.root_states([0, 1, 2], ["12+3=", "1+1-4+5=", "7="])
+        level1 = gen.sample_steps(roots, 3)
+        kids = [c.state for cs in level1 for c in cs if c.state.kv is not None]
+        rolled = gen.sample_rollouts(kids, [i % 3 for i in range(len(kids))], max_steps=2)
+        d = gen._decode(roots, 4, 9, gen._eos_tab[:tok.eos_token_id + 1],
+                        split=gen._stop_tab[:tok.eos_token_id + 1])
+        out.append((
+            [[(c.text, c.num_tokens, c.logprob, c.ended, c.state.ids) for c in cs]
+             for cs in level1],
+            [[(c.text, c.num_tokens, c.logprob, c.ended, comp) for c, comp in row]
+             for row in rolled],
+            d.rows, d.length.tolist(), d.stopped.tolist(), d.lp.tolist(), d.first_split,
+            gen.counters.snapshot()["generated"]))
+    assert out[0] == out[1]

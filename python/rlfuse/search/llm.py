@@ -24,6 +24,7 @@ value-guided).  Exports for training are in :mod:`rlfuse.search.llm_export`.
 
 from __future__ import annotations
 
+import array
 import collections
 import gc
 import math
@@ -143,6 +144,17 @@ def _merge(cands: list[Candidate]):
         first.append(f)
         kept.append(c if f == j else None)
     return kept, first
+
+
+def _zeros_f32(n: int) -> array.array:
+    return array.array("f", bytes(4 * n))
+
+
+def _tensor(buf, *shape) -> torch.Tensor:
+    """A tensor over a flat ``array("f")`` (float32) or ``bytearray`` (bool) without a pass
+    over Python objects (``torch.tensor`` of nested lists costs ~0.1 us per element)."""
+    dtype = torch.float32 if isinstance(buf, array.array) else torch.bool
+    return torch.frombuffer(buf, dtype=dtype).view(*shape)
 
 
 # -- results ---------------------------------------------------------------------------------
@@ -309,30 +321,27 @@ class StepSearch:
         else:
             cand_lists = self.gen.sample_steps(states, K)
             own = ev.values(states)
-        # prior logits and invalid masks as lists (rows of K); tensors are made once per
-        # simulation step, not written element by element
-        logits: list[list[float]] = []
-        invalid: list[list[bool]] = []
+        # prior logits and invalid masks as flat float32 / byte arrays (S rows of K): made
+        # tensors once per simulation step without a pass over Python lists
+        logits, invalid = _zeros_f32(len(cand_lists) * K), bytearray(len(cand_lists) * K)
         kept_all = []
         use_lp = self.prior == "logprob"
         release = self.gen.release
-        for cands in cand_lists:
+        for i, cands in enumerate(cand_lists):
             if len(cands) != K:
                 raise RuntimeError(f"step model returned {len(cands)} candidates, expected {K}")
             kept, first = _merge(cands)
-            lg, inv = [0.0] * K, [False] * K
+            base = i * K
             for j, c in enumerate(kept):
                 if c is None:
-                    inv[j] = True
+                    invalid[base + j] = 1
                     f = kept[first[j]]
                     f.returns.extend(cands[j].returns)
                     f.tails.extend(cands[j].tails)
                     release(cands[j].state)
                 elif use_lp:
-                    lg[j] = c.mean_logprob
+                    logits[base + j] = c.mean_logprob
             kept_all.append(kept)
-            logits.append(lg)
-            invalid.append(inv)
         for st in states:
             release(st)
         return kept_all, logits, invalid, own
@@ -341,8 +350,10 @@ class StepSearch:
                    out):
         """The children reached by ``actions`` from ``parents`` (one batch): their payloads,
         and their rewards, discounts, prior logits, invalid masks, values and terminal flags
-        written into the lists ``out`` at the positions ``rows``."""
+        written into the arrays ``out`` (flat, rows of K for logits and masks) at the
+        positions ``rows``."""
         reward, discount, logits, invalid, value, terminal, payloads = out
+        K = self.K
         grow: list[int] = []
         for i, par, a in zip(rows, parents, actions):
             if par.terminal or par.cands is None:
@@ -357,7 +368,7 @@ class StepSearch:
                 else:
                     r = ev.reward(st.problem, st.completion)
                 payloads[i] = _Payload(st, terminal=True, reward=r)
-                reward[i], terminal[i] = r, True     # discount 0
+                reward[i], terminal[i] = r, 1        # discount 0
                 self.gen.release(st)
             else:
                 payloads[i] = _Payload(st)
@@ -374,7 +385,8 @@ class StepSearch:
                     value[i] = sum(seen) / max(len(seen), 1)
                 else:
                     value[i] = own[j]
-                logits[i], invalid[i] = lg[j], inv[j]
+                logits[i * K:(i + 1) * K] = lg[j * K:(j + 1) * K]
+                invalid[i * K:(i + 1) * K] = inv[j * K:(j + 1) * K]
 
     def run(self, problems) -> list[SearchResult]:
         """Search every problem; one tree per problem, all trees in the same batches."""
@@ -404,7 +416,6 @@ class StepSearch:
         root_payloads = [_Payload(st, cands=k) for st, k in zip(roots, kept)]
 
         K = self.K
-        zeros_k, false_k = [0.0] * K, [False] * K
 
         def recurrent_fn(embedding, action, exp):
             new = exp.new.tolist()
@@ -412,23 +423,21 @@ class StepSearch:
             rows = [i for i in range(M) if new[i]]
             acts = action.tolist()
             # rows that revisit a node get zeros (their outputs are ignored)
-            out = ([0.0] * M, [0.0] * M, [zeros_k] * M, [false_k] * M, [0.0] * M,
-                   [False] * M, [None] * M)
+            out = (_zeros_f32(M), _zeros_f32(M), _zeros_f32(M * K), bytearray(M * K),
+                   _zeros_f32(M), bytearray(M), [None] * M)
             self._new_nodes(ev, [embedding[i] for i in rows], [acts[i] for i in rows], rows,
                             out)
             r, d, lg, inv, v, term, full = out
-            f32 = torch.float32
             return _search.RecurrentOutput(
-                reward=torch.tensor(r, dtype=f32), discount=torch.tensor(d, dtype=f32),
-                prior_logits=torch.tensor(lg, dtype=f32), value=torch.tensor(v, dtype=f32),
-                embedding=full, invalid_actions=torch.tensor(inv, dtype=torch.bool),
-                terminal=torch.tensor(term, dtype=torch.bool))
+                reward=_tensor(r, M), discount=_tensor(d, M), prior_logits=_tensor(lg, M, K),
+                value=_tensor(v, M), embedding=full, invalid_actions=_tensor(inv, M, K),
+                terminal=_tensor(term, M))
 
         gen = torch.Generator().manual_seed(self.seed)
-        root = _search.Root(prior_logits=torch.tensor(logits, dtype=torch.float32),
+        root = _search.Root(prior_logits=_tensor(logits, B, K),
                             value=torch.tensor(root_vals, dtype=torch.float32),
                             embedding=root_payloads)
-        invalid = torch.tensor(invalid, dtype=torch.bool)
+        invalid = _tensor(invalid, B, K)
         kw = self.search_kwargs
         if self.algorithm == "puct":
             out = _search.puct_search(

@@ -19,6 +19,7 @@ Both count the tokens they generate and the prefix tokens they encode
 
 from __future__ import annotations
 
+import array
 import math
 import time
 from dataclasses import dataclass, field
@@ -240,12 +241,9 @@ class ScriptedStepModel(StepModel):
         return out
 
 
-def _sample(logits: torch.Tensor, temperature: float, top_p: float, generator) -> torch.Tensor:
-    """One token per row from ``softmax(logits / temperature)`` restricted to the nucleus
-    ``top_p``, by inverting the CDF with one uniform draw per row (cheaper than
-    ``torch.multinomial`` or a Gumbel draw per logit); temperature 0 is greedy."""
-    if temperature == 0:
-        return logits.argmax(-1)
+def _probs(logits: torch.Tensor, temperature: float, top_p: float) -> torch.Tensor:
+    """``softmax(logits / temperature)`` restricted to the nucleus ``top_p`` (not
+    renormalised: the CDF inversion scales by the total)."""
     p = torch.softmax(logits / temperature if temperature != 1.0 else logits, -1)
     if top_p < 1.0:
         sp = p.sort(-1, descending=True).values
@@ -253,6 +251,16 @@ def _sample(logits: torch.Tensor, temperature: float, top_p: float, generator) -
         inside = (sp.cumsum(-1) - sp) < top_p
         floor = sp.masked_fill(~inside, float("inf")).min(-1, keepdim=True).values
         p = p.masked_fill(p < floor, 0.0)
+    return p
+
+
+def _sample(logits: torch.Tensor, temperature: float, top_p: float, generator) -> torch.Tensor:
+    """One token per row from :func:`_probs` by inverting the CDF with one uniform draw per
+    row (cheaper than ``torch.multinomial`` or a Gumbel draw per logit); temperature 0 is
+    greedy."""
+    if temperature == 0:
+        return logits.argmax(-1)
+    p = _probs(logits, temperature, top_p)
     cdf = p.cumsum(-1)
     u = torch.rand(p.shape[0], 1, generator=generator, device=p.device, dtype=p.dtype)
     idx = torch.searchsorted(cdf, u * cdf[:, -1:], right=True)
@@ -266,7 +274,9 @@ class HFStepModel(StepModel):
     tokens per step at most (a longer step ends as ``"length"``, a terminal).
     ``kv_reuse=False`` re-encodes each prefix once per call instead of keeping caches
     (lower memory; still once per prefix, not once per sample).  ``seed`` seeds the
-    sampling generator.
+    sampling generator.  On the CPU each decoding step's sampling and bookkeeping is one
+    ``rlfuse._C.DecodeLoop.step`` call; setting the attribute ``step_kernel = False`` runs
+    the same loop in torch ops (as on other devices; the tokens and log-probs are the same).
     """
 
     def __init__(self, model, tokenizer, *, step_delimiter: str = "\n", temperature: float = 1.0,
@@ -309,7 +319,11 @@ class HFStepModel(StepModel):
         self.stop_ids = torch.tensor(sorted(self._stop_set), device=self.device)
         self._stop_tab, self._eos_tab = self._table(self.stop_ids), self._table(self.eos_ids)
         self._texts: dict = {}
+        self._steps_memo: dict = {}
         self._decode_ids = _fast_decode(tokenizer, vocab)
+        # False: the decoding loop in torch ops even where rlfuse._C.DecodeLoop applies
+        self.step_kernel = True
+        self._cache_template = None       # an empty DynamicCache, copied for every decode
 
     def _eos_set(self) -> set:
         ids = {int(self.tokenizer.eos_token_id)}
@@ -350,13 +364,12 @@ class HFStepModel(StepModel):
             for st in states:
                 st.kv = None
             return
-        B = len(seqs)
-        ids = torch.full((B, T), self.pad_id, dtype=torch.long, device=self.device)
-        mask = torch.zeros(B, T, dtype=torch.long, device=self.device)
-        for i, s in enumerate(seqs):
-            if lens[i]:
-                ids[i, T - lens[i]:] = torch.tensor(s, device=self.device)
-                mask[i, T - lens[i]:] = 1
+        # left-padded rows built as lists: one tensor each, not two writes per row
+        pad = self.pad_id
+        ids = torch.tensor([[pad] * (T - n) + s for s, n in zip(seqs, lens)],
+                           dtype=torch.long, device=self.device)
+        mask = torch.tensor([[0] * (T - n) + [1] * n for n in lens], dtype=torch.long,
+                            device=self.device)
         pos = (mask.cumsum(1) - 1).clamp(min=0)
         from transformers import DynamicCache
 
@@ -369,19 +382,17 @@ class HFStepModel(StepModel):
             st.kv = KVSlice(layers, i, T - lens[i], T) if lens[i] else None
 
     def _decode(self, states: list[StepState], repeats, max_new_tokens: int,
-                stop: torch.Tensor) -> "_Decoded":
+                stop: torch.Tensor, split: Optional[torch.Tensor] = None) -> "_Decoded":
         """Sample ``repeats`` continuations per state (an int, or one count per state;
         state-major rows) until a token marked in the bool table ``stop`` (``_stop_tab``:
         step delimiters and EOS, ``_eos_tab``: EOS) or ``max_new_tokens``."""
         t0 = time.perf_counter()
         try:
-            return self._decode_impl(states, repeats, max_new_tokens, stop)
+            return self._decode_impl(states, repeats, max_new_tokens, stop, split)
         finally:
             self.counters.decode_seconds += time.perf_counter() - t0
 
-    def _decode_impl(self, states, repeats, max_new_tokens, stop) -> "_Decoded":
-        from rlfuse.ops import token_logprobs
-
+    def _decode_impl(self, states, repeats, max_new_tokens, stop, split) -> "_Decoded":
         need = [st for st in states if st.kv is None and len(st.ids) > 1]
         if need:
             self._prefill(need)
@@ -404,7 +415,88 @@ class HFStepModel(StepModel):
         # Re-sent: the one uncached last token per sampled row (prompts were prefilled once).
         self.counters.encoded += R
         self.counters.encoded_naive += sum(row_lens) + R
-        cache = _cache_from(layer_kv, self.model.config)
+        if self._cache_template is None:
+            from transformers import DynamicCache
+
+            self._cache_template = DynamicCache(config=self.model.config)
+        cache = _cache_from(layer_kv, self.model.config, self._cache_template)
+        kernel = self._step_kernel(dev)
+        loop = self._loop_kernel if kernel is not None else self._loop_torch
+        toks, length, stopped, lp, first = loop(kernel, cache, tok, pos, mask, C, R,
+                                                max_new_tokens, stop, split)
+        return _Decoded(toks, length, stopped, lp,
+                        [(layer.keys, layer.values) for layer in cache.layers], C,
+                        row_lens, toks.tolist(), first)
+
+    def _step_kernel(self, dev):
+        """``rlfuse._C.DecodeLoop`` where the decoding loop may use it (CPU tensors, the
+        extension built, the CPU backend chosen for ``token_logprobs``), else None."""
+        from rlfuse import _backend
+
+        if not self.step_kernel or dev.type != "cpu" or \
+                _backend.resolve(None, dev, "token_logprobs") != "cpu":
+            return None
+        return getattr(_backend.cpu_module(), "DecodeLoop", None)
+
+    def _loop_kernel(self, kernel, cache, tok, pos, mask, C, R, max_new_tokens, stop, split):
+        """The decoding loop with one ``rlfuse._C.DecodeLoop.step`` call per step after the
+        forward and the softmax: the same tokens, lengths and log-probs as
+        :meth:`_loop_torch` (the same uniform draws, the CDF inverted as torch's cumsum
+        and searchsorted do, the log-probs by the kernel behind ``token_logprobs``)."""
+        from rlfuse import _backend
+
+        Tm = max_new_tokens
+        toks = torch.empty(R, Tm, dtype=torch.long)
+        lp = torch.empty(R, Tm, dtype=torch.float32)
+        length = torch.zeros(R, dtype=torch.long)
+        first = torch.zeros(R, dtype=torch.long) if split is not None else None
+        split = split.contiguous() if split is not None else None
+        done = torch.zeros(R, dtype=torch.bool)
+        cur = tok.contiguous()           # [R, 1]: the input ids, rewritten by every step
+        pos = pos.contiguous()           # [R, 1]: the position ids, advanced by every step
+        stop = stop.contiguous()
+        loop = kernel(R, Tm, self.pad_id, [
+            stop.data_ptr(), stop.shape[0], split.data_ptr() if split is not None else 0,
+            split.shape[0] if split is not None else 0], [
+            done.data_ptr(), cur.data_ptr(), toks.data_ptr(), lp.data_ptr(), length.data_ptr(),
+            first.data_ptr() if first is not None else 0, pos.data_ptr()])
+        greedy, temp, top_p, gen = self.temperature == 0, self.temperature, self.top_p, \
+            self.generator
+        nt = None
+        t = 0
+        for t in range(Tm):
+            logits = self._forward(input_ids=cur, attention_mask=mask[:, :C + t + 1],
+                                   position_ids=pos, past_key_values=cache,
+                                   use_cache=True).logits[:, -1].float()
+            if logits.stride(-1) != 1:
+                logits = logits.contiguous()
+            if nt is None:
+                V = logits.shape[-1]
+                nt = _backend.threads_for(R * V)
+            if greedy:
+                am, probs, u = logits.argmax(-1), None, None
+            else:
+                probs = _probs(logits, temp, top_p)
+                u = torch.rand(R, 1, generator=gen, dtype=probs.dtype)
+            live = loop.step(probs.data_ptr() if probs is not None else 0,
+                             u.data_ptr() if u is not None else 0,
+                             am.data_ptr() if greedy else 0, logits.data_ptr(),
+                             logits.stride(0), V, t, nt)
+            if live < 0:
+                raise RuntimeError(f"rlfuse.search.llm_gen: sampled token id out of range "
+                                   f"in row {-1 - live}")
+            if live == 0:
+                break
+        T = t + 1
+        stopped = length > 0
+        return (toks[:, :T], length.masked_fill_(~stopped, T), stopped,
+                lp[:, :T].contiguous(), _first_hits(first))
+
+    def _loop_torch(self, kernel, cache, tok, pos, mask, C, R, max_new_tokens, stop, split):
+        """The decoding loop in torch ops (any device)."""
+        from rlfuse.ops import token_logprobs
+
+        dev = tok.device
         done = torch.zeros(R, dtype=torch.bool, device=dev)
         out_tok, out_lp = [], []
         for t in range(max_new_tokens):
@@ -435,9 +527,13 @@ class HFStepModel(StepModel):
             lp = token_logprobs(torch.stack(out_lp, 1), toks)
         else:
             lp = torch.stack(out_lp, 1)
-        return _Decoded(toks, length, stopped, lp,
-                        [(layer.keys, layer.values) for layer in cache.layers], C,
-                        row_lens, toks.tolist())
+        first = None
+        if split is not None:        # the first token of each row in `split`, up to its end
+            if split.shape[0] < stop.shape[0]:
+                split = torch.cat([split, split.new_zeros(stop.shape[0] - split.shape[0])])
+            hit = split[toks] & (torch.arange(T, device=dev)[None, :] < length[:, None])
+            first = torch.where(hit.any(1), hit.int().argmax(1) + 1, 0)
+        return toks, length, stopped, lp, _first_hits(first)
 
     def _table(self, ids: torch.Tensor) -> torch.Tensor:
         """A bool lookup table over token ids (``table[tok]``: ``tok`` is one of ``ids``):
@@ -460,17 +556,15 @@ class HFStepModel(StepModel):
         """``tokenizer.decode(ids, skip_special_tokens=True)``, memoised: sampled steps
         repeat across rollouts and searches, and a decode call costs several microseconds
         of Python per step."""
-        key = tuple(ids)
-        text = self._texts.get(key)
-        if text is None:
-            if len(self._texts) >= _TEXT_MEMO:
-                self._texts.clear()
-            text = self._texts[key] = self._decode_ids(ids)
-        return text
+        return _memoised(self._texts, ids, self._decode_ids)
 
-    def _step_text(self, ids: list, eos: set):
-        """(text, ended) of one step's token ids (the last may be a stop token)."""
-        if ids and ids[-1] in eos:
+    def _step_text(self, ids: list):
+        """(text, ended) of one step's token ids (the last may be a stop token), memoised
+        like :meth:`_text`."""
+        return _memoised(self._steps_memo, ids, self._step_text_of)
+
+    def _step_text_of(self, ids: list):
+        if ids and ids[-1] in self._eos:
             return self._text(ids[:-1]), "eos"
         text = self._text(ids)
         cut = text.find(self.step_delimiter)
@@ -485,14 +579,13 @@ class HFStepModel(StepModel):
         steps = torch.arange(d.toks.shape[1], device=self.device)[None, :]
         sums = reduce_sequences(d.lp, mask=steps < first[:, None])[0].tolist()
         first_l, rows = first.tolist(), d.rows
-        eos = set(self.eos_ids.tolist())
         out = []
         for i, st in enumerate(states):
             cands = []
             for j in range(k):
                 r = i * k + j
                 n = first_l[r]
-                text, ended = self._step_text(rows[r][:n], eos)
+                text, ended = self._step_text(rows[r][:n])
                 child = self._child(st, d, r, n, ended == "delimiter")
                 child.steps = st.steps + (text,)
                 cands.append(Candidate(text, n, sums[r], ended, child))
@@ -514,9 +607,16 @@ class HFStepModel(StepModel):
         if not live:
             return out
         d = self._decode([states[i] for i in live], [ks[i] for i in live],
-                         max(1, max_steps) * self.max_new_tokens, self._eos_tab)
+                         max(1, max_steps) * self.max_new_tokens, self._eos_tab,
+                         split=self._stop_tab)
+        ends = d.first_split
         lens = d.length.tolist()
-        lpc = torch.nn.functional.pad(d.lp.double().cumsum(1), (1, 0)).tolist()
+        # log-prob prefix sums of every row (float64, rows of W = T + 1 starting at 0) in
+        # a flat array: read at the step boundaries only, no Python float per token
+        W = d.lp.shape[1] + 1
+        lpc = array.array("d", bytes(8 * len(lens) * W))
+        torch.cumsum(d.lp.cpu(), 1, dtype=torch.float64,
+                     out=torch.frombuffer(lpc, dtype=torch.float64).view(-1, W)[:, 1:])
         eos, rows, split, text = self._eos, d.rows, self._split, self._text
         r0 = 0
         for i in live:
@@ -526,7 +626,7 @@ class HFStepModel(StepModel):
                 n, row = lens[r], rows[r]
                 # the rollout's text: its tokens but EOS (only the last one can be EOS)
                 comp = done + text(row[:n - 1] if n and row[n - 1] in eos else row[:n])
-                row_out.append((split(st, (d, r, 0, n, lpc[r])), comp))
+                row_out.append((split(st, (d, r, 0, n, lpc, r * W), ends[r] or n), comp))
             self.counters.add_generated(st.problem, sum(lens[r0:r1]))
             r0 = r1
         return out
@@ -534,26 +634,30 @@ class HFStepModel(StepModel):
     def continue_tail(self, state, tail):
         return self._split(state, tail)
 
-    def _split(self, st: StepState, tail) -> Optional[Candidate]:
-        """The next step of a sampled rollout: row ``r`` of ``d`` from token ``start``."""
-        d, r, start, length, lpc = tail
+    def _split(self, st: StepState, tail, end: Optional[int] = None) -> Optional[Candidate]:
+        """The next step of a sampled rollout: row ``r`` of ``d`` from token ``start``
+        (``lpc[o + j]``: the row's log-prob sum over its first ``j`` tokens) to ``end``
+        (default: found here, after the first step-stop token or at the rollout's end)."""
+        d, r, start, length, lpc, o = tail
         if start >= length:
             return None
-        row, stops = d.rows[r], self._stop_set
-        end = length
-        for j in range(start, length):
-            if row[j] in stops:
-                end = j + 1
-                break
+        row = d.rows[r]
+        if end is None:
+            stops = self._stop_set
+            end = length
+            for j in range(start, length):
+                if row[j] in stops:
+                    end = j + 1
+                    break
         seg = row[start:end]
         n = end - start
-        text, ended = self._step_text(seg, self._eos)
+        text, ended = self._step_text(seg)
         child = StepState(st.problem, st.prompt, st.steps + (text,), st.ids + seg)
-        c = Candidate(text, n, lpc[end] - lpc[start], ended, child)
+        c = Candidate(text, n, lpc[o + end] - lpc[o + start], ended, child)
         if ended == "delimiter":
             if self.kv_reuse:
                 child.kv = KVSlice(d.layers, r, d.C - d.lens[r], d.C + end)
-            c.tail = (d, r, end, length, lpc)
+            c.tail = (d, r, end, length, lpc, o)
         return c
 
     def rollout(self, states, max_steps, repeats=1):
@@ -569,6 +673,23 @@ class HFStepModel(StepModel):
             text = self._text(rows[r][:n])
             out.append((st.completion + text, n))
         return out
+
+
+def _memoised(memo: dict, ids: list, make):
+    """``make(ids)`` through ``memo`` (keyed by the ids; cleared when it holds
+    ``_TEXT_MEMO`` entries)."""
+    key = tuple(ids)
+    got = memo.get(key)
+    if got is None:
+        if len(memo) >= _TEXT_MEMO:
+            memo.clear()
+        got = memo[key] = make(ids)
+    return got
+
+
+def _first_hits(first: Optional[torch.Tensor]) -> Optional[list]:
+    """Per row: 1 + the position of its first token in the ``split`` table, 0 for none."""
+    return None if first is None else first.tolist()
 
 
 def _fast_decode(tokenizer, vocab: int):
@@ -610,6 +731,10 @@ def _pack(states, lens, C: int, reps: list, kernel: bool = True) -> list:
     gathers the rows, their repeats and the padding at once: the padding columns repeat
     the state's first cached token, rather than reading the source row's own padding,
     which may hold anything.  A state with no cached token gets zeros on both paths."""
+    if kernel:
+        packed = _pack_cpu(states, lens, C, reps)
+        if packed is not None:
+            return packed
     N = len(states)
     groups: dict[int, tuple] = {}
     empty: list[int] = []
@@ -630,9 +755,6 @@ def _pack(states, lens, C: int, reps: list, kernel: bool = True) -> list:
         else:
             empty.extend(range(r, r + n))
         r += n
-    packed = _pack_cpu(list(groups.values()), r, C) if kernel else None
-    if packed is not None:
-        return packed
     R = r
     dev = next(iter(groups.values()))[0][0][0].device
     cols = torch.arange(C, device=dev)
@@ -671,64 +793,79 @@ def _pack(states, lens, C: int, reps: list, kernel: bool = True) -> list:
     return out
 
 
-def _pack_cpu(groups: list, R: int, C: int) -> Optional[list]:
-    """``_pack`` through ``rlfuse._C.kv_pack`` (one pass per tensor), or None where it
-    does not apply: tensors off the CPU, without the extension, of mixed dtypes or
-    shapes, or with a strided last dimension."""
+def _pack_cpu(states, lens, C: int, reps: list) -> Optional[list]:
+    """``_pack`` through ``rlfuse._C.kv_pack`` (one pass per tensor over a plan of one
+    row per state: source, row, first column, columns, repeats), or None where it does
+    not apply: tensors off the CPU, without the extension, of mixed dtypes or shapes, or
+    with a strided last dimension.  The kernel checks every slice against its source
+    first (a bad ``KVSlice`` must not read out of bounds)."""
     from rlfuse import _backend
 
     if not _backend.available("cpu"):
         return None
-    layers0 = groups[0][0]
+    index: dict = {}
+    sources: list = []
+    plan = array.array("q")
+    for st, n, k in zip(states, lens, reps):
+        if n and k:
+            kv = st.kv
+            g = index.get(id(kv.layers))
+            if g is None:
+                g = index[id(kv.layers)] = len(sources)
+                sources.append(kv.layers)
+            plan.extend((g, kv.row, kv.start, n, k))
+        else:
+            plan.extend((-1, 0, 0, 0, k))
+    if not sources:
+        return None
+    layers0 = sources[0]
     L = len(layers0)
-    for layers, *_ in groups:
-        if len(layers) != L:
-            return None
-    group = [-1] * R
-    src_row, start, n = [0] * R, [0] * R, [0] * R
-    bounds = []
-    for g, (layers, out_rows, rows, first, off) in enumerate(groups):
-        for o, row, f, p in zip(out_rows, rows, first, off):
-            group[o], src_row[o], start[o], n[o] = g, row, f, C - p
-        # rows, first column and end column of its slices, checked against each tensor
-        bounds.append((min(rows), max(rows), min(first),
-                       max(f + C - p for f, p in zip(first, off))))
-    meta = torch.tensor([group, src_row, start, n], dtype=torch.int64)
+    if any(len(layers) != L for layers in sources):
+        return None
+    R, N, plan_ptr = sum(reps), len(plan) // 5, plan.buffer_info()[0]
     kernel = _backend.cpu_module().kv_pack
     out = []
     for li in range(L):
         pair = []
         for which in (0, 1):
             ref = layers0[li][which]
+            if ref.dim() != 4:
+                return None
             _, H, _, D = ref.shape
             srcs = []
-            for (layers, *_), (lo, hi, first, end) in zip(groups, bounds):
+            for layers in sources:
                 t = layers[li][which]
                 if t.device.type != "cpu" or t.dtype != ref.dtype or t.dim() != 4 or \
                         t.shape[1] != H or t.shape[3] != D or t.stride(3) != 1:
                     return None
-                # every slice inside its source (a bad KVSlice must not read out of bounds)
-                if lo < 0 or hi >= t.shape[0] or first < 0 or end > t.shape[2]:
-                    raise RuntimeError("rlfuse.search.llm_gen: a KV slice lies outside its "
-                                       "cache tensor")
                 es = t.element_size()
                 srcs.append([t.data_ptr(), t.stride(0) * es, t.stride(1) * es,
-                             t.stride(2) * es])
+                             t.stride(2) * es, t.shape[0], t.shape[2]])
             dst = torch.empty(R, H, C, D, dtype=ref.dtype)
-            kernel(dst.data_ptr(), R, H, C, D * ref.element_size(), srcs, meta[0].data_ptr(),
-                   meta[1].data_ptr(), meta[2].data_ptr(), meta[3].data_ptr())
+            bad = kernel(dst.data_ptr(), R, H, C, D * ref.element_size(), srcs, plan_ptr, N)
+            if bad >= 0:
+                raise RuntimeError("rlfuse.search.llm_gen: a KV slice lies outside its cache "
+                                   f"tensor (state {bad} of {N}, layer {li})")
             pair.append(dst)
         out.append(tuple(pair))
     return out
 
 
-def _cache_from(layer_kv: list, config):
+def _cache_from(layer_kv: list, config, template=None):
     """A ``DynamicCache`` holding ``layer_kv`` without copying it (the constructor's
-    ``ddp_cache_data`` path concatenates, i.e. copies, every layer)."""
+    ``ddp_cache_data`` path concatenates, i.e. copies, every layer).  ``template``: an
+    empty ``DynamicCache(config=config)`` to copy instead of building one (building reads
+    the config's layer types, ~50 us of Python per call)."""
+    import copy
+
     from transformers import DynamicCache
     from transformers.cache_utils import DynamicLayer
 
-    cache = DynamicCache(config=config)
+    if template is None:
+        cache = DynamicCache(config=config)
+    else:
+        cache = copy.copy(template)
+        cache.layers = [copy.copy(layer) for layer in template.layers]
     if not layer_kv:
         return cache
     if len(cache.layers) != len(layer_kv) or \
@@ -759,3 +896,4 @@ class _Decoded(NamedTuple):
     C: int                   # cache columns before the first sampled token's input
     lens: list               # [R] cached prefix tokens of each row's state
     rows: list               # toks as Python lists
+    first_split: Optional[list] = None   # [R] 1 + first position in the split table, or 0
