@@ -104,6 +104,22 @@ def test_grpo_short_run_writes_outputs(tmp_path, tok, tiny, rows, task, backend)
     assert any(not torch.equal(a, b) for a, b in zip(before, tiny.parameters()))
 
 
+def test_rollouts_decode_with_the_lean_decoder(tmp_path, tok, tiny, rows, task, monkeypatch):
+    # the tiny Llama qualifies: a change that silently sends the trainer's decode steps back
+    # to the model's forward (a hook, a wrapper) fails here
+    from rlfuse.models import decode
+
+    calls = []
+    orig = decode.LeanDecoder.step
+    monkeypatch.setattr(decode.LeanDecoder, "step",
+                        lambda self, *a: calls.append(1) or orig(self, *a))
+    cfg = small_grpo_config(tmp_path, max_steps=1, save_steps=0, beta=0.02)
+    tr = GRPOTrainer(tiny, task.reward, args=cfg, train_dataset=rows, tokenizer=tok,
+                     ref_model=copy_reference(tiny))
+    tr.train()
+    assert calls
+
+
 def _run_steps(tmp_path, tok, rows, task, name, *, stop_after=None, resume=False, steps=4):
     from rlfuse.models.tiny import tiny_causal_lm
 
