@@ -296,3 +296,21 @@ def test_silu_mul_and_rms_norm_kernels(isa):
         assert out[:, n:].isnan().all()
     finally:
         _C.set_isa(old)
+
+
+def test_a_cache_that_does_not_fit_is_refused():
+    model = _model("llama")
+    ids, mask = _prompts(2, 5)
+    with torch.no_grad():
+        cache = model(input_ids=ids, attention_mask=mask, use_cache=True).past_key_values
+    dec = D.lean_decoder(model, 4, 12)
+    assert dec.cache_fits(cache, 2)
+    assert not dec.cache_fits(cache, 1)             # 2 rows for a batch of 4
+    assert not dec.cache_fits(object(), 2)          # no layers
+    assert not D.lean_decoder(model, 4, 5).cache_fits(cache, 2)   # no room left
+    with pytest.raises(ValueError, match="prefill cache"):
+        dec.load_cache(cache, 1)
+    assert dec.load_cache(cache, 2) == 5
+    # each prompt's cache went to both of its sample rows
+    k = cache.layers[1].keys
+    assert torch.equal(dec.layers[1].kbuf[:, :, :, :5], k.transpose(2, 3).repeat_interleave(2, 0))

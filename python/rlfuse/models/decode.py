@@ -212,20 +212,35 @@ class LeanDecoder:
         self.pos = torch.zeros(B, dtype=torch.int64)
         self.mask = torch.zeros(B, self.C, dtype=torch.uint8)
 
+    def cache_fits(self, cache, repeat: int = 1) -> bool:
+        """Whether ``cache`` is a prefill cache :meth:`load_cache` takes: one layer per
+        decoder layer with ``keys`` / ``values`` of ``[B / repeat, nkv, P, hd]``, P below
+        the capacity."""
+        layers = getattr(cache, "layers", None)
+        if layers is None or len(layers) != len(self.layers) or self.B % repeat:
+            return False
+        for layer in layers:
+            k, v = getattr(layer, "keys", None), getattr(layer, "values", None)
+            if not isinstance(k, torch.Tensor) or not isinstance(v, torch.Tensor) or \
+                    k.dim() != 4 or k.shape != v.shape or \
+                    k.shape[:2] != (self.B // repeat, self.nkv) or k.shape[3] != self.hd or \
+                    not 0 < k.shape[2] < self.capacity or k.dtype != torch.float32:
+                return False
+        return True
+
     def load_cache(self, cache, repeat: int = 1) -> int:
-        """Copy the prefill's cache (``[B / repeat, nkv, P, hd]`` per layer) into the buffers;
-        returns P."""
-        P = 0
-        for i, ly in enumerate(self.layers):
-            k, v = cache.layers[i].keys, cache.layers[i].values
-            if repeat > 1:
-                k, v = k.repeat_interleave(repeat, 0), v.repeat_interleave(repeat, 0)
-            P = k.shape[2]
-            if k.shape != (self.B, self.nkv, P, self.hd) or P >= self.C:
-                raise ValueError(f"LeanDecoder: cache layer {i} has shape {tuple(k.shape)}, "
-                                 f"expected [{self.B}, {self.nkv}, < {self.C}, {self.hd}]")
-            ly.kbuf[:, :, :, :P] = k.transpose(2, 3)
-            ly.vbuf[:, :, :P] = v
+        """Copy the prefill's cache (``[B / repeat, nkv, P, hd]`` per layer, each row
+        ``repeat`` times) into the buffers; returns P."""
+        if not self.cache_fits(cache, repeat):
+            raise ValueError("LeanDecoder.load_cache: not a prefill cache of this model, "
+                             f"batch {self.B // repeat} and fewer than {self.capacity} positions")
+        B0, P = self.B // repeat, cache.layers[0].keys.shape[2]
+        for ly, layer in zip(self.layers, cache.layers):
+            k, v = layer.keys, layer.values
+            # each prompt row written to its `repeat` sample rows in one broadcast copy
+            ly.kbuf.view(B0, repeat, self.nkv, self.hd, self.C)[..., :P] = \
+                k.transpose(2, 3)[:, None]
+            ly.vbuf.view(B0, repeat, self.nkv, self.C, self.hd)[:, :, :, :P] = v[:, None]
         return P
 
     def _qkv(self, ly, h):

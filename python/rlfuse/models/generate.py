@@ -279,6 +279,11 @@ def sample(model, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor
                              f"{type(model).__name__} ({why})")
     if num_samples > 1:
         last = rep(last)
+    if dec is not None and not dec.cache_fits(cache, num_samples):
+        if lean:
+            raise ValueError(f"sample: lean=True but {type(model).__name__}'s prefill "
+                             "cache is not one the lean decoder takes")
+        dec = None
     if dec is not None:
         dec.load_cache(cache, num_samples)
         cache = None
