@@ -7,6 +7,7 @@
 #include <pybind11/stl.h>
 
 #include <cstdint>
+#include <cstring>
 #include <stdexcept>
 #include <string>
 #include <vector>
@@ -52,6 +53,26 @@ rlfuse::tree::BackupInputs backup_inputs(const rlfuse::tree::SelectParams& p, in
   in.path = p.out_path;
   in.len = p.out_len;
   return in;
+}
+
+// Payload rows of a [B, N + 1, ...] buffer (search/tree.py TensorStore, one contiguous
+// tensor): row (tree[m], node[m]) <-> row m of a contiguous [M, ...] tensor, `row_bytes`
+// bytes each.  gather copies buffer -> rows, put rows -> buffer (in row order).
+void copy_payload_rows(int64_t buf, int64_t row_bytes, int64_t n1, int64_t tree,
+                       int64_t node, int64_t rows, int64_t M, bool put) {
+  char* b = ptr<char>(buf);
+  char* r = ptr<char>(rows);
+  const int64_t* tr = ptr<const int64_t>(tree);
+  const int64_t* nd = ptr<const int64_t>(node);
+  const size_t n = size_t(row_bytes);
+  for (int64_t m = 0; m < M; ++m) {
+    char* slot = b + (tr[m] * n1 + nd[m]) * row_bytes;
+    char* row = r + m * row_bytes;
+    if (put)
+      std::memcpy(slot, row, n);
+    else
+      std::memcpy(row, slot, n);
+  }
 }
 
 }  // namespace
@@ -122,6 +143,18 @@ void rlfuse_bind_tree(py::module_& m) {
         RLFUSE_ISA_CALL(tree_backup, t, in, nt);
       },
       "Back up the paths of the last select and release their virtual loss.");
+  m.def(
+      "tree_payload_gather",
+      [](int64_t buf, int64_t row_bytes, int64_t n1, int64_t tree, int64_t node, int64_t out,
+         int64_t M) { copy_payload_rows(buf, row_bytes, n1, tree, node, out, M, false); },
+      "out[m] = buf[tree[m], node[m]] for m < M: buf a contiguous [B, n1, ...] buffer, out a "
+      "contiguous [M, ...] tensor of rows of row_bytes bytes, tree / node int64 [M] (in range: "
+      "the caller checks).");
+  m.def(
+      "tree_payload_put",
+      [](int64_t buf, int64_t row_bytes, int64_t n1, int64_t tree, int64_t node, int64_t rows,
+         int64_t M) { copy_payload_rows(buf, row_bytes, n1, tree, node, rows, M, true); },
+      "buf[tree[m], node[m]] = rows[m] for m = 0 .. M - 1 in order (see tree_payload_gather).");
   m.def(
       "tree_subtree",
       [](const View& src, const View& dst, int64_t actions, int64_t src_of, int nt) {

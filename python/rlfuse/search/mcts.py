@@ -320,7 +320,7 @@ def _steps(ph: Phases, recurrent_fn: Callable, num_simulations: int, pass_exp: b
         w = min(W, num_simulations - done)
         M = tree.batch_size * w
         sel = ph.select(w)
-        emb = None if store is None else store.gather(sel.tree, sel.parent)
+        emb = None if store is None else store.step_gather(sel, M)
         # fresh tensors: the phase buffers are rewritten by the next step
         action = sel.action.clone()
         if pass_exp:
@@ -344,7 +344,7 @@ def _steps(ph: Phases, recurrent_fn: Callable, num_simulations: int, pass_exp: b
                          _u8("invalid_actions", inv, (M, K), dev),
                          _u8("terminal", term, (M,), dev))
         if store is not None:
-            store.put(sel.tree, sel.store, out[4], M)
+            store.step_put(sel, out[4], M)
         done += w
 
 
