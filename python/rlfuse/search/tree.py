@@ -504,10 +504,16 @@ class Phases:
                                           self.out_len)]
             # the memo of the sparse PUCT rule: a node's best unallocated action (-2: not yet
             # known); valid for this search only, so it is filled afresh here
-            self.memo = None
+            self.memo = self.kids = None
             if self.backend == "cpu" and self.rule == RULES["puct"] and SPARSE_SELECT:
                 self.memo = torch.full((B * tree.capacity,), -2, dtype=torch.int32)
+                # with K <= 64, each node's children as a 64-bit mask (bit a: action a has
+                # a child), so that a walk reads one word instead of the child row; an entry
+                # is written when the node's memo entry is, so it needs no initial value
+                if tree.num_actions <= 64:
+                    self.kids = torch.empty(B * tree.capacity, dtype=torch.int64)
             ia += [0 if self.memo is None else self.memo.data_ptr(),
+                   0 if self.kids is None else self.kids.data_ptr(),
                    SELECT_GROUP if self.backend == "cpu" else 1]
             if self.backend == "cuda":
                 ia.append(self.status.data_ptr())
