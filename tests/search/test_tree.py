@@ -245,7 +245,7 @@ def test_tensor_pytree_payloads():
 @pytest.mark.parametrize("W,contiguous", [(1, True), (3, True), (3, False)])
 def test_tensor_payload_rows_copied_by_the_extension(W, contiguous, monkeypatch):
     """One CPU tensor payload: the search loop copies its rows in the extension
-    (TensorStore.step_gather / step_put); the trees and every node's payload equal those of
+    (Phases.step, TensorStore.rows); the trees and every node's payload equal those of
     torch's indexing, rows [2, 3] of float64; a non-contiguous next_embedding is served."""
     from rlfuse.search import tree as tree_mod
 
@@ -267,11 +267,11 @@ def test_tensor_payload_rows_copied_by_the_extension(W, contiguous, monkeypatch)
 
             def no_rows(self):
                 orig(self)
-                self._rows = None
+                self.rows = None
             monkeypatch.setattr(tree_mod.TensorStore, "_fast_path", no_rows)
         out = puct_search(Root(root.prior_logits, root.value, emb), fn, 20, parallel=W,
                           dirichlet_fraction=0.0, temperature=0.0)
-        assert (out.tree.payload._rows is not None) == rows
+        assert (out.tree.payload.rows is not None) == rows
         runs.append(out.tree)
     _assert_same(runs[0], runs[1])
     t = runs[0]

@@ -311,42 +311,34 @@ class TensorStore:
         # one plain tensor (the common case): gather / put without the pytree walk
         self._single = type(self.buf) is torch.Tensor
         self._row_shape = tuple(self.buf.shape[2:]) if self._single else None
-        # ... and on the CPU the search loop's rows are copied by the extension (a memcpy
-        # per row: ~1 us a step against ~4 us for torch's advanced indexing, gather and
-        # put each)
-        self._rows = None
-        if self._single and self.buf.device.type == "cpu" and self.buf.is_contiguous() \
-                and _backend.available("cpu"):
+        # ... and on the CPU the search loop's rows are copied by the extension, in its one
+        # call per step (Phases.step: a memcpy per row, against ~4 us for each of torch's
+        # advanced indexing gather and put): (address, bytes per row, slots per tree)
+        self.rows = None
+        if self._single and self.buf.device.type == "cpu" and self.buf.is_contiguous():
             buf = self.buf
-            row_bytes = math.prod(self._row_shape) * buf.element_size()
-            self._rows = (_backend.cpu_module(), buf.data_ptr(), row_bytes, buf.shape[1])
+            self.rows = (buf.data_ptr(), math.prod(self._row_shape) * buf.element_size(),
+                         buf.shape[1])
 
     def gather(self, b, parent):
         if self._single:
             return self.buf[b, parent]
         return _tmap(lambda buf: buf[b, parent], self.buf)
 
-    def step_gather(self, sel: "Selection", M: int):
-        """The parents' rows of a step (``sel`` from the phases: indices in range)."""
-        if self._rows is None:
-            return self.gather(sel.tree, sel.parent)
-        mod, buf, row_bytes, n1 = self._rows
-        out = torch.empty((M,) + self._row_shape, dtype=self.buf.dtype)
-        mod.tree_payload_gather(buf, row_bytes, n1, sel.tree.data_ptr(), sel.parent.data_ptr(),
-                                out.data_ptr(), M)
-        return out
+    def empty_rows(self, M: int) -> torch.Tensor:
+        """A fresh [M, ...] tensor for the extension to gather rows into (see ``rows``)."""
+        return torch.empty((M,) + self._row_shape, dtype=self.buf.dtype)
 
-    def step_put(self, sel: "Selection", value, M: int):
-        """The new nodes' rows of a step (slot N for the rows that create none)."""
+    def row_source(self, value, M: int) -> int:
+        """The address of ``value`` when the extension can copy it as a step's M new rows
+        (``rows`` is set; a contiguous tensor of the buffer's dtype, device and row shape),
+        else 0 (``put`` then checks it and writes it)."""
         buf = self.buf
-        if self._rows is not None and type(value) is torch.Tensor and value.dtype is buf.dtype \
+        if self.rows is not None and type(value) is torch.Tensor and value.dtype is buf.dtype \
                 and value.device == buf.device and value.shape[:1] == (M,) \
                 and tuple(value.shape[1:]) == self._row_shape and value.is_contiguous():
-            mod, ptr, row_bytes, n1 = self._rows
-            mod.tree_payload_put(ptr, row_bytes, n1, sel.tree.data_ptr(), sel.store.data_ptr(),
-                                 value.data_ptr(), M)
-            return
-        self.put(sel.tree, sel.store, value, M)
+            return value.data_ptr()
+        return 0
 
     def put(self, b, store, value, M: int):
         buf = self.buf
@@ -400,6 +392,7 @@ class ObjectStore:
 
     def __init__(self, root_embedding, B: int, N: int):
         self.scratch = N
+        self.rows = None  # (see TensorStore.rows)
         try:
             n = len(root_embedding)
         except TypeError as exc:
@@ -411,12 +404,6 @@ class ObjectStore:
 
     def gather(self, b, parent):
         return [self.nodes[i][p] for i, p in zip(b.tolist(), parent.tolist())]
-
-    def step_gather(self, sel: "Selection", M: int):
-        return self.gather(sel.tree, sel.parent)
-
-    def step_put(self, sel: "Selection", value, M: int):
-        self.put(sel.tree, sel.store, value, M)
 
     def put(self, b, store, value, M: int):
         try:
@@ -439,7 +426,7 @@ class ObjectStore:
 
     def remap(self, src_of: torch.Tensor):
         out = ObjectStore.__new__(ObjectStore)
-        out.scratch = src_of.shape[1]
+        out.scratch, out.rows = src_of.shape[1], None
         out.nodes = [{i: old[s] for i, s in enumerate(row) if s >= 0 and s in old}
                      for old, row in zip(self.nodes, src_of.tolist())]
         return out
@@ -573,6 +560,22 @@ class Phases:
             0 if terminal is None else terminal.data_ptr(), self.arg)
         if out[0]:
             self._raise("expand", out[0], out[1], "row")
+
+    def step(self, w: int, outputs, w_next: int, store=None, put_rows: int = 0,
+             gather_rows: int = 0) -> None:
+        """CPU, one call into the extension: ``expand_backup(w, *outputs)`` (w > 0; outputs
+        as for expand), the new payload rows of a ``store`` with ``rows`` from the address
+        ``put_rows`` (0: none), then ``select(w_next)`` (w_next > 0) and the parents'
+        payload rows into the address ``gather_rows`` (0: none)."""
+        if outputs is None:
+            ptrs = (0,) * 6
+        else:
+            ptrs = tuple(0 if x is None else x.data_ptr() for x in outputs)
+        rows = store.rows if store is not None and store.rows is not None else (0, 0, 0)
+        code, where, stage = self.mod.tree_step(self.view, self.cfg, w, *ptrs, *rows, put_rows,
+                                                w_next, gather_rows, self.arg)
+        if code:
+            self._raise("select" if stage else "expand", code, where, "tree" if stage else "row")
 
     def backup(self, w: int) -> None:
         if self.mod is None:
