@@ -1137,25 +1137,34 @@ void expand_finish(const View& t, const tree::ExpandInputs& in, int64_t m, int64
   const float* lg = in.logits + m * K;
   // the logits and fresh edges in 16-lane stores (rows of a few hundred bytes: libc's
   // memcpy / memset calls cost more than the stores)
+  // (the row pointers in locals: the stores could alias the view's fields, which the
+  // compiler would then reload on every iteration)
+  float* __restrict logit = t.logit + e;
+  int32_t* __restrict child = t.child + e;
+  int32_t* __restrict ev = t.edge_visits + e;
+  float* __restrict evalue = t.edge_value + e;
+  float* __restrict eq = t.edge_q + e;
+  float* __restrict reward = t.reward + e;
+  float* __restrict discount = t.discount + e;
   const vi16 none = splat(int32_t(-1)), zero = splat(int32_t(0));
   int64_t a0 = 0;
   for (; a0 + kLanes <= K; a0 += kLanes) {
-    std::memcpy(t.logit + e + a0, lg + a0, sizeof(vf16));
-    std::memcpy(t.child + e + a0, &none, sizeof(vi16));
-    std::memcpy(t.edge_visits + e + a0, &zero, sizeof(vi16));
-    std::memcpy(t.edge_value + e + a0, &zero, sizeof(vi16));
-    std::memcpy(t.edge_q + e + a0, &zero, sizeof(vi16));
-    std::memcpy(t.reward + e + a0, &zero, sizeof(vi16));
-    std::memcpy(t.discount + e + a0, &zero, sizeof(vi16));
+    std::memcpy(logit + a0, lg + a0, sizeof(vf16));
+    std::memcpy(child + a0, &none, sizeof(vi16));
+    std::memcpy(ev + a0, &zero, sizeof(vi16));
+    std::memcpy(evalue + a0, &zero, sizeof(vi16));
+    std::memcpy(eq + a0, &zero, sizeof(vi16));
+    std::memcpy(reward + a0, &zero, sizeof(vi16));
+    std::memcpy(discount + a0, &zero, sizeof(vi16));
   }
   for (int64_t a = a0; a < K; ++a) {
-    t.logit[e + a] = lg[a];
-    t.child[e + a] = -1;
-    t.edge_visits[e + a] = 0;
-    t.edge_value[e + a] = 0.0f;
-    t.edge_q[e + a] = 0.0f;
-    t.reward[e + a] = 0.0f;
-    t.discount[e + a] = 0.0f;
+    logit[a] = lg[a];
+    child[a] = -1;
+    ev[a] = 0;
+    evalue[a] = 0.0f;
+    eq[a] = 0.0f;
+    reward[a] = 0.0f;
+    discount[a] = 0.0f;
   }
   tree::expand_node_fields(t, in, m, base, n, valid);
 }
