@@ -157,6 +157,35 @@ inline vi16 lane_ids() {
   return v;
 }
 
+// Lane j of v and of v with its lanes in blocks of 2 k swapped (k = 8, 4, 2, 1).
+template <typename V>
+inline V swap_blocks(V v, int k) {
+  switch (k) {
+    case 8: return __builtin_shuffle(v, vi16{8, 9, 10, 11, 12, 13, 14, 15, 0, 1, 2, 3, 4, 5, 6, 7});
+    case 4: return __builtin_shuffle(v, vi16{4, 5, 6, 7, 0, 1, 2, 3, 12, 13, 14, 15, 8, 9, 10, 11});
+    case 2: return __builtin_shuffle(v, vi16{2, 3, 0, 1, 6, 7, 4, 5, 10, 11, 8, 9, 14, 15, 12, 13});
+    default: return __builtin_shuffle(v, vi16{1, 0, 3, 2, 5, 4, 7, 6, 9, 8, 11, 10, 13, 12, 15, 14});
+  }
+}
+// Every lane gets the maximum (minimum) of the lanes; for float lanes without NaN the value
+// is exact (which of +0 / -0 is not specified).
+template <typename V>
+inline V lanes_max(V v) {
+  for (int k = 8; k >= 1; k /= 2) {
+    const V w = swap_blocks(v, k);
+    v = w > v ? w : v;
+  }
+  return v;
+}
+template <typename V>
+inline V lanes_min(V v) {
+  for (int k = 8; k >= 1; k /= 2) {
+    const V w = swap_blocks(v, k);
+    v = w < v ? w : v;
+  }
+  return v;
+}
+
 // Running first argmax in kLanes lanes (lane j sees actions j, j + kLanes, ...): a strict
 // > keeps the lowest index within a lane, and result() takes the lowest index among the
 // lanes that hold the maximum, so the answer is the first index of the maximum, as a scan
@@ -177,14 +206,12 @@ struct LaneArgmax {
       idx[j] = a;
     }
   }
+  // (in log steps across the lanes: the maximum is exact in any order, and only its value
+  // matters here; then the lowest index among the lanes that hold it)
   int64_t result() const {
-    float m = -kInf;
-    for (int j = 0; j < kLanes; ++j) m = best[j] > m ? best[j] : m;
-    if (m == -kInf) return -1;
-    int32_t arg = -1;
-    for (int j = 0; j < kLanes; ++j)
-      if (best[j] == m && (arg < 0 || idx[j] < arg)) arg = idx[j];
-    return arg;
+    const vf16 m = lanes_max(best);
+    if (m[0] == -kInf) return -1;
+    return lanes_min((best == m) ? idx : splat(std::numeric_limits<int32_t>::max()))[0];
   }
 };
 
@@ -595,15 +622,13 @@ float gumbel_sigma(const View& t, const tree::SelectParams& p, const NodeRef& r,
     // pr * q + sw: one fused multiply-add where the ISA level has it, as the scalar form
     sw16 = vis ? pr * load16<vf16>(eq + a0) + sw16 : sw16;
   }
-  float sn[kLanes], mn[kLanes], sp[kLanes], sw[kLanes];
+  float sn[kLanes], sp[kLanes], sw[kLanes];
   std::memcpy(sn, &sn16, sizeof(sn));
-  std::memcpy(mn, &mn16, sizeof(mn));
   std::memcpy(sp, &sp16, sizeof(sp));
   std::memcpy(sw, &sw16, sizeof(sw));
-  float sum_n = 0, max_n = 0, sum_p = 0, wq = 0;
-  for (int j = 0; j < kLanes; ++j) {
+  float sum_n = 0, max_n = lanes_max(mn16)[0], sum_p = 0, wq = 0;  // (visits: no -0)
+  for (int j = 0; j < kLanes; ++j) {  // the sums in lane order
     sum_n += sn[j];
-    max_n = mn[j] > max_n ? mn[j] : max_n;
     sum_p += sp[j];
     wq += sw[j];
   }
@@ -624,11 +649,9 @@ float gumbel_sigma(const View& t, const tree::SelectParams& p, const NodeRef& r,
     lo16 = c < lo16 ? c : lo16;
     hi16 = c > hi16 ? c : hi16;
   }
-  float lo = kInf, hi = -kInf;
-  for (int j = 0; j < kLanes; ++j) {
-    lo = lo16[j] < lo ? lo16[j] : lo;
-    hi = hi16[j] > hi ? hi16[j] : hi;
-  }
+  // (across the lanes in log steps: of equal +0 / -0 either may come out, which changes
+  // no value below: sigma only feeds sums with the logits before exp and comparisons)
+  float lo = lanes_min(lo16)[0], hi = lanes_max(hi16)[0];
   for (int64_t a = a0; a < K; ++a) {
     const float c = ev[a] > 0 ? eq[a] : v_mix;
     sigma[a] = c;
@@ -658,12 +681,9 @@ int64_t gumbel_root_real(const View& t, const tree::SelectParams& p, const NodeR
     mx16 = lg > mx16 ? lg : mx16;
     sim16 += load16<vi16>(ev + a0);
   }
-  float max_logit = -kInf;
+  float max_logit = lanes_max(mx16)[0];  // (+0 / -0: a centred logit of either sign)
   int64_t sim = 0;
-  for (int j = 0; j < kLanes; ++j) {
-    max_logit = mx16[j] > max_logit ? mx16[j] : max_logit;
-    sim += sim16[j];
-  }
+  for (int j = 0; j < kLanes; ++j) sim += sim16[j];
   for (int64_t a = a0; a < K; ++a) {
     max_logit = logit[a] > max_logit ? logit[a] : max_logit;
     sim += ev[a];
@@ -710,12 +730,9 @@ float gumbel_interior_exps(const View& t, const NodeRef& r, const float* sigma, 
     zm16 = (ok & (z > zm16)) ? z : zm16;
     tot16 += ok ? load16<vi16>(ev + a0) : splat(int32_t(0));
   }
-  float zmax = -kInf;
+  float zmax = lanes_max(zm16)[0];  // (+0 / -0: exp(z - zmax) is the same)
   int64_t tot = 0;
-  for (int j = 0; j < kLanes; ++j) {
-    zmax = zm16[j] > zmax ? zm16[j] : zmax;
-    tot += tot16[j];
-  }
+  for (int j = 0; j < kLanes; ++j) tot += tot16[j];
   for (int64_t a = a0; a < K; ++a) {
     const float z = logit[a] + sigma[a];
     zmax = !inv[a] && z > zmax ? z : zmax;
