@@ -567,13 +567,16 @@ class Phases:
         as for expand), the new payload rows of a ``store`` with ``rows`` from the address
         ``put_rows`` (0: none), then ``select(w_next)`` (w_next > 0) and the parents'
         payload rows into the address ``gather_rows`` (0: none)."""
-        if outputs is None:
-            ptrs = (0,) * 6
-        else:
-            ptrs = tuple(0 if x is None else x.data_ptr() for x in outputs)
         rows = store.rows if store is not None and store.rows is not None else (0, 0, 0)
-        code, where, stage = self.mod.tree_step(self.view, self.cfg, w, *ptrs, *rows, put_rows,
-                                                w_next, gather_rows, self.arg)
+        if outputs is None:
+            code, where, stage = self.mod.tree_step(self.view, self.cfg, 0, 0, 0, 0, 0, 0, 0,
+                                                    *rows, 0, w_next, gather_rows, self.arg)
+        else:
+            r, d, lg, v, inv, term = outputs
+            code, where, stage = self.mod.tree_step(
+                self.view, self.cfg, w, r.data_ptr(), d.data_ptr(), lg.data_ptr(), v.data_ptr(),
+                0 if inv is None else inv.data_ptr(), 0 if term is None else term.data_ptr(),
+                *rows, put_rows, w_next, gather_rows, self.arg)
         if code:
             self._raise("select" if stage else "expand", code, where, "tree" if stage else "row")
 
