@@ -320,6 +320,25 @@ def _subtree_size(t, b, n):
     return 1 + sum(_subtree_size(t, b, c) for c in kids)
 
 
+def test_step_reports_errors_of_each_stage():
+    """Phases.step (the CPU's one call per step) raises naming the stage that failed: a
+    non-finite recurrent output (expand), a full tree (select)."""
+    B, A = 2, 3
+    tree = Tree(B, A, 2)
+    tree.init_roots(torch.zeros(B, A), torch.zeros(B))
+    ph = Phases(tree, rule="puct", W=1, max_depth=4, backend="cpu")
+    ph.step(0, None, 1)
+    good = (torch.zeros(B), torch.ones(B), torch.zeros(B, A), torch.zeros(B), None, None)
+    bad = (torch.zeros(B), torch.ones(B), torch.zeros(B, A), torch.tensor([0.0, math.inf]),
+           None, None)
+    with pytest.raises(RuntimeError, match="expand: recurrent_fn returned a non-finite value"
+                                           r" \(row 1\)"):
+        ph.step(1, bad, 1)
+    ph.step(1, good, 0)  # the rows of the step that failed are written now
+    with pytest.raises(RuntimeError, match=r"select: tree full \(tree 0\)"):
+        ph.step(0, None, 1)
+
+
 def test_bad_input():
     env = HashEnv(4)
     root = env.root(2)
