@@ -1198,6 +1198,23 @@ int tree_expand(const View& t, const tree::ExpandInputs& in, int nt, int64_t* wh
     int64_t row[4], e[4];
     int valid[4];
     int nr = 0;
+    // ask for the next group's edge rows, for writing (they were last touched in an
+    // earlier search: each store would otherwise wait for its line)
+    for (int64_t m = m0 + 4; m < m0 + 8 && m < M; ++m) {
+      if (!in.is_new[m]) continue;
+      const int64_t pe = ((m / in.W) * N + in.node[m]) * K;
+      for (int64_t a = 0; a < K; a += kLanes) {
+        __builtin_prefetch(t.logit + pe + a, 1);
+        __builtin_prefetch(t.prior + pe + a, 1);
+        __builtin_prefetch(t.child + pe + a, 1);
+        __builtin_prefetch(t.edge_visits + pe + a, 1);
+        __builtin_prefetch(t.edge_value + pe + a, 1);
+        __builtin_prefetch(t.edge_q + pe + a, 1);
+        __builtin_prefetch(t.reward + pe + a, 1);
+        __builtin_prefetch(t.discount + pe + a, 1);
+      }
+      for (int64_t a = 0; a < K; a += 4 * kLanes) __builtin_prefetch(t.invalid + pe + a, 1);
+    }
     for (int64_t m = m0; m < m0 + 4 && m < M; ++m) {
       if (!in.is_new[m]) continue;
       const int64_t base = (m / in.W) * N;
