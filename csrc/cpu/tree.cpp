@@ -141,6 +141,7 @@ void virtual_visits(const NodeRef& r, float vl, bool any, float* v) {
 typedef float vf16 __attribute__((vector_size(4 * kLanes)));
 typedef int32_t vi16 __attribute__((vector_size(4 * kLanes)));
 typedef uint8_t vb16 __attribute__((vector_size(kLanes)));
+typedef float vf4 __attribute__((vector_size(16)));
 
 template <typename V, typename T>
 inline V load16(const T* p) {
@@ -153,6 +154,35 @@ inline vi16 splat(int32_t x) { return vi16{} + x; }
 inline vi16 lane_ids() {
   vi16 v;
   for (int j = 0; j < kLanes; ++j) v[j] = j;
+  return v;
+}
+
+// Lane j of v and of v with its lanes in blocks of 2 k swapped (k = 8, 4, 2, 1).
+template <typename V>
+inline V swap_blocks(V v, int k) {
+  switch (k) {
+    case 8: return __builtin_shuffle(v, vi16{8, 9, 10, 11, 12, 13, 14, 15, 0, 1, 2, 3, 4, 5, 6, 7});
+    case 4: return __builtin_shuffle(v, vi16{4, 5, 6, 7, 0, 1, 2, 3, 12, 13, 14, 15, 8, 9, 10, 11});
+    case 2: return __builtin_shuffle(v, vi16{2, 3, 0, 1, 6, 7, 4, 5, 10, 11, 8, 9, 14, 15, 12, 13});
+    default: return __builtin_shuffle(v, vi16{1, 0, 3, 2, 5, 4, 7, 6, 9, 8, 11, 10, 13, 12, 15, 14});
+  }
+}
+// Every lane gets the maximum (minimum) of the lanes; for float lanes without NaN the value
+// is exact (which of +0 / -0 is not specified).
+template <typename V>
+inline V lanes_max(V v) {
+  for (int k = 8; k >= 1; k /= 2) {
+    const V w = swap_blocks(v, k);
+    v = w > v ? w : v;
+  }
+  return v;
+}
+template <typename V>
+inline V lanes_min(V v) {
+  for (int k = 8; k >= 1; k /= 2) {
+    const V w = swap_blocks(v, k);
+    v = w < v ? w : v;
+  }
   return v;
 }
 
@@ -176,14 +206,12 @@ struct LaneArgmax {
       idx[j] = a;
     }
   }
+  // (in log steps across the lanes: the maximum is exact in any order, and only its value
+  // matters here; then the lowest index among the lanes that hold it)
   int64_t result() const {
-    float m = -kInf;
-    for (int j = 0; j < kLanes; ++j) m = best[j] > m ? best[j] : m;
-    if (m == -kInf) return -1;
-    int32_t arg = -1;
-    for (int j = 0; j < kLanes; ++j)
-      if (best[j] == m && (arg < 0 || idx[j] < arg)) arg = idx[j];
-    return arg;
+    const vf16 m = lanes_max(best);
+    if (m[0] == -kInf) return -1;
+    return lanes_min((best == m) ? idx : splat(std::numeric_limits<int32_t>::max()))[0];
   }
 };
 
@@ -271,6 +299,21 @@ inline uint32_t allocated_mask16(const int32_t* child) {
 #endif
 }
 
+// Bit a set where child[a] >= 0, for K <= 64.
+inline uint64_t children_mask(const int32_t* child, int64_t K) {
+  uint64_t m = 0;
+  int64_t j = 0;
+  for (; j + kLanes <= K; j += kLanes) m |= uint64_t(allocated_mask16(child + j)) << j;
+  for (; j < K; ++j) m |= uint64_t(child[j] >= 0) << j;
+  return m;
+}
+
+// The set bits of m (increasing) plus `offset` into out[n, ...]; returns the new count.
+inline int list_bits(uint64_t m, int64_t offset, int n, int32_t* out) {
+  for (; m != 0; m &= m - 1) out[n++] = int32_t(offset + __builtin_ctzll(m));
+  return n;
+}
+
 // The actions with a child, in increasing order, into out[0, limit]; returns their
 // number, or limit + 1 once there are more than limit.  The child row is turned into a
 // 64-bit mask per 64 actions (fixed-length loops), then its set bits are listed.
@@ -283,7 +326,7 @@ inline int allocated_actions(const int32_t* child, int64_t K, int limit, int32_t
     for (; j + kLanes <= len; j += kLanes) m |= uint64_t(allocated_mask16(child + b0 + j)) << j;
     for (; j < len; ++j) m |= uint64_t(child[b0 + j] >= 0) << j;
     if (n + __builtin_popcountll(m) > limit) return limit + 1;
-    for (; m != 0; m &= m - 1) out[n++] = int32_t(b0 + __builtin_ctzll(m));
+    n = list_bits(m, b0, n, out);
   }
   return n;
 }
@@ -291,11 +334,14 @@ inline int allocated_actions(const int32_t* child, int64_t K, int limit, int32_t
 // The valid action without a child with the largest prior (lowest index on ties), from
 // the memo or recomputed into it; kMemoNone when there is none, kMemoAmbiguous when some
 // lower-indexed candidate's prior is within 2^-20 of it (or the prior is tiny but not 0).
-int32_t best_unallocated(const View& t, const NodeRef& r, int32_t* slot) {
+int32_t best_unallocated(const View& t, const tree::SelectParams& p, const NodeRef& r) {
   const int32_t* ch = t.child + r.e;
+  int32_t* slot = p.memo + r.base + r.s;
+  uint64_t* kids = p.kids != nullptr ? p.kids + r.base + r.s : nullptr;
   const int32_t code = *slot;
   if (code >= 0 ? ch[code] < 0 : code != kMemoUnknown) return code;
   const int64_t K = t.K;
+  if (kids != nullptr) *kids = children_mask(ch, K);
   const float* prior = t.prior + r.e;
   const uint8_t* inv = t.invalid + r.e;
   LaneArgmax best;
@@ -339,9 +385,15 @@ __attribute__((always_inline)) inline int64_t select_puct_sparse(const View& t, 
   constexpr int kMaxSparse = 64;
   int32_t kids[kMaxSparse];
   const int limit = int(K / 4 < 16 ? 16 : K / 4 > kMaxSparse ? kMaxSparse : K / 4);
-  const int nk = allocated_actions(ch, K, limit, kids);
+  int nk;
+  if (p.kids != nullptr && p.memo[r.base + r.s] != kMemoUnknown) {
+    const uint64_t m = p.kids[r.base + r.s];  // the child row's mask (K <= 64)
+    nk = __builtin_popcountll(m) > limit ? limit + 1 : list_bits(m, 0, 0, kids);
+  } else {
+    nk = allocated_actions(ch, K, limit, kids);
+  }
   if (nk > limit) return kDense;
-  const int32_t u = best_unallocated(t, r, p.memo + r.base + r.s);
+  const int32_t u = best_unallocated(t, p, r);
   if (u == kMemoAmbiguous) return kDense;
   const int32_t* ev = t.edge_visits + r.e;
   const float* eq = t.edge_q + r.e;
@@ -421,16 +473,19 @@ struct SmallNode {
 
 inline bool puct_small_a(const View& t, const tree::SelectParams& p, const NodeRef& r,
                          float explore, SmallNode& sn) {
-  const int64_t K = t.K;
-  const int32_t* ch = t.child + r.e;
-  uint64_t m = 0;
-  int64_t j = 0;
-  for (; j + kLanes <= K; j += kLanes) m |= uint64_t(allocated_mask16(ch + j)) << j;
-  for (; j < K; ++j) m |= uint64_t(ch[j] >= 0) << j;
   const int32_t code = p.memo[r.base + r.s];
-  sn.mask = m;
   sn.code = code;
   sn.explore = explore;
+  if (p.kids != nullptr) {
+    // one word instead of the child row (valid once the memo entry is known: code != -2)
+    const uint64_t m = p.kids[r.base + r.s];
+    sn.mask = m;
+    return (explore > 0.0f) & (explore < kInf) & (__builtin_popcountll(m) <= 4) &
+           (code >= 0) && !((m >> code) & 1);
+  }
+  const int32_t* ch = t.child + r.e;
+  const uint64_t m = children_mask(ch, t.K);
+  sn.mask = m;
   return (explore > 0.0f) & (explore < kInf) & (__builtin_popcountll(m) <= 4) & (code >= 0) &&
          ch[code] < 0;
 }
@@ -461,12 +516,16 @@ inline int64_t puct_small_b(const View& t, const tree::SelectParams& p, const No
   }
   const bool normalise = tree::qnorm_bounds(t, p, r.b, &lo, &hi);
   const float d = hi - lo > 1e-8f ? hi - lo : 1e-8f;
+  // puct_score_real of the four, lane by lane (two divisions instead of eight)
+  const vf4 nv = {n[0], n[1], n[2], n[3]};
+  const vf4 pv = {prior[a[0]], prior[a[1]], prior[a[2]], prior[a[3]]};
+  const vf4 qn = normalise ? (vf4{q[0], q[1], q[2], q[3]} - lo) / d : vf4{};
+  const vf4 sv = (nv > 0.0f ? qn : vf4{}) + explore * pv / (nv + 1.0f);
   float best = -kInf;
   int32_t arg = -1;
   bool finite_scores = true;
   for (int i = 0; i < 4; ++i) {
-    const float qn = normalise ? (q[i] - lo) / d : 0.0f;
-    const float s = puct_score_real(qn, prior[a[i]], explore, n[i]);
+    const float s = sv[i];
     const bool valid = present[i] & (inv[a[i]] == 0);
     finite_scores &= !valid | (s - s == 0.0f);
     const bool take = valid & (s > best);
@@ -563,15 +622,13 @@ float gumbel_sigma(const View& t, const tree::SelectParams& p, const NodeRef& r,
     // pr * q + sw: one fused multiply-add where the ISA level has it, as the scalar form
     sw16 = vis ? pr * load16<vf16>(eq + a0) + sw16 : sw16;
   }
-  float sn[kLanes], mn[kLanes], sp[kLanes], sw[kLanes];
+  float sn[kLanes], sp[kLanes], sw[kLanes];
   std::memcpy(sn, &sn16, sizeof(sn));
-  std::memcpy(mn, &mn16, sizeof(mn));
   std::memcpy(sp, &sp16, sizeof(sp));
   std::memcpy(sw, &sw16, sizeof(sw));
-  float sum_n = 0, max_n = 0, sum_p = 0, wq = 0;
-  for (int j = 0; j < kLanes; ++j) {
+  float sum_n = 0, max_n = lanes_max(mn16)[0], sum_p = 0, wq = 0;  // (visits: no -0)
+  for (int j = 0; j < kLanes; ++j) {  // the sums in lane order
     sum_n += sn[j];
-    max_n = mn[j] > max_n ? mn[j] : max_n;
     sum_p += sp[j];
     wq += sw[j];
   }
@@ -592,11 +649,9 @@ float gumbel_sigma(const View& t, const tree::SelectParams& p, const NodeRef& r,
     lo16 = c < lo16 ? c : lo16;
     hi16 = c > hi16 ? c : hi16;
   }
-  float lo = kInf, hi = -kInf;
-  for (int j = 0; j < kLanes; ++j) {
-    lo = lo16[j] < lo ? lo16[j] : lo;
-    hi = hi16[j] > hi ? hi16[j] : hi;
-  }
+  // (across the lanes in log steps: of equal +0 / -0 either may come out, which changes
+  // no value below: sigma only feeds sums with the logits before exp and comparisons)
+  float lo = lanes_min(lo16)[0], hi = lanes_max(hi16)[0];
   for (int64_t a = a0; a < K; ++a) {
     const float c = ev[a] > 0 ? eq[a] : v_mix;
     sigma[a] = c;
@@ -626,12 +681,9 @@ int64_t gumbel_root_real(const View& t, const tree::SelectParams& p, const NodeR
     mx16 = lg > mx16 ? lg : mx16;
     sim16 += load16<vi16>(ev + a0);
   }
-  float max_logit = -kInf;
+  float max_logit = lanes_max(mx16)[0];  // (+0 / -0: a centred logit of either sign)
   int64_t sim = 0;
-  for (int j = 0; j < kLanes; ++j) {
-    max_logit = mx16[j] > max_logit ? mx16[j] : max_logit;
-    sim += sim16[j];
-  }
+  for (int j = 0; j < kLanes; ++j) sim += sim16[j];
   for (int64_t a = a0; a < K; ++a) {
     max_logit = logit[a] > max_logit ? logit[a] : max_logit;
     sim += ev[a];
@@ -678,12 +730,9 @@ float gumbel_interior_exps(const View& t, const NodeRef& r, const float* sigma, 
     zm16 = (ok & (z > zm16)) ? z : zm16;
     tot16 += ok ? load16<vi16>(ev + a0) : splat(int32_t(0));
   }
-  float zmax = -kInf;
+  float zmax = lanes_max(zm16)[0];  // (+0 / -0: exp(z - zmax) is the same)
   int64_t tot = 0;
-  for (int j = 0; j < kLanes; ++j) {
-    zmax = zm16[j] > zmax ? zm16[j] : zmax;
-    tot += tot16[j];
-  }
+  for (int j = 0; j < kLanes; ++j) tot += tot16[j];
   for (int64_t a = a0; a < K; ++a) {
     const float z = logit[a] + sigma[a];
     zmax = !inv[a] && z > zmax ? z : zmax;
@@ -853,6 +902,7 @@ inline int advance(const View& t, const tree::SelectParams& p, Walk& w, const No
   if (c < 0) {
     c = tree::allocate_node(t, w.b, w.s, a);
     if (c < 0) return -tree::kTreeFull;
+    if (p.kids != nullptr) p.kids[r.base + r.s] |= uint64_t(1) << a;
     w.is_new = true;
   }
   w.path[w.len++] = c;
@@ -1102,13 +1152,37 @@ void expand_finish(const View& t, const tree::ExpandInputs& in, int64_t m, int64
   const float inv_sum = valid > 0 ? 1.0f / sum : 0.0f;
   for (int64_t a = 0; a < K; ++a) pr[a] *= inv_sum;
   const float* lg = in.logits + m * K;
-  std::copy(lg, lg + K, t.logit + e);
-  std::fill(t.child + e, t.child + e + K, -1);
-  std::fill(t.edge_visits + e, t.edge_visits + e + K, 0);
-  std::fill(t.edge_value + e, t.edge_value + e + K, 0.0f);
-  std::fill(t.edge_q + e, t.edge_q + e + K, 0.0f);
-  std::fill(t.reward + e, t.reward + e + K, 0.0f);
-  std::fill(t.discount + e, t.discount + e + K, 0.0f);
+  // the logits and fresh edges in 16-lane stores (rows of a few hundred bytes: libc's
+  // memcpy / memset calls cost more than the stores)
+  // (the row pointers in locals: the stores could alias the view's fields, which the
+  // compiler would then reload on every iteration)
+  float* __restrict logit = t.logit + e;
+  int32_t* __restrict child = t.child + e;
+  int32_t* __restrict ev = t.edge_visits + e;
+  float* __restrict evalue = t.edge_value + e;
+  float* __restrict eq = t.edge_q + e;
+  float* __restrict reward = t.reward + e;
+  float* __restrict discount = t.discount + e;
+  const vi16 none = splat(int32_t(-1)), zero = splat(int32_t(0));
+  int64_t a0 = 0;
+  for (; a0 + kLanes <= K; a0 += kLanes) {
+    std::memcpy(logit + a0, lg + a0, sizeof(vf16));
+    std::memcpy(child + a0, &none, sizeof(vi16));
+    std::memcpy(ev + a0, &zero, sizeof(vi16));
+    std::memcpy(evalue + a0, &zero, sizeof(vi16));
+    std::memcpy(eq + a0, &zero, sizeof(vi16));
+    std::memcpy(reward + a0, &zero, sizeof(vi16));
+    std::memcpy(discount + a0, &zero, sizeof(vi16));
+  }
+  for (int64_t a = a0; a < K; ++a) {
+    logit[a] = lg[a];
+    child[a] = -1;
+    ev[a] = 0;
+    evalue[a] = 0.0f;
+    eq[a] = 0.0f;
+    reward[a] = 0.0f;
+    discount[a] = 0.0f;
+  }
   tree::expand_node_fields(t, in, m, base, n, valid);
 }
 
@@ -1124,6 +1198,23 @@ int tree_expand(const View& t, const tree::ExpandInputs& in, int nt, int64_t* wh
     int64_t row[4], e[4];
     int valid[4];
     int nr = 0;
+    // ask for the next group's edge rows, for writing (they were last touched in an
+    // earlier search: each store would otherwise wait for its line)
+    for (int64_t m = m0 + 4; m < m0 + 8 && m < M; ++m) {
+      if (!in.is_new[m]) continue;
+      const int64_t pe = ((m / in.W) * N + in.node[m]) * K;
+      for (int64_t a = 0; a < K; a += kLanes) {
+        __builtin_prefetch(t.logit + pe + a, 1);
+        __builtin_prefetch(t.prior + pe + a, 1);
+        __builtin_prefetch(t.child + pe + a, 1);
+        __builtin_prefetch(t.edge_visits + pe + a, 1);
+        __builtin_prefetch(t.edge_value + pe + a, 1);
+        __builtin_prefetch(t.edge_q + pe + a, 1);
+        __builtin_prefetch(t.reward + pe + a, 1);
+        __builtin_prefetch(t.discount + pe + a, 1);
+      }
+      for (int64_t a = 0; a < K; a += 4 * kLanes) __builtin_prefetch(t.invalid + pe + a, 1);
+    }
     for (int64_t m = m0; m < m0 + 4 && m < M; ++m) {
       if (!in.is_new[m]) continue;
       const int64_t base = (m / in.W) * N;

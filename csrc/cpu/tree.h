@@ -86,6 +86,10 @@ struct SelectParams {
   // starts (it is valid for one search: a node's prior does not change during it).
   // Null: every node is scored densely (the CUDA kernels ignore it).
   int32_t* memo;
+  // CPU, PUCT, K <= 64, with the memo: [B, N] bit a set where the node has a child for
+  // action a; valid where the memo entry is known (not -2): written when the memo entry
+  // is computed, a bit added when a child is allocated.  Null: read the child rows.
+  uint64_t* kids;
   int group;              // CPU: walks of this many trees advance in lockstep (1: a tree at a
                           // time); the choices do not depend on it
   int64_t* status;        // CUDA: [2] device (code, first tree / row); null on the CPU
@@ -349,12 +353,13 @@ inline View make_view(const std::vector<int64_t>& w) {
 }
 
 // SelectConfig words.  ints: rule, max_depth, qnorm, table_rows, table_len, then the
-// output addresses node, parent, action, store, new, path, len, then the memo address (0:
-// none) and the lockstep group; floats: c1, c2, virtual_loss, value_scale, maxvisit_init; on
-// CUDA a 15th int: the int64 [2] status buffer (code, tree or row).
+// output addresses node, parent, action, store, new, path, len, then the memo and the
+// children-mask addresses (0: none) and the lockstep group; floats: c1, c2, virtual_loss,
+// value_scale, maxvisit_init; on CUDA a 16th int: the int64 [2] status buffer (code, tree
+// or row).
 inline SelectParams make_select(const std::vector<int64_t>& ia, const std::vector<double>& fa,
                                 bool with_status) {
-  const size_t n_int = with_status ? 15 : 14;
+  const size_t n_int = with_status ? 16 : 15;
   if (ia.size() != n_int || fa.size() != 5)
     throw std::invalid_argument("SelectConfig: expected " + std::to_string(n_int) +
                                 " ints and 5 floats");
@@ -372,13 +377,14 @@ inline SelectParams make_select(const std::vector<int64_t>& ia, const std::vecto
   p.out_path = word_ptr<int32_t>(ia[10]);
   p.out_len = word_ptr<int32_t>(ia[11]);
   p.memo = word_ptr<int32_t>(ia[12]);
-  p.group = int(ia[13]) > 1 ? int(ia[13]) : 1;
+  p.kids = word_ptr<uint64_t>(ia[13]);
+  p.group = int(ia[14]) > 1 ? int(ia[14]) : 1;
   p.c1 = float(fa[0]);
   p.c2 = float(fa[1]);
   p.virtual_loss = float(fa[2]);
   p.value_scale = float(fa[3]);
   p.maxvisit_init = float(fa[4]);
-  p.status = with_status ? word_ptr<int64_t>(ia[14]) : nullptr;
+  p.status = with_status ? word_ptr<int64_t>(ia[15]) : nullptr;
   return p;
 }
 

@@ -7,6 +7,7 @@
 #include <pybind11/stl.h>
 
 #include <cstdint>
+#include <cstring>
 #include <stdexcept>
 #include <string>
 #include <vector>
@@ -52,6 +53,25 @@ rlfuse::tree::BackupInputs backup_inputs(const rlfuse::tree::SelectParams& p, in
   in.path = p.out_path;
   in.len = p.out_len;
   return in;
+}
+
+// Payload rows of a [B, n1, ...] buffer (search/tree.py TensorStore, one contiguous
+// tensor), `row_bytes` bytes each: row m of a contiguous [M, ...] tensor <-> the buffer's row
+// (m / W, node[m]) (the rows of a step are ordered tree by tree, W per tree); `put` copies
+// rows -> buffer (in row order), else buffer -> rows.
+void copy_payload_rows(int64_t buf, int64_t row_bytes, int64_t n1, int64_t W,
+                       const int64_t* node, int64_t rows, int64_t M, bool put) {
+  char* b = ptr<char>(buf);
+  char* r = ptr<char>(rows);
+  const size_t n = size_t(row_bytes);
+  for (int64_t m = 0; m < M; ++m) {
+    char* slot = b + ((m / W) * n1 + node[m]) * row_bytes;
+    char* row = r + m * row_bytes;
+    if (put)
+      std::memcpy(slot, row, n);
+    else
+      std::memcpy(row, slot, n);
+  }
 }
 
 }  // namespace
@@ -122,6 +142,43 @@ void rlfuse_bind_tree(py::module_& m) {
         RLFUSE_ISA_CALL(tree_backup, t, in, nt);
       },
       "Back up the paths of the last select and release their virtual loss.");
+  m.def(
+      "tree_step",
+      [](const View& t, rlfuse::tree::SelectParams p, int W, int64_t reward, int64_t discount,
+         int64_t logits, int64_t value, int64_t invalid, int64_t terminal, int64_t buf,
+         int64_t row_bytes, int64_t n1, int64_t put_rows, int W_next, int64_t gather_rows,
+         int nt) {
+        int64_t where = -1;
+        int rc = 0, stage = 0;
+        {
+          py::gil_scoped_release release;
+          if (W > 0) {
+            const rlfuse::tree::ExpandInputs in =
+                expand_inputs(t, p, W, reward, discount, logits, value, invalid, terminal);
+            rc = RLFUSE_ISA_CALL(tree_expand, t, in, nt, &where);
+            if (rc == 0) {
+              RLFUSE_ISA_CALL(tree_backup, t, backup_inputs(p, W), nt);
+              if (put_rows != 0)
+                copy_payload_rows(buf, row_bytes, n1, W, p.out_store, put_rows, t.B * W, true);
+            }
+          }
+          if (rc == 0 && W_next > 0) {
+            stage = 1;
+            p.W = W_next;
+            rc = RLFUSE_ISA_CALL(tree_select, t, p, nt, &where);
+            if (rc == 0 && gather_rows != 0)
+              copy_payload_rows(buf, row_bytes, n1, W_next, p.out_parent, gather_rows,
+                                t.B * W_next, false);
+          }
+        }
+        return py::make_tuple(rc, where, stage);
+      },
+      "One simulation step in one call: (W > 0) expand and back up the last select's W "
+      "simulations per tree, and copy their new payload rows (put_rows, contiguous [B * W, "
+      "...]; 0: none) into slot out_store of the payload buffer buf ([B, n1, ...], rows of "
+      "row_bytes bytes); then (W_next > 0) select W_next simulations per tree and copy their "
+      "parents' payload rows into gather_rows (0: none).  Returns (status, first bad row or "
+      "tree, stage: 0 expand, 1 select).");
   m.def(
       "tree_subtree",
       [](const View& src, const View& dst, int64_t actions, int64_t src_of, int nt) {

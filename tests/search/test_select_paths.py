@@ -170,3 +170,53 @@ def test_memo_is_per_search():
                         tree=storage.clear())
     b = puct_search(env.root(5), env.step, 32, dirichlet_fraction=0.0, temperature=0.0)
     _assert_identical(a.tree, b.tree)
+
+
+@pytest.mark.parametrize("A,W", [(37, 1), (64, 3)])
+def test_children_mask_matches_the_child_rows(A, W):
+    """With K <= 64 the sparse rule reads a node's children from a 64-bit mask; after a
+    search, every node whose memo entry is known has the mask of its child row."""
+    B, sims = 6, 40
+    env = TieEnv(A, seed=A)
+    root = env.root(B)
+    tree = Tree(B, A, sims + 1)
+    tree.init_roots(root.prior_logits, root.value, torch.isinf(root.prior_logits))
+    tree.payload = tree_mod.make_store(root.embedding, B, sims + 1, "cpu")
+    ph = Phases(tree, rule="puct", W=W, max_depth=sims)
+    assert ph.kids is not None
+    _simulate(ph, env.step, sims)
+    memo, kids = ph.memo.view(B, -1), ph.kids.view(B, -1)
+    bits = torch.tensor([1 << a if a < 63 else -(1 << 63) for a in range(A)])
+    checked = 0
+    for b in range(B):
+        for n in range(int(tree.next_free[b])):
+            if int(memo[b, n]) == -2:
+                continue
+            want = int(bits[tree.children[b, n] >= 0].sum())
+            assert int(kids[b, n]) == want, (b, n)
+            checked += 1
+    assert checked > B
+    assert Phases(Tree(2, 65, 4), rule="puct", W=1, max_depth=3).kids is None
+
+
+@pytest.mark.parametrize("A", [16, 64])
+def test_fast_select_paths_on_a_kept_subtree(A, monkeypatch):
+    """A search continued on a subtree (nodes with children before the search starts)
+    gives the same trees on the fast and the plain paths."""
+    env = TieEnv(A, seed=5)
+    B = 5
+    trees = []
+    for group, sparse in ((1, False), (4, True)):
+        monkeypatch.setattr(tree_mod, "SELECT_GROUP", group)
+        monkeypatch.setattr(tree_mod, "SPARSE_SELECT", sparse)
+        first = puct_search(env.root(B), env.step, 40, dirichlet_fraction=0.0, temperature=0.0)
+        act = first.root_visit_counts.argmax(-1)
+        sub = first.tree.subtree(act, capacity=80)
+        nxt = env.step(env.root(B).embedding, act)
+        out = puct_search(Root(nxt.prior_logits, nxt.value, nxt.embedding), env.step, 30,
+                          dirichlet_fraction=0.0, temperature=0.0, tree=sub)
+        out.tree.check_invariants()
+        trees.append(out)
+    assert bool((trees[1].tree.next_free > 31).any())  # some trees kept nodes
+    _assert_identical(trees[0].tree, trees[1].tree)
+    assert torch.equal(trees[0].action, trees[1].action)

@@ -242,6 +242,47 @@ def test_tensor_pytree_payloads():
             assert e["pair"][0].tolist() == [t.depth[b, n].item()] * 2
 
 
+@pytest.mark.parametrize("W,contiguous", [(1, True), (3, True), (3, False)])
+def test_tensor_payload_rows_copied_by_the_extension(W, contiguous, monkeypatch):
+    """One CPU tensor payload: the search loop copies its rows in the extension
+    (Phases.step, TensorStore.rows); the trees and every node's payload equal those of
+    torch's indexing, rows [2, 3] of float64; a non-contiguous next_embedding is served."""
+    from rlfuse.search import tree as tree_mod
+
+    B, A = 4, 6
+    env = HashEnv(A, seed=5)
+    root = env.root(B)
+    emb = torch.arange(B * 6, dtype=torch.float64).view(B, 2, 3)
+
+    def fn(e, action):  # the outputs depend on the gathered rows
+        out = env.step((e.sum((1, 2)) * 4).long() % env.P, action)
+        nxt = e * 0.5 + action[:, None, None].double()
+        if not contiguous:
+            nxt = nxt.transpose(1, 2).contiguous().transpose(1, 2)
+        return out[:4] + (nxt,)
+    runs = []
+    for rows in (True, False):
+        if not rows:  # torch's advanced indexing
+            orig = tree_mod.TensorStore._fast_path
+
+            def no_rows(self):
+                orig(self)
+                self.rows = None
+            monkeypatch.setattr(tree_mod.TensorStore, "_fast_path", no_rows)
+        out = puct_search(Root(root.prior_logits, root.value, emb), fn, 20, parallel=W,
+                          dirichlet_fraction=0.0, temperature=0.0)
+        assert (out.tree.payload.rows is not None) == rows
+        runs.append(out.tree)
+    _assert_same(runs[0], runs[1])
+    t = runs[0]
+    for b in range(B):
+        assert torch.equal(t.embedding(b, 0), emb[b])
+        for n in range(1, t.next_free[b].item()):
+            p, a = t.parent[b, n].item(), t.action[b, n].item()
+            assert torch.equal(t.embedding(b, n), t.embedding(b, p) * 0.5 + a)
+            assert torch.equal(t.embedding(b, n), runs[1].embedding(b, n))
+
+
 @pytest.mark.parametrize("backend", ["cpu", "torch"])
 def test_subtree_reuse(backend):
     env = HashEnv(5, seed=2)
@@ -277,6 +318,25 @@ def test_subtree_reuse(backend):
 def _subtree_size(t, b, n):
     kids = [c for c in t.children[b, n].tolist() if c >= 0]
     return 1 + sum(_subtree_size(t, b, c) for c in kids)
+
+
+def test_step_reports_errors_of_each_stage():
+    """Phases.step (the CPU's one call per step) raises naming the stage that failed: a
+    non-finite recurrent output (expand), a full tree (select)."""
+    B, A = 2, 3
+    tree = Tree(B, A, 2)
+    tree.init_roots(torch.zeros(B, A), torch.zeros(B))
+    ph = Phases(tree, rule="puct", W=1, max_depth=4, backend="cpu")
+    ph.step(0, None, 1)
+    good = (torch.zeros(B), torch.ones(B), torch.zeros(B, A), torch.zeros(B), None, None)
+    bad = (torch.zeros(B), torch.ones(B), torch.zeros(B, A), torch.tensor([0.0, math.inf]),
+           None, None)
+    with pytest.raises(RuntimeError, match="expand: recurrent_fn returned a non-finite value"
+                                           r" \(row 1\)"):
+        ph.step(1, bad, 1)
+    ph.step(1, good, 0)  # the rows of the step that failed are written now
+    with pytest.raises(RuntimeError, match=r"select: tree full \(tree 0\)"):
+        ph.step(0, None, 1)
 
 
 def test_bad_input():

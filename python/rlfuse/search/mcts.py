@@ -314,13 +314,22 @@ def _simulate(ph: Phases, recurrent_fn: Callable, num_simulations: int) -> None:
 
 def _steps(ph: Phases, recurrent_fn: Callable, num_simulations: int, pass_exp: bool) -> None:
     tree, W = ph.tree, ph.W
-    K, dev, store = tree.num_actions, tree.device, tree.payload
-    done = 0
-    while done < num_simulations:
-        w = min(W, num_simulations - done)
-        M = tree.batch_size * w
+    B, K, dev, store = tree.batch_size, tree.num_actions, tree.device, tree.payload
+    # CPU: one call into the extension per step (expand, backup and the payload rows of
+    # this step, select and the payload rows of the next; Phases.step), when the payload
+    # is none or one contiguous tensor (TensorStore.rows)
+    fused = ph.backend == "cpu" and (store is None or store.rows is not None)
+    w = min(W, num_simulations)
+    if fused:
+        emb = None if store is None else store.empty_rows(B * w)
+        ph.step(0, None, w, store, 0, 0 if emb is None else emb.data_ptr())
+        sel = ph.selection(w)
+    else:
         sel = ph.select(w)
         emb = None if store is None else store.gather(sel.tree, sel.parent)
+    done = 0
+    while True:
+        M = B * w
         # fresh tensors: the phase buffers are rewritten by the next step
         action = sel.action.clone()
         if pass_exp:
@@ -336,16 +345,27 @@ def _steps(ph: Phases, recurrent_fn: Callable, num_simulations: int, pass_exp: b
         inv = term = None
         if len(out) == 7:
             inv, term = out[5], out[6]
-        # the payload rows are written after the backup (neither phase reads them)
-        ph.expand_backup(w, _f32("reward", out[0], (M,), dev),
-                         _f32("discount", out[1], (M,), dev),
-                         _f32("prior_logits", out[2], (M, K), dev),
-                         _f32("value", out[3], (M,), dev),
-                         _u8("invalid_actions", inv, (M, K), dev),
-                         _u8("terminal", term, (M,), dev))
-        if store is not None:
-            store.put(sel.tree, sel.store, out[4], M)
+        outputs = (_f32("reward", out[0], (M,), dev), _f32("discount", out[1], (M,), dev),
+                   _f32("prior_logits", out[2], (M, K), dev), _f32("value", out[3], (M,), dev),
+                   _u8("invalid_actions", inv, (M, K), dev), _u8("terminal", term, (M,), dev))
         done += w
+        w_next = min(W, num_simulations - done)
+        src = store.row_source(out[4], M) if fused and store is not None else 0
+        if fused and (store is None or src):
+            emb = store.empty_rows(B * w_next) if store is not None and w_next else None
+            ph.step(w, outputs, w_next, store, src, 0 if emb is None else emb.data_ptr())
+            sel = ph.selection(w_next) if w_next else sel
+        else:
+            # the payload rows are written after the backup (neither phase reads them)
+            ph.expand_backup(w, *outputs)
+            if store is not None:
+                store.put(sel.tree, sel.store, out[4], M)
+            if w_next:
+                sel = ph.select(w_next)
+                emb = None if store is None else store.gather(sel.tree, sel.parent)
+        if not w_next:
+            return
+        w = w_next
 
 
 def _prepare(op, root, invalid_actions, num_simulations, parallel, virtual_loss, max_depth,

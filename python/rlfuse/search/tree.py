@@ -311,11 +311,34 @@ class TensorStore:
         # one plain tensor (the common case): gather / put without the pytree walk
         self._single = type(self.buf) is torch.Tensor
         self._row_shape = tuple(self.buf.shape[2:]) if self._single else None
+        # ... and on the CPU the search loop's rows are copied by the extension, in its one
+        # call per step (Phases.step: a memcpy per row, against ~4 us for each of torch's
+        # advanced indexing gather and put): (address, bytes per row, slots per tree)
+        self.rows = None
+        if self._single and self.buf.device.type == "cpu" and self.buf.is_contiguous():
+            buf = self.buf
+            self.rows = (buf.data_ptr(), math.prod(self._row_shape) * buf.element_size(),
+                         buf.shape[1])
 
     def gather(self, b, parent):
         if self._single:
             return self.buf[b, parent]
         return _tmap(lambda buf: buf[b, parent], self.buf)
+
+    def empty_rows(self, M: int) -> torch.Tensor:
+        """A fresh [M, ...] tensor for the extension to gather rows into (see ``rows``)."""
+        return torch.empty((M,) + self._row_shape, dtype=self.buf.dtype)
+
+    def row_source(self, value, M: int) -> int:
+        """The address of ``value`` when the extension can copy it as a step's M new rows
+        (``rows`` is set; a contiguous tensor of the buffer's dtype, device and row shape),
+        else 0 (``put`` then checks it and writes it)."""
+        buf = self.buf
+        if self.rows is not None and type(value) is torch.Tensor and value.dtype is buf.dtype \
+                and value.device == buf.device and value.shape[:1] == (M,) \
+                and tuple(value.shape[1:]) == self._row_shape and value.is_contiguous():
+            return value.data_ptr()
+        return 0
 
     def put(self, b, store, value, M: int):
         buf = self.buf
@@ -369,6 +392,7 @@ class ObjectStore:
 
     def __init__(self, root_embedding, B: int, N: int):
         self.scratch = N
+        self.rows = None  # (see TensorStore.rows)
         try:
             n = len(root_embedding)
         except TypeError as exc:
@@ -402,7 +426,7 @@ class ObjectStore:
 
     def remap(self, src_of: torch.Tensor):
         out = ObjectStore.__new__(ObjectStore)
-        out.scratch = src_of.shape[1]
+        out.scratch, out.rows = src_of.shape[1], None
         out.nodes = [{i: old[s] for i, s in enumerate(row) if s >= 0 and s in old}
                      for old, row in zip(self.nodes, src_of.tolist())]
         return out
@@ -467,10 +491,16 @@ class Phases:
                                           self.out_len)]
             # the memo of the sparse PUCT rule: a node's best unallocated action (-2: not yet
             # known); valid for this search only, so it is filled afresh here
-            self.memo = None
+            self.memo = self.kids = None
             if self.backend == "cpu" and self.rule == RULES["puct"] and SPARSE_SELECT:
                 self.memo = torch.full((B * tree.capacity,), -2, dtype=torch.int32)
+                # with K <= 64, each node's children as a 64-bit mask (bit a: action a has
+                # a child), so that a walk reads one word instead of the child row; an entry
+                # is written when the node's memo entry is, so it needs no initial value
+                if tree.num_actions <= 64:
+                    self.kids = torch.empty(B * tree.capacity, dtype=torch.int64)
             ia += [0 if self.memo is None else self.memo.data_ptr(),
+                   0 if self.kids is None else self.kids.data_ptr(),
                    SELECT_GROUP if self.backend == "cpu" else 1]
             if self.backend == "cuda":
                 ia.append(self.status.data_ptr())
@@ -530,6 +560,25 @@ class Phases:
             0 if terminal is None else terminal.data_ptr(), self.arg)
         if out[0]:
             self._raise("expand", out[0], out[1], "row")
+
+    def step(self, w: int, outputs, w_next: int, store=None, put_rows: int = 0,
+             gather_rows: int = 0) -> None:
+        """CPU, one call into the extension: ``expand_backup(w, *outputs)`` (w > 0; outputs
+        as for expand), the new payload rows of a ``store`` with ``rows`` from the address
+        ``put_rows`` (0: none), then ``select(w_next)`` (w_next > 0) and the parents'
+        payload rows into the address ``gather_rows`` (0: none)."""
+        rows = store.rows if store is not None and store.rows is not None else (0, 0, 0)
+        if outputs is None:
+            code, where, stage = self.mod.tree_step(self.view, self.cfg, 0, 0, 0, 0, 0, 0, 0,
+                                                    *rows, 0, w_next, gather_rows, self.arg)
+        else:
+            r, d, lg, v, inv, term = outputs
+            code, where, stage = self.mod.tree_step(
+                self.view, self.cfg, w, r.data_ptr(), d.data_ptr(), lg.data_ptr(), v.data_ptr(),
+                0 if inv is None else inv.data_ptr(), 0 if term is None else term.data_ptr(),
+                *rows, put_rows, w_next, gather_rows, self.arg)
+        if code:
+            self._raise("select" if stage else "expand", code, where, "tree" if stage else "row")
 
     def backup(self, w: int) -> None:
         if self.mod is None:
