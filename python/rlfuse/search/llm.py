@@ -85,19 +85,35 @@ class _Evaluator:
         self.seconds = 0.0
 
     def reward(self, problem: int, completion: str, source: str = "tree") -> float:
-        t0 = time.perf_counter()
-        r = self.reward_fn(self.problems[problem], completion)
-        self.seconds += time.perf_counter() - t0
+        return self.rewards(problem, (completion,), source)[0]
+
+    def rewards(self, problem: int, completions, source: str = "tree") -> list[float]:
+        """:meth:`reward` of several completions of one problem, in order (the checks and
+        traces per completion; each call of ``reward_fn`` timed by itself)."""
+        fn, prob, clock = self.reward_fn, self.problems[problem], time.perf_counter
+        trace = self.traces[problem]
+        out = []
+        spent = 0.0
         try:
-            r = float(r)
-        except (TypeError, ValueError):
-            raise TypeError(f"reward_fn returned {type(r).__name__} for problem {problem} "
-                            f"(completion {completion[:60]!r}); it must return a float") from None
-        if not math.isfinite(r):
-            raise ValueError(f"reward_fn returned {r} for problem {problem} "
-                             f"(completion {completion[:60]!r}); rewards must be finite")
-        self.traces[problem].append((completion, r, source))
-        return r
+            for completion in completions:
+                t0 = clock()
+                r = fn(prob, completion)
+                spent += clock() - t0
+                try:
+                    r = float(r)
+                except (TypeError, ValueError):
+                    raise TypeError(f"reward_fn returned {type(r).__name__} for problem "
+                                    f"{problem} (completion {completion[:60]!r}); it must "
+                                    "return a float") from None
+                if not math.isfinite(r):
+                    raise ValueError(f"reward_fn returned {r} for problem {problem} "
+                                     f"(completion {completion[:60]!r}); rewards must be "
+                                     "finite")
+                trace.append((completion, r, source))
+                out.append(r)
+        finally:
+            self.seconds += spent
+        return out
 
     def values(self, states: Sequence[StepState]) -> list[float]:
         """Values of non-terminal prefixes (value_fn, rollout reward or 0)."""
@@ -312,12 +328,13 @@ class StepSearch:
             rows = self.gen.sample_rollouts(states, [K - len(r) for r in reused], left)
             cand_lists, own = [], []
             for st, old, row in zip(states, reused, rows):
-                for c, comp in row:
-                    rew = ev.reward(st.problem, comp, "rollout")
+                rews = ev.rewards(st.problem, [comp for _, comp in row], "rollout")
+                new = [c for c, _ in row]
+                for c, rew in zip(new, rews):
                     c.returns = [rew]
                     c.tails = [(c.tail, rew)] if c.tail is not None else []
-                cand_lists.append(old + [c for c, _ in row])
-                own.append([c.returns[0] for c, _ in row])
+                cand_lists.append(old + new)
+                own.append(rews)
         else:
             cand_lists = self.gen.sample_steps(states, K)
             own = ev.values(states)
@@ -330,17 +347,23 @@ class StepSearch:
         for i, cands in enumerate(cand_lists):
             if len(cands) != K:
                 raise RuntimeError(f"step model returned {len(cands)} candidates, expected {K}")
-            kept, first = _merge(cands)
+            # _merge in the same pass: a duplicate's returns and tails go to its first copy
+            seen: dict[str, int] = {}
+            kept = []
             base = i * K
-            for j, c in enumerate(kept):
-                if c is None:
+            for j, c in enumerate(cands):
+                f = seen.setdefault(c.text, j)
+                if f == j:
+                    kept.append(c)
+                    if use_lp:
+                        logits[base + j] = c.mean_logprob
+                else:
+                    kept.append(None)
                     invalid[base + j] = 1
-                    f = kept[first[j]]
-                    f.returns.extend(cands[j].returns)
-                    f.tails.extend(cands[j].tails)
-                    release(cands[j].state)
-                elif use_lp:
-                    logits[base + j] = c.mean_logprob
+                    first = cands[f]
+                    first.returns.extend(c.returns)
+                    first.tails.extend(c.tails)
+                    release(c.state)
             kept_all.append(kept)
         for st in states:
             release(st)

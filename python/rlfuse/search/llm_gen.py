@@ -426,7 +426,7 @@ class HFStepModel(StepModel):
                                                 max_new_tokens, stop, split)
         return _Decoded(toks, length, stopped, lp,
                         [(layer.keys, layer.values) for layer in cache.layers], C,
-                        row_lens, toks.tolist(), first)
+                        row_lens, _rows(toks, length), first)
 
     def _step_kernel(self, dev):
         """``rlfuse._C.DecodeLoop`` where the decoding loop may use it (CPU tensors, the
@@ -617,17 +617,32 @@ class HFStepModel(StepModel):
         lpc = array.array("d", bytes(8 * len(lens) * W))
         torch.cumsum(d.lp.cpu(), 1, dtype=torch.float64,
                      out=torch.frombuffer(lpc, dtype=torch.float64).view(-1, W)[:, 1:])
-        eos, rows, split, text = self._eos, d.rows, self._split, self._text
+        # the first step of every row, as _split makes it (inlined: ~1000 rows a search)
+        eos, rows, text, step_text = self._eos, d.rows, self._text, self._step_text
+        kv = (d.layers, d.C, d.lens) if self.kv_reuse else None
         r0 = 0
         for i in live:
             st, r1 = states[i], r0 + ks[i]
             done, row_out = st.completion, out[i]
+            problem, prompt, steps, ids = st.problem, st.prompt, st.steps, st.ids
             for r in range(r0, r1):
                 n, row = lens[r], rows[r]
                 # the rollout's text: its tokens but EOS (only the last one can be EOS)
                 comp = done + text(row[:n - 1] if n and row[n - 1] in eos else row[:n])
-                row_out.append((split(st, (d, r, 0, n, lpc, r * W), ends[r] or n), comp))
-            self.counters.add_generated(st.problem, sum(lens[r0:r1]))
+                if n <= 0:
+                    row_out.append((None, comp))
+                    continue
+                end, o = ends[r] or n, r * W
+                seg = row[:end]
+                t, ended = step_text(seg)
+                child = StepState(problem, prompt, steps + (t,), ids + seg)
+                c = Candidate(t, end, lpc[o + end] - lpc[o], ended, child)
+                if ended == "delimiter":
+                    if kv is not None:
+                        child.kv = KVSlice(kv[0], r, kv[1] - kv[2][r], kv[1] + end)
+                    c.tail = (d, r, end, n, lpc, o)
+                row_out.append((c, comp))
+            self.counters.add_generated(problem, sum(lens[r0:r1]))
             r0 = r1
         return out
 
@@ -685,6 +700,15 @@ def _memoised(memo: dict, ids: list, make):
             memo.clear()
         got = memo[key] = make(ids)
     return got
+
+
+def _rows(toks: torch.Tensor, length: torch.Tensor) -> list:
+    """Every row of ``toks`` up to its ``length`` as a Python list (the padding after a
+    stop is never read: on the CPU it is not converted either)."""
+    if toks.device.type != "cpu":
+        return [row[:n] for row, n in zip(toks.tolist(), length.tolist())]
+    a = toks.numpy()
+    return [a[r, :n].tolist() for r, n in enumerate(length.tolist())]
 
 
 def _first_hits(first: Optional[torch.Tensor]) -> Optional[list]:
@@ -895,5 +919,5 @@ class _Decoded(NamedTuple):
     layers: list             # per layer (keys, values) [R, H, C + T', D] of the decode cache
     C: int                   # cache columns before the first sampled token's input
     lens: list               # [R] cached prefix tokens of each row's state
-    rows: list               # toks as Python lists
+    rows: list               # toks as Python lists, each up to its length
     first_split: Optional[list] = None   # [R] 1 + first position in the split table, or 0
