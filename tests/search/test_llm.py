@@ -201,6 +201,34 @@ def test_reward_fn_nan_or_not_a_number():
         _search(ScriptedStepModel(SCRIPT), reward_fn=lambda p, c: "yes").run(["Q"])
 
 
+def test_rollout_rewards_are_checked_one_by_one():
+    """Rollout expansion scores a state's rollouts in one pass (_Evaluator.rewards): each
+    is still checked as it comes, the first bad one raises, and the time spent inside
+    reward_fn is counted even then."""
+    seen = []
+
+    def fn(problem, completion):
+        seen.append(completion)
+        return float("nan") if len(seen) == 3 else 0.0
+
+    search = _search(ScriptedStepModel(SCRIPT), value_fn=None, reward_fn=fn, num_candidates=4)
+    with pytest.raises(ValueError, match="reward_fn returned nan for problem 0"):
+        search.run(["Q"])
+    assert len(seen) == 3
+
+    from rlfuse.search.llm import _Evaluator
+
+    ev = _Evaluator(ScriptedStepModel(SCRIPT), ["P", "Q"], lambda p, c: len(c) + 0.5, None, 4)
+    assert ev.rewards(1, ["ab", "", "abc"], "rollout") == [2.5, 0.5, 3.5]
+    assert ev.reward(1, "x") == 1.5
+    assert ev.traces[1] == [("ab", 2.5, "rollout"), ("", 0.5, "rollout"),
+                            ("abc", 3.5, "rollout"), ("x", 1.5, "tree")]
+    assert ev.rewards(0, []) == [] and ev.traces[0] == []
+    with pytest.raises(TypeError, match="reward_fn returned NoneType for problem 0"):
+        _Evaluator(ScriptedStepModel(SCRIPT), ["P"], lambda p, c: None, None, 4).rewards(
+            0, ["a"])
+
+
 # -- baselines ------------------------------------------------------------------------------
 
 def test_best_of_n_budget_and_selection():

@@ -150,6 +150,21 @@ def test_stop_table_narrower_than_the_logits_is_widened(tiny):
         assert (eos in row[:n]) == stopped and (not stopped or row[n - 1] == eos)
 
 
+@pytest.mark.parametrize("kernel", [True, False])
+def test_decoded_rows_stop_at_their_length(tiny, kernel):
+    """``_Decoded.rows``: each row's tokens up to its length as Python ints (the padding
+    after a stop is not converted), on both decoding loops."""
+    model, tok = tiny
+    gen = HFStepModel(model, tok, max_new_tokens=6, temperature=1.0, seed=2)
+    gen.step_kernel = kernel
+    roots = gen.root_states([0, 1], ["1+2=", "3="])
+    d = gen._decode(roots, [16, 16], 40, gen._stop_tab)
+    lens = d.length.tolist()
+    assert d.rows == [row[:n] for row, n in zip(d.toks.tolist(), lens)]
+    assert all(type(t) is int for row in d.rows for t in row)
+    assert any(n < d.toks.shape[1] for n in lens)          # some padding was left out
+
+
 def test_kv_slice_equals_a_fresh_prefill(tiny):
     model, tok = tiny
     gen = HFStepModel(model, tok, max_new_tokens=8, temperature=2.0, seed=1)
