@@ -69,6 +69,13 @@ def test_steps_match_full_sequence_logprobs_through_reused_caches(tiny):
     for row, st in zip(rolled, kids[:4]):
         for c, comp in row:
             assert comp.startswith(st.completion + c.text)
+            if c.tail is not None:       # sample_rollouts makes first steps as _split does
+                d, r, end, n, lpc, o = c.tail
+                ref = gen._split(st, (d, r, 0, n, lpc, o))
+                assert (c.text, c.num_tokens, c.logprob, c.ended, c.tail) == \
+                    (ref.text, ref.num_tokens, ref.logprob, ref.ended, ref.tail)
+                assert (c.state.steps, c.state.ids, c.state.kv) == \
+                    (ref.state.steps, ref.state.ids, ref.state.kv)
     # continuing a stored rollout: the next step, its log-prob and cache, with no sampling
     before = gen.counters.generated
     nxt = [gen.continue_tail(c.state, c.tail) for row in rolled for c, _ in row
