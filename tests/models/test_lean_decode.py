@@ -22,12 +22,15 @@ _C = pytest.importorskip("rlfuse._C")
 V = 61
 
 
-def _model(kind="llama", *, hd=16, heads=4, kv=2, bias=False, tied=False, **extra):
-    common = dict(vocab_size=V, hidden_size=hd * heads, intermediate_size=3 * hd * heads,
+def _model(kind="llama", *, hd=16, heads=4, kv=2, bias=False, tied=False, hidden=None,
+           **extra):
+    hidden = hidden or hd * heads
+    common = dict(vocab_size=V, hidden_size=hidden, intermediate_size=3 * hidden,
                   num_hidden_layers=2, num_attention_heads=heads, num_key_value_heads=kv,
                   max_position_embeddings=128, tie_word_embeddings=tied)
     if kind == "llama":
-        cfg = transformers.LlamaConfig(attention_bias=bias, mlp_bias=bias, **common, **extra)
+        cfg = transformers.LlamaConfig(attention_bias=bias, mlp_bias=bias, head_dim=hd, **common,
+                                       **extra)
     elif kind == "qwen2":
         cfg = transformers.Qwen2Config(**common, **extra)
     elif kind == "mistral":
@@ -100,10 +103,12 @@ def _check_steps(model, *, repeat=2, T=7, B0=3, P=9, fuse=True, monkeypatch=None
     ("llama", dict(kv=4)),                       # no grouping
     ("llama", dict(bias=True, hd=32, heads=2, kv=1)),  # biases; hd a multiple of 16
     ("llama", dict(tied=True, hd=24)),           # hd not a multiple of 16
+    ("llama", dict(hd=32, hidden=80)),           # heads x head_dim != hidden
     ("qwen2", dict(tied=True)),                  # q/k/v biases
     ("mistral", dict(hd=64, heads=2, kv=2)),
     ("qwen3", dict()),                           # per-head q/k RMSNorm
     ("qwen3", dict(hd=32, tied=True)),
+    ("qwen3", dict(hd=32, hidden=48)),           # heads x head_dim != hidden
 ])
 def test_steps_equal_the_model_in_float64(kind, kw):
     _check_steps(_model(kind, **kw))
