@@ -117,7 +117,10 @@ void decode_attention(const DecodeAttnArgs& a) {
             float* pb = p + jb * kW;
             const float* kp = keep + jb * kW;
             for (int l = 0; l < kW; ++l) {
-              pb[l] = vexp2_nonpos(pb[l] * kLog2e - shift) * kp[l];
+              // a select, not a product: a masked (or unused) column's score may exceed the
+              // attended maximum, and exp of that (or a NaN key) times 0 would be NaN
+              const float e = vexp2_nonpos(std::min(pb[l] * kLog2e - shift, 0.f));
+              pb[l] = kp[l] != 0.f ? e : 0.f;
               lane[l] += pb[l];
             }
           }

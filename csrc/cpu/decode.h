@@ -16,7 +16,8 @@ struct DecodeAttnArgs {
   const float* k;
   const float* v;
   int64_t q_stride, k_stride, v_stride;
-  // rotary tables [N, hd] (row stride cs_stride) and each row's position (an index into them)
+  // rotary tables [N, hd] (row stride cs_stride) and each row's position (an index into
+  // them, checked against N by the entry point)
   const float* cos;
   const float* sin;
   int64_t cs_stride;
@@ -31,7 +32,8 @@ struct DecodeAttnArgs {
   // columns 0 .. L
   float* kbuf;
   float* vbuf;
-  // padding mask [B, >= L + 1] (uint8, row stride mask_stride): nonzero = attended
+  // padding mask [B, C] (uint8, row stride mask_stride; the kernel reads the 64-column
+  // blocks up to column L): nonzero = attended
   const uint8_t* mask;
   int64_t mask_stride;
   // output [B, nh * hd], row stride out_stride

@@ -4,6 +4,8 @@
 #include <pybind11/pybind11.h>
 
 #include <cstdint>
+#include <stdexcept>
+#include <string>
 
 #include "cpu/decode.h"
 
@@ -19,8 +21,8 @@ void rlfuse_bind_decode(py::module_& m) {
       "decode_attention",
       [](uint64_t q, uint64_t k, uint64_t v, int64_t q_stride, int64_t k_stride,
          int64_t v_stride, uint64_t cos, uint64_t sin, int64_t cs_stride, uint64_t pos,
-         uint64_t q_norm, uint64_t k_norm, double norm_eps, uint64_t kbuf, uint64_t vbuf, uint64_t mask, int64_t mask_stride, uint64_t out,
-         int64_t out_stride, int64_t B, int64_t nh, int64_t nkv, int64_t hd, int64_t C,
+         uint64_t q_norm, uint64_t k_norm, double norm_eps, int64_t table_rows, uint64_t kbuf,
+         uint64_t vbuf, uint64_t mask, int64_t mask_stride, uint64_t out, int64_t out_stride, int64_t B, int64_t nh, int64_t nkv, int64_t hd, int64_t C,
          int64_t L, double scale, int num_threads) {
         rlfuse::cpu::DecodeAttnArgs a{ptr<const float>(q), ptr<const float>(k),
                                       ptr<const float>(v), q_stride, k_stride, v_stride,
@@ -31,6 +33,15 @@ void rlfuse_bind_decode(py::module_& m) {
                                       ptr<float>(vbuf), ptr<const uint8_t>(mask), mask_stride,
                                       ptr<float>(out), out_stride, B, nh, nkv, hd, C, L,
                                       static_cast<float>(scale), num_threads};
+        if (C % 64 != 0 || L < 0 || L >= C || nkv < 1 || nh % nkv != 0 || hd < 2 || hd % 2)
+          throw std::invalid_argument("decode_attention: bad sizes");
+        const int64_t* p = ptr<const int64_t>(pos);
+        for (int64_t b = 0; b < B; ++b)
+          if (p[b] < 0 || p[b] >= table_rows)
+            throw std::invalid_argument("decode_attention: position " + std::to_string(p[b]) +
+                                        " of row " + std::to_string(b) +
+                                        " is outside the rotary table (" +
+                                        std::to_string(table_rows) + " rows)");
         py::gil_scoped_release release;
         RLFUSE_ISA_CALL(decode_attention, a);
       },

@@ -244,7 +244,7 @@ def test_decode_attention_kernel(isa, nh, nkv, hd, L, norm):
         _C.decode_attention(base, base + 4 * nq, base + 4 * (nq + nk), st, st, st,
                             cos.data_ptr(), sin.data_ptr(), cos.stride(0), pos.data_ptr(),
                             qn.data_ptr() if norm else 0, kn.data_ptr() if norm else 0, 1e-6,
-                            kbuf.data_ptr(), vbuf.data_ptr(), mask.data_ptr(), C,
+                            cos.shape[0], kbuf.data_ptr(), vbuf.data_ptr(), mask.data_ptr(), C,
                             out.data_ptr(), out.stride(0), B, nh, nkv, hd, C, L, scale, 2)
         q = qkv[:, :nq].double().view(B, nh, hd)
         k = qkv[:, nq:nq + nk].double().view(B, nkv, hd)
@@ -319,3 +319,91 @@ def test_a_cache_that_does_not_fit_is_refused():
     # each prompt's cache went to both of its sample rows
     k = cache.layers[1].keys
     assert torch.equal(dec.layers[1].kbuf[:, :, :, :5], k.transpose(2, 3).repeat_interleave(2, 0))
+
+
+def _one_head_call(qkv, kbuf, vbuf, mask, out, *, hd, L, C, pos=None, rows=None):
+    cos, sin = torch.ones(C, hd), torch.zeros(C, hd)      # rotary = identity
+    pos = torch.zeros(1, dtype=torch.int64) if pos is None else pos
+    b = qkv.data_ptr()
+    _C.decode_attention(b, b + 4 * hd, b + 8 * hd, 3 * hd, 3 * hd, 3 * hd, cos.data_ptr(),
+                        sin.data_ptr(), hd, pos.data_ptr(), 0, 0, 1e-6,
+                        C if rows is None else rows, kbuf.data_ptr(), vbuf.data_ptr(),
+                        mask.data_ptr(), C, out.data_ptr(), hd, 1, 1, 1, hd, C, L, 1.0, 1)
+
+
+@pytest.mark.parametrize("isa", _ISAS)
+@pytest.mark.parametrize("s", [-50.0, -88.7, -89.0, -266.2, -1000.0])
+def test_masked_and_unused_columns_never_poison_the_softmax(isa, s):
+    # every attended score is s; the unused columns past L (zero keys) and a masked column
+    # score higher, by amounts whose exponential overflows: the output must stay the mean
+    # of the attended values (a product exp * 0 would be inf * 0 = NaN)
+    old = _C.active_isa()
+    if not _C.set_isa(isa):
+        pytest.skip(f"this CPU (or build) lacks {isa}")
+    try:
+        hd, L, C = 16, 5, 64
+        qkv = torch.zeros(1, 3 * hd)
+        qkv[0, 0], qkv[0, hd], qkv[0, 2 * hd:] = 1.0, s, 2.0
+        kbuf = torch.zeros(1, 1, hd, C)
+        kbuf[0, 0, 0, :L] = s
+        kbuf[0, 0, 0, 2] = float("nan")       # a masked column's key may hold anything
+        vbuf = torch.zeros(1, 1, C, hd)
+        vbuf[0, 0, :L] = torch.arange(L, dtype=torch.float32)[:, None]
+        vbuf[0, 0, 2] = 100.0                 # masked: must not count
+        mask = torch.ones(1, C, dtype=torch.uint8)
+        mask[0, 2] = 0
+        out = torch.full((1, hd), float("nan"))
+        _one_head_call(qkv, kbuf, vbuf, mask, out, hd=hd, L=L, C=C)
+        want = torch.tensor([0.0, 1, 3, 4, 2]).mean()     # columns 0, 1, 3, 4 and L's 2.0
+        torch.testing.assert_close(out[0], want.expand(hd), rtol=1e-5, atol=1e-5)
+    finally:
+        _C.set_isa(old)
+
+
+def test_kernel_rejects_positions_outside_the_table():
+    hd, L, C = 16, 3, 64
+    qkv, out = torch.randn(1, 3 * hd), torch.empty(1, hd)
+    kbuf, vbuf = torch.zeros(1, 1, hd, C), torch.zeros(1, 1, C, hd)
+    mask = torch.ones(1, C, dtype=torch.uint8)
+    for bad in (-1, C, 10 ** 9):
+        with pytest.raises(ValueError, match="rotary table"):
+            _one_head_call(qkv, kbuf, vbuf, mask, out, hd=hd, L=L, C=C,
+                           pos=torch.tensor([bad]))
+
+
+def test_step_checks_its_tokens():
+    model = _model("llama")
+    dec = D.lean_decoder(model, 2, 10)
+    for bad in (torch.tensor([3]), torch.tensor([3, 4], dtype=torch.int32),
+                torch.tensor([[3, 4]])):
+        with pytest.raises(ValueError, match="tokens"):
+            dec.step(bad, 0)
+
+
+def test_autocast_and_default_dtype():
+    model = _model("llama")
+    ids, mask = _prompts(2, 5)
+    kw = dict(max_new_tokens=4, eos_token_id=None, pad_token_id=0)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert D.lean_decoder(model, 2, 20) is None      # the forward would be bf16
+        assert sample(model, ids, mask, **kw).shape == (2, 9)
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    try:
+        g = torch.Generator().manual_seed(0)
+        a = sample(model, ids, mask, generator=g, lean=True, sampler="multinomial", **kw)
+    finally:
+        torch.set_default_dtype(old)
+    g = torch.Generator().manual_seed(0)
+    b = sample(model, ids, mask, generator=g, lean=False, sampler="multinomial", **kw)
+    assert torch.equal(a, b)
+
+
+def test_layers_of_different_sizes_are_refused():
+    model = _model("llama")
+    mlp = model.model.layers[1].mlp
+    H, inter = mlp.gate_proj.in_features, mlp.gate_proj.out_features - 8
+    mlp.gate_proj = torch.nn.Linear(H, inter, bias=False)
+    mlp.up_proj = torch.nn.Linear(H, inter, bias=False)
+    mlp.down_proj = torch.nn.Linear(inter, H, bias=False)
+    assert D._why_not(model, 20) == "layer shapes"

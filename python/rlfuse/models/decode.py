@@ -60,6 +60,8 @@ def _why_not(model, total_len: int) -> Optional[str]:
     if type(base.embed_tokens) is not torch.nn.Embedding or \
             type(base.norm).__name__ not in _NORMS:
         return "structure"
+    if getattr(base.rotary_emb, "rope_type", "default") not in _ROPE_TYPES:
+        return "rope"
     for rope in (getattr(cfg, "rope_parameters", None), getattr(cfg, "rope_scaling", None)):
         # (rope_scaling: the name in transformers before 5)
         if isinstance(rope, dict) and \
@@ -93,6 +95,13 @@ def _why_not(model, total_len: int) -> Optional[str]:
         q, k, v = projs[:3]
         if (q.out_features, k.out_features, v.out_features) != (nh * hd, nkv * hd, nkv * hd):
             return "heads"
+        o, g, u, d = projs[3:]
+        H = cfg.hidden_size
+        if (q.in_features, k.in_features, v.in_features, o.in_features, o.out_features) != \
+                (H, H, H, nh * hd, H) or g.in_features != H or u.in_features != H or \
+                g.out_features != u.out_features or d.in_features != g.out_features or \
+                d.out_features != H or g.out_features != base.layers[0].mlp.gate_proj.out_features:
+            return "layer shapes"
         if type(getattr(mlp, "act_fn", None)).__name__ not in ("SiLU", "SiLUActivation"):
             return "activation"
         for n in ("input_layernorm", "post_attention_layernorm"):
@@ -123,6 +132,8 @@ def lean_decoder(model, batch: int, capacity: int) -> Optional["LeanDecoder"]:
     except ImportError:
         return None
     if not hasattr(_C, "decode_attention") or _why_not(model, capacity) is not None:
+        return None
+    if torch.is_autocast_enabled("cpu"):   # the model's forward would run in lower precision
         return None
     return LeanDecoder(model, batch, capacity)
 
@@ -157,6 +168,7 @@ class LeanDecoder:
         self.norm_w, self.norm_eps = base.norm.weight.contiguous(), base.norm.variance_epsilon
         self.head_w, self.head_b = model.lm_head.weight, model.lm_head.bias
         B, nq, nk = batch, self.nh * self.hd, self.nkv * self.hd
+        f32 = torch.float32   # whatever torch's default dtype is
         with torch.no_grad():
             # rotary tables for every position the rows can reach
             probe = self.embed.new_empty(1, 1, self.H)
@@ -200,15 +212,15 @@ class LeanDecoder:
                 ly.g = (mlp.gate_proj.weight, mlp.gate_proj.bias)
                 ly.u = (mlp.up_proj.weight, mlp.up_proj.bias)
                 ly.d, ly.d_b = mlp.down_proj.weight.t(), mlp.down_proj.bias
-                ly.kbuf = torch.zeros(B, self.nkv, self.hd, self.C)  # keys transposed
-                ly.vbuf = torch.zeros(B, self.nkv, self.C, self.hd)
+                ly.kbuf = torch.zeros(B, self.nkv, self.hd, self.C, dtype=f32)  # keys^T
+                ly.vbuf = torch.zeros(B, self.nkv, self.C, self.hd, dtype=f32)
                 self.layers.append(ly)
         self.inter = inter
-        self.h = torch.empty(B, self.H)
-        self.qkv = torch.empty(B, nq + 2 * nk)
-        self.att = torch.empty(B, nq)
-        self.gu = torch.empty(B, 2 * inter)
-        self.act = torch.empty(B, inter)
+        self.h = torch.empty(B, self.H, dtype=f32)
+        self.qkv = torch.empty(B, nq + 2 * nk, dtype=f32)
+        self.att = torch.empty(B, nq, dtype=f32)
+        self.gu = torch.empty(B, 2 * inter, dtype=f32)
+        self.act = torch.empty(B, inter, dtype=f32)
         self.pos = torch.zeros(B, dtype=torch.int64)
         self.mask = torch.zeros(B, self.C, dtype=torch.uint8)
 
@@ -270,6 +282,9 @@ class LeanDecoder:
         return self.act
 
     def _norm(self, x, w, eps):
+        if x.dtype != torch.float32 or x.shape != (self.B, self.H) or not x.is_contiguous():
+            raise RuntimeError(f"LeanDecoder: hidden states of {x.dtype} {tuple(x.shape)}, "
+                               f"expected contiguous float32 ({self.B}, {self.H})")
         self._C.rms_norm(x.data_ptr(), x.stride(0), w.data_ptr(), eps, self.h.data_ptr(),
                          self.h.stride(0), self.B, self.H, self.threads)
         return self.h
@@ -279,6 +294,13 @@ class LeanDecoder:
         if not 0 <= L < self.capacity:
             raise ValueError(f"LeanDecoder.step: column {L} outside the buffers "
                              f"({self.capacity})")
+        if not isinstance(tokens, torch.Tensor) or tokens.shape != (self.B,) or \
+                tokens.dtype != torch.int64 or tokens.device.type != "cpu":
+            raise ValueError(f"LeanDecoder.step: tokens must be a CPU int64 tensor of shape "
+                             f"({self.B},)")
+        if torch.is_autocast_enabled("cpu"):
+            raise RuntimeError("LeanDecoder.step: CPU autocast is on (the decoder computes "
+                               "in float32 only)")
         nq, nk, hd = self.nh * self.hd, self.nkv * self.hd, self.hd
         x = F.embedding(tokens, self.embed)
         if not x.is_contiguous():
@@ -292,7 +314,8 @@ class LeanDecoder:
                 base, base + 4 * nq, base + 4 * (nq + nk), st, st, st,
                 self.cos.data_ptr(), self.sin.data_ptr(), self.cos.stride(0),
                 self.pos.data_ptr(), 0 if ly.qn is None else ly.qn.data_ptr(),
-                0 if ly.kn is None else ly.kn.data_ptr(), ly.qk_eps, ly.kbuf.data_ptr(), ly.vbuf.data_ptr(),
+                0 if ly.kn is None else ly.kn.data_ptr(), ly.qk_eps, self.cos.shape[0],
+                ly.kbuf.data_ptr(), ly.vbuf.data_ptr(),
                 self.mask.data_ptr(), self.mask.stride(0), att.data_ptr(), att.stride(0),
                 self.B, self.nh, self.nkv, hd, self.C, L, ly.scale, self.threads)
             x = torch.addmm(x, att, ly.o)

@@ -286,7 +286,7 @@ def sample(model, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor
         dec = None
     if dec is not None:
         dec.load_cache(cache, num_samples)
-        cache = None
+        cache = out = None   # the prefill's cache is no longer needed
         dec.mask[:, :mask.shape[1]] = mask
         dec.pos.copy_(next_pos[:, 0])
     else:
