@@ -19,8 +19,8 @@ KV heads); the sampled tokens equal ``generate``'s for the tested seeds.
 
 :func:`lean_decoder` returns None, and the sampler uses the model's forward, for anything
 else: another architecture or a modified one (adapters, hooks, quantised or sharded
-weights), a non-float32 or non-CPU model, sliding windows shorter than the sequence,
-position-dependent RoPE scaling, or attention dropout in training mode.
+weights), a non-float32 or non-CPU model, CPU autocast, sliding windows shorter than the
+sequence, position-dependent RoPE scaling, or attention dropout in training mode.
 """
 
 from __future__ import annotations
