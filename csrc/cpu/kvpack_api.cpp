@@ -31,6 +31,7 @@
 #include <cstdint>
 #include <cstring>
 #include <stdexcept>
+#include <string>
 #include <vector>
 
 #include "cpu/logprob.h"
@@ -53,11 +54,12 @@ int64_t kv_pack_check(int64_t R, int64_t C, const std::vector<Source>& src,
   for (int64_t i = 0; i < N; ++i) {
     const int64_t* p = plan + 5 * i;
     const int64_t g = p[0], row = p[1], start = p[2], n = p[3], reps = p[4];
-    if (reps < 0 || (rows += reps) > R) return i;
+    if (reps < 0 || reps > R - rows) return i;  // (no overflow: 0 <= rows <= R)
+    rows += reps;
     if (g < 0) continue;
     if (g >= static_cast<int64_t>(src.size())) return i;
     const Source& s = src[static_cast<size_t>(g)];
-    if (row < 0 || row >= s.rows || start < 0 || n < 0 || n > C || start + n > s.cols)
+    if (row < 0 || row >= s.rows || start < 0 || n < 0 || n > C || start > s.cols - n)
       return i;
   }
   return rows == R ? -1 : N;
@@ -282,6 +284,12 @@ void rlfuse_bind_kvpack(py::module_& m) {
               throw std::invalid_argument(
                   "DecodeLoop.step: needs V >= 1, 0 <= t < width, logits, and argmax or "
                   "probs and u");
+            if (s.pad_id < 0 || s.pad_id >= V)
+              for (int64_t r = 0; r < s.R; ++r)
+                if (s.done[r])  // a stopped row gets the pad id, whose log-prob is taken
+                  throw std::invalid_argument(
+                      "DecodeLoop.step: the pad token id " + std::to_string(s.pad_id) +
+                      " is outside the model's vocabulary [0, " + std::to_string(V) + ")");
             const Step q{reinterpret_cast<float*>(probs), reinterpret_cast<const float*>(u),
                          reinterpret_cast<const int64_t*>(argmax),
                          reinterpret_cast<const float*>(logits), logits_stride, V, t,

@@ -477,6 +477,8 @@ class HFStepModel(StepModel):
                 am, probs, u = logits.argmax(-1), None, None
             else:
                 probs = _probs(logits, temp, top_p)
+                if not probs.is_contiguous() or probs.dtype != torch.float32:
+                    probs = probs.float().contiguous()   # the kernel reads [R, V] rows
                 u = torch.rand(R, 1, generator=gen, dtype=probs.dtype)
             live = loop.step(probs.data_ptr() if probs is not None else 0,
                              u.data_ptr() if u is not None else 0,

@@ -454,7 +454,12 @@ class Selection(NamedTuple):
 
 
 class Phases:
-    """select / expand / backup for one search over ``tree`` on one backend."""
+    """select / expand / backup for one search over ``tree`` on one backend.
+
+    A low-level layer under :func:`~rlfuse.search.puct_search` / ``gumbel_search``: the
+    widths are checked here, but the float32 / uint8 inputs of ``expand`` and ``step``
+    must already be validated (contiguous, ``[M]`` / ``[M, K]`` for ``M = B * w``), as the
+    searches do, because they reach the kernels as raw pointers."""
 
     def __init__(self, tree: Tree, *, rule: str, W: int, max_depth: int, c1: float = 1.25,
                  c2: float = 19652.0, virtual_loss: float = 1.0, qnorm: str = "parent_siblings",
@@ -524,7 +529,13 @@ class Phases:
     def _raise(self, what: str, code: int, where: int, unit: str = "tree"):
         raise RuntimeError(f"rlfuse.search {what}: {_STATUS.get(code, code)} ({unit} {where})")
 
+    def _width(self, w, name="w", low=1):
+        if type(w) is not int or not low <= w <= self.W:
+            raise ValueError(f"rlfuse.search Phases: {name} must be an int in [{low}, "
+                             f"{self.W}] (the W this object was built for), got {w!r}")
+
     def select(self, w: int) -> Selection:
+        self._width(w)
         if self.mod is None:
             select_reference(self, w)
         elif self.backend == "cpu":
@@ -537,6 +548,7 @@ class Phases:
 
     def expand(self, w: int, reward, discount, logits, value, invalid=None, terminal=None):
         """Inputs: float32 contiguous [M], [M], [M, K], [M]; uint8 [M, K] and [M] or None."""
+        self._width(w)
         if self.mod is None:
             expand_reference(self, w, reward, discount, logits, value, invalid, terminal)
             return
@@ -550,6 +562,7 @@ class Phases:
     def expand_backup(self, w: int, reward, discount, logits, value, invalid=None,
                       terminal=None):
         """expand, then backup (one call into the CPU extension)."""
+        self._width(w)
         if self.backend != "cpu":
             self.expand(w, reward, discount, logits, value, invalid, terminal)
             self.backup(w)
@@ -567,7 +580,16 @@ class Phases:
         as for expand), the new payload rows of a ``store`` with ``rows`` from the address
         ``put_rows`` (0: none), then ``select(w_next)`` (w_next > 0) and the parents'
         payload rows into the address ``gather_rows`` (0: none)."""
+        if self.backend != "cpu" or self.mod is None:
+            raise RuntimeError("rlfuse.search Phases.step: the CPU extension only")
+        self._width(w_next, "w_next", 0)
+        if outputs is not None:
+            self._width(w)
         rows = store.rows if store is not None and store.rows is not None else (0, 0, 0)
+        if store is not None and (store.rows is None or rows[2] != self.tree.capacity + 1
+                                  or store.buf.shape[0] != self.tree.batch_size):
+            raise ValueError("rlfuse.search Phases.step: store must be this tree's payload "
+                             "store (one contiguous CPU tensor)")
         if outputs is None:
             code, where, stage = self.mod.tree_step(self.view, self.cfg, 0, 0, 0, 0, 0, 0, 0,
                                                     *rows, 0, w_next, gather_rows, self.arg)
@@ -581,6 +603,7 @@ class Phases:
             self._raise("select" if stage else "expand", code, where, "tree" if stage else "row")
 
     def backup(self, w: int) -> None:
+        self._width(w)
         if self.mod is None:
             backup_reference(self, w)
         else:
