@@ -41,6 +41,7 @@ from rlfuse.ops import (
     value_loss,
 )
 from rlfuse.search import Phases, RecurrentOutput, Root, Tree, gumbel_search, puct_search
+from rlfuse.search.tree import TensorStore
 
 DOC = pathlib.Path(__file__).resolve().parents[2] / "docs" / "errors.md"
 BEGIN, END = "<!-- BEGIN GENERATED TABLE -->", "<!-- END GENERATED TABLE -->"
@@ -607,6 +608,12 @@ def _dead_end_tree():
     return out.tree.subtree(out.action)
 
 
+def _bare_phases(backend):
+    t = Tree(2, 3, 64)
+    t.init_roots(torch.zeros(2, 3), torch.zeros(2))
+    return Phases(t, rule="puct", W=1, max_depth=4, backend=backend)
+
+
 def _phase(backend, tree, **kw):
     return Phases(tree, rule="puct", W=1, max_depth=4, backend=backend, **kw).select(1)
 
@@ -746,6 +753,15 @@ _SEARCH_ROWS = [
     Row("Phases.select", "the tree is full (only reachable through `Phases`: the searches "
         "check the capacity first)", RuntimeError, _tree_full, data=True, backends=SEARCH,
         prefix="rlfuse.search select:"),
+    Row("Phases.select / expand / backup / step", "a width `w` outside [1, W] (`w_next`: "
+        "[0, W]), W the one the `Phases` was built with", ValueError,
+        lambda b: _bare_phases("cpu").step(0, None, 16), prefix="rlfuse.search Phases:"),
+    Row("Phases.step", "`store` not the tree's payload store (another capacity or batch)",
+        ValueError, lambda b: _bare_phases("cpu").step(
+            0, None, 1, TensorStore(torch.zeros(2, 4), 2, 8, "cpu")),
+        prefix="rlfuse.search Phases.step:"),
+    Row("Phases.step", "a backend other than the CPU extension", RuntimeError,
+        lambda b: _bare_phases("torch").step(0, None, 1), prefix="rlfuse.search Phases.step:"),
 ]
 
 ROWS: list[Row] = (_BACKEND_ROWS + _LOGPROB_ROWS + _ADVANTAGE_ROWS + _POLICY_ROWS
