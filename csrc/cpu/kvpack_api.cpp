@@ -3,10 +3,12 @@
 // (DecodeLoop, for HFStepModel._loop_kernel).
 //
 // kv_pack:
-// One output tensor [R, H, C, D] (contiguous) receives, for every prefix i (a plan row
-// (group, row, start, n, reps)), reps consecutive rows holding its cache slice: columns
-// start .. start + n of row `row` of source tensor `group`, right-aligned (columns C - n ..
-// C - 1), zeros in front; a prefix with group < 0 gets zero rows.  Sources are
+// One output tensor [R, H, dst_cols, D] (contiguous; dst_cols >= C) receives in its first C
+// columns, for every prefix i (a plan row (group, row, start, n, reps)), reps consecutive
+// rows holding its cache slice: columns start .. start + n of row `row` of source tensor
+// `group`, right-aligned (columns C - n .. C - 1), zeros in front; a prefix with group < 0
+// gets zero rows.  (dst_cols > C: the generation's first cache update packs the prefixes
+// straight into its own output, leaving column C for the new token.)  Sources are
 // [Rs, H, Ts, D] tensors with any strides but a contiguous last dimension.  The first row
 // of a prefix is copied from its source, its repeats from that row (one contiguous copy
 // each).  Only bytes are copied, so every dtype works.  Every slice is checked against its
@@ -65,17 +67,17 @@ int64_t kv_pack_check(int64_t R, int64_t C, const std::vector<Source>& src,
   return rows == R ? -1 : N;
 }
 
-void kv_pack(char* dst, int64_t H, int64_t C, int64_t row_bytes,
+void kv_pack(char* dst, int64_t H, int64_t C, int64_t dst_cols, int64_t row_bytes,
              const std::vector<Source>& src, const int64_t* plan, int64_t N) {
-  const int64_t head_bytes = C * row_bytes, out_row = H * head_bytes;
+  const int64_t head_bytes = dst_cols * row_bytes, out_row = H * head_bytes;
   char* out = dst;
   for (int64_t i = 0; i < N; ++i) {
     const int64_t* p = plan + 5 * i;
     const int64_t g = p[0], reps = p[4];
     if (reps == 0) continue;
     if (g < 0) {
-      std::memset(out, 0, static_cast<size_t>(reps * out_row));
-      out += reps * out_row;
+      for (int64_t k = 0; k < reps * H; ++k, out += head_bytes)
+        std::memset(out, 0, static_cast<size_t>(C * row_bytes));
       continue;
     }
     const Source& s = src[static_cast<size_t>(g)];
@@ -225,9 +227,14 @@ void rlfuse_bind_kvpack(py::module_& m) {
   m.def(
       "kv_pack",
       [](uint64_t dst, int64_t R, int64_t H, int64_t C, int64_t row_bytes,
-         const std::vector<std::vector<int64_t>>& sources, uint64_t plan, int64_t N) {
+         const std::vector<std::vector<int64_t>>& sources, uint64_t plan, int64_t N,
+         int64_t dst_cols) {
         if (R < 0 || H < 1 || C < 0 || row_bytes < 1 || N < 0)
           throw std::invalid_argument("kv_pack: needs R, C, N >= 0 and H, row_bytes >= 1");
+        if (dst_cols < 0) dst_cols = C;
+        if (dst_cols < C)
+          throw std::invalid_argument("kv_pack: dst_cols (" + std::to_string(dst_cols) +
+                                      ") must be >= C (" + std::to_string(C) + ")");
         std::vector<Source> src;
         src.reserve(sources.size());
         for (const auto& s : sources) {
@@ -239,13 +246,19 @@ void rlfuse_bind_kvpack(py::module_& m) {
         const int64_t* p = reinterpret_cast<const int64_t*>(plan);
         py::gil_scoped_release release;
         const int64_t bad = kv_pack_check(R, C, src, p, N);
-        if (bad < 0) kv_pack(reinterpret_cast<char*>(dst), H, C, row_bytes, src, p, N);
+        if (bad < 0)
+          kv_pack(reinterpret_cast<char*>(dst), H, C, dst_cols, row_bytes, src, p, N);
         return bad;
       },
-      "Pack right-aligned KV-cache slices of several source tensors into one [R, H, C, D] "
-      "tensor, each repeated as its plan row says (raw pointers and byte strides; a plan of "
-      "N rows (group, row, start, n, reps) as int64).  Returns -1, or the first plan row "
-      "that does not fit (N: the repeats do not add up to R); nothing is written then.");
+      py::arg("dst"), py::arg("R"), py::arg("H"), py::arg("C"), py::arg("row_bytes"),
+      py::arg("sources"), py::arg("plan"), py::arg("N"), py::arg("dst_cols") = -1,
+      "Pack right-aligned KV-cache slices of several source tensors into the first C columns "
+      "of one contiguous [R, H, dst_cols, D] tensor (dst_cols: C when negative), each "
+      "repeated as its plan row says (raw pointers and byte strides; a plan of N rows "
+      "(group, row, start, n, reps) as int64).  Columns C .. dst_cols - 1 are left for the "
+      "caller (a repeated row copies them from its first row).  Returns -1, or the first "
+      "plan row that does not fit (N: the repeats do not add up to R); nothing is written "
+      "then.");
   py::class_<Loop>(m, "DecodeLoop",
                    "The buffers of one decoding loop of the LLM step search (raw pointers, "
                    "built in rlfuse.search.llm_gen): stop and split tables (pointer, size), "

@@ -142,6 +142,60 @@ def test_packed_cache_mixes_sources_repeats_and_uncached_prefixes(tiny):
     _check_candidates(model, [[c for c, _ in row] for row in rolled])
 
 
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_first_cache_update_packs_as_the_packed_cache(tiny, arch, monkeypatch):
+    """On the CPU a batch's prefixes are packed by the first forward's cache update,
+    straight into its output (llm_gen._packed_layer_class): the decoded tokens, log-probs
+    and every cache tensor equal those of packing first and letting DynamicLayer
+    concatenate (the same seed), over prefixes from two earlier batches, an uncached
+    prefix and per-state sample counts; a bad slice is refused from inside the forward."""
+    import rlfuse.search.llm_gen as G
+
+    if arch == "llama":
+        model, tok = tiny
+    else:
+        from transformers import Qwen2Config, Qwen2ForCausalLM
+
+        tok = tiny_tokenizer()
+        torch.manual_seed(1)
+        model = Qwen2ForCausalLM(Qwen2Config(
+            num_hidden_layers=2, hidden_size=32, num_attention_heads=4, num_key_value_heads=2,
+            intermediate_size=64, vocab_size=len(tok))).eval()
+    runs = []
+    real = G._deferred_cache
+    for deferred in (True, False):
+        gen = HFStepModel(model, tok, max_new_tokens=5, temperature=1.5, seed=9)
+        used = []
+        # not deferred: the same kernel packs a cache first (zeros in front, as the update)
+        monkeypatch.setattr(G, "_deferred_cache",
+                            lambda *a: used.append(1) or real(*a) if deferred else None)
+        cached = []
+        for p, prompt in enumerate(["12+3=", "1+1-4+5=6"]):
+            (root,) = gen.root_states([p], [prompt])
+            d = gen._decode([root], 3, 4, gen._eos_tab)
+            cached += [gen._child(root, d, r, 1 + r, True) for r in range(3)]
+        (bos,) = gen.root_states([2], [""])
+        states = [cached[0], bos, *cached[1:]]
+        reps = [2, 1, 0, 3, 1, 2, 1]
+        d = gen._decode(states, reps, 6, gen._stop_tab)
+        assert bool(used) == deferred
+        runs.append((d.rows, d.length.tolist(), d.lp, d.layers))
+    (rows1, len1, lp1, kv1), (rows2, len2, lp2, kv2) = runs
+    assert rows1 == rows2 and len1 == len2 and torch.equal(lp1, lp2)
+    for (k1, v1), (k2, v2) in zip(kv1, kv2):
+        assert type(k1) is torch.Tensor and k1.stride(-1) == 1
+        assert torch.equal(k1, k2) and torch.equal(v1, v2)
+    # a slice past its cache tensor: refused when the first update packs, not read
+    monkeypatch.undo()
+    gen = HFStepModel(model, tok, max_new_tokens=5, temperature=1.5, seed=9)
+    (root,) = gen.root_states([0], ["12+3="])
+    d = gen._decode([root], 2, 4, gen._eos_tab)
+    child = gen._child(root, d, 1, 2, True)
+    child.kv = KVSlice(child.kv.layers, child.kv.row, child.kv.start + 50, child.kv.stop + 50)
+    with pytest.raises(RuntimeError, match="outside its cache"):
+        gen.sample_steps([child], 2)
+
+
 def test_stop_table_narrower_than_the_logits_is_widened(tiny):
     """Stop checks index a bool table by token id; logits wider than the table (a model
     whose output layer is larger than its config says) must not index past it."""

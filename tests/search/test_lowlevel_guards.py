@@ -56,6 +56,24 @@ def test_kv_pack_rejects_a_plan_whose_slice_end_overflows():
     assert _C.kv_pack(dst.data_ptr(), 1, 1, 4, 16, srcs, big.buffer_info()[0], 2) == 1
 
 
+def test_kv_pack_into_wider_rows_writes_only_the_first_columns():
+    """dst_cols > C: each [H, dst_cols, D] row gets the slice right-aligned in its first C
+    columns (zeros in front); the columns after C are left alone, repeats included; a
+    dst_cols below C is refused."""
+    src = torch.randn(2, 2, 8, 4)
+    es = src.element_size()
+    srcs = [[src.data_ptr(), src.stride(0) * es, src.stride(1) * es, src.stride(2) * es, 2, 8]]
+    plan = array.array("q", [0, 1, 2, 3, 2, -1, 0, 0, 0, 1])   # 3 columns twice, a zero row
+    dst = torch.full((3, 2, 6, 4), float("nan"))
+    assert _C.kv_pack(dst.data_ptr(), 3, 2, 4, 16, srcs, plan.buffer_info()[0], 2, 6) == -1
+    for r in (0, 1):
+        assert torch.equal(dst[r, :, 1:4], src[1, :, 2:5]) and not dst[r, :, :1].any()
+    assert not dst[2, :, :4].any()
+    assert dst[:, :, 4:].isnan().all()
+    with pytest.raises(ValueError, match="dst_cols"):
+        _C.kv_pack(dst.data_ptr(), 3, 2, 4, 16, srcs, plan.buffer_info()[0], 2, 3)
+
+
 def test_decode_loop_names_a_pad_id_outside_the_vocabulary():
     R, V, W = 2, 5, 2
     stop = torch.tensor([True, False, False, False, False])

@@ -166,10 +166,14 @@ def _zeros_f32(n: int) -> array.array:
     return array.array("f", bytes(4 * n))
 
 
+_ARRAY_DTYPES = {"f": torch.float32, "q": torch.int64}
+
+
 def _tensor(buf, *shape) -> torch.Tensor:
-    """A tensor over a flat ``array("f")`` (float32) or ``bytearray`` (bool) without a pass
-    over Python objects (``torch.tensor`` of nested lists costs ~0.1 us per element)."""
-    dtype = torch.float32 if isinstance(buf, array.array) else torch.bool
+    """A tensor over a flat ``array("f")`` (float32), ``array("q")`` (int64) or
+    ``bytearray`` (bool) without a pass over Python objects (``torch.tensor`` of nested
+    lists costs ~0.1 us per element)."""
+    dtype = _ARRAY_DTYPES[buf.typecode] if isinstance(buf, array.array) else torch.bool
     return torch.frombuffer(buf, dtype=dtype).view(*shape)
 
 
@@ -439,27 +443,37 @@ class StepSearch:
         root_payloads = [_Payload(st, cands=k) for st, k in zip(roots, kept)]
 
         K = self.K
+        # The tree's payload is one int64 per node: an index into `payloads` (a tensor
+        # payload keeps the tree loop in one extension call per step on the CPU, where a
+        # list of Python objects takes the general path: separate select / expand / backup
+        # calls and a gather and put per step)
+        payloads: list[_Payload] = list(root_payloads)
 
         def recurrent_fn(embedding, action, exp):
             new = exp.new.tolist()
             M = len(new)
             rows = [i for i in range(M) if new[i]]
-            acts = action.tolist()
+            acts, pids = action.tolist(), embedding.tolist()
             # rows that revisit a node get zeros (their outputs are ignored)
             out = (_zeros_f32(M), _zeros_f32(M), _zeros_f32(M * K), bytearray(M * K),
                    _zeros_f32(M), bytearray(M), [None] * M)
-            self._new_nodes(ev, [embedding[i] for i in rows], [acts[i] for i in rows], rows,
-                            out)
+            self._new_nodes(ev, [payloads[pids[i]] for i in rows], [acts[i] for i in rows],
+                            rows, out)
             r, d, lg, inv, v, term, full = out
+            ids = array.array("q", bytes(8 * M))
+            n0 = len(payloads)
+            for j, i in enumerate(rows):
+                ids[i] = n0 + j
+            payloads.extend(full[i] for i in rows)
             return _search.RecurrentOutput(
                 reward=_tensor(r, M), discount=_tensor(d, M), prior_logits=_tensor(lg, M, K),
-                value=_tensor(v, M), embedding=full, invalid_actions=_tensor(inv, M, K),
+                value=_tensor(v, M), embedding=_tensor(ids, M), invalid_actions=_tensor(inv, M, K),
                 terminal=_tensor(term, M))
 
         gen = torch.Generator().manual_seed(self.seed)
         root = _search.Root(prior_logits=_tensor(logits, B, K),
                             value=torch.tensor(root_vals, dtype=torch.float32),
-                            embedding=root_payloads)
+                            embedding=torch.arange(B, dtype=torch.int64))
         invalid = _tensor(invalid, B, K)
         kw = self.search_kwargs
         if self.algorithm == "puct":
@@ -476,7 +490,7 @@ class StepSearch:
                 gumbel_scale=kw["gumbel_scale"],
                 max_num_considered_actions=kw["max_num_considered_actions"], generator=gen,
                 backend=self.backend)
-        results = self._results(problems, prompts, out.tree, ev)
+        results = self._results(problems, prompts, out.tree, ev, payloads)
         wall = time.perf_counter() - t_start
         c1 = self.gen.counters.snapshot()
         self.stats = {k: c1[k] - c0[k] for k in c0}
@@ -487,11 +501,13 @@ class StepSearch:
                           search_seconds=wall - self.stats["decode_seconds"] - ev.seconds)
         return results
 
-    def _results(self, problems, prompts, tree, ev) -> list[SearchResult]:
-        """One SearchResult per tree; the tree's arrays are read once for all trees."""
+    def _results(self, problems, prompts, tree, ev, payloads) -> list[SearchResult]:
+        """One SearchResult per tree; the tree's arrays are read once for all trees
+        (``payloads``: what the tree's int64 payload of every node indexes)."""
         B, N, K = tree.batch_size, tree.capacity, tree.num_actions
         n_nodes = tree.num_nodes().tolist()
         n_max = max(n_nodes)
+        pid = tree.payload.buf[:, :n_max].tolist()
         cols = {name: getattr(tree, name)[:, :n_max].tolist()
                 for name in ("parent", "visits", "value")}
         # past a tree's next_free the arrays hold no data (clamped: any index is valid)
@@ -505,10 +521,10 @@ class StepSearch:
         out = []
         for b in range(B):
             parent, visits, value = cols["parent"][b], cols["visits"][b], cols["value"][b]
-            qb, pb = q[b], prior[b]
+            qb, pb, node_pl = q[b], prior[b], [payloads[i] for i in pid[b][:n_nodes[b]]]
             nodes = []
             for n in range(n_nodes[b]):
-                pl = tree.embedding(b, n)
+                pl = node_pl[n]
                 st = pl.state
                 nodes.append({
                     "id": n, "parent": parent[n] if n else -1,
@@ -519,7 +535,7 @@ class StepSearch:
                     "terminal": bool(pl.terminal), "reward": pl.reward,
                 })
             traces = list(ev.traces.get(b, []))
-            completion, reward = self._choose(nodes, traces, tree, b)
+            completion, reward = self._choose(nodes, traces, node_pl)
             out.append(SearchResult(
                 problem=problems[b], prompt=prompts[b], nodes=nodes, traces=traces,
                 completion=completion, reward=reward,
@@ -527,12 +543,12 @@ class StepSearch:
                 root_visit_counts=root_visits[b]))
         return out
 
-    def _choose(self, nodes, traces, tree, b):
+    def _choose(self, nodes, traces, node_pl):
         if self.select == "reward" and traces:
             visits = {}
             for nd in nodes:
                 if nd["terminal"]:
-                    c = tree.embedding(b, nd["id"]).state.completion
+                    c = node_pl[nd["id"]].state.completion
                     visits[c] = max(visits.get(c, 0), nd["visits"])
             best = max(traces, key=lambda t: (t[1], visits.get(t[0], 0)))
             return best[0], best[1]
@@ -544,7 +560,7 @@ class StepSearch:
         while not n["terminal"] and n["id"] in kids:
             n = max(kids[n["id"]], key=lambda c: (c["visits"], c["q"]))
         reward = float(n["reward"]) if n["terminal"] else float("nan")
-        return tree.embedding(b, n["id"]).state.completion, reward
+        return node_pl[n["id"]].state.completion, reward
 
 
 def make_step_model(model, tokenizer=None, *, step_delimiter="\n", sampling=None,

@@ -401,7 +401,6 @@ class HFStepModel(StepModel):
         lens = [len(st.ids) - 1 for st in states]    # cached tokens per state
         C = max(lens)
         dev = self.device
-        layer_kv = _pack(states, lens, C, reps) if C > 0 else []
         # per sampled row (state-major): cached tokens, last prefix token
         row_lens = [n for n, r in zip(lens, reps) for _ in range(r)]
         R = len(row_lens)
@@ -419,7 +418,15 @@ class HFStepModel(StepModel):
             from transformers import DynamicCache
 
             self._cache_template = DynamicCache(config=self.model.config)
-        cache = _cache_from(layer_kv, self.model.config, self._cache_template)
+        # On the CPU the prefixes are packed by the first forward's cache update, straight
+        # into the tensor that update makes anyway (see _packed_layer_class); elsewhere
+        # packed here into a cache that the update then extends.
+        plan = _cpu_plan(states, lens, C, reps) if C > 0 else None
+        cache = _deferred_cache(plan, self.model.config, self._cache_template) \
+            if plan is not None else None
+        if cache is None:
+            layer_kv = _pack(states, lens, C, reps) if C > 0 else []
+            cache = _cache_from(layer_kv, self.model.config, self._cache_template)
         kernel = self._step_kernel(dev)
         loop = self._loop_kernel if kernel is not None else self._loop_torch
         toks, length, stopped, lp, first = loop(kernel, cache, tok, pos, mask, C, R,
@@ -820,46 +827,83 @@ def _pack(states, lens, C: int, reps: list, kernel: bool = True) -> list:
 
 
 def _pack_cpu(states, lens, C: int, reps: list) -> Optional[list]:
-    """``_pack`` through ``rlfuse._C.kv_pack`` (one pass per tensor over a plan of one
-    row per state: source, row, first column, columns, repeats), or None where it does
-    not apply: tensors off the CPU, without the extension, of mixed dtypes or shapes, or
-    with a strided last dimension.  The kernel checks every slice against its source
-    first (a bad ``KVSlice`` must not read out of bounds)."""
+    """``_pack`` through ``rlfuse._C.kv_pack``: the tensors of :func:`_cpu_plan`'s plan, or
+    None where it does not apply."""
+    plan = _cpu_plan(states, lens, C, reps)
+    if plan is None:
+        return None
+    return [tuple(plan.tensor(li, which) for which in (0, 1)) for li in range(plan.L)]
+
+
+class _CpuPlan:
+    """What ``rlfuse._C.kv_pack`` needs to pack one generation batch's prefixes: the
+    source tensors of every layer (pointer, byte strides, extent), one plan row per state
+    (source, row, first column, columns, repeats), R, C and each layer's (H, D, dtype)."""
+
+    __slots__ = ("sources", "plan", "R", "C", "L", "shapes")
+
+    def tensor(self, li: int, which: int, new: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Layer ``li``'s keys (``which`` 0) or values (1) packed into ``[R, H, C, D]``;
+        with ``new`` (``[R, H, T, D]``) into ``[R, H, C + T, D]`` whose last T columns are
+        ``new`` (a cache update's output, written once)."""
+        H, D, dtype = self.shapes[li][which]
+        T = 0 if new is None else new.shape[2]
+        dst = torch.empty(self.R, H, self.C + T, D, dtype=dtype)
+        plan = self.plan
+        bad = _backend_cpu().kv_pack(dst.data_ptr(), self.R, H, self.C,
+                                     D * dst.element_size(), self.sources[li][which],
+                                     plan.buffer_info()[0], len(plan) // 5, self.C + T)
+        if bad >= 0:
+            raise RuntimeError("rlfuse.search.llm_gen: a KV slice lies outside its cache "
+                               f"tensor (state {bad} of {len(plan) // 5}, layer {li})")
+        if T:
+            dst[:, :, self.C:] = new
+        return dst
+
+
+def _backend_cpu():
+    from rlfuse import _backend
+
+    return _backend.cpu_module()
+
+
+def _cpu_plan(states, lens, C: int, reps: list) -> Optional[_CpuPlan]:
+    """The :class:`_CpuPlan` of ``_pack`` on the CPU, or None where it does not apply:
+    tensors off the CPU, without the extension, of mixed dtypes or shapes, or with a
+    strided last dimension.  The kernel checks every slice against its source before it
+    writes anything (a bad ``KVSlice`` must not read out of bounds)."""
     from rlfuse import _backend
 
     if not _backend.available("cpu"):
         return None
     index: dict = {}
-    sources: list = []
+    groups: list = []
     plan = array.array("q")
     for st, n, k in zip(states, lens, reps):
         if n and k:
             kv = st.kv
             g = index.get(id(kv.layers))
             if g is None:
-                g = index[id(kv.layers)] = len(sources)
-                sources.append(kv.layers)
+                g = index[id(kv.layers)] = len(groups)
+                groups.append(kv.layers)
             plan.extend((g, kv.row, kv.start, n, k))
         else:
             plan.extend((-1, 0, 0, 0, k))
-    if not sources:
+    if not groups:
         return None
-    layers0 = sources[0]
-    L = len(layers0)
-    if any(len(layers) != L for layers in sources):
+    L = len(groups[0])
+    if any(len(layers) != L for layers in groups):
         return None
-    R, N, plan_ptr = sum(reps), len(plan) // 5, plan.buffer_info()[0]
-    kernel = _backend.cpu_module().kv_pack
-    out = []
+    sources, shapes = [], []
     for li in range(L):
-        pair = []
+        pair, shape = [], []
         for which in (0, 1):
-            ref = layers0[li][which]
+            ref = groups[0][li][which]
             if ref.dim() != 4:
                 return None
             _, H, _, D = ref.shape
             srcs = []
-            for layers in sources:
+            for layers in groups:
                 t = layers[li][which]
                 if t.device.type != "cpu" or t.dtype != ref.dtype or t.dim() != 4 or \
                         t.shape[1] != H or t.shape[3] != D or t.stride(3) != 1:
@@ -867,14 +911,70 @@ def _pack_cpu(states, lens, C: int, reps: list) -> Optional[list]:
                 es = t.element_size()
                 srcs.append([t.data_ptr(), t.stride(0) * es, t.stride(1) * es,
                              t.stride(2) * es, t.shape[0], t.shape[2]])
-            dst = torch.empty(R, H, C, D, dtype=ref.dtype)
-            bad = kernel(dst.data_ptr(), R, H, C, D * ref.element_size(), srcs, plan_ptr, N)
-            if bad >= 0:
-                raise RuntimeError("rlfuse.search.llm_gen: a KV slice lies outside its cache "
-                                   f"tensor (state {bad} of {N}, layer {li})")
-            pair.append(dst)
-        out.append(tuple(pair))
+            pair.append(srcs)
+            shape.append((H, D, ref.dtype))
+        sources.append(pair)
+        shapes.append(shape)
+    out = _CpuPlan()
+    out.sources, out.plan, out.R, out.C, out.L, out.shapes = sources, plan, sum(reps), C, L, \
+        shapes
     return out
+
+
+_PACKED_LAYER = None
+
+
+def _packed_layer_class():
+    """``DynamicLayer`` whose first ``update`` packs the batch's prefixes (a
+    :class:`_CpuPlan`) straight into its output, ahead of the new tokens' keys and values:
+    the one copy that ``DynamicLayer``'s ``torch.cat`` of a packed cache and the new
+    column would make, without packing the cache into a tensor of its own first.  Until
+    then ``keys`` / ``values`` are [R, H, C, D] placeholders (one element, expanded: only
+    their shape is read, for the cache length); later updates are ``DynamicLayer``'s."""
+    global _PACKED_LAYER
+    if _PACKED_LAYER is None:
+        from transformers.cache_utils import DynamicLayer
+
+        class PackedLayer(DynamicLayer):
+            def update(self, key_states, value_states, *args, **kwargs):
+                plan = self.pending
+                if plan is None:
+                    return super().update(key_states, value_states, *args, **kwargs)
+                self.pending = None
+                li = self.pending_layer
+                self.keys = plan.tensor(li, 0, key_states)
+                self.values = plan.tensor(li, 1, value_states)
+                return self.keys, self.values
+
+        _PACKED_LAYER = PackedLayer
+    return _PACKED_LAYER
+
+
+def _deferred_cache(plan: _CpuPlan, config, template):
+    """A ``DynamicCache`` whose layers pack ``plan`` at their first update
+    (:func:`_packed_layer_class`), or None when the template's layers are not plain
+    ``DynamicLayer`` s (the caller packs first then)."""
+    import copy
+
+    from transformers.cache_utils import DynamicLayer
+
+    if len(template.layers) != plan.L or \
+            any(type(layer) is not DynamicLayer for layer in template.layers):
+        return None
+    cls = _packed_layer_class()
+    cache = copy.copy(template)
+    cache.layers = []
+    for li, layer in enumerate(template.layers):
+        layer = copy.copy(layer)
+        layer.__class__ = cls
+        (Hk, Dk, dt), (Hv, Dv, _) = plan.shapes[li]
+        one = torch.empty(1, dtype=dt)
+        layer.dtype, layer.device, layer.is_initialized = dt, one.device, True
+        layer.keys = one.expand(plan.R, Hk, plan.C, Dk)
+        layer.values = one.expand(plan.R, Hv, plan.C, Dv)
+        layer.pending, layer.pending_layer = plan, li
+        cache.layers.append(layer)
+    return cache
 
 
 def _cache_from(layer_kv: list, config, template=None):
