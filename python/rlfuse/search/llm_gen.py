@@ -377,7 +377,7 @@ class HFStepModel(StepModel):
         self._forward(input_ids=ids, attention_mask=mask, position_ids=pos,
                       past_key_values=cache, use_cache=True, logits_to_keep=1)
         self.counters.encoded += sum(lens)
-        layers = [(layer.keys, layer.values) for layer in cache.layers]
+        layers = _KVLayers((layer.keys, layer.values) for layer in cache.layers)
         for i, st in enumerate(states):
             st.kv = KVSlice(layers, i, T - lens[i], T) if lens[i] else None
 
@@ -432,7 +432,7 @@ class HFStepModel(StepModel):
         toks, length, stopped, lp, first = loop(kernel, cache, tok, pos, mask, C, R,
                                                 max_new_tokens, stop, split)
         return _Decoded(toks, length, stopped, lp,
-                        [(layer.keys, layer.values) for layer in cache.layers], C,
+                        _KVLayers((layer.keys, layer.values) for layer in cache.layers), C,
                         row_lens, _rows(toks, length), first)
 
     def _step_kernel(self, dev):
@@ -894,31 +894,61 @@ def _cpu_plan(states, lens, C: int, reps: list) -> Optional[_CpuPlan]:
     L = len(groups[0])
     if any(len(layers) != L for layers in groups):
         return None
+    descs = [_kv_desc(layers) for layers in groups]
     sources, shapes = [], []
     for li in range(L):
         pair, shape = [], []
         for which in (0, 1):
-            ref = groups[0][li][which]
-            if ref.dim() != 4:
+            ref = descs[0][li][which]
+            if ref is None:
                 return None
-            _, H, _, D = ref.shape
+            key = ref[0]
             srcs = []
-            for layers in groups:
-                t = layers[li][which]
-                if t.device.type != "cpu" or t.dtype != ref.dtype or t.dim() != 4 or \
-                        t.shape[1] != H or t.shape[3] != D or t.stride(3) != 1:
+            for d in descs:
+                t = d[li][which]
+                if t is None or t[0] != key:
                     return None
-                es = t.element_size()
-                srcs.append([t.data_ptr(), t.stride(0) * es, t.stride(1) * es,
-                             t.stride(2) * es, t.shape[0], t.shape[2]])
+                srcs.append(t[1])
             pair.append(srcs)
-            shape.append((H, D, ref.dtype))
+            shape.append(key)
         sources.append(pair)
         shapes.append(shape)
     out = _CpuPlan()
     out.sources, out.plan, out.R, out.C, out.L, out.shapes = sources, plan, sum(reps), C, L, \
         shapes
     return out
+
+
+class _KVLayers(list):
+    """Per layer (keys, values) of one batch's cache (the ``layers`` of ``KVSlice`` s),
+    with the kernel's view of its tensors made once (:func:`_kv_desc`), not at every
+    packing that reads them."""
+
+    __slots__ = ("desc",)
+
+
+def _kv_desc(layers) -> list:
+    """Per layer, per keys / values: ``((H, D, dtype), [pointer, byte strides of rows,
+    heads and columns, rows, columns])`` for ``rlfuse._C.kv_pack``, or None for a tensor it
+    cannot read (off the CPU, not 4-D, a strided last dimension)."""
+    desc = getattr(layers, "desc", None)
+    if desc is not None:
+        return desc
+    desc = []
+    for pair in layers:
+        out = []
+        for t in pair:
+            if t.device.type != "cpu" or t.dim() != 4 or t.stride(3) != 1:
+                out.append(None)
+                continue
+            es = t.element_size()
+            out.append(((t.shape[1], t.shape[3], t.dtype),
+                        [t.data_ptr(), t.stride(0) * es, t.stride(1) * es, t.stride(2) * es,
+                         t.shape[0], t.shape[2]]))
+        desc.append(out)
+    if isinstance(layers, _KVLayers):
+        layers.desc = desc
+    return desc
 
 
 _PACKED_LAYER = None
