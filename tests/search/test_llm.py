@@ -202,19 +202,19 @@ def test_reward_fn_nan_or_not_a_number():
 
 
 def test_rollout_rewards_are_checked_one_by_one():
-    """Rollout expansion scores a state's rollouts in one pass (_Evaluator.rewards): each
-    is still checked as it comes, the first bad one raises, and the time spent inside
-    reward_fn is counted even then."""
+    """Rollout expansion scores a state's rollouts in one pass (_Evaluator.rewards): the
+    calls of reward_fn are timed together, then each result is checked in order and the
+    first bad one raises, naming its completion."""
     seen = []
 
     def fn(problem, completion):
         seen.append(completion)
-        return float("nan") if len(seen) == 3 else 0.0
+        return float("nan") if len(seen) == 3 else (0.0 if len(seen) != 4 else "bad")
 
     search = _search(ScriptedStepModel(SCRIPT), value_fn=None, reward_fn=fn, num_candidates=4)
-    with pytest.raises(ValueError, match="reward_fn returned nan for problem 0"):
+    with pytest.raises(ValueError, match="reward_fn returned nan for problem 0") as err:
         search.run(["Q"])
-    assert len(seen) == 3
+    assert len(seen) == 4 and repr(seen[2][:60]) in str(err.value)
 
     from rlfuse.search.llm import _Evaluator
 

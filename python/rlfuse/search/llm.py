@@ -88,31 +88,29 @@ class _Evaluator:
         return self.rewards(problem, (completion,), source)[0]
 
     def rewards(self, problem: int, completions, source: str = "tree") -> list[float]:
-        """:meth:`reward` of several completions of one problem, in order (the checks and
-        traces per completion; each call of ``reward_fn`` timed by itself)."""
+        """:meth:`reward` of several completions of one problem, in order (the calls of
+        ``reward_fn`` timed together, then checked one by one)."""
         fn, prob, clock = self.reward_fn, self.problems[problem], time.perf_counter
-        trace = self.traces[problem]
-        out = []
-        spent = 0.0
+        t0 = clock()
         try:
-            for completion in completions:
-                t0 = clock()
-                r = fn(prob, completion)
-                spent += clock() - t0
+            raw = [fn(prob, c) for c in completions]
+        finally:
+            self.seconds += clock() - t0
+        out = []
+        for completion, r in zip(completions, raw):
+            if type(r) is not float:
                 try:
                     r = float(r)
                 except (TypeError, ValueError):
                     raise TypeError(f"reward_fn returned {type(r).__name__} for problem "
                                     f"{problem} (completion {completion[:60]!r}); it must "
                                     "return a float") from None
-                if not math.isfinite(r):
-                    raise ValueError(f"reward_fn returned {r} for problem {problem} "
-                                     f"(completion {completion[:60]!r}); rewards must be "
-                                     "finite")
-                trace.append((completion, r, source))
-                out.append(r)
-        finally:
-            self.seconds += spent
+            if not math.isfinite(r):
+                raise ValueError(f"reward_fn returned {r} for problem {problem} "
+                                 f"(completion {completion[:60]!r}); rewards must be "
+                                 "finite")
+            out.append(r)
+        self.traces[problem].extend(zip(completions, out, [source] * len(out)))
         return out
 
     def values(self, states: Sequence[StepState]) -> list[float]:

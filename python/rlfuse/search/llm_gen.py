@@ -626,8 +626,10 @@ class HFStepModel(StepModel):
         lpc = array.array("d", bytes(8 * len(lens) * W))
         torch.cumsum(d.lp.cpu(), 1, dtype=torch.float64,
                      out=torch.frombuffer(lpc, dtype=torch.float64).view(-1, W)[:, 1:])
-        # the first step of every row, as _split makes it (inlined: ~1000 rows a search)
+        # the first step of every row, as _split makes it (inlined: ~1000 rows a search,
+        # and so are the memo lookups of _text and _step_text)
         eos, rows, text, step_text = self._eos, d.rows, self._text, self._step_text
+        texts, steps_memo = self._texts, self._steps_memo
         kv = (d.layers, d.C, d.lens) if self.kv_reuse else None
         r0 = 0
         for i in live:
@@ -637,13 +639,16 @@ class HFStepModel(StepModel):
             for r in range(r0, r1):
                 n, row = lens[r], rows[r]
                 # the rollout's text: its tokens but EOS (only the last one can be EOS)
-                comp = done + text(row[:n - 1] if n and row[n - 1] in eos else row[:n])
+                body = row[:n - 1] if n and row[n - 1] in eos else row[:n]
+                got = texts.get(tuple(body))
+                comp = done + (got if got is not None else text(body))
                 if n <= 0:
                     row_out.append((None, comp))
                     continue
                 end, o = ends[r] or n, r * W
                 seg = row[:end]
-                t, ended = step_text(seg)
+                got = steps_memo.get(tuple(seg))
+                t, ended = got if got is not None else step_text(seg)
                 child = StepState(problem, prompt, steps + (t,), ids + seg)
                 c = Candidate(t, end, lpc[o + end] - lpc[o], ended, child)
                 if ended == "delimiter":
