@@ -28,6 +28,7 @@
 #include <pybind11/stl.h>
 
 #include <algorithm>
+#include <cmath>
 #include <cstdint>
 #include <cstring>
 #include <stdexcept>
@@ -35,6 +36,7 @@
 #include <vector>
 
 #include "cpu/logprob.h"
+#include "cpu/sample.h"
 
 namespace py = pybind11;
 
@@ -170,6 +172,31 @@ struct Step {
   int num_threads;
 };
 
+// The bookkeeping of step t once the live rows' tokens are known (ids[i]: the i-th row not
+// done, or, with `all_rows`, ids[r] for every row r): padding, first split, stops,
+// lengths, tokens, positions.  Returns the rows still live.
+int64_t book_step(const Loop& s, int64_t t, const int64_t* ids, bool all_rows) {
+  int64_t live = 0;
+  for (int64_t r = 0, i = 0; r < s.R; ++r) {
+    int64_t id = s.pad_id;
+    if (!s.done[r]) {
+      id = all_rows ? ids[r] : ids[i++];
+      if (s.split && id >= 0 && id < s.n_split && s.split[id] && !s.first_split[r])
+        s.first_split[r] = t + 1;
+      if (id >= 0 && id < s.n_stop && s.stop[id]) {
+        s.done[r] = 1;
+        s.length[r] = t + 1;
+      } else {
+        ++live;
+      }
+    }
+    s.cur[r] = id;
+    s.toks[r * s.width + t] = id;
+    s.pos[r] += 1;
+  }
+  return live;
+}
+
 int64_t decode_step(const Loop& s, const Step& q) {
   const int64_t t = q.t;
   // the rows still running, and their tokens (sampled in blocks of rows, or the argmax)
@@ -191,24 +218,7 @@ int64_t decode_step(const Loop& s, const Step& q) {
       sample_rows(q.probs, q.V, q.u, rows.data() + lo, hi - lo, ids.data() + lo);
     }
   }
-  int64_t live = 0;
-  for (int64_t r = 0, i = 0; r < s.R; ++r) {
-    int64_t id = s.pad_id;
-    if (!s.done[r]) {
-      id = ids[i++];
-      if (s.split && id >= 0 && id < s.n_split && s.split[id] && !s.first_split[r])
-        s.first_split[r] = t + 1;
-      if (id >= 0 && id < s.n_stop && s.stop[id]) {
-        s.done[r] = 1;
-        s.length[r] = t + 1;
-      } else {
-        ++live;
-      }
-    }
-    s.cur[r] = id;
-    s.toks[r * s.width + t] = id;
-    s.pos[r] += 1;
-  }
+  const int64_t live = book_step(s, t, ids.data(), false);
   // log-probs of the tokens (padding included, as token_logprobs over the whole batch)
   std::vector<float> lp(static_cast<size_t>(s.R)), lse(static_cast<size_t>(s.R));
   const int64_t bad = RLFUSE_ISA_CALL(token_logprobs_fwd, q.logits, 0 /* float32 */, s.R, 1,
@@ -217,6 +227,32 @@ int64_t decode_step(const Loop& s, const Step& q) {
   if (bad >= 0) return -1 - bad;
   for (int64_t r = 0; r < s.R; ++r) s.lp[r * s.width + t] = lp[static_cast<size_t>(r)];
   return live;
+}
+
+// The fused step (temperature T > 0, no nucleus): the tokens of the live rows sampled from
+// softmax(logits / T) at the uniforms u, the pad id for stopped rows, and every row's
+// log-prob under the raw logits, by sample_logits_rows (sample.cpp, through the ISA
+// dispatch); then the same bookkeeping as decode_step.
+int64_t decode_step_logits(const Loop& s, const float* u, const float* logits,
+                           int64_t logits_stride, int64_t V, int64_t t, double temperature,
+                           int num_threads) {
+  std::vector<int64_t> ids(static_cast<size_t>(s.R));
+  std::vector<float> lp(static_cast<size_t>(s.R));
+  RLFUSE_ISA_CALL(sample_logits_rows, logits, logits_stride, s.R, V, s.done, s.pad_id, u,
+                  temperature, ids.data(), lp.data(), num_threads);
+  const int64_t live = book_step(s, t, ids.data(), true);
+  for (int64_t r = 0; r < s.R; ++r) s.lp[r * s.width + t] = lp[static_cast<size_t>(r)];
+  return live;
+}
+
+void check_pad(const Loop& s, int64_t V, const char* fn) {
+  if (s.pad_id < 0 || s.pad_id >= V)
+    for (int64_t r = 0; r < s.R; ++r)
+      if (s.done[r])  // a stopped row gets the pad id, whose log-prob is taken
+        throw std::invalid_argument(std::string(fn) + ": the pad token id " +
+                                    std::to_string(s.pad_id) +
+                                    " is outside the model's vocabulary [0, " +
+                                    std::to_string(V) + ")");
 }
 
 }  // namespace
@@ -284,12 +320,7 @@ void rlfuse_bind_kvpack(py::module_& m) {
               throw std::invalid_argument(
                   "DecodeLoop.step: needs V >= 1, 0 <= t < width, logits, and argmax or "
                   "probs and u");
-            if (s.pad_id < 0 || s.pad_id >= V)
-              for (int64_t r = 0; r < s.R; ++r)
-                if (s.done[r])  // a stopped row gets the pad id, whose log-prob is taken
-                  throw std::invalid_argument(
-                      "DecodeLoop.step: the pad token id " + std::to_string(s.pad_id) +
-                      " is outside the model's vocabulary [0, " + std::to_string(V) + ")");
+            check_pad(s, V, "DecodeLoop.step");
             const Step q{reinterpret_cast<float*>(probs), reinterpret_cast<const float*>(u),
                          reinterpret_cast<const int64_t*>(argmax),
                          reinterpret_cast<const float*>(logits), logits_stride, V, t,
@@ -300,6 +331,37 @@ void rlfuse_bind_kvpack(py::module_& m) {
           "Step t's sampling (or greedy ids; float32 probabilities, overwritten) over "
           "float32 logits: padding, stop checks, lengths, first split positions, log-probs, "
           "positions.  Returns the rows still live, or -1 - row for a token id outside "
-          "[0, V).");
+          "[0, V).")
+      .def(
+          "step_logits",
+          [](const Loop& s, uint64_t u, uint64_t logits, int64_t logits_stride, int64_t V,
+             int64_t t, double temperature, int num_threads) {
+            if (u == 0) throw std::invalid_argument("DecodeLoop.step_logits: u is a null pointer");
+            if (logits == 0)
+              throw std::invalid_argument("DecodeLoop.step_logits: logits is a null pointer");
+            if (V < 1 || t < 0 || t >= s.width)
+              throw std::invalid_argument(
+                  "DecodeLoop.step_logits: needs V >= 1 and 0 <= t < width");
+            if (s.R > 1 && logits_stride < V)
+              throw std::invalid_argument(
+                  "DecodeLoop.step_logits: logits_stride must be >= V (rows may not overlap)");
+            if (!(std::isfinite(temperature) && temperature > 0))
+              throw std::invalid_argument(
+                  "DecodeLoop.step_logits: temperature must be finite and > 0, got " +
+                  std::to_string(temperature));
+            check_pad(s, V, "DecodeLoop.step_logits");
+            const float* up = reinterpret_cast<const float*>(u);
+            const float* lg = reinterpret_cast<const float*>(logits);
+            const int nt = num_threads < 1 ? 1 : num_threads;
+            py::gil_scoped_release release;
+            return decode_step_logits(s, up, lg, logits_stride, V, t, temperature, nt);
+          },
+          py::arg("u"), py::arg("logits"), py::arg("logits_stride"), py::arg("V"),
+          py::arg("t"), py::arg("temperature"), py::arg("num_threads") = 1,
+          "Step t, sampled from float32 logits (rows at logits_stride elements, contiguous "
+          "last dimension) in one call: per live row, the token drawn from "
+          "softmax(logits / temperature) at its uniform u[row] (float32 [R]), the pad id for "
+          "stopped rows, every row's log-prob under the raw logits, then the bookkeeping of "
+          "step.  Returns the rows still live.");
 }
 
