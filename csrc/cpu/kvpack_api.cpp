@@ -12,18 +12,33 @@
 // each).  Only bytes are copied, so every dtype works.  Every slice is checked against its
 // source's rows and columns before anything is written.
 //
-// DecodeLoop.step: everything a decoding step does after the forward and torch's softmax, in
-// one call instead of ~12 small torch ops: per row, the next token (inverting the CDF of
-// the row's probabilities at one uniform draw, as torch's cumsum + searchsorted do, or a
-// given greedy argmax), padding for rows that already stopped, the stop check against a
-// lookup table, the row's length at its first stop (and, optionally, at its first token
-// of a second table: where a rollout's first step ends), the log-prob of the token under the
-// raw logits (the token_logprobs kernel of logprob.cpp, so the same bits as
-// rlfuse.ops.token_logprobs), and the position ids advanced by one.
+// DecodeLoop.step_logits (temperature > 0, no nucleus): a whole decoding step from the
+// raw float32 logits in one call: per live row the token drawn from
+// softmax(logits / T) at its uniform (the exponentials computed once into a scratch row,
+// a blocked scan for the first index whose running sum exceeds u * S, never a token of
+// probability 0) and its log-prob under the raw logits, by sample_logits_rows
+// (csrc/cpu/sample.cpp, compiled per ISA level, called through RLFUSE_ISA_CALL); then the
+// bookkeeping below.  Not torch's arithmetic bit for bit: the same draws give the same
+// tokens except within float rounding of a CDF boundary, and log-probs to float32
+// accuracy.
 //
-// Compiled once (no ISA variants: kv_pack is memcpy / memset bound, a decode step reads one
-// row of probabilities; the log-probs go through the ISA dispatch).  The Python side
-// builds every buffer itself and checks shapes, strides and dtypes before the calls.
+// DecodeLoop.step (the nucleus, top_p < 1, over torch's probabilities, or greedy): the
+// next token (inverting the CDF of the row's probabilities at one uniform draw, as
+// torch's cumsum + searchsorted do, or a given greedy argmax) and its log-prob under the
+// raw logits (the token_logprobs kernel of logprob.cpp, so the same bits as
+// rlfuse.ops.token_logprobs).
+//
+// Both then do the bookkeeping of the step (book_step): padding for rows that already
+// stopped (the pad id, whose log-prob is taken too, as token_logprobs over the whole batch
+// does), the stop check against a lookup table, the row's length at its first stop (and,
+// optionally, at its first token of a second table: where a rollout's first step ends),
+// and the position ids advanced by one.
+//
+// Compiled once (no ISA variants: kv_pack is memcpy / memset bound and the bookkeeping is
+// a pass over R rows; the sampling and log-prob rows go through the ISA dispatch).  The
+// Python side builds every buffer itself and checks shapes, strides and dtypes before the
+// calls; the bindings check what they can of the raw pointers (null pointers, sizes, the
+// pad id, the temperature).
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 

@@ -278,9 +278,12 @@ class HFStepModel(StepModel):
     tokens per step at most (a longer step ends as ``"length"``, a terminal).
     ``kv_reuse=False`` re-encodes each prefix once per call instead of keeping caches
     (lower memory; still once per prefix, not once per sample).  ``seed`` seeds the
-    sampling generator.  On the CPU each decoding step's sampling and bookkeeping is one
-    ``rlfuse._C.DecodeLoop.step`` call; setting the attribute ``step_kernel = False`` runs
-    the same loop in torch ops (as on other devices; the tokens and log-probs are the same).
+    sampling generator; a decoding loop draws all its uniforms at once.  On the CPU each
+    decoding step's sampling and bookkeeping is one ``rlfuse._C.DecodeLoop`` call (with
+    top_p = 1 fused from the logits: softmax, CDF inversion, raw log-probs); setting the
+    attribute ``step_kernel = False`` runs the same loop in torch ops (as on other devices;
+    the same draws, so the same tokens up to float rounding at a CDF boundary, and
+    log-probs to float32 accuracy).
     """
 
     def __init__(self, model, tokenizer, *, step_delimiter: str = "\n", temperature: float = 1.0,
