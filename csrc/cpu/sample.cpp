@@ -45,7 +45,41 @@ constexpr int kL = 16;  // lane_max16 in common.h assumes 16
 constexpr float kLog2e = 1.4426950408889634f;
 constexpr float kNegInf = -std::numeric_limits<float>::infinity();
 
+#if defined(__AVX512F__)
+// Logits i .. i + 16 of the row (those past V: -inf), one masked load.
+inline __m512 load_chunk(const float* x, int64_t i, int64_t V) {
+  if (i + kL <= V) return _mm512_loadu_ps(x + i);
+  const __mmask16 k = static_cast<__mmask16>((1u << (V - i)) - 1u);
+  return _mm512_mask_loadu_ps(_mm512_set1_ps(kNegInf), k, x + i);
+}
+#elif defined(__AVX2__) && defined(__FMA__)
+// Logits i .. i + 8 of the row (those past V: -inf), one masked load.
+inline __m256 load_chunk8(const float* x, int64_t i, int64_t V) {
+  if (i + 8 <= V) return _mm256_loadu_ps(x + i);
+  const int n = i < V ? static_cast<int>(V - i) : 0;
+  const __m256i k = _mm256_cmpgt_epi32(_mm256_set1_epi32(n), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+  return _mm256_blendv_ps(_mm256_set1_ps(kNegInf), _mm256_maskload_ps(x + i, k),
+                          _mm256_castsi256_ps(k));
+}
+#endif
+
 inline float row_max(const float* x, int64_t V) {
+#if defined(__AVX512F__)
+  __m512 mv = _mm512_set1_ps(kNegInf);
+  for (int64_t i = 0; i < V; i += kL) mv = _mm512_max_ps(load_chunk(x, i, V), mv);
+  return _mm512_reduce_max_ps(mv);
+#elif defined(__AVX2__) && defined(__FMA__)
+  __m256 a = _mm256_set1_ps(kNegInf), b = a;
+  for (int64_t i = 0; i < V; i += kL) {
+    a = _mm256_max_ps(load_chunk8(x, i, V), a);
+    b = _mm256_max_ps(load_chunk8(x, i + 8, V), b);
+  }
+  float lane[8];
+  _mm256_storeu_ps(lane, _mm256_max_ps(a, b));
+  float m = kNegInf;
+  for (int j = 0; j < 8; ++j) m = lane[j] > m ? lane[j] : m;
+  return m;
+#else
   float lane[kL];
   for (int j = 0; j < kL; ++j) lane[j] = kNegInf;
   int64_t i = 0;
@@ -54,6 +88,7 @@ inline float row_max(const float* x, int64_t V) {
   for (int j = 0; j < kL; ++j) m = lane[j] > m ? lane[j] : m;
   for (; i < V; ++i) m = x[i] > m ? x[i] : m;
   return m;
+#endif
 }
 
 // One chunk of 16 logits (the row's tail padded with -inf): a pointer into the row when
@@ -118,22 +153,25 @@ inline float exp2_1(float w) {
 }
 #endif
 
-// e[0:16) = 2^((v - m) c); returns their sum.
-inline float exp_chunk(const float* __restrict v, float m, float c, float* __restrict e) {
+// e[0:16) = 2^((x[i:i+16) - m) c) (past V: 0); returns their sum.
+inline float exp_chunk(const float* __restrict x, int64_t i, int64_t V, float m, float c,
+                       float* __restrict e) {
 #if defined(__AVX512F__)
-  const __m512 w = _mm512_mul_ps(_mm512_sub_ps(_mm512_loadu_ps(v), _mm512_set1_ps(m)),
+  const __m512 w = _mm512_mul_ps(_mm512_sub_ps(load_chunk(x, i, V), _mm512_set1_ps(m)),
                                  _mm512_set1_ps(c));
   const __m512 p = exp2_16(w);
   _mm512_storeu_ps(e, p);
   return _mm512_reduce_add_ps(p);
 #elif defined(__AVX2__) && defined(__FMA__)
   const __m256 mv = _mm256_set1_ps(m), cv = _mm256_set1_ps(c);
-  const __m256 a = exp2_8(_mm256_mul_ps(_mm256_sub_ps(_mm256_loadu_ps(v), mv), cv));
-  const __m256 b = exp2_8(_mm256_mul_ps(_mm256_sub_ps(_mm256_loadu_ps(v + 8), mv), cv));
+  const __m256 a = exp2_8(_mm256_mul_ps(_mm256_sub_ps(load_chunk8(x, i, V), mv), cv));
+  const __m256 b = exp2_8(_mm256_mul_ps(_mm256_sub_ps(load_chunk8(x, i + 8, V), mv), cv));
   _mm256_storeu_ps(e, a);
   _mm256_storeu_ps(e + 8, b);
   return hsum8(_mm256_add_ps(a, b));
 #else
+  float buf[kL];
+  const float* v = chunk_at(x, i, V, buf);
   for (int j = 0; j < kL; ++j) e[j] = exp2_1((v[j] - m) * c);
   float s8[8], s4[4];
   for (int j = 0; j < 8; ++j) s8[j] = e[j] + e[j + 8];
@@ -154,20 +192,17 @@ inline double raw_sum(const float* x, int64_t V, float m) {
 #if defined(__AVX512F__)
     const __m512 mv = _mm512_set1_ps(m), cv = _mm512_set1_ps(c);
     __m512 s = _mm512_setzero_ps();
-    for (int64_t k = k0; k < k1; ++k) {
-      float v[kL];
-      const float* xc = chunk_at(x, k * kL, V, v);
-      s = _mm512_add_ps(s, exp2_16(_mm512_mul_ps(_mm512_sub_ps(_mm512_loadu_ps(xc), mv), cv)));
-    }
+    for (int64_t k = k0; k < k1; ++k)
+      s = _mm512_add_ps(s, exp2_16(_mm512_mul_ps(_mm512_sub_ps(load_chunk(x, k * kL, V), mv),
+                                                 cv)));
     part = _mm512_reduce_add_ps(s);
 #elif defined(__AVX2__) && defined(__FMA__)
     const __m256 mv = _mm256_set1_ps(m), cv = _mm256_set1_ps(c);
     __m256 s0 = _mm256_setzero_ps(), s1 = _mm256_setzero_ps();
     for (int64_t k = k0; k < k1; ++k) {
-      float v[kL];
-      const float* xc = chunk_at(x, k * kL, V, v);
-      s0 = _mm256_add_ps(s0, exp2_8(_mm256_mul_ps(_mm256_sub_ps(_mm256_loadu_ps(xc), mv), cv)));
-      s1 = _mm256_add_ps(s1, exp2_8(_mm256_mul_ps(_mm256_sub_ps(_mm256_loadu_ps(xc + 8), mv),
+      const int64_t i = k * kL;
+      s0 = _mm256_add_ps(s0, exp2_8(_mm256_mul_ps(_mm256_sub_ps(load_chunk8(x, i, V), mv), cv)));
+      s1 = _mm256_add_ps(s1, exp2_8(_mm256_mul_ps(_mm256_sub_ps(load_chunk8(x, i + 8, V), mv),
                                                   cv)));
     }
     part = hsum8(_mm256_add_ps(s0, s1));
@@ -194,8 +229,7 @@ inline int64_t sample_row(const float* x, int64_t V, float m, float c, float u, 
                           float* csum, double* S_out) {
   const int64_t nc = (V + kL - 1) / kL;
   for (int64_t k = 0; k < nc; ++k) {
-    float v[kL];
-    csum[k] = exp_chunk(chunk_at(x, k * kL, V, v), m, c, e + k * kL);
+    csum[k] = exp_chunk(x, k * kL, V, m, c, e + k * kL);
   }
   double S = 0.0;
   for (int64_t k = 0; k < nc; ++k) S += double(csum[k]);

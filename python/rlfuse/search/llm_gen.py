@@ -330,6 +330,8 @@ class HFStepModel(StepModel):
         self._decode_ids = _fast_decode(tokenizer, vocab)
         # False: the decoding loop in torch ops even where rlfuse._C.DecodeLoop applies
         self.step_kernel = True
+        # False: DecodeLoop.step over torch's softmax even at top_p = 1 (for comparisons)
+        self.fused_step = True
         self._cache_template = None       # an empty DynamicCache, copied for every decode
 
     def _eos_set(self) -> set:
@@ -471,7 +473,7 @@ class HFStepModel(StepModel):
             done.data_ptr(), cur.data_ptr(), toks.data_ptr(), lp.data_ptr(), length.data_ptr(),
             first.data_ptr() if first is not None else 0, pos.data_ptr()])
         greedy, temp, top_p = self.temperature == 0, self.temperature, self.top_p
-        fused = not greedy and top_p >= 1.0
+        fused = not greedy and top_p >= 1.0 and self.fused_step
         # the loop's uniforms, drawn at once: row t for step t (as _loop_torch)
         draws = None if greedy else self._draws(Tm, R)
         u0 = draws.data_ptr() if draws is not None else 0
