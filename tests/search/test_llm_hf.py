@@ -651,9 +651,10 @@ def test_decode_kernel_and_torch_loop_give_the_same_candidates(tiny, sampling):
     model, tok = tiny
     temp, top_p = sampling
     out, lps = [], []
-    for kernel in (True, False):
+    # (fused_step = False: DecodeLoop.step over torch's softmax even at top_p = 1)
+    for kernel, fused in ((True, True), (False, True), (True, False)):
         gen = HFStepModel(model, tok, max_new_tokens=6, temperature=temp, top_p=top_p, seed=7)
-        gen.step_kernel = kernel
+        gen.step_kernel, gen.fused_step = kernel, fused
         assert (gen._step_kernel(gen.device) is not None) == kernel
         roots = gen.root_states([0, 1, 2], ["12+3=", "1+1-4+5=", "7="])
         level1 = gen.sample_steps(roots, 3)
@@ -673,8 +674,10 @@ def test_decode_kernel_and_torch_loop_give_the_same_candidates(tiny, sampling):
     strip = lambda o: (  # noqa: E731  (everything but the log-probs, compared below)
         [[v[:2] + v[3:] for v in cs] for cs in o[0]], [[v[:2] + v[3:] for v in r] for r in o[1]],
         *o[2:])
-    assert strip(out[0]) == strip(out[1])
-    for a, b in zip(*lps):
-        torch.testing.assert_close(torch.as_tensor(a, dtype=torch.float64),
-                                   torch.as_tensor(b, dtype=torch.float64), atol=1e-4, rtol=0)
+    assert strip(out[0]) == strip(out[1]) == strip(out[2])
+    for a, b, c in zip(*lps):
+        for x in (a, c):
+            torch.testing.assert_close(torch.as_tensor(x, dtype=torch.float64),
+                                       torch.as_tensor(b, dtype=torch.float64), atol=1e-4,
+                                       rtol=0)
     assert lps[0][2].numel() > 0 and bool(torch.isfinite(lps[0][2]).all())
