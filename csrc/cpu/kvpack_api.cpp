@@ -14,22 +14,38 @@
 // each).  Only bytes are copied, so every dtype works.  Every slice is checked against its
 // source's rows and columns before anything is written.
 //
-// DecodeLoop.step: everything a decoding step does after the forward and torch's softmax, in
-// one call instead of ~12 small torch ops: per row, the next token (inverting the CDF of
-// the row's probabilities at one uniform draw, as torch's cumsum + searchsorted do, or a
-// given greedy argmax), padding for rows that already stopped, the stop check against a
-// lookup table, the row's length at its first stop (and, optionally, at its first token
-// of a second table: where a rollout's first step ends), the log-prob of the token under the
-// raw logits (the token_logprobs kernel of logprob.cpp, so the same bits as
-// rlfuse.ops.token_logprobs), and the position ids advanced by one.
+// DecodeLoop.step_logits (temperature > 0, no nucleus): a whole decoding step from the
+// raw float32 logits in one call: per live row the token drawn from
+// softmax(logits / T) at its uniform (the exponentials computed once into a scratch row,
+// a blocked scan for the first index whose running sum exceeds u * S, never a token of
+// probability 0) and its log-prob under the raw logits, by sample_logits_rows
+// (csrc/cpu/sample.cpp, compiled per ISA level, called through RLFUSE_ISA_CALL); then the
+// bookkeeping below.  Not torch's arithmetic bit for bit: the same draws give the same
+// tokens except within float rounding of a CDF boundary, and log-probs to float32
+// accuracy.
 //
-// Compiled once (no ISA variants: kv_pack is memcpy / memset bound, a decode step reads one
-// row of probabilities; the log-probs go through the ISA dispatch).  The Python side
-// builds every buffer itself and checks shapes, strides and dtypes before the calls.
+// DecodeLoop.step (the nucleus, top_p < 1, over torch's probabilities, or greedy): the
+// next token (inverting the CDF of the row's probabilities at one uniform draw, as
+// torch's cumsum + searchsorted do, or a given greedy argmax) and its log-prob under the
+// raw logits (the token_logprobs kernel of logprob.cpp, so the same bits as
+// rlfuse.ops.token_logprobs).
+//
+// Both then do the bookkeeping of the step (book_step): padding for rows that already
+// stopped (the pad id, whose log-prob is taken too, as token_logprobs over the whole batch
+// does), the stop check against a lookup table, the row's length at its first stop (and,
+// optionally, at its first token of a second table: where a rollout's first step ends),
+// and the position ids advanced by one.
+//
+// Compiled once (no ISA variants: kv_pack is memcpy / memset bound and the bookkeeping is
+// a pass over R rows; the sampling and log-prob rows go through the ISA dispatch).  The
+// Python side builds every buffer itself and checks shapes, strides and dtypes before the
+// calls; the bindings check what they can of the raw pointers (null pointers, sizes, the
+// pad id, the temperature).
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
 #include <algorithm>
+#include <cmath>
 #include <cstdint>
 #include <cstring>
 #include <stdexcept>
@@ -37,6 +53,7 @@
 #include <vector>
 
 #include "cpu/logprob.h"
+#include "cpu/sample.h"
 
 namespace py = pybind11;
 
@@ -172,6 +189,31 @@ struct Step {
   int num_threads;
 };
 
+// The bookkeeping of step t once the live rows' tokens are known (ids[i]: the i-th row not
+// done, or, with `all_rows`, ids[r] for every row r): padding, first split, stops,
+// lengths, tokens, positions.  Returns the rows still live.
+int64_t book_step(const Loop& s, int64_t t, const int64_t* ids, bool all_rows) {
+  int64_t live = 0;
+  for (int64_t r = 0, i = 0; r < s.R; ++r) {
+    int64_t id = s.pad_id;
+    if (!s.done[r]) {
+      id = all_rows ? ids[r] : ids[i++];
+      if (s.split && id >= 0 && id < s.n_split && s.split[id] && !s.first_split[r])
+        s.first_split[r] = t + 1;
+      if (id >= 0 && id < s.n_stop && s.stop[id]) {
+        s.done[r] = 1;
+        s.length[r] = t + 1;
+      } else {
+        ++live;
+      }
+    }
+    s.cur[r] = id;
+    s.toks[r * s.width + t] = id;
+    s.pos[r] += 1;
+  }
+  return live;
+}
+
 int64_t decode_step(const Loop& s, const Step& q) {
   const int64_t t = q.t;
   // the rows still running, and their tokens (sampled in blocks of rows, or the argmax)
@@ -193,24 +235,7 @@ int64_t decode_step(const Loop& s, const Step& q) {
       sample_rows(q.probs, q.V, q.u, rows.data() + lo, hi - lo, ids.data() + lo);
     }
   }
-  int64_t live = 0;
-  for (int64_t r = 0, i = 0; r < s.R; ++r) {
-    int64_t id = s.pad_id;
-    if (!s.done[r]) {
-      id = ids[i++];
-      if (s.split && id >= 0 && id < s.n_split && s.split[id] && !s.first_split[r])
-        s.first_split[r] = t + 1;
-      if (id >= 0 && id < s.n_stop && s.stop[id]) {
-        s.done[r] = 1;
-        s.length[r] = t + 1;
-      } else {
-        ++live;
-      }
-    }
-    s.cur[r] = id;
-    s.toks[r * s.width + t] = id;
-    s.pos[r] += 1;
-  }
+  const int64_t live = book_step(s, t, ids.data(), false);
   // log-probs of the tokens (padding included, as token_logprobs over the whole batch)
   std::vector<float> lp(static_cast<size_t>(s.R)), lse(static_cast<size_t>(s.R));
   const int64_t bad = RLFUSE_ISA_CALL(token_logprobs_fwd, q.logits, 0 /* float32 */, s.R, 1,
@@ -219,6 +244,32 @@ int64_t decode_step(const Loop& s, const Step& q) {
   if (bad >= 0) return -1 - bad;
   for (int64_t r = 0; r < s.R; ++r) s.lp[r * s.width + t] = lp[static_cast<size_t>(r)];
   return live;
+}
+
+// The fused step (temperature T > 0, no nucleus): the tokens of the live rows sampled from
+// softmax(logits / T) at the uniforms u, the pad id for stopped rows, and every row's
+// log-prob under the raw logits, by sample_logits_rows (sample.cpp, through the ISA
+// dispatch); then the same bookkeeping as decode_step.
+int64_t decode_step_logits(const Loop& s, const float* u, const float* logits,
+                           int64_t logits_stride, int64_t V, int64_t t, double temperature,
+                           int num_threads) {
+  std::vector<int64_t> ids(static_cast<size_t>(s.R));
+  std::vector<float> lp(static_cast<size_t>(s.R));
+  RLFUSE_ISA_CALL(sample_logits_rows, logits, logits_stride, s.R, V, s.done, s.pad_id, u,
+                  temperature, ids.data(), lp.data(), num_threads);
+  const int64_t live = book_step(s, t, ids.data(), true);
+  for (int64_t r = 0; r < s.R; ++r) s.lp[r * s.width + t] = lp[static_cast<size_t>(r)];
+  return live;
+}
+
+void check_pad(const Loop& s, int64_t V, const char* fn) {
+  if (s.pad_id < 0 || s.pad_id >= V)
+    for (int64_t r = 0; r < s.R; ++r)
+      if (s.done[r])  // a stopped row gets the pad id, whose log-prob is taken
+        throw std::invalid_argument(std::string(fn) + ": the pad token id " +
+                                    std::to_string(s.pad_id) +
+                                    " is outside the model's vocabulary [0, " +
+                                    std::to_string(V) + ")");
 }
 
 }  // namespace
@@ -297,12 +348,7 @@ void rlfuse_bind_kvpack(py::module_& m) {
               throw std::invalid_argument(
                   "DecodeLoop.step: needs V >= 1, 0 <= t < width, logits, and argmax or "
                   "probs and u");
-            if (s.pad_id < 0 || s.pad_id >= V)
-              for (int64_t r = 0; r < s.R; ++r)
-                if (s.done[r])  // a stopped row gets the pad id, whose log-prob is taken
-                  throw std::invalid_argument(
-                      "DecodeLoop.step: the pad token id " + std::to_string(s.pad_id) +
-                      " is outside the model's vocabulary [0, " + std::to_string(V) + ")");
+            check_pad(s, V, "DecodeLoop.step");
             const Step q{reinterpret_cast<float*>(probs), reinterpret_cast<const float*>(u),
                          reinterpret_cast<const int64_t*>(argmax),
                          reinterpret_cast<const float*>(logits), logits_stride, V, t,
@@ -313,6 +359,37 @@ void rlfuse_bind_kvpack(py::module_& m) {
           "Step t's sampling (or greedy ids; float32 probabilities, overwritten) over "
           "float32 logits: padding, stop checks, lengths, first split positions, log-probs, "
           "positions.  Returns the rows still live, or -1 - row for a token id outside "
-          "[0, V).");
+          "[0, V).")
+      .def(
+          "step_logits",
+          [](const Loop& s, uint64_t u, uint64_t logits, int64_t logits_stride, int64_t V,
+             int64_t t, double temperature, int num_threads) {
+            if (u == 0) throw std::invalid_argument("DecodeLoop.step_logits: u is a null pointer");
+            if (logits == 0)
+              throw std::invalid_argument("DecodeLoop.step_logits: logits is a null pointer");
+            if (V < 1 || t < 0 || t >= s.width)
+              throw std::invalid_argument(
+                  "DecodeLoop.step_logits: needs V >= 1 and 0 <= t < width");
+            if (s.R > 1 && logits_stride < V)
+              throw std::invalid_argument(
+                  "DecodeLoop.step_logits: logits_stride must be >= V (rows may not overlap)");
+            if (!(std::isfinite(temperature) && temperature > 0))
+              throw std::invalid_argument(
+                  "DecodeLoop.step_logits: temperature must be finite and > 0, got " +
+                  std::to_string(temperature));
+            check_pad(s, V, "DecodeLoop.step_logits");
+            const float* up = reinterpret_cast<const float*>(u);
+            const float* lg = reinterpret_cast<const float*>(logits);
+            const int nt = num_threads < 1 ? 1 : num_threads;
+            py::gil_scoped_release release;
+            return decode_step_logits(s, up, lg, logits_stride, V, t, temperature, nt);
+          },
+          py::arg("u"), py::arg("logits"), py::arg("logits_stride"), py::arg("V"),
+          py::arg("t"), py::arg("temperature"), py::arg("num_threads") = 1,
+          "Step t, sampled from float32 logits (rows at logits_stride elements, contiguous "
+          "last dimension) in one call: per live row, the token drawn from "
+          "softmax(logits / temperature) at its uniform u[row] (float32 [R]), the pad id for "
+          "stopped rows, every row's log-prob under the raw logits, then the bookkeeping of "
+          "step.  Returns the rows still live.");
 }
 

@@ -434,15 +434,16 @@ def test_step_texts_decode_as_the_tokenizer_does():
 
 
 def _decode_step(probs, u, logits, stop, done, t=0, pad_id=0, argmax=None, threads=1,
-                 split=None):
+                 split=None, temperature=None):
     """Step ``t`` of a raw ``rlfuse._C.DecodeLoop`` over fresh buffers of R rows (width
-    t + 1); with a ``split`` table, also the rows' first positions in it (``first``)."""
+    t + 1); with a ``split`` table, also the rows' first positions in it (``first``).  With
+    a ``temperature``, the fused ``step_logits`` (sampling from the logits at ``u``)."""
     from rlfuse import _backend
 
     R, V = logits.shape
     T = t + 1
-    toks, lp = torch.full((R, T), -7, dtype=torch.long), torch.zeros(R, T)
-    cur, pos = torch.empty(R, dtype=torch.long), torch.arange(R)
+    toks, lp = torch.full((R, T), -7, dtype=torch.long), torch.full((R, T), float("nan"))
+    cur, pos = torch.full((R,), -7, dtype=torch.long), torch.arange(R)
     length, first = torch.zeros(R, dtype=torch.long), torch.zeros(R, dtype=torch.long)
     first[::4] = 1                                   # rows that met the table before: kept
     loop = _backend.cpu_module().DecodeLoop(
@@ -451,10 +452,14 @@ def _decode_step(probs, u, logits, stop, done, t=0, pad_id=0, argmax=None, threa
          split.shape[0] if split is not None else 0],
         [done.data_ptr(), cur.data_ptr(), toks.data_ptr(), lp.data_ptr(), length.data_ptr(),
          first.data_ptr() if split is not None else 0, pos.data_ptr()])
-    live = loop.step(probs.data_ptr() if probs is not None else 0,
-                     u.data_ptr() if u is not None else 0,
-                     argmax.data_ptr() if argmax is not None else 0, logits.data_ptr(),
-                     logits.stride(0), V, t, threads)
+    if temperature is not None:
+        live = loop.step_logits(u.data_ptr() if u is not None else 0, logits.data_ptr(),
+                                logits.stride(0), V, t, temperature, threads)
+    else:
+        live = loop.step(probs.data_ptr() if probs is not None else 0,
+                         u.data_ptr() if u is not None else 0,
+                         argmax.data_ptr() if argmax is not None else 0, logits.data_ptr(),
+                         logits.stride(0), V, t, threads)
     if split is not None:
         return live, cur, toks[:, t], lp[:, t], length, pos, first
     return live, cur, toks[:, t], lp[:, t], length, pos
@@ -513,6 +518,163 @@ def test_decode_step_samples_as_torch_cumsum_and_searchsorted(V):
     assert torch.equal(cur, am)
 
 
+def _fused_inputs(V, R, g):
+    """float32 logits [R, V] in a wider buffer (row stride V + 5), with -inf logits (zero
+    probabilities), constant rows (ties everywhere) and one row with a single finite logit;
+    uniforms [R] with exact 0 and just below 1 among them."""
+    buf = torch.full((R, V + 5), float("nan"))
+    logits = buf[:, :V]
+    logits.copy_(torch.randn(R, V, generator=g) * 4)
+    logits[::5, : V // 2] = -float("inf")            # zero probabilities
+    logits[1::7] = 0.5                               # uniform rows: ties everywhere
+    logits[4] = -float("inf")
+    logits[4, V // 3] = 2.0                          # one token of probability 1
+    u = torch.rand(R, generator=g)
+    u[0], u[2], u[5] = 0.0, 1.0 - 2 ** -24, 0.0
+    return logits, u
+
+
+def _check_fused_step(V, temp, g, R=41, threads=1, tol=2e-6):
+    """The fused step against the float64 CDF inversion of softmax(logits / temp): the
+    token's CDF interval contains u S (up to tol S at its ends), and it is the float64
+    token unless u S lies within tol S of an interval boundary (counted: rare); never a
+    zero-probability token; log-probs of the raw logits to float32 accuracy; padding,
+    stops, lengths, first splits and positions.  Returns the rows near a boundary."""
+    logits, u = _fused_inputs(V, R, g)
+    x = logits.double()
+    p = torch.softmax(x / temp, -1)
+    cdf = p.cumsum(-1)
+    S = cdf[:, -1]
+    target = u.double() * S
+    want = torch.searchsorted(cdf, target[:, None], right=True)[:, 0]
+    nonzero = p > 0
+    last = V - 1 - nonzero.flip(-1).int().argmax(-1)
+    want = torch.where(want >= V, last, want)        # past the end: the last p > 0
+    stop = torch.zeros(V + 3, dtype=torch.bool)
+    stop[torch.randint(0, V, (max(1, V // 3),), generator=g)] = True
+    done = torch.zeros(R, dtype=torch.bool)
+    done[3] = True                                   # a row that stopped before: padding
+    split = torch.rand(V, generator=g) < 0.3
+    pad = V - 1
+    live, cur, toks, lp, length, pos, first = _decode_step(
+        None, u, logits, stop, done, t=2, pad_id=pad, split=split, temperature=temp,
+        threads=threads)
+    run = torch.arange(R) != 3
+    assert toks[3] == pad and cur[3] == pad
+    assert torch.equal(cur, toks)
+    assert bool(((toks >= 0) & (toks < V)).all())
+    got = toks.clamp(0, V - 1)
+    assert bool(nonzero.gather(1, got[:, None])[run, 0].all()), "a zero-probability token"
+    # the token's interval [lo, hi) of the CDF holds the target (up to tol S at its ends)
+    before = torch.cat([torch.zeros(R, 1, dtype=cdf.dtype), cdf[:, :-1]], 1)   # cdf[i - 1]
+    hi = cdf.gather(1, got[:, None])[:, 0]
+    lo = before.gather(1, got[:, None])[:, 0]
+    slack = tol * S
+    assert bool(((lo <= target + slack) & (target < hi + slack))[run].all())
+    # the float64 token itself, except near a boundary of the float64 token's interval
+    whi = cdf.gather(1, want[:, None])[:, 0]
+    wlo = before.gather(1, want[:, None])[:, 0]
+    near = ((target - wlo < slack) & (wlo > 0)) | (whi - target < slack)
+    assert bool((toks == want)[run & ~near].all())
+    first_nz = nonzero.int().argmax(-1)                 # draws of 0: the first p > 0, exactly
+    assert toks[0] == want[0] == first_nz[0] and toks[5] == want[5] == first_nz[5]
+    assert toks[4] == V // 3
+    # log-probs of the raw logits (the pad id's for the stopped row)
+    ref = torch.log_softmax(x, -1).gather(1, toks[:, None].clamp(0, V - 1))[:, 0]
+    torch.testing.assert_close(lp.double(), ref, atol=1e-5, rtol=1e-6)
+    hit = stop[toks] & run
+    assert torch.equal(done, hit | ~run)
+    assert live == int((~done).sum())
+    assert torch.equal(length, torch.where(hit, 3, 0))
+    assert torch.equal(pos, torch.arange(R) + 1)
+    met = torch.arange(R) % 4 == 0
+    assert torch.equal(first, torch.where(met, 1, torch.where(split[toks] & run, 3, 0)))
+    # (row 2 draws 1 - 2^-24: always near; rows 0 and 5 draw 0: exact above)
+    return int((near & run).sum()) - int(near[2]) - int(near[0]) - int(near[5])
+
+
+@pytest.mark.parametrize("V", [1, 3, 64, 101, 5000, 50257])
+def test_fused_step_samples_softmax_as_the_float64_cdf(V):
+    """``DecodeLoop.step_logits`` samples the float64 CDF inversion of
+    softmax(logits / T) at the given uniforms (T = 1, 0.7, 1.5), never a token of
+    probability 0 (-inf logits, draws of exactly 0), with the raw logits' log-probs."""
+    g = torch.Generator().manual_seed(V)
+    near = 0
+    for temp in (1.0, 0.7, 1.5):
+        near += _check_fused_step(V, temp, g)
+    # (the constant rows of V = 50257 have intervals 2e-5 wide: some draws land near an end)
+    assert near <= 12, f"{near} of 120 draws within 2e-6 of a CDF boundary"
+
+
+@pytest.mark.parametrize("isa", ["x86-64-v2", "x86-64-v3", "x86-64-v4"])
+def test_fused_step_at_every_isa_level(isa):
+    from rlfuse import _backend
+
+    c = _backend.cpu_module()
+    old = c.active_isa()
+    if not c.set_isa(isa):
+        pytest.skip(f"this CPU lacks {isa}")
+    try:
+        g = torch.Generator().manual_seed(11)
+        for V in (3, 17, 101, 5000):
+            for temp in (1.0, 0.7):
+                assert _check_fused_step(V, temp, g, threads=2) <= 2
+    finally:
+        c.set_isa(old)
+
+
+def test_fused_step_frequencies_follow_the_tempered_softmax():
+    """Many rows of the same logits, one uniform each: the fused sampler's token
+    frequencies match softmax(logits / T) within 5 standard errors per token (a -inf
+    logit: never)."""
+    from rlfuse import _backend
+
+    g = torch.Generator().manual_seed(5)
+    n = 200_000
+    z5 = torch.tensor([0.0, 1.0, 2.0, -1.0, -float("inf")])
+    z101 = torch.randn(101, generator=g) * 2
+    for z, temp in ((z5, 1.0), (z5, 0.7), (z101, 1.5), (z101, 1.0)):
+        V = z.shape[0]
+        logits = z.repeat(n, 1)
+        u = torch.rand(n, generator=g)
+        live, cur, *_ = _decode_step(None, u, logits, torch.zeros(1, dtype=torch.bool),
+                                     torch.zeros(n, dtype=torch.bool), temperature=temp,
+                                     threads=_backend.threads_for(n * V))
+        freq = torch.bincount(cur, minlength=V).double() / n
+        p = torch.softmax(z.double() / temp, -1)
+        sigma = (p * (1 - p) / n).sqrt()
+        assert bool(((freq - p).abs() <= 5 * sigma + 1.0 / n).all()), (freq - p).abs().max()
+        if not bool(torch.isfinite(z).all()):
+            assert freq[-1] == 0
+
+
+def test_fused_step_refuses_bad_temperatures_pointers_and_strides():
+    t = torch.zeros(2, 3)
+    u = torch.zeros(2)
+    stop = torch.zeros(3, dtype=torch.bool)
+    for temp in (0.0, -1.0, float("nan"), float("inf")):
+        with pytest.raises(ValueError, match="temperature must be finite and > 0"):
+            _decode_step(None, u, t, stop, torch.zeros(2, dtype=torch.bool), temperature=temp)
+    with pytest.raises(ValueError, match="u is a null pointer"):
+        _decode_step(None, None, t, stop, torch.zeros(2, dtype=torch.bool), temperature=1.0)
+    with pytest.raises(ValueError, match="logits_stride must be >= V"):
+        _decode_step(None, u, t.t(), stop, torch.zeros(2, dtype=torch.bool),
+                     temperature=1.0)
+    with pytest.raises(ValueError, match="pad token id 3 is outside"):
+        _decode_step(None, u, t, stop, torch.ones(2, dtype=torch.bool), pad_id=3,
+                     temperature=1.0)
+    from rlfuse import _backend
+
+    p = t.data_ptr()
+    loop = _backend.cpu_module().DecodeLoop(2, 1, 0, [p, 3, 0, 0], [p] * 7)
+    with pytest.raises(ValueError, match="logits is a null pointer"):
+        loop.step_logits(p, 0, 3, 3, 0, 1.0, 1)
+    with pytest.raises(ValueError, match="0 <= t < width"):
+        loop.step_logits(p, p, 3, 3, 1, 1.0, 1)
+    with pytest.raises(ValueError, match="V >= 1"):
+        loop.step_logits(p, p, 3, 0, 0, 1.0, 1)
+
+
 def test_decode_loop_refuses_bad_buffers_and_missing_draws():
     from rlfuse import _backend
 
@@ -532,17 +694,21 @@ def test_decode_loop_refuses_bad_buffers_and_missing_draws():
         DecodeLoop(2, 1, 0, [p, 3, 0, 0], [p] * 7).step(p, p, 0, p, 3, 3, 1, 1)
 
 
-@pytest.mark.parametrize("sampling", [(1.0, 1.0), (1.8, 0.6), (0.0, 1.0)])
+@pytest.mark.parametrize("sampling", [(1.0, 1.0), (0.7, 1.0), (1.8, 0.6), (0.0, 1.0)])
 def test_decode_kernel_and_torch_loop_give_the_same_candidates(tiny, sampling):
-    """The decoding loop through ``rlfuse._C.DecodeLoop`` and the torch-ops loop (used off
-    the CPU) give identical tokens, lengths, log-probs, candidates and rollouts, with
-    packed caches from earlier batches, per-state sample counts and a narrow stop table."""
+    """The decoding loop through ``rlfuse._C.DecodeLoop`` (the fused ``step_logits`` when
+    top_p = 1, else ``step`` over torch's nucleus probabilities) and the torch-ops loop
+    (used off the CPU) share their uniform draws and give the same tokens, lengths,
+    candidates and rollouts, with packed caches from earlier batches, per-state sample
+    counts and a narrow stop table; the log-probs agree to float32 accuracy (the fused
+    arithmetic is not torch's bit for bit)."""
     model, tok = tiny
     temp, top_p = sampling
-    out = []
-    for kernel in (True, False):
+    out, lps = [], []
+    # (fused_step = False: DecodeLoop.step over torch's softmax even at top_p = 1)
+    for kernel, fused in ((True, True), (False, True), (True, False)):
         gen = HFStepModel(model, tok, max_new_tokens=6, temperature=temp, top_p=top_p, seed=7)
-        gen.step_kernel = kernel
+        gen.step_kernel, gen.fused_step = kernel, fused
         assert (gen._step_kernel(gen.device) is not None) == kernel
         roots = gen.root_states([0, 1, 2], ["12+3=", "1+1-4+5=", "7="])
         level1 = gen.sample_steps(roots, 3)
@@ -555,6 +721,17 @@ def test_decode_kernel_and_torch_loop_give_the_same_candidates(tiny, sampling):
              for cs in level1],
             [[(c.text, c.num_tokens, c.logprob, c.ended, comp) for c, comp in row]
              for row in rolled],
-            d.rows, d.length.tolist(), d.stopped.tolist(), d.lp.tolist(), d.first_split,
+            d.rows, d.length.tolist(), d.stopped.tolist(), d.first_split,
             gen.counters.snapshot()["generated"]))
-    assert out[0] == out[1]
+        lps.append(([c.logprob for cs in level1 for c in cs],
+                    [c.logprob for row in rolled for c, _ in row], d.lp))
+    strip = lambda o: (  # noqa: E731  (everything but the log-probs, compared below)
+        [[v[:2] + v[3:] for v in cs] for cs in o[0]], [[v[:2] + v[3:] for v in r] for r in o[1]],
+        *o[2:])
+    assert strip(out[0]) == strip(out[1]) == strip(out[2])
+    for a, b, c in zip(*lps):
+        for x in (a, c):
+            torch.testing.assert_close(torch.as_tensor(x, dtype=torch.float64),
+                                       torch.as_tensor(b, dtype=torch.float64), atol=1e-4,
+                                       rtol=0)
+    assert lps[0][2].numel() > 0 and bool(torch.isfinite(lps[0][2]).all())

@@ -254,15 +254,19 @@ def _probs(logits: torch.Tensor, temperature: float, top_p: float) -> torch.Tens
     return p
 
 
-def _sample(logits: torch.Tensor, temperature: float, top_p: float, generator) -> torch.Tensor:
+def _sample(logits: torch.Tensor, temperature: float, top_p: float, generator,
+            u: Optional[torch.Tensor] = None) -> torch.Tensor:
     """One token per row from :func:`_probs` by inverting the CDF with one uniform draw per
     row (cheaper than ``torch.multinomial`` or a Gumbel draw per logit); temperature 0 is
-    greedy."""
+    greedy.  ``u``: the draws ([R, 1] or [R]; drawn from ``generator`` when None)."""
     if temperature == 0:
         return logits.argmax(-1)
     p = _probs(logits, temperature, top_p)
     cdf = p.cumsum(-1)
-    u = torch.rand(p.shape[0], 1, generator=generator, device=p.device, dtype=p.dtype)
+    if u is None:
+        u = torch.rand(p.shape[0], 1, generator=generator, device=p.device, dtype=p.dtype)
+    else:
+        u = u.reshape(p.shape[0], 1).to(p.dtype)
     idx = torch.searchsorted(cdf, u * cdf[:, -1:], right=True)
     return idx.squeeze(1).clamp_(max=p.shape[-1] - 1)
 
@@ -274,9 +278,12 @@ class HFStepModel(StepModel):
     tokens per step at most (a longer step ends as ``"length"``, a terminal).
     ``kv_reuse=False`` re-encodes each prefix once per call instead of keeping caches
     (lower memory; still once per prefix, not once per sample).  ``seed`` seeds the
-    sampling generator.  On the CPU each decoding step's sampling and bookkeeping is one
-    ``rlfuse._C.DecodeLoop.step`` call; setting the attribute ``step_kernel = False`` runs
-    the same loop in torch ops (as on other devices; the tokens and log-probs are the same).
+    sampling generator; a decoding loop draws all its uniforms at once.  On the CPU each
+    decoding step's sampling and bookkeeping is one ``rlfuse._C.DecodeLoop`` call (with
+    top_p = 1 fused from the logits: softmax, CDF inversion, raw log-probs); setting the
+    attribute ``step_kernel = False`` runs the same loop in torch ops (as on other devices;
+    the same draws, so the same tokens up to float rounding at a CDF boundary, and
+    log-probs to float32 accuracy).
     """
 
     def __init__(self, model, tokenizer, *, step_delimiter: str = "\n", temperature: float = 1.0,
@@ -323,6 +330,8 @@ class HFStepModel(StepModel):
         self._decode_ids = _fast_decode(tokenizer, vocab)
         # False: the decoding loop in torch ops even where rlfuse._C.DecodeLoop applies
         self.step_kernel = True
+        # False: DecodeLoop.step over torch's softmax even at top_p = 1 (for comparisons)
+        self.fused_step = True
         self._cache_template = None       # an empty DynamicCache, copied for every decode
 
     def _eos_set(self) -> set:
@@ -446,10 +455,13 @@ class HFStepModel(StepModel):
         return getattr(_backend.cpu_module(), "DecodeLoop", None)
 
     def _loop_kernel(self, kernel, cache, tok, pos, mask, C, R, max_new_tokens, stop, split):
-        """The decoding loop with one ``rlfuse._C.DecodeLoop.step`` call per step after the
-        forward and the softmax: the same tokens, lengths and log-probs as
-        :meth:`_loop_torch` (the same uniform draws, the CDF inverted as torch's cumsum
-        and searchsorted do, the log-probs by the kernel behind ``token_logprobs``)."""
+        """The decoding loop with one ``rlfuse._C.DecodeLoop`` call per step after the
+        forward: with temperature > 0 and no nucleus, ``step_logits`` samples from the
+        logits (softmax, CDF inversion at the loop's pre-drawn uniforms and raw log-probs
+        fused); with a nucleus, ``step`` inverts the CDF of :func:`_probs`; greedy,
+        ``step`` takes the argmax.  The same draws as :meth:`_loop_torch`, hence the same
+        tokens except where a draw falls within rounding of a CDF boundary; log-probs to
+        float32 accuracy (not the same bits)."""
         from rlfuse import _backend
 
         Tm = max_new_tokens
@@ -467,30 +479,36 @@ class HFStepModel(StepModel):
             split.shape[0] if split is not None else 0], [
             done.data_ptr(), cur.data_ptr(), toks.data_ptr(), lp.data_ptr(), length.data_ptr(),
             first.data_ptr() if first is not None else 0, pos.data_ptr()])
-        greedy, temp, top_p, gen = self.temperature == 0, self.temperature, self.top_p, \
-            self.generator
-        nt = None
+        greedy, temp, top_p = self.temperature == 0, self.temperature, self.top_p
+        fused = not greedy and top_p >= 1.0 and self.fused_step
+        # the loop's uniforms, drawn at once: row t for step t (as _loop_torch)
+        draws = None if greedy else self._draws(Tm, R)
+        u0 = draws.data_ptr() if draws is not None else 0
+        nt = V = None
         t = 0
         for t in range(Tm):
             logits = self._forward(input_ids=cur, attention_mask=mask[:, :C + t + 1],
                                    position_ids=pos, past_key_values=cache,
-                                   use_cache=True).logits[:, -1].float()
-            if logits.stride(-1) != 1:
-                logits = logits.contiguous()
+                                   use_cache=True).logits[:, -1]
+            if logits.dtype != torch.float32 or logits.stride(-1) != 1:
+                logits = logits.float().contiguous()
             if nt is None:
                 V = logits.shape[-1]
                 nt = _backend.threads_for(R * V)
-            if greedy:
-                am, probs, u = logits.argmax(-1), None, None
+            if fused:
+                live = loop.step_logits(u0 + 4 * R * t, logits.data_ptr(), logits.stride(0),
+                                        V, t, temp, nt)
             else:
-                probs = _probs(logits, temp, top_p)
-                if not probs.is_contiguous() or probs.dtype != torch.float32:
-                    probs = probs.float().contiguous()   # the kernel reads [R, V] rows
-                u = torch.rand(R, 1, generator=gen, dtype=probs.dtype)
-            live = loop.step(probs.data_ptr() if probs is not None else 0,
-                             u.data_ptr() if u is not None else 0,
-                             am.data_ptr() if greedy else 0, logits.data_ptr(),
-                             logits.stride(0), V, t, nt)
+                if greedy:
+                    am, probs = logits.argmax(-1), None
+                else:
+                    probs = _probs(logits, temp, top_p)
+                    if not probs.is_contiguous() or probs.dtype != torch.float32:
+                        probs = probs.float().contiguous()   # the kernel reads [R, V] rows
+                live = loop.step(probs.data_ptr() if probs is not None else 0,
+                                 u0 + 4 * R * t if not greedy else 0,
+                                 am.data_ptr() if greedy else 0, logits.data_ptr(),
+                                 logits.stride(0), V, t, nt)
             if live < 0:
                 raise RuntimeError(f"rlfuse.search.llm_gen: sampled token id out of range "
                                    f"in row {-1 - live}")
@@ -501,6 +519,12 @@ class HFStepModel(StepModel):
         return (toks[:, :T], length.masked_fill_(~stopped, T), stopped,
                 lp[:, :T].contiguous(), _first_hits(first))
 
+    def _draws(self, steps: int, R: int) -> torch.Tensor:
+        """The uniforms of one decoding loop: ``[steps, R]`` float32, row t for step t,
+        one generator call (both loops, so they sample with the same draws)."""
+        return torch.rand(steps, R, generator=self.generator, device=self.device,
+                          dtype=torch.float32)
+
     def _loop_torch(self, kernel, cache, tok, pos, mask, C, R, max_new_tokens, stop, split):
         """The decoding loop in torch ops (any device)."""
         from rlfuse.ops import token_logprobs
@@ -508,11 +532,13 @@ class HFStepModel(StepModel):
         dev = tok.device
         done = torch.zeros(R, dtype=torch.bool, device=dev)
         out_tok, out_lp = [], []
+        draws = self._draws(max_new_tokens, R) if self.temperature != 0 else None
         for t in range(max_new_tokens):
             logits = self._forward(input_ids=tok, attention_mask=mask[:, :C + t + 1],
                                    position_ids=pos, past_key_values=cache,
                                    use_cache=True).logits[:, -1].float()
-            nxt = _sample(logits, self.temperature, self.top_p, self.generator)
+            nxt = _sample(logits, self.temperature, self.top_p, self.generator,
+                          draws[t] if draws is not None else None)
             if t == 0 and logits.shape[-1] > stop.shape[0]:      # wider than the vocabulary
                 stop = torch.cat([stop, stop.new_zeros(logits.shape[-1] - stop.shape[0])])
             # log-probs of the raw distribution: kept as logits and done in one call at
