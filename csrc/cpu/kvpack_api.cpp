@@ -31,10 +31,9 @@
 // rlfuse.ops.token_logprobs).
 //
 // Both then do the bookkeeping of the step (book_step): padding for rows that already
-// stopped (the pad id, whose log-prob is taken too, as token_logprobs over the whole batch
-// does), the stop check against a lookup table, the row's length at its first stop (and,
-// optionally, at its first token of a second table: where a rollout's first step ends),
-// and the position ids advanced by one.
+// stopped (the pad id, log-prob 0), the stop check against a lookup table, the row's
+// length at its first stop (and, optionally, at its first token of a second table: where
+// a rollout's first step ends), and the position ids advanced by one.
 //
 // Compiled once (no ISA variants: kv_pack is memcpy / memset bound and the bookkeeping is
 // a pass over R rows; the sampling and log-prob rows go through the ISA dispatch).  The
@@ -235,21 +234,24 @@ int64_t decode_step(const Loop& s, const Step& q) {
       sample_rows(q.probs, q.V, q.u, rows.data() + lo, hi - lo, ids.data() + lo);
     }
   }
+  // the rows that were padding before this step (their log-prob is 0)
+  std::vector<uint8_t> pad(s.done, s.done + s.R);
   const int64_t live = book_step(s, t, ids.data(), false);
-  // log-probs of the tokens (padding included, as token_logprobs over the whole batch)
+  // log-probs of the tokens (token_logprobs over the whole batch)
   std::vector<float> lp(static_cast<size_t>(s.R)), lse(static_cast<size_t>(s.R));
   const int64_t bad = RLFUSE_ISA_CALL(token_logprobs_fwd, q.logits, 0 /* float32 */, s.R, 1,
                                       q.logits_stride, 0, q.V, s.cur, 1 /* int64 */, lp.data(),
                                       nullptr, lse.data(), 1.0, int64_t(-100), q.num_threads);
   if (bad >= 0) return -1 - bad;
-  for (int64_t r = 0; r < s.R; ++r) s.lp[r * s.width + t] = lp[static_cast<size_t>(r)];
+  for (int64_t r = 0; r < s.R; ++r)
+    s.lp[r * s.width + t] = pad[static_cast<size_t>(r)] ? 0.0f : lp[static_cast<size_t>(r)];
   return live;
 }
 
 // The fused step (temperature T > 0, no nucleus): the tokens of the live rows sampled from
-// softmax(logits / T) at the uniforms u, the pad id for stopped rows, and every row's
-// log-prob under the raw logits, by sample_logits_rows (sample.cpp, through the ISA
-// dispatch); then the same bookkeeping as decode_step.
+// softmax(logits / T) at the uniforms u with their log-probs under the raw logits, the pad
+// id and log-prob 0 for stopped rows (whose logits are not read), by sample_logits_rows
+// (sample.cpp, through the ISA dispatch); then the same bookkeeping as decode_step.
 int64_t decode_step_logits(const Loop& s, const float* u, const float* logits,
                            int64_t logits_stride, int64_t V, int64_t t, double temperature,
                            int num_threads) {
@@ -265,7 +267,7 @@ int64_t decode_step_logits(const Loop& s, const float* u, const float* logits,
 void check_pad(const Loop& s, int64_t V, const char* fn) {
   if (s.pad_id < 0 || s.pad_id >= V)
     for (int64_t r = 0; r < s.R; ++r)
-      if (s.done[r])  // a stopped row gets the pad id, whose log-prob is taken
+      if (s.done[r])  // a stopped row gets the pad id: the model's next input
         throw std::invalid_argument(std::string(fn) + ": the pad token id " +
                                     std::to_string(s.pad_id) +
                                     " is outside the model's vocabulary [0, " +
@@ -388,8 +390,8 @@ void rlfuse_bind_kvpack(py::module_& m) {
           py::arg("t"), py::arg("temperature"), py::arg("num_threads") = 1,
           "Step t, sampled from float32 logits (rows at logits_stride elements, contiguous "
           "last dimension) in one call: per live row, the token drawn from "
-          "softmax(logits / temperature) at its uniform u[row] (float32 [R]), the pad id for "
-          "stopped rows, every row's log-prob under the raw logits, then the bookkeeping of "
-          "step.  Returns the rows still live.");
+          "softmax(logits / temperature) at its uniform u[row] (float32 [R]) and its log-prob "
+          "under the raw logits; the pad id and log-prob 0 for stopped rows; then the "
+          "bookkeeping of step.  Returns the rows still live.");
 }
 

@@ -16,9 +16,9 @@
 //   probability 0, and a draw of exactly 0 picks the first token with e > 0;
 //   lp = (x_tok - m) - log S when T == 1; otherwise a second pass sums 2^((x_i - m)
 //   log2(e)) (the raw distribution) for the log-sum-exp.
-// A stopped row (done) gets the pad id and the raw log-prob of the pad id (one pass).  A
-// row without a finite maximum (all -inf, or +inf / NaN only) gets V - 1 (or the pad id)
-// and a NaN log-prob, as token_logprobs gives.
+// A stopped row (done) gets the pad id and log-prob 0 without its logits being read.  A
+// live row without a finite maximum (all -inf, or +inf / NaN only) gets V - 1 and a NaN
+// log-prob, as token_logprobs gives.
 //
 // Rows are independent (one thread owns a row), so the results do not depend on the
 // number of threads.  Compiled once per ISA level: a chunk is one AVX-512 register (v4) or
@@ -274,17 +274,16 @@ void sample_logits_rows(const float* logits, int64_t stride, int64_t R, int64_t 
 #pragma omp parallel for schedule(static) num_threads(num_threads) if (num_threads > 1 && R > 1)
 #endif
   for (int64_t r = 0; r < R; ++r) {
-    const float* x = logits + r * stride;
-    const float m = row_max(x, V);
-    const bool live = !done[r];
-    if (!std::isfinite(m)) {
-      ids[r] = live ? V - 1 : pad_id;
-      lp[r] = std::numeric_limits<float>::quiet_NaN();
+    if (done[r]) {  // padding: its row is not read
+      ids[r] = pad_id;
+      lp[r] = 0.0f;
       continue;
     }
-    if (!live) {
-      ids[r] = pad_id;
-      lp[r] = static_cast<float>((double(x[pad_id]) - m) - std::log(raw_sum(x, V, m)));
+    const float* x = logits + r * stride;
+    const float m = row_max(x, V);
+    if (!std::isfinite(m)) {
+      ids[r] = V - 1;
+      lp[r] = std::numeric_limits<float>::quiet_NaN();
       continue;
     }
     std::vector<float>& buf = scratch(nc * kL + nc);

@@ -509,7 +509,9 @@ def test_decode_step_samples_as_torch_cumsum_and_searchsorted(V):
         live_rows = ~torch.arange(R).eq(3)
         assert torch.equal(first, torch.where(before, 1, torch.where(split[want] & live_rows,
                                                                         3, 0)))
-        assert torch.equal(lp, token_logprobs(logits, want, backend="cpu"))
+        want_lp = token_logprobs(logits, want, backend="cpu")
+        want_lp[3] = 0.0                             # padding: log-prob 0
+        assert torch.equal(lp, want_lp)
     # greedy: the given argmax, same bookkeeping
     done = torch.zeros(R, dtype=torch.bool)
     am = logits.argmax(-1)
@@ -556,6 +558,7 @@ def _check_fused_step(V, temp, g, R=41, threads=1, tol=2e-6):
     done[3] = True                                   # a row that stopped before: padding
     split = torch.rand(V, generator=g) < 0.3
     pad = V - 1
+    logits[3] = float("nan")                         # the stopped row's logits: not read
     live, cur, toks, lp, length, pos, first = _decode_step(
         None, u, logits, stop, done, t=2, pad_id=pad, split=split, temperature=temp,
         threads=threads)
@@ -579,8 +582,9 @@ def _check_fused_step(V, temp, g, R=41, threads=1, tol=2e-6):
     first_nz = nonzero.int().argmax(-1)                 # draws of 0: the first p > 0, exactly
     assert toks[0] == want[0] == first_nz[0] and toks[5] == want[5] == first_nz[5]
     assert toks[4] == V // 3
-    # log-probs of the raw logits (the pad id's for the stopped row)
+    # log-probs of the raw logits (0 for the stopped row, whose logits are not read)
     ref = torch.log_softmax(x, -1).gather(1, toks[:, None].clamp(0, V - 1))[:, 0]
+    ref[3] = 0.0
     torch.testing.assert_close(lp.double(), ref, atol=1e-5, rtol=1e-6)
     hit = stop[toks] & run
     assert torch.equal(done, hit | ~run)

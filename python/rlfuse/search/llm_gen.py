@@ -558,10 +558,12 @@ class HFStepModel(StepModel):
         stopped = hits.any(1)
         # a row's length: up to and including its first stop token, else every token
         length = torch.where(stopped, hits.int().argmax(1) + 1, torch.full((R,), T, device=dev))
-        if out_lp[0].dim() == 2:     # (after a row stops its ids are padding: never read)
+        if out_lp[0].dim() == 2:
             lp = token_logprobs(torch.stack(out_lp, 1), toks)
         else:
             lp = torch.stack(out_lp, 1)
+        # after a row's stop: padding, log-prob 0 (as the kernel loop writes)
+        lp.masked_fill_(torch.arange(T, device=dev)[None, :] >= length[:, None], 0.0)
         first = None
         if split is not None:        # the first token of each row in `split`, up to its end
             if split.shape[0] < stop.shape[0]:
@@ -1078,7 +1080,7 @@ class _Decoded(NamedTuple):
     toks: torch.Tensor       # [R, T] sampled tokens (padding after a stop)
     length: torch.Tensor     # [R] tokens up to and including the first stop token
     stopped: torch.Tensor    # [R] bool
-    lp: torch.Tensor         # [R, T] log-probs of the sampled tokens (raw logits)
+    lp: torch.Tensor         # [R, T] log-probs of the sampled tokens (raw logits; 0 after a stop)
     layers: list             # per layer (keys, values) [R, H, C + T', D] of the decode cache
     C: int                   # cache columns before the first sampled token's input
     lens: list               # [R] cached prefix tokens of each row's state
