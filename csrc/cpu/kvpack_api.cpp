@@ -375,10 +375,11 @@ void rlfuse_bind_kvpack(py::module_& m) {
             if (s.R > 1 && logits_stride < V)
               throw std::invalid_argument(
                   "DecodeLoop.step_logits: logits_stride must be >= V (rows may not overlap)");
-            if (!(std::isfinite(temperature) && temperature > 0))
+            // (the kernel scales by float(log2(e) / T): finite and normal only in this range)
+            if (!(std::isfinite(temperature) && temperature >= 1e-30 && temperature <= 1e30))
               throw std::invalid_argument(
-                  "DecodeLoop.step_logits: temperature must be finite and > 0, got " +
-                  std::to_string(temperature));
+                  "DecodeLoop.step_logits: temperature must be finite and in [1e-30, 1e30], "
+                  "got " + std::to_string(temperature));
             check_pad(s, V, "DecodeLoop.step_logits");
             const float* up = reinterpret_cast<const float*>(u);
             const float* lg = reinterpret_cast<const float*>(logits);

@@ -18,7 +18,9 @@
 //   log2(e)) (the raw distribution) for the log-sum-exp.
 // A stopped row (done) gets the pad id and log-prob 0 without its logits being read.  A
 // live row without a finite maximum (all -inf, or +inf / NaN only) gets V - 1 and a NaN
-// log-prob, as token_logprobs gives.
+// log-prob, as token_logprobs gives; a row with NaN among finite logits has a NaN sum and
+// gets the fallback token (the last one with a finite e) and a NaN log-prob.  The caller
+// keeps T in [1e-30, 1e30], where the scale log2(e) / T is a normal float.
 //
 // Rows are independent (one thread owns a row), so the results do not depend on the
 // number of threads.  Compiled once per ISA level: a chunk is one AVX-512 register (v4) or

@@ -196,6 +196,44 @@ def test_first_cache_update_packs_as_the_packed_cache(tiny, arch, monkeypatch):
         gen.sample_steps([child], 2)
 
 
+def test_cached_kernel_views_are_not_trusted_for_copies(tiny):
+    """A batch cache's kernel view (raw pointers, made once: llm_gen._kv_desc) is used only
+    for the very tensors it was made from: a deep copy, an unpickled copy or an edited
+    layer list is described afresh, so packing from it reads its own tensors."""
+    import pickle
+
+    import rlfuse.search.llm_gen as G
+
+    model, tok = tiny
+    gen = HFStepModel(model, tok, max_new_tokens=4, temperature=1.5, seed=3)
+    (root,) = gen.root_states([0], ["12+3="])
+    d = gen._decode([root], 2, 4, gen._eos_tab)
+    layers = d.layers
+    assert isinstance(layers, G._KVLayers)
+    G._kv_desc(layers)
+    assert layers.desc is not None
+    child = gen._child(root, d, 1, 2, True)
+    for copied in (copy.deepcopy(layers), pickle.loads(pickle.dumps(layers))):
+        for pair in copied:                          # the copy's own values differ now
+            for t in pair:
+                t.mul_(2.0)
+        st = copy.copy(child)
+        st.kv = KVSlice(copied, *child.kv[1:])
+        n = child.kv.stop - child.kv.start
+        packed = G._pack_cpu([st], [n], n, [1])
+        for (k, v), (k2, v2) in zip(packed, copied):
+            assert torch.equal(k[0], k2[1, :, child.kv.start:child.kv.stop])
+            assert torch.equal(v[0], v2[1, :, child.kv.start:child.kv.stop])
+    edited = G._KVLayers(layers)
+    edited.desc = layers.desc
+    edited[0] = (layers[0][0] * 3, layers[0][1])
+    st = copy.copy(child)
+    st.kv = KVSlice(edited, *child.kv[1:])
+    n = child.kv.stop - child.kv.start
+    k = G._pack_cpu([st], [n], n, [1])[0][0]
+    assert torch.equal(k[0], edited[0][0][1, :, child.kv.start:child.kv.stop])
+
+
 def test_stop_table_narrower_than_the_logits_is_widened(tiny):
     """Stop checks index a bool table by token id; logits wider than the table (a model
     whose output layer is larger than its config says) must not index past it."""
@@ -620,7 +658,7 @@ def test_fused_step_at_every_isa_level(isa):
         pytest.skip(f"this CPU lacks {isa}")
     try:
         g = torch.Generator().manual_seed(11)
-        for V in (3, 17, 101, 5000):
+        for V in (3, 17, 64, 101, 5000):              # 64: no tail chunk
             for temp in (1.0, 0.7):
                 assert _check_fused_step(V, temp, g, threads=2) <= 2
     finally:
@@ -652,18 +690,28 @@ def test_fused_step_frequencies_follow_the_tempered_softmax():
             assert freq[-1] == 0
 
 
-def test_fused_step_refuses_bad_temperatures_pointers_and_strides():
+def test_fused_step_refuses_bad_temperatures_pointers_and_strides(tiny):
     t = torch.zeros(2, 3)
     u = torch.zeros(2)
     stop = torch.zeros(3, dtype=torch.bool)
-    for temp in (0.0, -1.0, float("nan"), float("inf")):
-        with pytest.raises(ValueError, match="temperature must be finite and > 0"):
+    # outside [1e-30, 1e30] the kernel's scale log2(e) / T would not be a normal float
+    for temp in (0.0, -1.0, float("nan"), float("inf"), 1e-31, 1e-39, 1e31):
+        with pytest.raises(ValueError, match="temperature must be finite and in"):
             _decode_step(None, u, t, stop, torch.zeros(2, dtype=torch.bool), temperature=temp)
+    for temp in (1e-30, 1e30):                       # the ends: a token of probability > 0
+        live, cur, *_ = _decode_step(None, torch.full((2,), 0.5), torch.tensor(
+            [[0.0, 5.0, -float("inf")], [1.0, 0.0, -float("inf")]]), stop,
+            torch.zeros(2, dtype=torch.bool), temperature=temp)
+        assert live == 2 and bool((cur < 2).all())
+    model, tok = tiny
+    for temp in (1e-31, 1e31, -0.5):
+        with pytest.raises(ValueError, match="temperature must be 0"):
+            HFStepModel(model, tok, temperature=temp)
     with pytest.raises(ValueError, match="u is a null pointer"):
         _decode_step(None, None, t, stop, torch.zeros(2, dtype=torch.bool), temperature=1.0)
     with pytest.raises(ValueError, match="logits_stride must be >= V"):
-        _decode_step(None, u, t.t(), stop, torch.zeros(2, dtype=torch.bool),
-                     temperature=1.0)
+        _decode_step(None, torch.zeros(3), t.t(), stop, torch.zeros(3, dtype=torch.bool),
+                     temperature=1.0)                # 3 rows of 2 logits, 1 apart
     with pytest.raises(ValueError, match="pad token id 3 is outside"):
         _decode_step(None, u, t, stop, torch.ones(2, dtype=torch.bool), pad_id=3,
                      temperature=1.0)

@@ -295,8 +295,9 @@ class HFStepModel(StepModel):
         if not isinstance(step_delimiter, str) or not step_delimiter:
             raise ValueError(f"step_delimiter must be a non-empty str, got {step_delimiter!r}")
         if not (isinstance(temperature, (int, float)) and math.isfinite(temperature)
-                and temperature >= 0):
-            raise ValueError(f"temperature must be a finite number >= 0, got {temperature!r}")
+                and (temperature == 0 or 1e-30 <= temperature <= 1e30)):
+            raise ValueError("temperature must be 0 (greedy) or a finite number in "
+                             f"[1e-30, 1e30], got {temperature!r}")
         if not (isinstance(top_p, (int, float)) and 0 < top_p <= 1):
             raise ValueError(f"top_p must be in (0, 1], got {top_p!r}")
         if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
@@ -962,10 +963,15 @@ class _KVLayers(list):
 
 def _kv_desc(layers) -> list:
     """Per layer, per keys / values: ``((H, D, dtype), [pointer, byte strides of rows,
-    heads and columns, rows, columns])`` for ``rlfuse._C.kv_pack``, or None for a tensor it
-    cannot read (off the CPU, not 4-D, a strided last dimension)."""
+    heads and columns, rows, columns], tensor)`` for ``rlfuse._C.kv_pack``, or None for a
+    tensor it cannot read (off the CPU, not 4-D, a strided last dimension).  A cached
+    description is used only while ``layers`` still holds the very tensors it was made
+    from, at the same addresses (a copy, an unpickled or an edited ``_KVLayers`` gets a
+    fresh one: its raw pointers would be another tensor's)."""
     desc = getattr(layers, "desc", None)
-    if desc is not None:
+    if desc is not None and len(desc) == len(layers) and all(
+            d is None or (d[2] is t and d[1][0] == t.data_ptr())
+            for pair, dp in zip(layers, desc) for t, d in zip(pair, dp)):
         return desc
     desc = []
     for pair in layers:
@@ -977,7 +983,7 @@ def _kv_desc(layers) -> list:
             es = t.element_size()
             out.append(((t.shape[1], t.shape[3], t.dtype),
                         [t.data_ptr(), t.stride(0) * es, t.stride(1) * es, t.stride(2) * es,
-                         t.shape[0], t.shape[2]]))
+                         t.shape[0], t.shape[2]], t))
         desc.append(out)
     if isinstance(layers, _KVLayers):
         layers.desc = desc
