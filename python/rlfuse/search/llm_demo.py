@@ -20,7 +20,7 @@ import torch
 
 from rlfuse.search.llm import StepSearch, beam_search, best_of_n, majority_vote
 
-__all__ = ["compare", "default_model", "warmup"]
+__all__ = ["compare", "default_model", "mcts_search", "warmup"]
 
 
 def warmup(model, tokenizer, task, *, steps: int = 400, batch_size: int = 64, lr: float = 3e-3,
@@ -54,6 +54,23 @@ def _accuracy(rewards) -> float:
     return sum(1.0 for r in rewards if r >= 1.0) / max(len(rewards), 1)
 
 
+def mcts_search(model, tokenizer, task, problems, *, num_simulations: int = 32,
+                num_candidates: int = 4, parallel: int = 4, max_new_tokens_per_step: int = 16,
+                temperature: float = 1.0, value_fn=None, seed: int = 0,
+                backend: Optional[str] = None, **search_kwargs) -> StepSearch:
+    """The :class:`StepSearch` that :func:`compare` runs: the task's verifier as terminal
+    reward, depth = the problems' most steps plus the EOS step."""
+    reward_fn = lambda p, c: float(task.is_correct(c, p["answer"]))  # noqa: E731
+    steps = max(len(task.steps(p["solution"])) for p in problems)
+    max_depth = steps + 1                     # the steps, then the EOS "step"
+    sampling = dict(temperature=temperature, max_new_tokens_per_step=max_new_tokens_per_step)
+    return StepSearch(model, tokenizer, reward_fn=reward_fn, value_fn=value_fn,
+                      step_delimiter=task.step_delimiter, num_candidates=num_candidates,
+                      num_simulations=num_simulations, parallel=parallel,
+                      max_depth=max_depth, sampling=sampling, seed=seed, backend=backend,
+                      **search_kwargs)
+
+
 def compare(model, tokenizer, task, problems, *, num_simulations: int = 32,
             num_candidates: int = 4, parallel: int = 4, beam_width: int = 2,
             max_new_tokens_per_step: int = 16, temperature: float = 1.0,
@@ -63,15 +80,13 @@ def compare(model, tokenizer, task, problems, *, num_simulations: int = 32,
     same per-problem generated-token budget (MCTS's).  ``search_kwargs`` go to
     :class:`~rlfuse.search.llm.StepSearch` (``algorithm``, ``c_puct``...).  Returns a dict
     of figures and the MCTS ``results`` (for the exports)."""
-    reward_fn = lambda p, c: float(task.is_correct(c, p["answer"]))  # noqa: E731
-    steps = max(len(task.steps(p["solution"])) for p in problems)
-    max_depth = steps + 1                     # the steps, then the EOS "step"
+    search = mcts_search(model, tokenizer, task, problems, num_simulations=num_simulations,
+                         num_candidates=num_candidates, parallel=parallel,
+                         max_new_tokens_per_step=max_new_tokens_per_step,
+                         temperature=temperature, value_fn=value_fn, seed=seed,
+                         backend=backend, **search_kwargs)
+    reward_fn, max_depth = search.reward_fn, search.max_depth
     sampling = dict(temperature=temperature, max_new_tokens_per_step=max_new_tokens_per_step)
-    search = StepSearch(model, tokenizer, reward_fn=reward_fn, value_fn=value_fn,
-                        step_delimiter=task.step_delimiter, num_candidates=num_candidates,
-                        num_simulations=num_simulations, parallel=parallel,
-                        max_depth=max_depth, sampling=sampling, seed=seed, backend=backend,
-                        **search_kwargs)
     t0 = time.perf_counter()
     results = search.run(problems)
     t_mcts = time.perf_counter() - t0
