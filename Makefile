@@ -62,16 +62,18 @@ sanitize: $(DEPS_STAMP)
 # reliability property tests, error table and concurrent calls on the cpu backend, whose
 # random shapes, views and extreme values drive every C++ kernel; the tree-search
 # properties (cpu kernels against the Python reference: random trees, masks, extreme values);
-# the lean decoder's kernels against float64 references and models.
+# the lean decoder's kernels against float64 references and models; the LLM search's
+# KV packing and decoding-step kernels (fused sampler, bookkeeping, raw-pointer guards).
 SAN_CI_TESTS = tests/reliability/test_properties_logprob.py \
 	  tests/reliability/test_properties_advantage.py tests/reliability/test_properties_policy.py \
 	  tests/reliability/test_properties_search.py \
 	  tests/reliability/test_errors.py tests/reliability/test_threads.py \
-	  tests/models/test_lean_decode.py
+	  tests/models/test_lean_decode.py tests/search/test_lowlevel_guards.py \
+	  tests/search/test_llm_hf.py
 sanitize-ci: $(DEPS_STAMP)
 	$(SAN_INSTALL)
 	$(SAN_RUN) $(SAN_CI_TESTS) \
-	  -k "(cpu and not triton and not blas) or row_raises or properties_search or lean_decode"; \
+	  -k "(cpu and not triton and not blas) or row_raises or properties_search or lean_decode or lowlevel_guards or fused_step or decode_step or decode_loop or decode_kernel or packed_cache or first_cache or kernel_views"; \
 	  rc=$$?; $(SAN_RESTORE); exit $$rc
 
 # Longer property-based runs (hypothesis profile "fuzz" in tests/conftest.py).
