@@ -443,6 +443,41 @@ def test_other_architectures_reuse_caches_exactly(arch):
     _check_candidates(model, level1 + [[c for c, _ in row] for row in rolled])
 
 
+@pytest.mark.parametrize("arch", ["mistral", "qwen2"])
+def test_sliding_window_models_reuse_full_caches(arch):
+    """A sliding window shorter than the prompts (Mistral: every layer; Qwen2: the layers
+    from max_window_layers on, a mix): the search's caches keep every column, so their
+    slices exist, and the window still applies through the model's mask: candidates'
+    log-probs equal the model's own full forward, which differs from the same weights
+    without a window."""
+    from transformers import MistralConfig, MistralForCausalLM, Qwen2Config, Qwen2ForCausalLM
+
+    tok = tiny_tokenizer()
+    common = dict(num_hidden_layers=2, hidden_size=32, num_attention_heads=4,
+                  num_key_value_heads=2, intermediate_size=64, vocab_size=len(tok))
+    torch.manual_seed(0)
+    if arch == "mistral":
+        model = MistralForCausalLM(MistralConfig(sliding_window=4, **common))
+        unwindowed = MistralForCausalLM(MistralConfig(sliding_window=None, **common))
+    else:
+        model = Qwen2ForCausalLM(Qwen2Config(use_sliding_window=True, sliding_window=4,
+                                             max_window_layers=1, **common))
+        unwindowed = Qwen2ForCausalLM(Qwen2Config(**common))
+    model.eval()
+    unwindowed.load_state_dict(model.state_dict())
+    unwindowed.eval()
+    gen = HFStepModel(model, tok, max_new_tokens=6, temperature=1.5, seed=0)
+    level1 = gen.sample_steps(gen.root_states([0, 1], ["12+3=", "1+1-4+5="]), 3)
+    kids = [c.state for cs in level1 for c in cs if c.state.kv is not None]
+    rolled = gen.sample_rollouts(kids, 2, max_steps=2)
+    cands = level1 + [[c for c, _ in row] for row in rolled]
+    _check_candidates(model, cands)
+    longest = max((c for cs in cands for c in cs), key=lambda c: len(c.state.ids))
+    assert len(longest.state.ids) > 8
+    assert abs(_full_logprob(model, longest.state.ids, longest.num_tokens)
+               - _full_logprob(unwindowed, longest.state.ids, longest.num_tokens)) > 1e-3
+
+
 def test_step_texts_decode_as_the_tokenizer_does():
     """Step texts come from the tokenizer's Rust backend directly only where it agrees
     with ``tokenizer.decode``; a tokenizer that cleans up spaces, or whose decode differs

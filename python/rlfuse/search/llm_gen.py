@@ -381,9 +381,7 @@ class HFStepModel(StepModel):
         mask = torch.tensor([[0] * (T - n) + [1] * n for n in lens], dtype=torch.long,
                             device=self.device)
         pos = (mask.cumsum(1) - 1).clamp(min=0)
-        from transformers import DynamicCache
-
-        cache = DynamicCache(config=self.model.config)
+        cache = _full_cache(self.model.config)
         self._forward(input_ids=ids, attention_mask=mask, position_ids=pos,
                       past_key_values=cache, use_cache=True, logits_to_keep=1)
         self.counters.encoded += sum(lens)
@@ -425,9 +423,7 @@ class HFStepModel(StepModel):
         self.counters.encoded += R
         self.counters.encoded_naive += sum(row_lens) + R
         if self._cache_template is None:
-            from transformers import DynamicCache
-
-            self._cache_template = DynamicCache(config=self.model.config)
+            self._cache_template = _full_cache(self.model.config)
         # On the CPU the prefixes are packed by the first forward's cache update, straight
         # into the tensor that update makes anyway (see _packed_layer_class); elsewhere
         # packed here into a cache that the update then extends.
@@ -1046,18 +1042,34 @@ def _deferred_cache(plan: _CpuPlan, config, template):
     return cache
 
 
+def _full_cache(config):
+    """An empty ``DynamicCache(config=config)`` whose sliding-window layers keep every
+    column (``DynamicLayer``): the search reads its caches back by column (``KVSlice``),
+    and a ``DynamicSlidingWindowLayer`` drops the columns that leave its window.  The
+    model's attention mask still applies the window (from the config), so the outputs
+    are those of the model's own cache."""
+    from transformers import DynamicCache
+    from transformers.cache_utils import DynamicLayer, DynamicSlidingWindowLayer
+
+    cache = DynamicCache(config=config)
+    if any(isinstance(layer, DynamicSlidingWindowLayer) for layer in cache.layers):
+        cache.layers = [DynamicLayer() if isinstance(layer, DynamicSlidingWindowLayer)
+                        else layer for layer in cache.layers]
+    return cache
+
+
 def _cache_from(layer_kv: list, config, template=None):
     """A ``DynamicCache`` holding ``layer_kv`` without copying it (the constructor's
     ``ddp_cache_data`` path concatenates, i.e. copies, every layer).  ``template``: an
-    empty ``DynamicCache(config=config)`` to copy instead of building one (building reads
-    the config's layer types, ~50 us of Python per call)."""
+    empty :func:`_full_cache` to copy instead of building one (building reads the config's
+    layer types, ~50 us of Python per call)."""
     import copy
 
     from transformers import DynamicCache
     from transformers.cache_utils import DynamicLayer
 
     if template is None:
-        cache = DynamicCache(config=config)
+        cache = _full_cache(config)
     else:
         cache = copy.copy(template)
         cache.layers = [copy.copy(layer) for layer in template.layers]
