@@ -443,14 +443,16 @@ def test_other_architectures_reuse_caches_exactly(arch):
     _check_candidates(model, level1 + [[c for c, _ in row] for row in rolled])
 
 
-@pytest.mark.parametrize("arch", ["mistral", "qwen2"])
+@pytest.mark.parametrize("arch", ["mistral", "qwen2", "gemma3"])
 def test_sliding_window_models_reuse_full_caches(arch):
     """A sliding window shorter than the prompts (Mistral: every layer; Qwen2: the layers
-    from max_window_layers on, a mix): the search's caches keep every column, so their
-    slices exist, and the window still applies through the model's mask: candidates'
-    log-probs equal the model's own full forward, which differs from the same weights
-    without a window."""
-    from transformers import MistralConfig, MistralForCausalLM, Qwen2Config, Qwen2ForCausalLM
+    from max_window_layers on; Gemma 3: its sliding / full layer pattern): the search's
+    caches keep every column, so their slices exist, and the window still applies
+    through the model's mask: candidates' log-probs equal the model's own full forward,
+    which differs from the same weights without a window (or with one longer than the
+    sequences)."""
+    from transformers import (Gemma3ForCausalLM, Gemma3TextConfig, MistralConfig,
+                              MistralForCausalLM, Qwen2Config, Qwen2ForCausalLM)
 
     tok = tiny_tokenizer()
     common = dict(num_hidden_layers=2, hidden_size=32, num_attention_heads=4,
@@ -459,10 +461,14 @@ def test_sliding_window_models_reuse_full_caches(arch):
     if arch == "mistral":
         model = MistralForCausalLM(MistralConfig(sliding_window=4, **common))
         unwindowed = MistralForCausalLM(MistralConfig(sliding_window=None, **common))
-    else:
+    elif arch == "qwen2":
         model = Qwen2ForCausalLM(Qwen2Config(use_sliding_window=True, sliding_window=4,
                                              max_window_layers=1, **common))
         unwindowed = Qwen2ForCausalLM(Qwen2Config(**common))
+    else:
+        g3 = dict(common, head_dim=8, final_logit_softcapping=None)
+        model = Gemma3ForCausalLM(Gemma3TextConfig(sliding_window=4, **g3))
+        unwindowed = Gemma3ForCausalLM(Gemma3TextConfig(sliding_window=4096, **g3))
     model.eval()
     unwindowed.load_state_dict(model.state_dict())
     unwindowed.eval()
