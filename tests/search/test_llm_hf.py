@@ -421,26 +421,53 @@ def test_cli_search_runs_and_writes_the_exports(tmp_path, capsys):
     assert summary["problems"] == 3 and summary["mcts"]["tokens"] > 0
 
 
-@pytest.mark.parametrize("arch", ["gpt2", "qwen2"])
-def test_other_architectures_reuse_caches_exactly(arch):
-    """Learned absolute positions (GPT-2) and grouped-query attention (Qwen2) through the
-    same packed caches: candidates' log-probs equal a fresh forward."""
-    from transformers import GPT2Config, GPT2LMHeadModel, Qwen2Config, Qwen2ForCausalLM
+def _arch_model(arch, vocab):
+    """A tiny random model of one of several Hugging Face architectures."""
+    import transformers as T
 
-    tok = tiny_tokenizer()
+    attn = dict(num_hidden_layers=2, hidden_size=32, num_attention_heads=4, vocab_size=vocab)
+    gqa = dict(attn, intermediate_size=64, num_key_value_heads=2)
+    configs = {
+        "gpt2": (T.GPT2LMHeadModel, T.GPT2Config(n_layer=2, n_embd=32, n_head=2,
+                                                 vocab_size=vocab)),
+        "qwen2": (T.Qwen2ForCausalLM, T.Qwen2Config(**gqa)),
+        "qwen3": (T.Qwen3ForCausalLM, T.Qwen3Config(head_dim=8, **gqa)),
+        "gemma": (T.GemmaForCausalLM, T.GemmaConfig(head_dim=8, **gqa)),
+        # soft-capped logits and attention, a sliding window on every other layer
+        "gemma2": (T.Gemma2ForCausalLM, T.Gemma2Config(head_dim=8, sliding_window=4, **gqa)),
+        "phi3": (T.Phi3ForCausalLM, T.Phi3Config(pad_token_id=0, **gqa)),
+        "gpt_neox": (T.GPTNeoXForCausalLM, T.GPTNeoXConfig(intermediate_size=64, **attn)),
+        "opt": (T.OPTForCausalLM, T.OPTConfig(ffn_dim=64, word_embed_proj_dim=32, **attn)),
+        "falcon": (T.FalconForCausalLM, T.FalconConfig(**attn)),
+        "olmo2": (T.Olmo2ForCausalLM, T.Olmo2Config(**gqa)),
+    }
+    cls, cfg = configs[arch]
     torch.manual_seed(0)
-    if arch == "gpt2":
-        model = GPT2LMHeadModel(GPT2Config(n_layer=2, n_embd=32, n_head=2, vocab_size=len(tok)))
-    else:
-        model = Qwen2ForCausalLM(Qwen2Config(num_hidden_layers=2, hidden_size=32,
-                                             num_attention_heads=4, num_key_value_heads=2,
-                                             intermediate_size=64, vocab_size=len(tok)))
-    model.eval()
-    gen = HFStepModel(model, tok, max_new_tokens=6, temperature=1.5, seed=0)
-    level1 = gen.sample_steps(gen.root_states([0, 1], ["12+3=", "1+1-4+5="]), 3)
-    kids = [c.state for cs in level1 for c in cs]
+    return cls(cfg).eval()
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "qwen2", "qwen3", "gemma", "gemma2", "phi3",
+                                  "gpt_neox", "opt", "falcon", "olmo2"])
+def test_other_architectures_reuse_caches_exactly(arch):
+    """Other architectures through the same packed caches (learned absolute positions,
+    grouped-query attention, q/k norms, parallel attention and MLP blocks, OPT's
+    position offset, Gemma 2's soft-capping and sliding layers): every candidate's
+    log-prob, first steps and the steps cut from rollouts of their children, equals the
+    log-softmax of a fresh forward over its whole sequence."""
+    tok = tiny_tokenizer()
+    model = _arch_model(arch, len(tok))
+    gen = HFStepModel(model, tok, max_new_tokens=40, temperature=3.0, seed=0)
+    level1 = gen.sample_steps(gen.root_states([0, 1, 2], ["12+3=", "1+1-4+5=6+7=", "9="]), 8)
+    kids = [c.state for cs in level1 for c in cs if c.state.kv is not None]
+    assert len(kids) >= 4
     rolled = gen.sample_rollouts(kids, 2, max_steps=2)
-    _check_candidates(model, level1 + [[c for c, _ in row] for row in rolled])
+    for cands in level1 + [[c for c, _ in row] for row in rolled]:
+        for c in cands:
+            ids = torch.tensor([c.state.ids])
+            with torch.no_grad():
+                lp = model(input_ids=ids).logits.double().log_softmax(-1)[0, :-1]
+            ref = float(lp.gather(1, ids[0, 1:, None])[-c.num_tokens:].sum())
+            assert c.logprob == pytest.approx(ref, abs=1e-4), (arch, c.text)
 
 
 @pytest.mark.parametrize("arch", ["mistral", "qwen2", "gemma3"])
