@@ -868,9 +868,11 @@ def _pack_cpu(states, lens, C: int, reps: list) -> Optional[list]:
 class _CpuPlan:
     """What ``rlfuse._C.kv_pack`` needs to pack one generation batch's prefixes: the
     source tensors of every layer (pointer, byte strides, extent), one plan row per state
-    (source, row, first column, columns, repeats), R, C and each layer's (H, D, dtype)."""
+    (source, row, first column, columns, repeats), R, C and each layer's (H, D, dtype).
+    It holds the source caches themselves too (``groups``): the packing may run later (in
+    the first forward's cache update) and its raw pointers must stay valid until then."""
 
-    __slots__ = ("sources", "plan", "R", "C", "L", "shapes")
+    __slots__ = ("sources", "plan", "R", "C", "L", "shapes", "groups")
 
     def tensor(self, li: int, which: int, new: Optional[torch.Tensor] = None) -> torch.Tensor:
         """Layer ``li``'s keys (``which`` 0) or values (1) packed into ``[R, H, C, D]``;
@@ -946,6 +948,7 @@ def _cpu_plan(states, lens, C: int, reps: list) -> Optional[_CpuPlan]:
     out = _CpuPlan()
     out.sources, out.plan, out.R, out.C, out.L, out.shapes = sources, plan, sum(reps), C, L, \
         shapes
+    out.groups = groups
     return out
 
 
