@@ -262,8 +262,10 @@ RLFUSE_TREE_HD void subtree_tree(const View& src, const View& dst, const int64_t
   dst.next_free[b] = 0;
   dst.minmax[2 * b] = __builtin_inff();
   dst.minmax[2 * b + 1] = -__builtin_inff();
+  // a tree with no nodes (new, cleared, or an empty subtree itself) has no root row to read
+  if (src.next_free[b] < 1) return;
   const int32_t r = src.child[sb * K + actions[b]];
-  if (r < 0 || !(src.flags[sb + r] & kExpanded)) return;
+  if (r < 0 || r >= src.next_free[b] || !(src.flags[sb + r] & kExpanded)) return;
   int32_t count = 1;
   so[0] = r;
   dst.parent[db] = -1;

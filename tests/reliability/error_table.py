@@ -614,6 +614,12 @@ def _bare_phases(backend):
     return Phases(t, rule="puct", W=1, max_depth=4, backend=backend)
 
 
+def _rooted_tree():
+    t = Tree(2, 3, 16)
+    t.init_roots(torch.zeros(2, 3), torch.zeros(2))
+    return t
+
+
 def _phase(backend, tree, **kw):
     return Phases(tree, rule="puct", W=1, max_depth=4, backend=backend, **kw).select(1)
 
@@ -683,7 +689,8 @@ _SEARCH_ROWS = [
       "`gumbel_scale`, `value_scale`, `maxvisit_init`) not a finite real number", TypeError,
       lambda b: _ps(virtual_loss=NAN)),
     S("a real option outside its range (`dirichlet_fraction` in [0, 1], `dirichlet_alpha`, "
-      "`pb_c_base` > 0, the others >= 0)", ValueError, lambda b: _ps(dirichlet_fraction=1.5)),
+      "`pb_c_base` > 0, the others >= 0; those the kernels read as float32 at most its "
+      "largest value, 3.4e38)", ValueError, lambda b: _ps(dirichlet_fraction=1.5)),
     S("`capacity` < `num_simulations` + 1", ValueError, lambda b: _ps(n=4, capacity=4)),
     S("`tree` not an `rlfuse.search.Tree`", TypeError, lambda b: _ps(tree="tree")),
     S("`tree` of another batch size, action count or device than the root", ValueError,
@@ -762,6 +769,17 @@ _SEARCH_ROWS = [
         prefix="rlfuse.search Phases.step:"),
     Row("Phases.step", "a backend other than the CPU extension", RuntimeError,
         lambda b: _bare_phases("torch").step(0, None, 1), prefix="rlfuse.search Phases.step:"),
+    Row("Phases", "`W` or `max_depth` not an int >= 1", ValueError,
+        lambda b: Phases(_rooted_tree(), rule="puct", W=1, max_depth=0, backend="cpu"),
+        prefix="rlfuse.search Phases:"),
+    Row("Phases", "`c1`, `c2`, `virtual_loss`, `value_scale` or `maxvisit_init` not a finite "
+        "number of float32 range (the kernels read them as float32)", ValueError,
+        lambda b: _phase("cpu", _rooted_tree(), virtual_loss=1e39),
+        prefix="rlfuse.search Phases:"),
+    Row("Phases", "a tree without its root (`next_free` 0: `Tree.init_roots` not called)",
+        ValueError, lambda b: _phase("cpu", Tree(2, 3, 8)), prefix="rlfuse.search Phases:"),
+    Row("Tree.set_table", "`table` not a 2-D tensor with at least one row and one column",
+        ValueError, lambda b: Tree(1, 3, 8).set_table(torch.zeros(0, 3, dtype=torch.int32))),
 ]
 
 ROWS: list[Row] = (_BACKEND_ROWS + _LOGPROB_ROWS + _ADVANTAGE_ROWS + _POLICY_ROWS

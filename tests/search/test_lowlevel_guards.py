@@ -87,3 +87,124 @@ def test_decode_loop_names_a_pad_id_outside_the_vocabulary():
     am, logits = torch.tensor([1, 2]), torch.zeros(R, V)
     with pytest.raises(ValueError, match="pad token id 9"):
         loop.step(0, 0, am.data_ptr(), logits.data_ptr(), V, V, 1, 1)
+
+
+# -- trees with no nodes, Phases' own arguments, float32 ranges ------------------------------
+
+@pytest.mark.parametrize("backend", ["cpu", "torch"])
+def test_subtree_of_a_tree_without_nodes_is_empty(backend, monkeypatch):
+    """A new, cleared or empty-subtree tree has next_free 0 and root rows holding anything:
+    its subtree must come back empty, never follow them (the CPU kernel read node 1 << 30
+    and crashed the process)."""
+    from rlfuse import _backend
+
+    if backend == "torch":
+        monkeypatch.setattr(_backend, "available", lambda b, d="cpu": b == "torch")
+    t = Tree(2, 4, 8)
+    t.next_free.zero_()
+    t.children.fill_(1 << 30)
+    t.flags.fill_(0xFF)
+    d = t.subtree(torch.tensor([0, 3]))
+    assert d.next_free.tolist() == [0, 0]
+    # a child index past next_free (stale, from before a clear) is not followed either
+    t.init_roots(torch.zeros(2, 4), torch.zeros(2))
+    t.children[:, 0] = 5
+    assert t.subtree(torch.tensor([1, 2])).next_free.tolist() == [0, 0]
+
+
+def test_subtree_twice_without_a_search_between():
+    """tree.subtree(a).subtree(b), as a two-player game reuses a tree for two moves: the
+    first subtree of an unexpanded child is empty, and so is the second."""
+    from rlfuse.search import RecurrentOutput, Root, puct_search
+
+    B, K = 2, 16
+
+    def fn(emb, act):
+        M = act.shape[0]
+        return RecurrentOutput(torch.zeros(M), torch.ones(M), torch.zeros(M, K), torch.zeros(M))
+
+    out = puct_search(Root(torch.zeros(B, K), torch.zeros(B)), fn, 4, dirichlet_fraction=0.0)
+    unvisited = (out.root_visit_counts == 0).int().argmax(-1)
+    for _ in range(3):    # heap junk for the next tree's uninitialised arrays
+        j = torch.full((B, 8, K), 1 << 29, dtype=torch.int32)
+        del j
+    t1 = out.tree.subtree(unvisited, capacity=8)
+    assert t1.next_free.tolist() == [0, 0]
+    assert t1.subtree(torch.zeros(B, dtype=torch.long)).next_free.tolist() == [0, 0]
+
+
+@pytest.mark.parametrize("kw, match", [
+    (dict(max_depth=0), "max_depth"),
+    (dict(max_depth=-1), "max_depth"),
+    (dict(max_depth=2.0), "max_depth"),
+    (dict(W=0), "W"),
+    (dict(virtual_loss=1e39), "virtual_loss"),
+    (dict(c2=float("inf")), "c2"),
+    (dict(value_scale=-1e39), "value_scale"),
+])
+def test_phases_rejects_arguments_its_buffers_or_float32_cannot_hold(kw, match):
+    tree = Tree(2, 3, 16)
+    tree.init_roots(torch.zeros(2, 3), torch.zeros(2))
+    args = dict(rule="puct", W=1, max_depth=4, backend="cpu")
+    args.update(kw)
+    with pytest.raises(ValueError, match=match):
+        Phases(tree, **args)
+
+
+def test_phases_needs_initialised_roots():
+    tree = Tree(2, 3, 16)
+    tree.init_roots(torch.zeros(2, 3), torch.zeros(2))
+    tree.next_free[1] = 0
+    with pytest.raises(ValueError, match="init_roots"):
+        Phases(tree, rule="puct", W=1, max_depth=4, backend="cpu")
+
+
+def test_phases_max_depth_beyond_the_capacity_is_the_same_search():
+    """max_depth is clamped to the tree's capacity (no walk is deeper): 2**40 gives the
+    search max_depth = capacity gives, with a path buffer of capacity + 1 per walk."""
+    from rlfuse.search import RecurrentOutput, Root, puct_search
+
+    B, K = 3, 4
+    g = torch.Generator().manual_seed(0)
+    logits, values = torch.randn(B, K, generator=g), torch.randn(B, generator=g)
+
+    def fn(emb, act):
+        M = act.shape[0]
+        h = (act.float() * 0.37).sin()
+        return RecurrentOutput(h, torch.full((M,), 0.9), h[:, None] * torch.arange(K), -h)
+
+    runs = [puct_search(Root(logits, values), fn, 12, max_depth=d, dirichlet_fraction=0.0,
+                        parallel=2) for d in (12, 2 ** 40)]
+    assert torch.equal(runs[0].root_visit_counts, runs[1].root_visit_counts)
+    assert torch.equal(runs[0].tree.visits, runs[1].tree.visits)
+
+
+@pytest.mark.parametrize("search, kw", [
+    ("puct_search", dict(virtual_loss=1e39)),
+    ("puct_search", dict(pb_c_base=1e39)),
+    ("puct_search", dict(pb_c_init=-1e39)),
+    ("puct_search", dict(dirichlet_alpha=1e39)),
+    ("gumbel_search", dict(value_scale=1e39)),
+    ("gumbel_search", dict(maxvisit_init=1e39)),
+    ("gumbel_search", dict(gumbel_scale=1e39)),
+])
+def test_search_parameters_beyond_float32_are_refused(search, kw):
+    """The kernels read them as float32: 1e39 would become inf and the scores NaN (the CPU
+    search then disagreed with the reference instead of failing)."""
+    import rlfuse.search as S
+
+    def fn(emb, act):
+        M = act.shape[0]
+        return S.RecurrentOutput(torch.zeros(M), torch.ones(M), torch.zeros(M, 3), torch.zeros(M))
+
+    name = next(iter(kw))
+    with pytest.raises(ValueError, match=name):
+        getattr(S, search)(S.Root(torch.zeros(2, 3), torch.zeros(2)), fn, 4, **kw)
+
+
+def test_tree_set_table_rejects_an_empty_table():
+    t = Tree(1, 3, 8)
+    for bad in (torch.zeros(0, 3, dtype=torch.int32), torch.zeros(2, 0, dtype=torch.int32),
+                torch.zeros(4, dtype=torch.int32)):
+        with pytest.raises(ValueError, match="set_table"):
+            t.set_table(bad)

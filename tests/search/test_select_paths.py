@@ -196,7 +196,9 @@ def test_children_mask_matches_the_child_rows(A, W):
             assert int(kids[b, n]) == want, (b, n)
             checked += 1
     assert checked > B
-    assert Phases(Tree(2, 65, 4), rule="puct", W=1, max_depth=3).kids is None
+    wide = Tree(2, 65, 4)
+    wide.init_roots(torch.zeros(2, 65), torch.zeros(2))
+    assert Phases(wide, rule="puct", W=1, max_depth=3).kids is None
 
 
 @pytest.mark.parametrize("A", [16, 64])

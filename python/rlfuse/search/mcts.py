@@ -217,6 +217,10 @@ def _int(op, name, v, lo):
     return int(v)
 
 
+# the kernels read the search's parameters as float32: larger magnitudes would become inf
+_F32_MAX = float(torch.finfo(torch.float32).max)
+
+
 def _real(op, name, v, lo=None, hi=None):
     if isinstance(v, bool) or not isinstance(v, numbers.Real) or not math.isfinite(v):
         raise TypeError(f"{op}: {name} must be a finite real number, got {v!r}")
@@ -373,7 +377,7 @@ def _prepare(op, root, invalid_actions, num_simulations, parallel, virtual_loss,
     B, A, inv = _check_root(op, root, invalid_actions)
     num_simulations = _int(op, "num_simulations", num_simulations, 1)
     parallel = _int(op, "parallel", parallel, 1)
-    _real(op, "virtual_loss", virtual_loss, 0.0)
+    _real(op, "virtual_loss", virtual_loss, 0.0, _F32_MAX)
     max_depth = num_simulations if max_depth is None else _int(op, "max_depth", max_depth, 1)
     dev = root.prior_logits.device
     if tree is None:
@@ -426,9 +430,9 @@ def puct_search(root: Root, recurrent_fn: Callable, num_simulations: int, *,
         op, root, invalid_actions, num_simulations, parallel, virtual_loss, max_depth, tree,
         capacity)
     _real(op, "dirichlet_fraction", dirichlet_fraction, 0.0, 1.0)
-    _real(op, "dirichlet_alpha", dirichlet_alpha, 1e-6)
-    _real(op, "pb_c_init", pb_c_init)
-    _real(op, "pb_c_base", pb_c_base, 1e-6)
+    _real(op, "dirichlet_alpha", dirichlet_alpha, 1e-6, _F32_MAX)
+    _real(op, "pb_c_init", pb_c_init, -_F32_MAX, _F32_MAX)
+    _real(op, "pb_c_base", pb_c_base, 1e-6, _F32_MAX)
     _real(op, "temperature", temperature, 0.0)
     if qtransform not in ("parent_siblings", "tree_minmax"):
         raise ValueError(f"{op}: qtransform must be 'parent_siblings' or 'tree_minmax'")
@@ -489,9 +493,9 @@ def gumbel_search(root: Root, recurrent_fn: Callable, num_simulations: int, *,
         op, root, invalid_actions, num_simulations, parallel, virtual_loss, max_depth, tree,
         capacity)
     m = _int(op, "max_num_considered_actions", max_num_considered_actions, 1)
-    _real(op, "gumbel_scale", gumbel_scale, 0.0)
-    _real(op, "value_scale", value_scale, 0.0)
-    _real(op, "maxvisit_init", maxvisit_init, 0.0)
+    _real(op, "gumbel_scale", gumbel_scale, 0.0, _F32_MAX)
+    _real(op, "value_scale", value_scale, 0.0, _F32_MAX)
+    _real(op, "maxvisit_init", maxvisit_init, 0.0, _F32_MAX)
     dev = tree.device
     logits = mask_logits(root.prior_logits.float(), inv)
     tree.init_roots(logits, root.value.float(), inv)

@@ -40,6 +40,8 @@ import torch
 
 from rlfuse import _backend
 
+_F32_MAX = float(torch.finfo(torch.float32).max)
+
 EXPANDED = 1
 TERMINAL = 2
 RULES = {"puct": 0, "gumbel": 1}
@@ -178,6 +180,10 @@ class Tree:
         return v
 
     def set_table(self, table: torch.Tensor) -> None:
+        if not isinstance(table, torch.Tensor) or table.dim() != 2 or \
+                table.shape[0] < 1 or table.shape[1] < 1:
+            raise ValueError("Tree.set_table: table must be a 2-D tensor with at least one "
+                             f"row and one column, got {getattr(table, 'shape', table)!r}")
         self.table = table.to(self.device, torch.int32).contiguous()
         self._views.clear()
 
@@ -471,6 +477,21 @@ class Phases:
             raise RuntimeError("rlfuse.search: there is no Triton backend for trees; use "
                                "'cpu', 'cuda' or 'torch'")
         B, dev = tree.batch_size, tree.device
+        for name, v in (("W", W), ("max_depth", max_depth)):
+            if type(v) is not int or v < 1:
+                raise ValueError(f"rlfuse.search Phases: {name} must be an int >= 1, got {v!r}")
+        for name, v in (("c1", c1), ("c2", c2), ("virtual_loss", virtual_loss),
+                        ("value_scale", value_scale), ("maxvisit_init", maxvisit_init)):
+            # the kernels read them as float32
+            if not (isinstance(v, (int, float)) and abs(float(v)) <= _F32_MAX):
+                raise ValueError(f"rlfuse.search Phases: {name} must be a finite number of "
+                                 f"float32 range, got {v!r}")
+        if bool((tree.next_free < 1).any()):
+            raise ValueError("rlfuse.search Phases: every tree needs its root (Tree.init_roots) "
+                             "before a search")
+        # a walk passes distinct nodes, so no path is deeper than the tree's capacity: a
+        # larger max_depth means the same and only sizes the path buffer
+        max_depth = min(max_depth, tree.capacity)
         self.W, self.max_depth = W, max_depth
         self.rule, self.qnorm = RULES[rule], QNORMS[qnorm]
         self.c1, self.c2, self.vl = float(c1), float(c2), float(virtual_loss)
@@ -834,8 +855,10 @@ def subtree_reference(src: Tree, dst: Tree, actions: torch.Tensor, src_of: torch
         so = so_all[b]
         d["next_free"][b] = 0
         d["minmax"][b] = [math.inf, -math.inf]
+        if s["next_free"][b] < 1:           # no nodes: no root row to read
+            continue
         r = s["children"][b][0][a0]
-        if r < 0 or not s["flags"][b][r] & EXPANDED:
+        if r < 0 or r >= s["next_free"][b] or not s["flags"][b][r] & EXPANDED:
             continue
         order, new_of = [r], {r: 0}
         i = 0
