@@ -304,3 +304,79 @@ def test_visit_selection_without_a_finished_trace_returns_the_partial_path():
     (r,) = s.run(["Q"])
     assert r.traces == [] and r.completion in ("a\n", "b\n") and math.isnan(r.reward)
     assert r.completion == max(r.children(0), key=lambda n: (n["visits"], n["q"]))["step"]
+
+
+# -- per-run counts, beam scores, argument checks (a review's findings) ---------------------
+
+def test_tokens_generated_are_this_runs_when_a_search_is_reused():
+    script = {"": [("a\n", -0.5, False), ("b", -1.0, True)], "a\n": [("c", -0.2, True)]}
+    search = StepSearch(ScriptedStepModel(script), reward_fn=lambda p, c: 1.0,
+                        num_candidates=2, num_simulations=4, max_depth=3)
+    runs = [search.run(["Q"])[0].tokens_generated for _ in range(3)]
+    assert runs[0] > 0 and runs == [runs[0]] * 3
+    assert search.stats["generated"] == runs[0]
+
+
+def test_beam_zero_ranks_by_the_whole_prefix_mean_logprob():
+    """value_fn='zero' scores a beam by the mean token log-prob of its whole prefix (the
+    docstring): a\\nx\\n and a\\ny\\n (-1.05, -1.1 per token) beat b\\nu\\n (-3.25), although
+    u\\n alone (-1.5) beats x\\n (-2.0)."""
+    S = {"": [("a\n", -0.1, False), ("b\n", -5.0, False)],
+         "a\n": [("x\n", -2.0, False), ("y\n", -2.1, False)],
+         "b\n": [("u\n", -1.5, False), ("v\n", -1.6, False)],
+         "a\nx\n": [("A", -1.0, True)], "a\ny\n": [("A", -1.0, True)],
+         "b\nu\n": [("B", -1.0, True)], "b\nv\n": [("B", -1.0, True)]}
+    m = ScriptedStepModel(S)
+    beam_search(m, None, ["Q"], reward_fn=lambda p, c: 0.0, value_fn="zero", beam_width=2,
+                num_candidates=2, max_depth=4)
+    assert sorted(m.calls[2]) == ["a\nx\n", "a\ny\n"]
+
+
+def test_rollouts_stop_at_max_depth_steps():
+    """A rollout goes to the end or to max_depth steps in all, as the tree's nodes do."""
+    script = {"": [("a\n", -0.5, False)], "a\n": [("b\n", -0.5, False)],
+              "a\nb\n": [("c\n", -0.5, False)], "a\nb\nc\n": [("d", -0.5, True)]}
+    seen = []
+    search = StepSearch(ScriptedStepModel(script), reward_fn=lambda p, c: seen.append(c) or 0.0,
+                        num_candidates=1, num_simulations=3, max_depth=2)
+    search.run(["Q"])
+    assert seen and max(c.count("\n") for c in seen) <= 2
+
+
+@pytest.mark.parametrize("kw, err, match", [
+    (dict(sampling="hot"), TypeError, "sampling"),
+    (dict(sampling={"max_new_tokens_per_step": 0}), ValueError, "max_new_tokens_per_step"),
+    (dict(kv_reuse="no"), TypeError, "kv_reuse"),
+    (dict(seed=None), TypeError, "seed"),
+])
+def test_step_search_checks_its_generation_arguments(kw, err, match):
+    from rlfuse.models.tiny import tiny_causal_lm, tiny_tokenizer
+
+    tok = tiny_tokenizer()
+    model = tiny_causal_lm(tok, hidden_size=16, num_layers=1)
+    with pytest.raises(err, match=match):
+        StepSearch(model, tok, reward_fn=lambda p, c: 0.0, **kw)
+
+
+def test_best_of_n_checks_max_depth_and_takes_numpy_budgets():
+    import numpy as np
+
+    m = ScriptedStepModel({"": [("a", -0.5, True)]})
+    with pytest.raises(ValueError, match="max_depth"):
+        best_of_n(m, None, ["Q"], reward_fn=lambda p, c: 1.0, n=2, max_depth=0)
+    (r,) = best_of_n(m, None, ["Q"], reward_fn=lambda p, c: 1.0, token_budget=np.int64(3))
+    assert r.tokens_generated >= 3
+    with pytest.raises(TypeError, match="token_budget"):
+        best_of_n(m, None, ["Q"], reward_fn=lambda p, c: 1.0, token_budget=3.5)
+
+
+def test_cli_search_checks_its_arguments_before_the_warmup():
+    import argparse
+
+    from rlfuse.search import llm_demo
+
+    p = argparse.ArgumentParser()
+    llm_demo.add_arguments(p)
+    for bad in (["--problems", "0"], ["--simulations", "-1"], ["--threads", "0"]):
+        with pytest.raises(SystemExit, match="must be"):
+            llm_demo.main(p.parse_args(bad))

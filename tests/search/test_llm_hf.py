@@ -63,7 +63,9 @@ def test_steps_match_full_sequence_logprobs_through_reused_caches(tiny):
         assert isinstance(st.kv, KVSlice) and st.kv.stop - st.kv.start == len(st.ids) - 1
     level2 = gen.sample_steps(kids, 2)
     _check_candidates(model, level2)
-    # and the rollout path (the candidate is the first step of a full continuation)
+    # and the rollout path (the candidate is the first step of a full continuation); its
+    # steps are capped at max_new_tokens too, so allow longer ones for this random model
+    gen.max_new_tokens = 40
     rolled = gen.sample_rollouts(kids[:4], 2, max_steps=2)
     _check_candidates(model, [[c for c, _ in row] for row in rolled])
     for row, st in zip(rolled, kids[:4]):
@@ -855,3 +857,83 @@ def test_decode_kernel_and_torch_loop_give_the_same_candidates(tiny, sampling):
                                        torch.as_tensor(b, dtype=torch.float64), atol=1e-4,
                                        rtol=0)
     assert lps[0][2].numel() > 0 and bool(torch.isfinite(lps[0][2]).all())
+
+
+# -- rollout limits, kv_reuse=False, an unembeddable pad id (a review's findings) -----------
+
+def _newline_biased(model, tok, bias=4.0):
+    """The model with its "\\n" logit raised (a forward hook on the head), so that a random
+    tiny model writes steps."""
+    nl = tok.convert_tokens_to_ids("\n")
+
+    def hook(mod, args, out):
+        out = out.clone()
+        out[..., nl] += bias
+        return out
+
+    m = copy.deepcopy(model)
+    m.lm_head.register_forward_hook(hook)
+    return m
+
+
+def test_rollouts_end_at_their_states_remaining_steps(tiny):
+    model, tok = tiny
+    biased = _newline_biased(model, tok)
+    gen = HFStepModel(biased, tok, max_new_tokens=8, seed=0)
+    roots = gen.root_states([0, 1], ["12+3=", "7="])
+    for limit in (1, 2, [1, 3]):
+        rolled = gen.sample_rollouts(roots, 4, limit)
+        lim = limit if isinstance(limit, list) else [limit] * 2
+        for row, m, st in zip(rolled, lim, roots):
+            for c, comp in row:
+                assert comp[len(st.completion):].count("\n") <= m
+        done = gen.rollout(roots, limit, repeats=3)
+        for (comp, _), m in zip(done, [x for x in lim for _ in range(3)]):
+            assert comp.count("\n") <= m
+    # the cut rollouts' steps still match the model's own forward (with the hook)
+    for row in gen.sample_rollouts(roots, 3, 2):
+        for c, _ in row:
+            ids = c.state.ids
+            with torch.no_grad():
+                lg = biased(input_ids=torch.tensor([ids])).logits[0].double()
+            lp = torch.log_softmax(lg[:-1], -1).gather(-1, torch.tensor(ids[1:])[:, None])
+            assert c.logprob == pytest.approx(float(lp[len(ids) - 1 - c.num_tokens:].sum()),
+                                              abs=2e-4)
+
+
+def test_rollout_first_steps_are_capped_at_max_new_tokens(tiny):
+    """A rollout's first step (and a continued tail's step) longer than max_new_tokens is a
+    "length" step: terminal, no tail, as in step expansion."""
+    model, tok = tiny
+    gen = HFStepModel(model, tok, max_new_tokens=3, temperature=1.5, seed=1)
+    roots = gen.root_states([0, 1], ["12+3=", "7="])
+    rolled = gen.sample_rollouts(roots, 6, 4)
+    cands = [c for row in rolled for c, _ in row if c is not None]
+    assert cands and all(c.num_tokens <= 3 for c in cands)
+    assert any(c.ended == "length" for c in cands)
+    assert all(c.tail is None for c in cands if c.ended != "delimiter")
+
+
+def test_kv_reuse_false_tails_do_not_hold_the_batch_cache(tiny):
+    model, tok = tiny
+    biased = _newline_biased(model, tok)
+    gen = HFStepModel(biased, tok, max_new_tokens=8, seed=0, kv_reuse=False)
+    rolled = gen.sample_rollouts(gen.root_states([0], ["12+3="]), 4, 3)
+    tails = [c.tail for row in rolled for c, _ in row if c is not None and c.tail is not None]
+    assert tails and all(t[0].layers is None for t in tails)
+    nxt = [gen.continue_tail(c.state, c.tail) for row in rolled for c, _ in row
+           if c is not None and c.tail is not None]
+    assert all(c is None or c.state.kv is None for c in nxt)
+
+
+def test_a_pad_id_the_model_cannot_embed_is_replaced(tiny):
+    """A pad token added to the tokenizer without resizing the model: padding uses EOS
+    (any id is masked), and prompts of different lengths search as usual."""
+    model, tok = tiny
+    tok = copy.deepcopy(tok)
+    tok.add_special_tokens({"pad_token": "[PAD]"})
+    assert tok.pad_token_id >= model.get_input_embeddings().num_embeddings
+    search = StepSearch(model, tok, reward_fn=lambda p, c: 0.0, num_candidates=2,
+                        num_simulations=4, max_depth=2)
+    assert search.gen.pad_id == tok.eos_token_id
+    assert len(search.run(["a", "abcdef"])) == 2

@@ -26,8 +26,10 @@ from __future__ import annotations
 
 import array
 import collections
+import collections.abc
 import gc
 import math
+import numbers
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional, Sequence
@@ -61,9 +63,9 @@ def _prompts(problems) -> list[str]:
 
 
 def _pos_int(name, v, lo=1):
-    if not isinstance(v, int) or isinstance(v, bool) or v < lo:
+    if not isinstance(v, numbers.Integral) or isinstance(v, bool) or v < lo:
         raise ValueError(f"{name} must be an int >= {lo}, got {v!r}")
-    return v
+    return int(v)
 
 
 def _check_fns(reward_fn, value_fn) -> None:
@@ -120,7 +122,9 @@ class _Evaluator:
         if self.value_fn == "zero":
             return [0.0] * len(states)
         if self.value_fn is None:
-            done = [c for c, _ in self.gen.rollout(states, self.max_depth)]
+            # each to the end, or to max_depth steps in all (as a node there is terminal)
+            done = [c for c, _ in self.gen.rollout(
+                states, [max(self.max_depth - st.depth, 1) for st in states])]
             return [self.reward(st.problem, c, "rollout") for st, c in zip(states, done)]
         prefixes = [st.prompt + st.completion for st in states]
         t0 = time.perf_counter()
@@ -326,7 +330,7 @@ class StepSearch:
                         c.returns = [rew]
                         c.tails = [(c.tail, rew)] if c.tail is not None else []
                         reused[i].append(c)
-            left = self.max_depth - min(st.depth for st in states)
+            left = [self.max_depth - st.depth for st in states]   # steps to max_depth
             rows = self.gen.sample_rollouts(states, [K - len(r) for r in reused], left)
             cand_lists, own = [], []
             for st, old, row in zip(states, reused, rows):
@@ -388,7 +392,7 @@ class StepSearch:
                 raise RuntimeError(f"rlfuse.search.llm: the tree search chose invalid action {a}")
             st = cand.state
             if cand.terminal or st.depth >= self.max_depth:
-                if cand.terminal and cand.returns:
+                if cand.ended == "eos" and cand.returns:
                     r = cand.returns[0]         # its rollout was this very completion
                 else:
                     r = ev.reward(st.problem, st.completion)
@@ -433,6 +437,8 @@ class StepSearch:
         B = len(prompts)
         t_start = time.perf_counter()
         c0 = self.gen.counters.snapshot()
+        # this run's tokens per problem (the step model's counters add up over its life)
+        self._tokens0 = dict(self.gen.counters.generated_per_problem)
         ev = _Evaluator(self.gen, problems, self.reward_fn, self.value_fn, self.max_depth)
         roots = self.gen.root_states(list(range(B)), prompts)
         kept, logits, invalid, own = self._expand(ev, roots)
@@ -537,7 +543,8 @@ class StepSearch:
             out.append(SearchResult(
                 problem=problems[b], prompt=prompts[b], nodes=nodes, traces=traces,
                 completion=completion, reward=reward,
-                tokens_generated=self.gen.counters.generated_per_problem.get(b, 0),
+                tokens_generated=self.gen.counters.generated_per_problem.get(b, 0)
+                - self._tokens0.get(b, 0),
                 root_visit_counts=root_visits[b]))
         return out
 
@@ -569,15 +576,25 @@ def make_step_model(model, tokenizer=None, *, step_delimiter="\n", sampling=None
         return model
     if tokenizer is None:
         raise ValueError("tokenizer is required with a Hugging Face model")
+    if sampling is not None and not isinstance(sampling, collections.abc.Mapping):
+        raise TypeError("sampling must be a dict of temperature, top_p and "
+                        f"max_new_tokens_per_step, got {type(sampling).__name__}")
     s = dict(sampling or {})
     unknown = set(s) - {"temperature", "top_p", "max_new_tokens_per_step"}
     if unknown:
         raise ValueError(f"sampling: unknown keys {sorted(unknown)}; use temperature, top_p, "
                          "max_new_tokens_per_step")
+    m = s.get("max_new_tokens_per_step", 32)
+    if isinstance(m, bool) or not isinstance(m, numbers.Integral) or m < 1:
+        raise ValueError("sampling['max_new_tokens_per_step'] must be a positive int, got "
+                         f"{m!r}")
+    if not isinstance(kv_reuse, bool):
+        raise TypeError(f"kv_reuse must be a bool, got {kv_reuse!r}")
+    if isinstance(seed, bool) or not isinstance(seed, numbers.Integral):
+        raise TypeError(f"seed must be an int, got {seed!r}")
     return HFStepModel(model, tokenizer, step_delimiter=step_delimiter,
                        temperature=s.get("temperature", 1.0), top_p=s.get("top_p", 1.0),
-                       max_new_tokens=s.get("max_new_tokens_per_step", 32),
-                       kv_reuse=kv_reuse, seed=seed)
+                       max_new_tokens=int(m), kv_reuse=kv_reuse, seed=int(seed))
 
 
 # -- baselines -------------------------------------------------------------------------------
@@ -604,15 +621,18 @@ def majority_vote(completions: Sequence[str], answer_fn: Callable = _default_ans
 
 
 def _budgets(token_budget, B):
-    if isinstance(token_budget, int):
-        token_budget = [token_budget] * B
+    if isinstance(token_budget, numbers.Integral) and not isinstance(token_budget, bool):
+        token_budget = [int(token_budget)] * B
+    if not isinstance(token_budget, Sequence) or isinstance(token_budget, str):
+        raise TypeError("token_budget must be an int or a sequence of one int per problem, "
+                        f"got {type(token_budget).__name__}")
     if len(token_budget) != B:
         raise ValueError(f"token_budget must be an int or one per problem ({B}), got "
                          f"{len(token_budget)}")
     for i, t in enumerate(token_budget):
-        if not isinstance(t, int) or t < 1:
+        if isinstance(t, bool) or not isinstance(t, numbers.Integral) or t < 1:
             raise ValueError(f"token_budget[{i}] must be a positive int, got {t!r}")
-    return list(token_budget)
+    return [int(t) for t in token_budget]
 
 
 def best_of_n(model, tokenizer=None, problems=(), *, reward_fn: Optional[Callable] = None,
@@ -632,6 +652,7 @@ def best_of_n(model, tokenizer=None, problems=(), *, reward_fn: Optional[Callabl
         raise ValueError(f"select must be 'reward' or 'majority', got {select!r}")
     if select == "reward" and not callable(reward_fn):
         raise TypeError("best_of_n: select='reward' needs reward_fn(problem, completion)")
+    _pos_int("max_depth", max_depth)
     gen = make_step_model(model, tokenizer, step_delimiter=step_delimiter, sampling=sampling,
                           seed=seed)
     budgets = _budgets(token_budget, B) if token_budget is not None else None
@@ -693,14 +714,16 @@ def beam_search(model, tokenizer=None, problems=(), *, reward_fn: Callable, valu
     start = {b: c.get(b, 0) for b in range(B)}
     used = lambda b: c.get(b, 0) - start[b]  # noqa: E731
     roots = gen.root_states(list(range(B)), prompts)
-    beams: dict[int, list] = {b: [(roots[b], 0.0)] for b in range(B)}
+    # a beam: (state, score, (log-prob sum, tokens) of its steps so far)
+    beams: dict[int, list] = {b: [(roots[b], 0.0, (0.0, 0))] for b in range(B)}
     rounds = [1] * B
     while beams:
-        states = [st for b in beams for st, _ in beams[b]]
+        live_beams = [bm for b in beams for bm in beams[b]]
+        states = [bm[0] for bm in live_beams]
         cand_lists = gen.sample_steps(states, K)
         nxt: dict[int, list] = collections.defaultdict(list)
         grow = []
-        for st, cands in zip(states, cand_lists):
+        for (st, _, (lp0, n0)), cands in zip(live_beams, cand_lists):
             for cand in _merge(cands)[0]:
                 if cand is None:
                     continue
@@ -709,30 +732,30 @@ def beam_search(model, tokenizer=None, problems=(), *, reward_fn: Callable, valu
                     ev.reward(child.problem, child.completion, "beam")
                     gen.release(child)
                 else:
-                    grow.append((child, cand))
+                    grow.append((child, cand, (lp0 + cand.logprob, n0 + cand.num_tokens)))
             if st is not roots[st.problem]:
                 gen.release(st)
-        if value_fn == "zero":
-            scores = [cand.mean_logprob for _, cand in grow]
+        if value_fn == "zero":      # the mean token log-prob of the whole prefix
+            scores = [lp / max(n, 1) for _, _, (lp, n) in grow]
         else:
-            scores = ev.values([ch for ch, _ in grow])
-        for (child, _), v in zip(grow, scores):
-            nxt[child.problem].append((child, v))
+            scores = ev.values([ch for ch, _, _ in grow])
+        for (child, _, acc), v in zip(grow, scores):
+            nxt[child.problem].append((child, v, acc))
         beams = {}
         for b in range(B):
             live = sorted(nxt.get(b, []), key=lambda x: -x[1])
             keep, drop = live[:beam_width], live[beam_width:]
-            for st, _ in drop:
+            for st, _, _ in drop:
                 gen.release(st)
             if budgets is not None and used(b) >= budgets[b]:
-                for st, _ in keep:
+                for st, _, _ in keep:
                     gen.release(st)
                 continue
             if keep:
                 beams[b] = keep
             elif budgets is not None:         # every beam ended: a fresh round
                 rounds[b] += 1
-                beams[b] = [(roots[b], 0.0)]
+                beams[b] = [(roots[b], 0.0, (0.0, 0))]
     res = []
     for b in range(B):
         tr = ev.traces.get(b, [])

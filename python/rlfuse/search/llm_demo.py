@@ -153,6 +153,16 @@ def main(args) -> int:
     from rlfuse.search.llm_export import export_jsonl
     from rlfuse.tasks import make_task
 
+    # the arguments are checked before the warm-up (a minute with the default model)
+    for name in ("simulations", "candidates", "parallel", "problems"):
+        if getattr(args, name) < 1:
+            raise SystemExit(f"rlfuse search: --{name} must be >= 1, got {getattr(args, name)}")
+    for name in ("warmup_steps", "seed"):
+        if getattr(args, name) < 0:
+            raise SystemExit(f"rlfuse search: --{name.replace('_', '-')} must be >= 0, got "
+                             f"{getattr(args, name)}")
+    if args.threads is not None and args.threads < 1:
+        raise SystemExit(f"rlfuse search: --threads must be >= 1, got {args.threads}")
     if args.threads:
         torch.set_num_threads(args.threads)
     task = make_task(args.task)

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import array
 import math
+import numbers
 import time
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple, Optional, Sequence
@@ -190,15 +191,16 @@ class ScriptedStepModel(StepModel):
 
     def sample_rollouts(self, states, k, max_steps):
         ks = [k] * len(states) if isinstance(k, int) else list(k)
+        ms = _per_state(max_steps, len(states))
         self.calls.append([s.completion for s, n in zip(states, ks) if n])
         out = []
-        for st, n in zip(states, ks):
+        for st, n, m in zip(states, ks, ms):
             row = []
             for c in self._cands(st, n):
-                if c.terminal:
+                if c.terminal or m <= 1:
                     row.append((c, c.state.completion))
                     continue
-                comp = self.rollout([c.state], max_steps - 1)[0][0]
+                comp = self.rollout([c.state], m - 1)[0][0]
                 c.tail = (comp, len(c.state.completion))
                 row.append((c, comp))
             out.append(row)
@@ -224,13 +226,14 @@ class ScriptedStepModel(StepModel):
 
     def rollout(self, states, max_steps, repeats=1):
         out = []
-        for st in [s for s in states for _ in range(repeats)]:
+        ms = _per_state(max_steps, len(states))
+        for st, m in [(s, m) for s, m in zip(states, ms) for _ in range(repeats)]:
             text = st.completion
             if text in self.rollouts:
                 cont = self.rollouts[text]
             else:
                 cont, cur = "", st
-                for _ in range(max_steps):
+                for _ in range(m):
                     step, _, terminal = self._entries(cur)[0]
                     cont += step
                     cur = StepState(st.problem, st.prompt, cur.steps + (step,))
@@ -294,11 +297,13 @@ class HFStepModel(StepModel):
             raise TypeError(f"model must be a Hugging Face causal LM, got {type(model).__name__}")
         if not isinstance(step_delimiter, str) or not step_delimiter:
             raise ValueError(f"step_delimiter must be a non-empty str, got {step_delimiter!r}")
-        if not (isinstance(temperature, (int, float)) and math.isfinite(temperature)
+        if not (isinstance(temperature, numbers.Real) and not isinstance(temperature, bool)
+                and math.isfinite(temperature)
                 and (temperature == 0 or 1e-30 <= temperature <= 1e30)):
             raise ValueError("temperature must be 0 (greedy) or a finite number in "
                              f"[1e-30, 1e30], got {temperature!r}")
-        if not (isinstance(top_p, (int, float)) and 0 < top_p <= 1):
+        if not (isinstance(top_p, numbers.Real) and not isinstance(top_p, bool)
+                and 0 < top_p <= 1):
             raise ValueError(f"top_p must be in (0, 1], got {top_p!r}")
         if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be a positive int, got {max_new_tokens!r}")
@@ -315,6 +320,12 @@ class HFStepModel(StepModel):
         self.eos_ids = torch.tensor(sorted(self._eos_set()), device=self.device)
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None \
             else int(self.eos_ids[0])
+        # padding is masked, so any id the model can embed will do: a pad token added to
+        # the tokenizer without resizing the model's embeddings is replaced by EOS
+        emb = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+        n_emb = getattr(emb, "num_embeddings", None)
+        if n_emb is not None and not 0 <= self.pad_id < n_emb:
+            self.pad_id = int(self.eos_ids[0])
         # Tokens whose text contains the delimiter end a step (one token for "\n" in most
         # vocabularies; BPE merges like ".\n\n" too).  Found once by decoding the vocabulary.
         vocab = len(tokenizer)
@@ -636,15 +647,20 @@ class HFStepModel(StepModel):
 
     def sample_rollouts(self, states, k, max_steps):
         ks = [k] * len(states) if isinstance(k, int) else list(k)
+        ms = _per_state(max_steps, len(states))
         live = [i for i, n in enumerate(ks) if n > 0]
         out: list[list] = [[] for _ in states]
         if not live:
             return out
         d = self._decode([states[i] for i in live], [ks[i] for i in live],
-                         max(1, max_steps) * self.max_new_tokens, self._eos_tab,
-                         split=self._stop_tab)
+                         max(1, max(ms[i] for i in live)) * self.max_new_tokens,
+                         self._eos_tab, split=self._stop_tab)
         ends = d.first_split
-        lens = d.length.tolist()
+        sampled = d.length.tolist()
+        # a rollout ends after its state's remaining steps (max_depth), a step after
+        # max_new_tokens tokens (a "length" step: terminal, scored on its own text)
+        lens = self._step_cuts(d, [ms[i] for i in live for _ in range(ks[i])])
+        cap = self.max_new_tokens
         # log-prob prefix sums of every row (float64, rows of W = T + 1 starting at 0) in
         # a flat array: read at the step boundaries only, no Python float per token
         W = d.lp.shape[1] + 1
@@ -656,6 +672,8 @@ class HFStepModel(StepModel):
         eos, rows, text, step_text = self._eos, d.rows, self._text, self._step_text
         texts, steps_memo = self._texts, self._steps_memo
         kv = (d.layers, d.C, d.lens) if self.kv_reuse else None
+        if not self.kv_reuse:      # the tails keep the rows, not the batch's cache
+            d = d._replace(layers=None)
         r0 = 0
         for i in live:
             st, r1 = states[i], r0 + ks[i]
@@ -670,7 +688,7 @@ class HFStepModel(StepModel):
                 if n <= 0:
                     row_out.append((None, comp))
                     continue
-                end, o = ends[r] or n, r * W
+                end, o = min(ends[r] or n, n, cap), r * W
                 seg = row[:end]
                 got = steps_memo.get(tuple(seg))
                 t, ended = got if got is not None else step_text(seg)
@@ -681,7 +699,7 @@ class HFStepModel(StepModel):
                         child.kv = KVSlice(kv[0], r, kv[1] - kv[2][r], kv[1] + end)
                     c.tail = (d, r, end, n, lpc, o)
                 row_out.append((c, comp))
-            self.counters.add_generated(problem, sum(lens[r0:r1]))
+            self.counters.add_generated(problem, sum(sampled[r0:r1]))
             r0 = r1
         return out
 
@@ -699,10 +717,12 @@ class HFStepModel(StepModel):
         if end is None:
             stops = self._stop_set
             end = length
-            for j in range(start, length):
+            for j in range(start, min(length, start + self.max_new_tokens)):
                 if row[j] in stops:
                     end = j + 1
                     break
+            else:       # no stop within max_new_tokens: a "length" step (terminal)
+                end = min(length, start + self.max_new_tokens)
         seg = row[start:end]
         n = end - start
         text, ended = self._step_text(seg)
@@ -717,16 +737,45 @@ class HFStepModel(StepModel):
     def rollout(self, states, max_steps, repeats=1):
         if not states:
             return []
-        d = self._decode(list(states), repeats, max(1, max_steps) * self.max_new_tokens,
+        ms = _per_state(max_steps, len(states))
+        d = self._decode(list(states), repeats, max(1, max(ms)) * self.max_new_tokens,
                          self._eos_tab)
         out = []
         lens, rows = d.length.tolist(), d.rows
+        kept = self._step_cuts(d, [m for m in ms for _ in range(repeats)])
         for r in range(len(rows)):
             st, n = states[r // repeats], lens[r]
             self.counters.add_generated(st.problem, n)
-            text = self._text(rows[r][:n])
+            text = self._text(rows[r][:kept[r]])
             out.append((st.completion + text, n))
         return out
+
+    def _step_cuts(self, d: "_Decoded", limits: list) -> list:
+        """Per row, its length cut right after its ``limits[r]``-th step (a token of the
+        step-stop table): a rollout ends at ``max_depth`` steps, as the tree's nodes do
+        (the loop itself stops a row at EOS or its token cap only)."""
+        length = d.length
+        if not length.numel():
+            return []
+        tab = self._stop_tab
+        toks = d.toks.clamp(0, tab.shape[0] - 1)
+        T = toks.shape[1]
+        inside = torch.arange(T, device=toks.device)[None, :] < length[:, None]
+        hits = (tab[toks] & inside & (d.toks < tab.shape[0])).cumsum(1)
+        lim = torch.tensor(limits, device=toks.device)[:, None]
+        reach = hits >= lim
+        cut = torch.where(reach.any(1), reach.int().argmax(1) + 1, length)
+        return torch.minimum(cut, length).tolist()
+
+
+def _per_state(max_steps, n: int) -> list:
+    """``max_steps`` (an int, or one per state) as a list of n ints."""
+    if isinstance(max_steps, int):
+        return [max_steps] * n
+    out = [int(m) for m in max_steps]
+    if len(out) != n:
+        raise ValueError(f"max_steps: {len(out)} values for {n} states")
+    return out
 
 
 def _memoised(memo: dict, ids: list, make):
