@@ -33,7 +33,9 @@
 // Both then do the bookkeeping of the step (book_step): padding for rows that already
 // stopped (the pad id, log-prob 0), the stop check against a lookup table, the row's
 // length at its first stop (and, optionally, at its first token of a second table: where
-// a rollout's first step ends), and the position ids advanced by one.
+// a rollout's first step ends; with a per-row budget of such tokens, a row also stops at
+// the one that spends it: a rollout ends at max_depth steps), and the position ids
+// advanced by one.
 //
 // Compiled once (no ISA variants: kv_pack is memcpy / memset bound and the bookkeeping is
 // a pass over R rows; the sampling and log-prob rows go through the ISA dispatch).  The
@@ -177,6 +179,8 @@ struct Loop {
   int64_t* length;       // [R] in/out: t + 1 at a row's first stop token (else unchanged)
   int64_t* first_split;  // [R] in/out: t + 1 at a row's first token in `split` (if 0 before)
   int64_t* pos;          // [R] in/out: + 1
+  int64_t* split_budget; // [R] in/out, or null: a row stops at the token in `split` that
+                         // takes its budget to 0 (each such token takes one off)
 };
 
 struct Step {
@@ -197,9 +201,12 @@ int64_t book_step(const Loop& s, int64_t t, const int64_t* ids, bool all_rows) {
     int64_t id = s.pad_id;
     if (!s.done[r]) {
       id = all_rows ? ids[r] : ids[i++];
-      if (s.split && id >= 0 && id < s.n_split && s.split[id] && !s.first_split[r])
-        s.first_split[r] = t + 1;
-      if (id >= 0 && id < s.n_stop && s.stop[id]) {
+      bool stop = id >= 0 && id < s.n_stop && s.stop[id];
+      if (s.split && id >= 0 && id < s.n_split && s.split[id]) {
+        if (!s.first_split[r]) s.first_split[r] = t + 1;
+        if (s.split_budget && --s.split_budget[r] <= 0) stop = true;
+      }
+      if (stop) {
         s.done[r] = 1;
         s.length[r] = t + 1;
       } else {
@@ -315,10 +322,12 @@ void rlfuse_bind_kvpack(py::module_& m) {
   py::class_<Loop>(m, "DecodeLoop",
                    "The buffers of one decoding loop of the LLM step search (raw pointers, "
                    "built in rlfuse.search.llm_gen): stop and split tables (pointer, size), "
-                   "then done, cur, toks, lp, length, first_split (0: no split table), pos.")
+                   "then done, cur, toks, lp, length, first_split (0: no split table), pos; "
+                   "split_budget (0: none): int64 [R], a row stops at the split-table token "
+                   "that takes its budget to 0.")
       .def(py::init([](int64_t R, int64_t width, int64_t pad_id,
                        const std::vector<uint64_t>& tables,
-                       const std::vector<uint64_t>& buffers) {
+                       const std::vector<uint64_t>& buffers, uint64_t split_budget) {
              if (R < 1 || width < 1)
                throw std::invalid_argument("DecodeLoop: needs R, width >= 1");
              if (tables.size() != 4 || buffers.size() != 7)
@@ -331,16 +340,18 @@ void rlfuse_bind_kvpack(py::module_& m) {
              if (tables[0] == 0 || (tables[2] != 0 && buffers[5] == 0))
                throw std::invalid_argument(
                    "DecodeLoop: needs a stop table, and first_split with a split table");
+             if (split_budget != 0 && tables[2] == 0)
+               throw std::invalid_argument("DecodeLoop: split_budget needs a split table");
              auto i64 = [&](size_t i) { return reinterpret_cast<int64_t*>(buffers[i]); };
              return Loop{R, width, pad_id, reinterpret_cast<const uint8_t*>(tables[0]),
                          static_cast<int64_t>(tables[1]),
                          reinterpret_cast<const uint8_t*>(tables[2]),
                          static_cast<int64_t>(tables[3]), reinterpret_cast<uint8_t*>(buffers[0]),
                          i64(1), i64(2), reinterpret_cast<float*>(buffers[3]), i64(4),
-                         i64(5), i64(6)};
+                         i64(5), i64(6), reinterpret_cast<int64_t*>(split_budget)};
            }),
            py::arg("R"), py::arg("width"), py::arg("pad_id"), py::arg("tables"),
-           py::arg("buffers"))
+           py::arg("buffers"), py::arg("split_budget") = 0)
       .def(
           "step",
           [](const Loop& s, uint64_t probs, uint64_t u, uint64_t argmax, uint64_t logits,

@@ -937,3 +937,36 @@ def test_a_pad_id_the_model_cannot_embed_is_replaced(tiny):
                         num_simulations=4, max_depth=2)
     assert search.gen.pad_id == tok.eos_token_id
     assert len(search.run(["a", "abcdef"])) == 2
+
+
+@pytest.mark.parametrize("temp", [1.0, 0.0])
+def test_step_budgets_stop_rows_alike_in_both_loops(tiny, temp):
+    """A row stops at the split-table token that spends its budget (its remaining steps),
+    in the DecodeLoop kernel and in the torch loop alike, and not before."""
+    model, tok = tiny
+    biased = _newline_biased(model, tok, bias=3.0)
+    runs = []
+    for kernel in (True, False):
+        gen = HFStepModel(biased, tok, max_new_tokens=8, temperature=temp, seed=5)
+        gen.step_kernel = kernel
+        roots = gen.root_states([0, 1], ["12+3=", "7="])
+        budget = [1, 2, 3, 1, 2, 3]
+        d = gen._decode(roots, 3, 24, gen._eos_tab, split=gen._stop_tab, budget=budget)
+        nl = set(gen._stop_set) - gen._eos
+        for row, n, b in zip(d.rows, d.length.tolist(), budget):
+            steps = sum(t in nl for t in row[:n])
+            assert steps <= b
+            ends_eos = n and row[n - 1] in gen._eos
+            assert ends_eos or steps == b or n == 24
+        runs.append((d.rows, d.length.tolist(), d.stopped.tolist(), d.first_split))
+    assert runs[0] == runs[1]
+    assert any(n < 24 for n in runs[0][1])
+
+
+def test_decode_loop_budget_needs_a_split_table():
+    from rlfuse import _backend
+
+    DecodeLoop = _backend.cpu_module().DecodeLoop
+    p = torch.zeros(8).data_ptr()
+    with pytest.raises(ValueError, match="split_budget needs a split table"):
+        DecodeLoop(2, 1, 0, [p, 3, 0, 0], [p] * 7, p)

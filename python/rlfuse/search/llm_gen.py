@@ -401,17 +401,20 @@ class HFStepModel(StepModel):
             st.kv = KVSlice(layers, i, T - lens[i], T) if lens[i] else None
 
     def _decode(self, states: list[StepState], repeats, max_new_tokens: int,
-                stop: torch.Tensor, split: Optional[torch.Tensor] = None) -> "_Decoded":
+                stop: torch.Tensor, split: Optional[torch.Tensor] = None,
+                budget: Optional[list] = None) -> "_Decoded":
         """Sample ``repeats`` continuations per state (an int, or one count per state;
         state-major rows) until a token marked in the bool table ``stop`` (``_stop_tab``:
-        step delimiters and EOS, ``_eos_tab``: EOS) or ``max_new_tokens``."""
+        step delimiters and EOS, ``_eos_tab``: EOS) or ``max_new_tokens``; ``budget`` (one
+        int per row, with ``split``): a row also stops at its ``budget[r]``-th token marked
+        in ``split`` (a rollout's ``max_depth`` steps)."""
         t0 = time.perf_counter()
         try:
-            return self._decode_impl(states, repeats, max_new_tokens, stop, split)
+            return self._decode_impl(states, repeats, max_new_tokens, stop, split, budget)
         finally:
             self.counters.decode_seconds += time.perf_counter() - t0
 
-    def _decode_impl(self, states, repeats, max_new_tokens, stop, split) -> "_Decoded":
+    def _decode_impl(self, states, repeats, max_new_tokens, stop, split, budget) -> "_Decoded":
         need = [st for st in states if st.kv is None and len(st.ids) > 1]
         if need:
             self._prefill(need)
@@ -446,8 +449,11 @@ class HFStepModel(StepModel):
             cache = _cache_from(layer_kv, self.model.config, self._cache_template)
         kernel = self._step_kernel(dev)
         loop = self._loop_kernel if kernel is not None else self._loop_torch
+        if budget is not None and (split is None or len(budget) != R):
+            raise ValueError("rlfuse.search.llm_gen: a step budget needs a split table and "
+                             "one value per sampled row")
         toks, length, stopped, lp, first = loop(kernel, cache, tok, pos, mask, C, R,
-                                                max_new_tokens, stop, split)
+                                                max_new_tokens, stop, split, budget)
         return _Decoded(toks, length, stopped, lp,
                         _KVLayers((layer.keys, layer.values) for layer in cache.layers), C,
                         row_lens, _rows(toks, length), first)
@@ -462,7 +468,8 @@ class HFStepModel(StepModel):
             return None
         return getattr(_backend.cpu_module(), "DecodeLoop", None)
 
-    def _loop_kernel(self, kernel, cache, tok, pos, mask, C, R, max_new_tokens, stop, split):
+    def _loop_kernel(self, kernel, cache, tok, pos, mask, C, R, max_new_tokens, stop, split,
+                     budget=None):
         """The decoding loop with one ``rlfuse._C.DecodeLoop`` call per step after the
         forward: with temperature > 0 and no nucleus, ``step_logits`` samples from the
         logits (softmax, CDF inversion at the loop's pre-drawn uniforms and raw log-probs
@@ -482,11 +489,14 @@ class HFStepModel(StepModel):
         cur = tok.contiguous()           # [R, 1]: the input ids, rewritten by every step
         pos = pos.contiguous()           # [R, 1]: the position ids, advanced by every step
         stop = stop.contiguous()
+        # steps left per row (decremented by the kernel at every split token)
+        budget_t = torch.tensor(budget, dtype=torch.long) if budget is not None else None
         loop = kernel(R, Tm, self.pad_id, [
             stop.data_ptr(), stop.shape[0], split.data_ptr() if split is not None else 0,
             split.shape[0] if split is not None else 0], [
             done.data_ptr(), cur.data_ptr(), toks.data_ptr(), lp.data_ptr(), length.data_ptr(),
-            first.data_ptr() if first is not None else 0, pos.data_ptr()])
+            first.data_ptr() if first is not None else 0, pos.data_ptr()],
+            budget_t.data_ptr() if budget_t is not None else 0)
         greedy, temp, top_p = self.temperature == 0, self.temperature, self.top_p
         fused = not greedy and top_p >= 1.0 and self.fused_step
         # the loop's uniforms, drawn at once: row t for step t (as _loop_torch)
@@ -533,12 +543,15 @@ class HFStepModel(StepModel):
         return torch.rand(steps, R, generator=self.generator, device=self.device,
                           dtype=torch.float32)
 
-    def _loop_torch(self, kernel, cache, tok, pos, mask, C, R, max_new_tokens, stop, split):
+    def _loop_torch(self, kernel, cache, tok, pos, mask, C, R, max_new_tokens, stop, split,
+                    budget=None):
         """The decoding loop in torch ops (any device)."""
         from rlfuse.ops import token_logprobs
 
         dev = tok.device
         done = torch.zeros(R, dtype=torch.bool, device=dev)
+        ends = torch.zeros(R, dtype=torch.long, device=dev)   # t + 1 where a row stopped
+        left = torch.tensor(budget, device=dev) if budget is not None else None
         out_tok, out_lp = [], []
         draws = self._draws(max_new_tokens, R) if self.temperature != 0 else None
         for t in range(max_new_tokens):
@@ -549,6 +562,8 @@ class HFStepModel(StepModel):
                           draws[t] if draws is not None else None)
             if t == 0 and logits.shape[-1] > stop.shape[0]:      # wider than the vocabulary
                 stop = torch.cat([stop, stop.new_zeros(logits.shape[-1] - stop.shape[0])])
+            if t == 0 and split is not None and logits.shape[-1] > split.shape[0]:
+                split = torch.cat([split, split.new_zeros(logits.shape[-1] - split.shape[0])])
             # log-probs of the raw distribution: kept as logits and done in one call at
             # the end while they are small, else one call per step
             out_lp.append(logits if R * logits.shape[-1] * max_new_tokens <= _LOGITS_BATCH
@@ -556,16 +571,21 @@ class HFStepModel(StepModel):
             if t:
                 nxt.masked_fill_(done, self.pad_id)    # rows that stopped: padding
             out_tok.append(nxt)
-            done |= stop[nxt]
+            newly = stop[nxt] & ~done
+            if left is not None:        # a row's budget-th split token stops it too
+                s_hit = split[nxt] & ~done
+                left -= s_hit.long()
+                newly |= s_hit & (left <= 0)
+            ends.masked_fill_(newly, t + 1)
+            done |= newly
             if bool(done.all()):
                 break
             tok, pos = nxt[:, None], pos + 1
         toks = torch.stack(out_tok, 1)                       # [R, T]
         T = toks.shape[1]
-        hits = stop[toks]
-        stopped = hits.any(1)
-        # a row's length: up to and including its first stop token, else every token
-        length = torch.where(stopped, hits.int().argmax(1) + 1, torch.full((R,), T, device=dev))
+        stopped = ends > 0
+        # a row's length: up to and including its stop token, else every token
+        length = torch.where(stopped, ends, torch.full((R,), T, device=dev))
         if out_lp[0].dim() == 2:
             lp = token_logprobs(torch.stack(out_lp, 1), toks)
         else:
@@ -652,14 +672,14 @@ class HFStepModel(StepModel):
         out: list[list] = [[] for _ in states]
         if not live:
             return out
+        # a rollout ends at EOS or after its state's remaining steps (max_depth); a step
+        # after max_new_tokens tokens (a "length" step: terminal, scored on its own text)
         d = self._decode([states[i] for i in live], [ks[i] for i in live],
                          max(1, max(ms[i] for i in live)) * self.max_new_tokens,
-                         self._eos_tab, split=self._stop_tab)
+                         self._eos_tab, split=self._stop_tab,
+                         budget=[max(ms[i], 1) for i in live for _ in range(ks[i])])
         ends = d.first_split
-        sampled = d.length.tolist()
-        # a rollout ends after its state's remaining steps (max_depth), a step after
-        # max_new_tokens tokens (a "length" step: terminal, scored on its own text)
-        lens = self._step_cuts(d, [ms[i] for i in live for _ in range(ks[i])])
+        lens = d.length.tolist()
         cap = self.max_new_tokens
         # log-prob prefix sums of every row (float64, rows of W = T + 1 starting at 0) in
         # a flat array: read at the step boundaries only, no Python float per token
@@ -699,7 +719,7 @@ class HFStepModel(StepModel):
                         child.kv = KVSlice(kv[0], r, kv[1] - kv[2][r], kv[1] + end)
                     c.tail = (d, r, end, n, lpc, o)
                 row_out.append((c, comp))
-            self.counters.add_generated(problem, sum(sampled[r0:r1]))
+            self.counters.add_generated(problem, sum(lens[r0:r1]))
             r0 = r1
         return out
 
@@ -739,33 +759,16 @@ class HFStepModel(StepModel):
             return []
         ms = _per_state(max_steps, len(states))
         d = self._decode(list(states), repeats, max(1, max(ms)) * self.max_new_tokens,
-                         self._eos_tab)
+                         self._eos_tab, split=self._stop_tab,
+                         budget=[max(m, 1) for m in ms for _ in range(repeats)])
         out = []
         lens, rows = d.length.tolist(), d.rows
-        kept = self._step_cuts(d, [m for m in ms for _ in range(repeats)])
         for r in range(len(rows)):
             st, n = states[r // repeats], lens[r]
             self.counters.add_generated(st.problem, n)
-            text = self._text(rows[r][:kept[r]])
+            text = self._text(rows[r][:n])
             out.append((st.completion + text, n))
         return out
-
-    def _step_cuts(self, d: "_Decoded", limits: list) -> list:
-        """Per row, its length cut right after its ``limits[r]``-th step (a token of the
-        step-stop table): a rollout ends at ``max_depth`` steps, as the tree's nodes do
-        (the loop itself stops a row at EOS or its token cap only)."""
-        length = d.length
-        if not length.numel():
-            return []
-        tab = self._stop_tab
-        toks = d.toks.clamp(0, tab.shape[0] - 1)
-        T = toks.shape[1]
-        inside = torch.arange(T, device=toks.device)[None, :] < length[:, None]
-        hits = (tab[toks] & inside & (d.toks < tab.shape[0])).cumsum(1)
-        lim = torch.tensor(limits, device=toks.device)[:, None]
-        reach = hits >= lim
-        cut = torch.where(reach.any(1), reach.int().argmax(1) + 1, length)
-        return torch.minimum(cut, length).tolist()
 
 
 def _per_state(max_steps, n: int) -> list:
