@@ -26,7 +26,7 @@ from rlfuse.models.generate import sample as lean_sample, supports as supports_l
 from rlfuse.trainers.config import ConfigError, TrainConfig, report_integrations
 
 __all__ = ["BaseTrainer", "NonFiniteError", "RewardFunctionError", "load_model_and_tokenizer",
-           "latest_checkpoint"]
+           "latest_checkpoint", "check_output_dir"]
 
 _CKPT = re.compile(r"^checkpoint-(\d+)$")
 
@@ -279,6 +279,40 @@ def latest_checkpoint(output_dir: str):
             if best is None or int(m.group(1)) > best[0]:
                 best = (int(m.group(1)), path)
     return best[1] if best else None
+
+
+def stale_checkpoints(output_dir: str) -> list:
+    """Names of the ``checkpoint-N`` directories in ``output_dir`` (sorted by step)."""
+    if not os.path.isdir(output_dir):
+        return []
+    found = [(int(m.group(1)), n) for n in os.listdir(output_dir) if (m := _CKPT.match(n))]
+    return [n for _step, n in sorted(found)]
+
+
+def check_output_dir(output_dir: str, overwrite: bool):
+    """Raise :class:`ConfigError` naming ``output_dir`` when a fresh (not resumed) run would
+    start in a directory holding an earlier run's checkpoints and ``overwrite`` is False
+    (``transformers``' ``overwrite_output_dir`` rule: the two runs' checkpoints would mix,
+    rotation would delete the new run's ones, and a later resume would pick the old run's
+    newest)."""
+    stale = stale_checkpoints(output_dir)
+    if stale and not overwrite:
+        shown = ", ".join(stale[-3:]) + (", ..." if len(stale) > 3 else "")
+        raise ConfigError(
+            f"output_dir: {output_dir!r} already holds checkpoints of an earlier run "
+            f"({shown}); pass resume_from_checkpoint=True (--resume) to continue that run, "
+            "set overwrite_output_dir=True (--overwrite_output_dir true) to delete them and "
+            "start afresh, or use another output_dir")
+    return stale
+
+
+def _remove_dir(out, name):
+    """Remove ``out/name``, renamed away first so a kill while deleting never leaves a
+    partial ``checkpoint-N``."""
+    doomed = os.path.join(out, f".del-{name}")
+    shutil.rmtree(doomed, ignore_errors=True)     # left by a kill while deleting
+    os.rename(os.path.join(out, name), doomed)
+    shutil.rmtree(doomed, ignore_errors=True)
 
 
 def _alias_groups(module) -> list:
@@ -868,7 +902,8 @@ class BaseTrainer:
             torch.save(self.scheduler.state_dict(), os.path.join(tmp, "scheduler.pt"))
             self._save_extra(tmp)
             state = dict(self.state, world_size=self.world_size, fsdp=self.fsdp,
-                         algorithm=self.algorithm, config=self.args.to_dict())
+                         algorithm=self.algorithm, dataset_size=len(self.train_dataset),
+                         config=self.args.to_dict())
             with open(os.path.join(tmp, "trainer_state.json"), "w") as f:
                 json.dump(state, f, indent=1)
         _barrier(self.world_size)
@@ -927,11 +962,31 @@ class BaseTrainer:
         out = self.args.output_dir
         ckpts = sorted((int(m.group(1)), n) for n in os.listdir(out) if (m := _CKPT.match(n)))
         for _step, name in ckpts[:-limit]:
-            # renamed first, so a kill while deleting never leaves a partial checkpoint-N
-            doomed = os.path.join(out, f".del-{name}")
-            shutil.rmtree(doomed, ignore_errors=True)     # left by a kill while deleting
-            os.rename(os.path.join(out, name), doomed)
-            shutil.rmtree(doomed, ignore_errors=True)
+            _remove_dir(out, name)
+
+    def _resume_fields(self) -> tuple:
+        """Config fields that fix the data order and the step <-> round mapping: a
+        checkpoint resumes only with the same values."""
+        return ("seed", "per_device_train_batch_size", "gradient_accumulation_steps")
+
+    def _check_resume_compatible(self, path, state):
+        algo = state.get("algorithm")
+        if algo is not None and algo != self.algorithm:
+            raise ConfigError(
+                f"resume_from_checkpoint: {path} was written by a {algo} trainer; this is a "
+                f"{self.algorithm} trainer (use another output_dir for a different algorithm)")
+        cfg = state.get("config") or {}
+        diffs = [f"{k}={cfg[k]!r} (this run: {getattr(self.args, k)!r})"
+                 for k in self._resume_fields()
+                 if k in cfg and cfg[k] != getattr(self.args, k)]
+        n = state.get("dataset_size")
+        if n is not None and n != len(self.train_dataset):
+            diffs.append(f"train_dataset of {n} rows (this run: {len(self.train_dataset)})")
+        if diffs:
+            raise ConfigError(
+                f"resume_from_checkpoint: {path} was written with " + ", ".join(diffs)
+                + "; these fix the data order, so the run could not continue as the "
+                "interrupted one would: resume with the same values, or start a fresh run")
 
     def load_checkpoint(self, path: str):
         """Restore models, optimizer, scheduler, RNG, step and data position."""
@@ -942,6 +997,7 @@ class BaseTrainer:
         if state.get("world_size", 1) != self.world_size:
             raise ValueError(f"checkpoint {path} was written with world_size "
                              f"{state.get('world_size')}, this run has {self.world_size}")
+        self._check_resume_compatible(path, state)
         if bool(state.get("fsdp", False)) != self.fsdp:
             raise ValueError(f"checkpoint {path} was written with fsdp="
                              f"{bool(state.get('fsdp', False))}, this run has fsdp={self.fsdp} "
@@ -989,6 +1045,29 @@ class BaseTrainer:
         except ImportError:
             pass
 
+    def _start_fresh(self):
+        """A fresh run: refuse an output_dir holding an earlier run's checkpoints unless
+        ``overwrite_output_dir`` (then delete them), and drop the old metrics.jsonl.
+        Rank 0 decides (every process raises the same error)."""
+        a = self.args
+        err = None
+        if self.rank == 0:
+            try:
+                stale = check_output_dir(a.output_dir, a.overwrite_output_dir)
+            except ConfigError as exc:
+                err, stale = exc, []
+        flag = torch.tensor([1.0 if err is not None else 0.0])
+        if float(_all_reduce_sum(flag, self.world_size)) > 0:
+            raise err if err is not None else ConfigError(
+                f"output_dir: {a.output_dir!r} already holds checkpoints of an earlier run "
+                "(see rank 0's error)")
+        if self.rank == 0:
+            for name in stale:
+                _remove_dir(a.output_dir, name)
+            if os.path.exists(self._metrics_path()):
+                os.remove(self._metrics_path())
+        _barrier(self.world_size)
+
     def train(self, resume_from_checkpoint=None) -> dict:
         """Run to ``max_steps`` (or ``num_train_epochs``).  ``resume_from_checkpoint``:
         a checkpoint path, or True for the latest complete one in ``output_dir`` (a fresh
@@ -1007,8 +1086,8 @@ class BaseTrainer:
         if ckpt is not None:
             self.load_checkpoint(ckpt)
             self._print(f"resumed from {ckpt} at step {self.state['global_step']}")
-        elif self.rank == 0 and os.path.exists(self._metrics_path()):
-            os.remove(self._metrics_path())
+        else:
+            self._start_fresh()
         t_start = time.perf_counter()
         self._open_writers()
         try:

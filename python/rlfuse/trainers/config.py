@@ -137,6 +137,9 @@ class TrainConfig:
     # Shard the trained (and reference / value) models with FSDP2 (``fully_shard`` per
     # decoder layer, then the whole model) instead of DDP when several processes run.
     fsdp: bool = False
+    # A fresh (not resumed) run in an output_dir that holds checkpoints of an earlier run
+    # raises unless this is True (then those checkpoints are deleted first).
+    overwrite_output_dir: bool = False
 
     def __post_init__(self):
         self.validate()
@@ -172,6 +175,8 @@ class TrainConfig:
                                             and self.logging_dir != ""), "logging_dir",
                f"must be None or a non-empty path, got {self.logging_dir!r}")
         _check(isinstance(self.fsdp, bool), "fsdp", f"must be a bool, got {self.fsdp!r}")
+        _check(isinstance(self.overwrite_output_dir, bool), "overwrite_output_dir",
+               f"must be a bool, got {self.overwrite_output_dir!r}")
 
     # -- construction -------------------------------------------------------------
     @classmethod

@@ -92,6 +92,9 @@ class GRPOTrainer(BaseTrainer):
         self.policy = self._wrap_distributed(_LogprobModule(self.model), runs=self.model)
         self._make_optimizer([p for p in self.model.parameters() if p.requires_grad])
 
+    def _resume_fields(self):
+        return super()._resume_fields() + ("num_generations", "num_iterations")
+
     def _items_per_round(self):
         a = self.args
         return a.per_device_train_batch_size * a.gradient_accumulation_steps // a.num_generations

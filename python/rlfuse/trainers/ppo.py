@@ -134,6 +134,9 @@ class PPOTrainer(BaseTrainer):
     def _trainable_modules(self):
         return {"model": self.model, "value_model": self.value_model}
 
+    def _resume_fields(self):
+        return super()._resume_fields() + ("num_ppo_epochs",)
+
     def _items_per_round(self):
         return self.args.per_device_train_batch_size * self.args.gradient_accumulation_steps
 
