@@ -95,6 +95,29 @@ def load_model_and_tokenizer(model, tokenizer=None):
     return model, tokenizer
 
 
+def disable_dropout_in_model(model) -> int:
+    """Turn off every dropout of ``model`` in place (what TRL's ``disable_dropout_in_model``
+    does, plus the float rates that ``transformers`` attention and layer code passes to
+    functional dropout, e.g. Llama's ``attention_dropout``, OPT's ``dropout``): every
+    ``torch.nn`` dropout module gets ``p = 0`` and every float attribute of a module whose
+    name contains ``dropout``, ``pdrop`` or ``layerdrop`` is set to 0.0 (the model is
+    changed in place).  Returns how many were changed."""
+    n = 0
+    for m in model.modules():
+        if isinstance(m, (torch.nn.modules.dropout._DropoutNd,)):
+            if m.p != 0.0:
+                m.p = 0.0
+                n += 1
+            continue
+        for name, v in list(vars(m).items()):
+            low = name.lower()
+            if (("dropout" in low or "pdrop" in low or "layerdrop" in low)
+                    and isinstance(v, float) and v != 0.0):
+                setattr(m, name, 0.0)
+                n += 1
+    return n
+
+
 class _LogprobModule(torch.nn.Module):
     """Wraps a causal LM so that the fused log-prob forward runs through ``forward``
     (what DDP needs to synchronise gradients, and what FSDP2 needs to gather the
@@ -395,7 +418,15 @@ class BaseTrainer:
         self._tb_writer = None
         self._mesh = None
         self._fsdp_roots: dict = {}    # id(module) -> the FSDP2 root whose forward runs it
+        if getattr(args, "disable_dropout", False):
+            # before the subclass builds its copies (PPO's value model copies the body)
+            disable_dropout_in_model(self.model)
         self._setup_models()
+        if getattr(args, "disable_dropout", False):
+            for name in ("ref_model", "value_model"):
+                m = getattr(self, name, None)
+                if isinstance(m, torch.nn.Module):
+                    disable_dropout_in_model(m)
 
     # -- hooks for subclasses -------------------------------------------------------
     def _check_more(self):

@@ -256,9 +256,15 @@ class _RolloutConfig(TrainConfig):
     # rlfuse: encode each distinct prompt once in the log-prob forwards (policy, reference,
     # old policy) and run its completions on the shared KV cache.
     share_prompt_prefix: bool = True
+    # Turn off the dropout of the policy (and reference / value model): with dropout on,
+    # the old log-probs and the update's log-probs see different masks, so the first
+    # update's ratio is not 1.  TRL's defaults: False for GRPO, True for PPO and DPO.
+    disable_dropout: bool = False
 
     def validate(self):
         super().validate()
+        _check(isinstance(self.disable_dropout, bool), "disable_dropout",
+               f"must be a bool, got {self.disable_dropout!r}")
         _choice(self, "generation_backend", ("rlfuse", "hf"))
         _check(isinstance(self.share_prompt_prefix, bool), "share_prompt_prefix",
                f"must be a bool, got {self.share_prompt_prefix!r}")
@@ -339,6 +345,7 @@ class PPOConfig(_RolloutConfig):
     lam: float = 0.95
     whiten_rewards: bool = False
     value_model: str = "separate"
+    disable_dropout: bool = True
 
     def validate(self):
         super().validate()
@@ -365,9 +372,12 @@ class DPOConfig(TrainConfig):
     label_smoothing: float = 0.0
     max_length: Optional[int] = 1024
     max_prompt_length: Optional[int] = 512
+    disable_dropout: bool = True       # TRL's DPOConfig default
 
     def validate(self):
         super().validate()
+        _check(isinstance(self.disable_dropout, bool), "disable_dropout",
+               f"must be a bool, got {self.disable_dropout!r}")
         _real(self, "beta", lo=0.0, lo_open=True)
         from rlfuse.ops.preference import LOSS_TYPES
 
