@@ -103,6 +103,33 @@ def report_integrations(report_to) -> list:
     return sorted(set(out))
 
 
+def load_yaml_fields(path, name: str = "path") -> dict:
+    """The mapping of field: value in the YAML file ``path`` (an empty file gives {});
+    :class:`ConfigError` naming ``name`` (the argument that gave the path, e.g.
+    ``--config``) when it cannot be read, is not valid YAML, or holds something other than
+    a mapping with string keys."""
+    import yaml
+
+    try:
+        with open(path) as f:
+            data = yaml.safe_load(f)
+    except OSError as exc:
+        raise ConfigError(f"{name}: cannot read {path!r}: {exc.strerror or exc}") from None
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{name}: {path!r} is not valid YAML: {exc}") from None
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{name}: {path!r} is not a text file: {exc}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{name}: {path!r} must hold a mapping of field: value, got a "
+                          f"{type(data).__name__}")
+    bad = [k for k in data if not isinstance(k, str)]
+    if bad:
+        raise ConfigError(f"{name}: {path!r} has keys that are not field names: {bad!r}")
+    return data
+
+
 @dataclass
 class TrainConfig:
     """Fields shared by every trainer (the ``transformers.TrainingArguments`` names)."""
@@ -192,12 +219,7 @@ class TrainConfig:
 
     @classmethod
     def from_yaml(cls, path: str, **overrides):
-        import yaml
-
-        with open(path) as f:
-            data = yaml.safe_load(f) or {}
-        if not isinstance(data, dict):
-            raise ConfigError(f"{path}: a config file must hold a mapping of field: value")
+        data = load_yaml_fields(path, "path")
         data.update(overrides)
         return cls.from_dict(data)
 
@@ -228,10 +250,17 @@ class TrainConfig:
                 return float(text)
             except ValueError:
                 raise ConfigError(f"{name}: expected a number, got {text!r}") from None
-        if typing.get_origin(base) is list:
+        if base is list or typing.get_origin(base) is list:
             import yaml
 
-            return yaml.safe_load(text)
+            try:
+                v = yaml.safe_load(text)
+            except yaml.YAMLError as exc:
+                raise ConfigError(f"{name}: expected a list such as [1.0, 2.0], got {text!r} "
+                                  f"({exc})") from None
+            if not isinstance(v, list):
+                raise ConfigError(f"{name}: expected a list such as [1.0, 2.0], got {text!r}")
+            return v
         return text
 
     def to_dict(self) -> dict:
