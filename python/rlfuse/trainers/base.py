@@ -886,11 +886,41 @@ class BaseTrainer:
         return path
 
     def _read_metrics(self):
+        """The lines of metrics.jsonl.  A final line that does not parse (torn by a kill or
+        a full disk during the append) is skipped with a warning; an unparsable line
+        before the last raises ``ValueError`` naming the file and line."""
         p = self._metrics_path()
         if not os.path.exists(p):
             return []
         with open(p) as f:
-            return [json.loads(line) for line in f if line.strip()]
+            lines = [(i, line) for i, line in enumerate(f, 1) if line.strip()]
+        out = []
+        for k, (i, line) in enumerate(lines):
+            try:
+                out.append(json.loads(line))
+            except ValueError as exc:
+                if k == len(lines) - 1:
+                    import warnings
+
+                    warnings.warn(f"{p}: skipping its last line ({i}), which is not complete "
+                                  f"JSON (a write cut short): {line.strip()[:80]!r}",
+                                  RuntimeWarning, stacklevel=2)
+                    break
+                raise ValueError(f"{p}: line {i} is not valid JSON ({exc})") from None
+        return out
+
+    def _write_metrics(self, hist):
+        """Replace metrics.jsonl with ``hist`` atomically (a temporary file, fsynced, then
+        ``os.replace``): a kill leaves either the old file or the new one."""
+        p = self._metrics_path()
+        tmp = p + ".tmp"
+        with open(tmp, "w") as f:
+            for h in hist:
+                f.write(json.dumps(h) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, p)
+        _fsync_dir(os.path.dirname(p) or ".")
 
     # -- checkpoints ----------------------------------------------------------------
     def save_checkpoint(self) -> str:
@@ -1060,9 +1090,7 @@ class BaseTrainer:
         # metrics after the checkpoint belong to the interrupted run: drop them
         if self.rank == 0 and os.path.exists(self._metrics_path()):
             keep = [h for h in self._read_metrics() if h.get("step", 0) <= self.state["global_step"]]
-            with open(self._metrics_path(), "w") as f:
-                for h in keep:
-                    f.write(json.dumps(h) + "\n")
+            self._write_metrics(keep)
 
     # -- the loop -------------------------------------------------------------------
     def _seed_everything(self):
