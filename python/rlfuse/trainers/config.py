@@ -44,7 +44,7 @@ def _nonneg_int(obj, name):
     _check(_is_int(v) and v >= 0, name, f"must be a non-negative int, got {v!r}")
 
 
-def _real(obj, name, lo=None, hi=None, lo_open=False, optional=False):
+def _real(obj, name, lo=None, hi=None, lo_open=False, optional=False, hi_open=False):
     v = getattr(obj, name)
     if v is None and optional:
         return
@@ -53,7 +53,8 @@ def _real(obj, name, lo=None, hi=None, lo_open=False, optional=False):
         ok = v > lo if lo_open else v >= lo
         _check(ok, name, f"must be {'>' if lo_open else '>='} {lo}, got {v!r}")
     if hi is not None:
-        _check(v <= hi, name, f"must be <= {hi}, got {v!r}")
+        ok = v < hi if hi_open else v <= hi
+        _check(ok, name, f"must be {'<' if hi_open else '<='} {hi}, got {v!r}")
 
 
 def _choice(obj, name, choices):
@@ -182,8 +183,8 @@ class TrainConfig:
         _real(self, "num_train_epochs", lo=0.0, lo_open=True)
         _real(self, "max_grad_norm", lo=0.0, lo_open=True, optional=True)
         _real(self, "weight_decay", lo=0.0)
-        _real(self, "adam_beta1", lo=0.0, hi=1.0)
-        _real(self, "adam_beta2", lo=0.0, hi=1.0)
+        _real(self, "adam_beta1", lo=0.0, hi=1.0, hi_open=True)
+        _real(self, "adam_beta2", lo=0.0, hi=1.0, hi_open=True)
         _real(self, "adam_epsilon", lo=0.0, lo_open=True)
         _choice(self, "lr_scheduler_type", ("constant", "linear", "cosine"))
         _nonneg_int(self, "warmup_steps")
@@ -414,10 +415,18 @@ class DPOConfig(TrainConfig):
         _real(self, "label_smoothing", lo=0.0, hi=1.0)
         _check(self.label_smoothing < 0.5 or self.loss_type != "robust", "label_smoothing",
                "must be < 0.5 with loss_type='robust'")
+        _check(0.0 < self.label_smoothing < 1.0 or self.loss_type != "exo_pair",
+               "label_smoothing", f"must lie in (0, 1) with loss_type='exo_pair' (the loss "
+               f"takes log(label_smoothing); e.g. 1e-3), got {self.label_smoothing!r}")
         for name in ("max_length", "max_prompt_length"):
             v = getattr(self, name)
             _check(v is None or (_is_int(v) and v >= 1), name,
                    f"must be None or a positive int, got {v!r}")
+        if self.max_length is not None and self.max_prompt_length is not None:
+            _check(self.max_prompt_length < self.max_length, "max_prompt_length",
+                   f"must be < max_length ({self.max_length}), got {self.max_prompt_length} "
+                   "(a prompt of max_prompt_length tokens would leave no room for the "
+                   "completion, and DPO would train on nothing)")
 
 
 @dataclass
