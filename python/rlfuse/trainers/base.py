@@ -473,6 +473,35 @@ class BaseTrainer:
         if missing:
             raise ValueError(f"train_dataset is missing the column(s) {missing} "
                              f"(needs {list(self.required_columns)})")
+        # every row's text columns, before any model is loaded (a bad value would
+        # otherwise fail deep inside the tokenizer, mid-training)
+        if hasattr(ds, "column_names") and not isinstance(ds, (list, tuple)):
+            columns = {c: ds[c] for c in self.required_columns}      # datasets.Dataset
+            for c, values in columns.items():
+                for i, v in enumerate(values):
+                    self._check_text(i, c, v)
+        else:
+            for i in range(n):
+                row = ds[i]
+                if not isinstance(row, dict):
+                    raise TypeError(f"train_dataset row {i}: rows must be dicts, got "
+                                    f"{type(row).__name__}")
+                for c in self.required_columns:
+                    if c not in row:
+                        raise ValueError(f"train_dataset row {i} has no column {c!r}")
+                    self._check_text(i, c, row[c])
+
+    @staticmethod
+    def _check_text(i, column, v):
+        if isinstance(v, str):
+            return
+        hint = ""
+        if isinstance(v, (list, tuple)) and v and isinstance(v[0], dict):
+            hint = (" (conversational rows, lists of messages, are not supported: apply the "
+                    "chat template first, e.g. tokenizer.apply_chat_template(messages, "
+                    "tokenize=False, add_generation_prompt=True))")
+        raise TypeError(f"train_dataset row {i}, column {column!r}: must be a string, got "
+                        f"{type(v).__name__}{hint}")
 
     def _make_optimizer(self, params):
         a = self.args
