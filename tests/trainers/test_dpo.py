@@ -127,3 +127,28 @@ def test_dpo_completion_truncated_away_names_the_row(tmp_path, tok, tiny, loss_t
                                          "tokens left after truncation to max_length=24"):
         ref = copy_reference(tiny) if loss_type == "sigmoid" else None
         DPOTrainer(tiny, ref, args=cfg, train_dataset=rows[:8], tokenizer=tok).train()
+
+
+@pytest.mark.parametrize("epochs, steps", [(1.0, 2), (2.0, 4), (0.5, 1), (1.5, 3)])
+def test_num_train_epochs_sees_each_row_once_per_epoch(tmp_path, tok, tiny, epochs, steps):
+    """10 rows, 4 per step: an epoch is 2 steps (the 2 rows that do not fill a step are
+    dropped, a new permutation each epoch); no row repeats within an epoch."""
+    import collections
+
+    rows = [dict(r, id=i) for i, r in enumerate(_pairs()[:10])]
+    cfg = _cfg(tmp_path, max_steps=-1, num_train_epochs=epochs, gradient_accumulation_steps=1,
+               report_to="none")
+    tr = DPOTrainer(tiny, copy_reference(tiny), args=cfg, train_dataset=rows, tokenizer=tok)
+    assert tr.total_steps() == steps
+    per_epoch = collections.defaultdict(list)
+    orig = tr._next_rows
+
+    def spy():
+        got = orig()
+        per_epoch[tr.state["epoch"]] += [r["id"] for r in got]
+        return got
+    tr._next_rows = spy
+    assert tr.train()["global_step"] == steps
+    for ids in per_epoch.values():
+        assert len(ids) == len(set(ids)) <= 8
+    assert sum(len(v) for v in per_epoch.values()) == 4 * steps

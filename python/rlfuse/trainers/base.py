@@ -594,11 +594,16 @@ class BaseTrainer:
             module.reshard()
 
     def total_steps(self) -> int:
+        """``max_steps``, or with ``max_steps=-1`` the steps of ``num_train_epochs`` epochs.
+        An epoch is one seeded permutation of the dataset taken a round at a time
+        (``_items_per_round() * world_size`` rows); the rows that do not fill a last round
+        are dropped (``drop_last``), so an epoch is ``len(train_dataset) // round size``
+        rounds, every row seen at most once.  Fractional epochs round up to whole rounds."""
         a = self.args
         if a.max_steps > 0:
             return a.max_steps
-        rounds = math.ceil(a.num_train_epochs * len(self.train_dataset)
-                           / (self._items_per_round() * self.world_size))
+        per_epoch = len(self.train_dataset) // (self._items_per_round() * self.world_size)
+        rounds = math.ceil(a.num_train_epochs * per_epoch - 1e-9)
         return max(1, rounds) * self._steps_per_round()
 
     # -- data -----------------------------------------------------------------------
