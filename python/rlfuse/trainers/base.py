@@ -1149,7 +1149,7 @@ class BaseTrainer:
                 stale = check_output_dir(a.output_dir, a.overwrite_output_dir)
             except ConfigError as exc:
                 err, stale = exc, []
-        flag = torch.tensor([1.0 if err is not None else 0.0])
+        flag = torch.tensor([1.0 if err is not None else 0.0], device=self.device)
         if float(_all_reduce_sum(flag, self.world_size)) > 0:
             raise err if err is not None else ConfigError(
                 f"output_dir: {a.output_dir!r} already holds checkpoints of an earlier run "
