@@ -92,3 +92,63 @@ def test_dpo_bad_configs(tmp_path, tiny, tok):
     with pytest.raises(ValueError, match="rejected"):
         DPOTrainer("/nonexistent", "/nonexistent", args=_cfg(tmp_path),
                    train_dataset=[{"prompt": "a", "chosen": "b"}])
+
+
+@pytest.mark.parametrize("kw, match", [
+    (dict(loss_type="exo_pair"), "label_smoothing: must lie in \\(0, 1\\) with loss_type='exo_pair'"),
+    (dict(adam_beta1=1.0), "adam_beta1: must be < 1.0"),
+    (dict(adam_beta2=1.0), "adam_beta2: must be < 1.0"),
+    (dict(max_length=64, max_prompt_length=64), "max_prompt_length: must be < max_length"),
+    (dict(max_length=8, max_prompt_length=100), "max_prompt_length: must be < max_length"),
+])
+def test_dpo_configs_that_cannot_run(kw, match):
+    with pytest.raises(ConfigError, match=match):
+        DPOConfig(**kw)
+
+
+def test_dpo_exo_pair_with_label_smoothing_runs(tmp_path, tok, tiny):
+    cfg = _cfg(tmp_path, loss_type="exo_pair", label_smoothing=1e-3, max_steps=1,
+               report_to="none")
+    DPOTrainer(tiny, copy_reference(tiny), args=cfg, train_dataset=_pairs(),
+               tokenizer=tok).train()
+
+
+@pytest.mark.parametrize("loss_type", ["sigmoid", "simpo"])
+def test_dpo_completion_truncated_away_names_the_row(tmp_path, tok, tiny, loss_type):
+    """max_prompt_length=None and a prompt longer than max_length: no completion token is
+    left, which must raise (reference-based: in the precompute; reference-free: at the
+    step) rather than train on nothing."""
+    rows = _pairs()
+    rows[5] = dict(rows[5], prompt="1+" * 40 + "1=")
+    cfg = _cfg(tmp_path, loss_type=loss_type, max_length=24, max_prompt_length=None,
+               max_steps=2, per_device_train_batch_size=8, gradient_accumulation_steps=1,
+               report_to="none")
+    with pytest.raises(ValueError, match="train_dataset row 5: the chosen completion has no "
+                                         "tokens left after truncation to max_length=24"):
+        ref = copy_reference(tiny) if loss_type == "sigmoid" else None
+        DPOTrainer(tiny, ref, args=cfg, train_dataset=rows[:8], tokenizer=tok).train()
+
+
+@pytest.mark.parametrize("epochs, steps", [(1.0, 2), (2.0, 4), (0.5, 1), (1.5, 3)])
+def test_num_train_epochs_sees_each_row_once_per_epoch(tmp_path, tok, tiny, epochs, steps):
+    """10 rows, 4 per step: an epoch is 2 steps (the 2 rows that do not fill a step are
+    dropped, a new permutation each epoch); no row repeats within an epoch."""
+    import collections
+
+    rows = [dict(r, id=i) for i, r in enumerate(_pairs()[:10])]
+    cfg = _cfg(tmp_path, max_steps=-1, num_train_epochs=epochs, gradient_accumulation_steps=1,
+               report_to="none")
+    tr = DPOTrainer(tiny, copy_reference(tiny), args=cfg, train_dataset=rows, tokenizer=tok)
+    assert tr.total_steps() == steps
+    per_epoch = collections.defaultdict(list)
+    orig = tr._next_rows
+
+    def spy():
+        got = orig()
+        per_epoch[tr.state["epoch"]] += [r["id"] for r in got]
+        return got
+    tr._next_rows = spy
+    assert tr.train()["global_step"] == steps
+    for ids in per_epoch.values():
+        assert len(ids) == len(set(ids)) <= 8
+    assert sum(len(v) for v in per_epoch.values()) == 4 * steps

@@ -219,3 +219,26 @@ def test_cli_default_run_small(tmp_path, capsys):
     for f in ("metrics.jsonl", "training_curves.png", "checkpoint-1/model.safetensors",
               "sft_model/config.json"):
         assert (out / f).exists(), f
+
+
+def test_dapo_round_with_every_completion_masked(tmp_path, tok, tiny, rows):
+    """mask_truncated_completions and no completion ending in eos: a round with no tokens
+    makes a zero update instead of dividing by zero tokens."""
+    cfg = small_grpo_config(tmp_path, max_completion_length=1, mask_truncated_completions=True,
+                            loss_type="dapo", report_to="none")
+    tr = GRPOTrainer(tiny, lambda prompts, completions, **kw: [float(len(c)) for c in completions],
+                     args=cfg, train_dataset=rows, tokenizer=tok)
+    orig = tr.generate
+
+    def every_completion_truncated(prompts, n):
+        r = orig(prompts, n)
+        r.extra["truncated"][:] = True       # as if none of the 1-token completions were eos
+        r.completion_mask = torch.zeros_like(r.completion_mask)
+        return r
+    tr.generate = every_completion_truncated
+    before = [p.detach().clone() for p in tiny.parameters()]
+    tr.train()
+    hist = [json.loads(x) for x in open(os.path.join(cfg.output_dir, "metrics.jsonl"))]
+    assert [h["completion_length"] for h in hist] == [0.0, 0.0]
+    assert all(h["loss"] == 0.0 and h["grad_norm"] == 0.0 and h["skipped"] == 0 for h in hist)
+    assert all(torch.equal(a, b) for a, b in zip(before, tiny.parameters()))

@@ -93,3 +93,41 @@ def test_ppo_bad_configs(tmp_path, rows, tiny, tok):
     with pytest.raises(ConfigError, match="value_model"):
         PPOTrainer("/nonexistent", lambda **kw: [], args=_cfg(tmp_path), train_dataset=rows,
                    value_model="no", ref_model="x")
+
+
+def _length_reward(prompts, completions, **kw):
+    return [float(len(c)) for c in completions]
+
+
+def test_ppo_bfloat16_model(tmp_path, tok, rows):
+    """A bf16 model: the value head is stored in bf16 and computed in float32."""
+    from rlfuse.models.tiny import tiny_causal_lm
+
+    m = tiny_causal_lm(tok, hidden_size=32, num_layers=1, num_heads=2, seed=0).to(torch.bfloat16)
+    cfg = _cfg(tmp_path, max_steps=1, num_ppo_epochs=1, report_to="none")
+    tr = PPOTrainer(m, _length_reward, args=cfg, train_dataset=rows, tokenizer=tok,
+                    ref_model=copy_reference(m))
+    assert tr.value_model.head.weight.dtype == torch.bfloat16
+    r = random_rollout(tok, 4)
+    v = tr.completion_values(tr.value_model, r)
+    assert v.dtype == torch.float32
+    tr.train()
+    hist = [json.loads(x) for x in open(os.path.join(cfg.output_dir, "metrics.jsonl"))]
+    assert len(hist) == 1 and all(hist[0][k] == hist[0][k] for k in ("loss", "value_loss"))
+
+
+def test_ppo_value_head_sized_from_lm_head_input(tmp_path, tok, rows):
+    """OPT with word_embed_proj_dim != hidden_size: the body outputs word_embed_proj_dim."""
+    import transformers
+
+    c = transformers.OPTConfig(hidden_size=32, word_embed_proj_dim=16, num_hidden_layers=1,
+                               ffn_dim=64, num_attention_heads=2, max_position_embeddings=64,
+                               vocab_size=len(tok), pad_token_id=tok.pad_token_id,
+                               bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)
+    torch.manual_seed(0)
+    m = transformers.AutoModelForCausalLM.from_config(c)
+    vm = ValueModel.from_causal_lm(m)
+    assert vm.head.in_features == 16
+    cfg = _cfg(tmp_path, max_steps=1, num_ppo_epochs=1, kl_coef=0.0, report_to="none")
+    res = PPOTrainer(m, _length_reward, args=cfg, train_dataset=rows, tokenizer=tok).train()
+    assert res["global_step"] == 1

@@ -26,7 +26,7 @@ from rlfuse.models.generate import sample as lean_sample, supports as supports_l
 from rlfuse.trainers.config import ConfigError, TrainConfig, report_integrations
 
 __all__ = ["BaseTrainer", "NonFiniteError", "RewardFunctionError", "load_model_and_tokenizer",
-           "latest_checkpoint"]
+           "latest_checkpoint", "check_output_dir"]
 
 _CKPT = re.compile(r"^checkpoint-(\d+)$")
 
@@ -93,6 +93,29 @@ def load_model_and_tokenizer(model, tokenizer=None):
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     return model, tokenizer
+
+
+def disable_dropout_in_model(model) -> int:
+    """Turn off every dropout of ``model`` in place (what TRL's ``disable_dropout_in_model``
+    does, plus the float rates that ``transformers`` attention and layer code passes to
+    functional dropout, e.g. Llama's ``attention_dropout``, OPT's ``dropout``): every
+    ``torch.nn`` dropout module gets ``p = 0`` and every float attribute of a module whose
+    name contains ``dropout``, ``pdrop`` or ``layerdrop`` is set to 0.0 (the model is
+    changed in place).  Returns how many were changed."""
+    n = 0
+    for m in model.modules():
+        if isinstance(m, (torch.nn.modules.dropout._DropoutNd,)):
+            if m.p != 0.0:
+                m.p = 0.0
+                n += 1
+            continue
+        for name, v in list(vars(m).items()):
+            low = name.lower()
+            if (("dropout" in low or "pdrop" in low or "layerdrop" in low)
+                    and isinstance(v, float) and v != 0.0):
+                setattr(m, name, 0.0)
+                n += 1
+    return n
 
 
 class _LogprobModule(torch.nn.Module):
@@ -281,6 +304,40 @@ def latest_checkpoint(output_dir: str):
     return best[1] if best else None
 
 
+def stale_checkpoints(output_dir: str) -> list:
+    """Names of the ``checkpoint-N`` directories in ``output_dir`` (sorted by step)."""
+    if not os.path.isdir(output_dir):
+        return []
+    found = [(int(m.group(1)), n) for n in os.listdir(output_dir) if (m := _CKPT.match(n))]
+    return [n for _step, n in sorted(found)]
+
+
+def check_output_dir(output_dir: str, overwrite: bool):
+    """Raise :class:`ConfigError` naming ``output_dir`` when a fresh (not resumed) run would
+    start in a directory holding an earlier run's checkpoints and ``overwrite`` is False
+    (``transformers``' ``overwrite_output_dir`` rule: the two runs' checkpoints would mix,
+    rotation would delete the new run's ones, and a later resume would pick the old run's
+    newest)."""
+    stale = stale_checkpoints(output_dir)
+    if stale and not overwrite:
+        shown = ", ".join(stale[-3:]) + (", ..." if len(stale) > 3 else "")
+        raise ConfigError(
+            f"output_dir: {output_dir!r} already holds checkpoints of an earlier run "
+            f"({shown}); pass resume_from_checkpoint=True (--resume) to continue that run, "
+            "set overwrite_output_dir=True (--overwrite_output_dir true) to delete them and "
+            "start afresh, or use another output_dir")
+    return stale
+
+
+def _remove_dir(out, name):
+    """Remove ``out/name``, renamed away first so a kill while deleting never leaves a
+    partial ``checkpoint-N``."""
+    doomed = os.path.join(out, f".del-{name}")
+    shutil.rmtree(doomed, ignore_errors=True)     # left by a kill while deleting
+    os.rename(os.path.join(out, name), doomed)
+    shutil.rmtree(doomed, ignore_errors=True)
+
+
 def _alias_groups(module) -> list:
     """Names that refer to one tensor (tied weights), one sorted list per tensor."""
     groups: dict = {}
@@ -361,7 +418,15 @@ class BaseTrainer:
         self._tb_writer = None
         self._mesh = None
         self._fsdp_roots: dict = {}    # id(module) -> the FSDP2 root whose forward runs it
+        if getattr(args, "disable_dropout", False):
+            # before the subclass builds its copies (PPO's value model copies the body)
+            disable_dropout_in_model(self.model)
         self._setup_models()
+        if getattr(args, "disable_dropout", False):
+            for name in ("ref_model", "value_model"):
+                m = getattr(self, name, None)
+                if isinstance(m, torch.nn.Module):
+                    disable_dropout_in_model(m)
 
     # -- hooks for subclasses -------------------------------------------------------
     def _check_more(self):
@@ -408,6 +473,35 @@ class BaseTrainer:
         if missing:
             raise ValueError(f"train_dataset is missing the column(s) {missing} "
                              f"(needs {list(self.required_columns)})")
+        # every row's text columns, before any model is loaded (a bad value would
+        # otherwise fail deep inside the tokenizer, mid-training)
+        if hasattr(ds, "column_names") and not isinstance(ds, (list, tuple)):
+            columns = {c: ds[c] for c in self.required_columns}      # datasets.Dataset
+            for c, values in columns.items():
+                for i, v in enumerate(values):
+                    self._check_text(i, c, v)
+        else:
+            for i in range(n):
+                row = ds[i]
+                if not isinstance(row, dict):
+                    raise TypeError(f"train_dataset row {i}: rows must be dicts, got "
+                                    f"{type(row).__name__}")
+                for c in self.required_columns:
+                    if c not in row:
+                        raise ValueError(f"train_dataset row {i} has no column {c!r}")
+                    self._check_text(i, c, row[c])
+
+    @staticmethod
+    def _check_text(i, column, v):
+        if isinstance(v, str):
+            return
+        hint = ""
+        if isinstance(v, (list, tuple)) and v and isinstance(v[0], dict):
+            hint = (" (conversational rows, lists of messages, are not supported: apply the "
+                    "chat template first, e.g. tokenizer.apply_chat_template(messages, "
+                    "tokenize=False, add_generation_prompt=True))")
+        raise TypeError(f"train_dataset row {i}, column {column!r}: must be a string, got "
+                        f"{type(v).__name__}{hint}")
 
     def _make_optimizer(self, params):
         a = self.args
@@ -500,11 +594,16 @@ class BaseTrainer:
             module.reshard()
 
     def total_steps(self) -> int:
+        """``max_steps``, or with ``max_steps=-1`` the steps of ``num_train_epochs`` epochs.
+        An epoch is one seeded permutation of the dataset taken a round at a time
+        (``_items_per_round() * world_size`` rows); the rows that do not fill a last round
+        are dropped (``drop_last``), so an epoch is ``len(train_dataset) // round size``
+        rounds, every row seen at most once.  Fractional epochs round up to whole rounds."""
         a = self.args
         if a.max_steps > 0:
             return a.max_steps
-        rounds = math.ceil(a.num_train_epochs * len(self.train_dataset)
-                           / (self._items_per_round() * self.world_size))
+        per_epoch = len(self.train_dataset) // (self._items_per_round() * self.world_size)
+        rounds = math.ceil(a.num_train_epochs * per_epoch - 1e-9)
         return max(1, rounds) * self._steps_per_round()
 
     # -- data -----------------------------------------------------------------------
@@ -821,11 +920,41 @@ class BaseTrainer:
         return path
 
     def _read_metrics(self):
+        """The lines of metrics.jsonl.  A final line that does not parse (torn by a kill or
+        a full disk during the append) is skipped with a warning; an unparsable line
+        before the last raises ``ValueError`` naming the file and line."""
         p = self._metrics_path()
         if not os.path.exists(p):
             return []
         with open(p) as f:
-            return [json.loads(line) for line in f if line.strip()]
+            lines = [(i, line) for i, line in enumerate(f, 1) if line.strip()]
+        out = []
+        for k, (i, line) in enumerate(lines):
+            try:
+                out.append(json.loads(line))
+            except ValueError as exc:
+                if k == len(lines) - 1:
+                    import warnings
+
+                    warnings.warn(f"{p}: skipping its last line ({i}), which is not complete "
+                                  f"JSON (a write cut short): {line.strip()[:80]!r}",
+                                  RuntimeWarning, stacklevel=2)
+                    break
+                raise ValueError(f"{p}: line {i} is not valid JSON ({exc})") from None
+        return out
+
+    def _write_metrics(self, hist):
+        """Replace metrics.jsonl with ``hist`` atomically (a temporary file, fsynced, then
+        ``os.replace``): a kill leaves either the old file or the new one."""
+        p = self._metrics_path()
+        tmp = p + ".tmp"
+        with open(tmp, "w") as f:
+            for h in hist:
+                f.write(json.dumps(h) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, p)
+        _fsync_dir(os.path.dirname(p) or ".")
 
     # -- checkpoints ----------------------------------------------------------------
     def save_checkpoint(self) -> str:
@@ -868,7 +997,8 @@ class BaseTrainer:
             torch.save(self.scheduler.state_dict(), os.path.join(tmp, "scheduler.pt"))
             self._save_extra(tmp)
             state = dict(self.state, world_size=self.world_size, fsdp=self.fsdp,
-                         algorithm=self.algorithm, config=self.args.to_dict())
+                         algorithm=self.algorithm, dataset_size=len(self.train_dataset),
+                         config=self.args.to_dict())
             with open(os.path.join(tmp, "trainer_state.json"), "w") as f:
                 json.dump(state, f, indent=1)
         _barrier(self.world_size)
@@ -927,11 +1057,31 @@ class BaseTrainer:
         out = self.args.output_dir
         ckpts = sorted((int(m.group(1)), n) for n in os.listdir(out) if (m := _CKPT.match(n)))
         for _step, name in ckpts[:-limit]:
-            # renamed first, so a kill while deleting never leaves a partial checkpoint-N
-            doomed = os.path.join(out, f".del-{name}")
-            shutil.rmtree(doomed, ignore_errors=True)     # left by a kill while deleting
-            os.rename(os.path.join(out, name), doomed)
-            shutil.rmtree(doomed, ignore_errors=True)
+            _remove_dir(out, name)
+
+    def _resume_fields(self) -> tuple:
+        """Config fields that fix the data order and the step <-> round mapping: a
+        checkpoint resumes only with the same values."""
+        return ("seed", "per_device_train_batch_size", "gradient_accumulation_steps")
+
+    def _check_resume_compatible(self, path, state):
+        algo = state.get("algorithm")
+        if algo is not None and algo != self.algorithm:
+            raise ConfigError(
+                f"resume_from_checkpoint: {path} was written by a {algo} trainer; this is a "
+                f"{self.algorithm} trainer (use another output_dir for a different algorithm)")
+        cfg = state.get("config") or {}
+        diffs = [f"{k}={cfg[k]!r} (this run: {getattr(self.args, k)!r})"
+                 for k in self._resume_fields()
+                 if k in cfg and cfg[k] != getattr(self.args, k)]
+        n = state.get("dataset_size")
+        if n is not None and n != len(self.train_dataset):
+            diffs.append(f"train_dataset of {n} rows (this run: {len(self.train_dataset)})")
+        if diffs:
+            raise ConfigError(
+                f"resume_from_checkpoint: {path} was written with " + ", ".join(diffs)
+                + "; these fix the data order, so the run could not continue as the "
+                "interrupted one would: resume with the same values, or start a fresh run")
 
     def load_checkpoint(self, path: str):
         """Restore models, optimizer, scheduler, RNG, step and data position."""
@@ -942,6 +1092,7 @@ class BaseTrainer:
         if state.get("world_size", 1) != self.world_size:
             raise ValueError(f"checkpoint {path} was written with world_size "
                              f"{state.get('world_size')}, this run has {self.world_size}")
+        self._check_resume_compatible(path, state)
         if bool(state.get("fsdp", False)) != self.fsdp:
             raise ValueError(f"checkpoint {path} was written with fsdp="
                              f"{bool(state.get('fsdp', False))}, this run has fsdp={self.fsdp} "
@@ -973,9 +1124,7 @@ class BaseTrainer:
         # metrics after the checkpoint belong to the interrupted run: drop them
         if self.rank == 0 and os.path.exists(self._metrics_path()):
             keep = [h for h in self._read_metrics() if h.get("step", 0) <= self.state["global_step"]]
-            with open(self._metrics_path(), "w") as f:
-                for h in keep:
-                    f.write(json.dumps(h) + "\n")
+            self._write_metrics(keep)
 
     # -- the loop -------------------------------------------------------------------
     def _seed_everything(self):
@@ -988,6 +1137,29 @@ class BaseTrainer:
             np.random.seed(seed % 2**32)
         except ImportError:
             pass
+
+    def _start_fresh(self):
+        """A fresh run: refuse an output_dir holding an earlier run's checkpoints unless
+        ``overwrite_output_dir`` (then delete them), and drop the old metrics.jsonl.
+        Rank 0 decides (every process raises the same error)."""
+        a = self.args
+        err = None
+        if self.rank == 0:
+            try:
+                stale = check_output_dir(a.output_dir, a.overwrite_output_dir)
+            except ConfigError as exc:
+                err, stale = exc, []
+        flag = torch.tensor([1.0 if err is not None else 0.0], device=self.device)
+        if float(_all_reduce_sum(flag, self.world_size)) > 0:
+            raise err if err is not None else ConfigError(
+                f"output_dir: {a.output_dir!r} already holds checkpoints of an earlier run "
+                "(see rank 0's error)")
+        if self.rank == 0:
+            for name in stale:
+                _remove_dir(a.output_dir, name)
+            if os.path.exists(self._metrics_path()):
+                os.remove(self._metrics_path())
+        _barrier(self.world_size)
 
     def train(self, resume_from_checkpoint=None) -> dict:
         """Run to ``max_steps`` (or ``num_train_epochs``).  ``resume_from_checkpoint``:
@@ -1007,8 +1179,8 @@ class BaseTrainer:
         if ckpt is not None:
             self.load_checkpoint(ckpt)
             self._print(f"resumed from {ckpt} at step {self.state['global_step']}")
-        elif self.rank == 0 and os.path.exists(self._metrics_path()):
-            os.remove(self._metrics_path())
+        else:
+            self._start_fresh()
         t_start = time.perf_counter()
         self._open_writers()
         try:

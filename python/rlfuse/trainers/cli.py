@@ -69,10 +69,9 @@ def _main(args, extra) -> int:
     cls = default.CONFIGS[args.algorithm]
     overrides = {}
     if args.config:
-        import yaml
+        from rlfuse.trainers.config import load_yaml_fields
 
-        with open(args.config) as f:
-            overrides.update(yaml.safe_load(f) or {})
+        overrides.update(load_yaml_fields(args.config, "--config"))
     overrides.update(parse_fields(cls, extra))
     demo = {}
     for key in ("task", "sft_steps", "hidden_size", "eval_size"):

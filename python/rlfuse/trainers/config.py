@@ -44,7 +44,7 @@ def _nonneg_int(obj, name):
     _check(_is_int(v) and v >= 0, name, f"must be a non-negative int, got {v!r}")
 
 
-def _real(obj, name, lo=None, hi=None, lo_open=False, optional=False):
+def _real(obj, name, lo=None, hi=None, lo_open=False, optional=False, hi_open=False):
     v = getattr(obj, name)
     if v is None and optional:
         return
@@ -53,7 +53,8 @@ def _real(obj, name, lo=None, hi=None, lo_open=False, optional=False):
         ok = v > lo if lo_open else v >= lo
         _check(ok, name, f"must be {'>' if lo_open else '>='} {lo}, got {v!r}")
     if hi is not None:
-        _check(v <= hi, name, f"must be <= {hi}, got {v!r}")
+        ok = v < hi if hi_open else v <= hi
+        _check(ok, name, f"must be {'<' if hi_open else '<='} {hi}, got {v!r}")
 
 
 def _choice(obj, name, choices):
@@ -103,6 +104,33 @@ def report_integrations(report_to) -> list:
     return sorted(set(out))
 
 
+def load_yaml_fields(path, name: str = "path") -> dict:
+    """The mapping of field: value in the YAML file ``path`` (an empty file gives {});
+    :class:`ConfigError` naming ``name`` (the argument that gave the path, e.g.
+    ``--config``) when it cannot be read, is not valid YAML, or holds something other than
+    a mapping with string keys."""
+    import yaml
+
+    try:
+        with open(path) as f:
+            data = yaml.safe_load(f)
+    except OSError as exc:
+        raise ConfigError(f"{name}: cannot read {path!r}: {exc.strerror or exc}") from None
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{name}: {path!r} is not valid YAML: {exc}") from None
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{name}: {path!r} is not a text file: {exc}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{name}: {path!r} must hold a mapping of field: value, got a "
+                          f"{type(data).__name__}")
+    bad = [k for k in data if not isinstance(k, str)]
+    if bad:
+        raise ConfigError(f"{name}: {path!r} has keys that are not field names: {bad!r}")
+    return data
+
+
 @dataclass
 class TrainConfig:
     """Fields shared by every trainer (the ``transformers.TrainingArguments`` names)."""
@@ -137,6 +165,9 @@ class TrainConfig:
     # Shard the trained (and reference / value) models with FSDP2 (``fully_shard`` per
     # decoder layer, then the whole model) instead of DDP when several processes run.
     fsdp: bool = False
+    # A fresh (not resumed) run in an output_dir that holds checkpoints of an earlier run
+    # raises unless this is True (then those checkpoints are deleted first).
+    overwrite_output_dir: bool = False
 
     def __post_init__(self):
         self.validate()
@@ -152,8 +183,8 @@ class TrainConfig:
         _real(self, "num_train_epochs", lo=0.0, lo_open=True)
         _real(self, "max_grad_norm", lo=0.0, lo_open=True, optional=True)
         _real(self, "weight_decay", lo=0.0)
-        _real(self, "adam_beta1", lo=0.0, hi=1.0)
-        _real(self, "adam_beta2", lo=0.0, hi=1.0)
+        _real(self, "adam_beta1", lo=0.0, hi=1.0, hi_open=True)
+        _real(self, "adam_beta2", lo=0.0, hi=1.0, hi_open=True)
         _real(self, "adam_epsilon", lo=0.0, lo_open=True)
         _choice(self, "lr_scheduler_type", ("constant", "linear", "cosine"))
         _nonneg_int(self, "warmup_steps")
@@ -172,6 +203,8 @@ class TrainConfig:
                                             and self.logging_dir != ""), "logging_dir",
                f"must be None or a non-empty path, got {self.logging_dir!r}")
         _check(isinstance(self.fsdp, bool), "fsdp", f"must be a bool, got {self.fsdp!r}")
+        _check(isinstance(self.overwrite_output_dir, bool), "overwrite_output_dir",
+               f"must be a bool, got {self.overwrite_output_dir!r}")
 
     # -- construction -------------------------------------------------------------
     @classmethod
@@ -187,12 +220,7 @@ class TrainConfig:
 
     @classmethod
     def from_yaml(cls, path: str, **overrides):
-        import yaml
-
-        with open(path) as f:
-            data = yaml.safe_load(f) or {}
-        if not isinstance(data, dict):
-            raise ConfigError(f"{path}: a config file must hold a mapping of field: value")
+        data = load_yaml_fields(path, "path")
         data.update(overrides)
         return cls.from_dict(data)
 
@@ -223,10 +251,17 @@ class TrainConfig:
                 return float(text)
             except ValueError:
                 raise ConfigError(f"{name}: expected a number, got {text!r}") from None
-        if typing.get_origin(base) is list:
+        if base is list or typing.get_origin(base) is list:
             import yaml
 
-            return yaml.safe_load(text)
+            try:
+                v = yaml.safe_load(text)
+            except yaml.YAMLError as exc:
+                raise ConfigError(f"{name}: expected a list such as [1.0, 2.0], got {text!r} "
+                                  f"({exc})") from None
+            if not isinstance(v, list):
+                raise ConfigError(f"{name}: expected a list such as [1.0, 2.0], got {text!r}")
+            return v
         return text
 
     def to_dict(self) -> dict:
@@ -251,9 +286,15 @@ class _RolloutConfig(TrainConfig):
     # rlfuse: encode each distinct prompt once in the log-prob forwards (policy, reference,
     # old policy) and run its completions on the shared KV cache.
     share_prompt_prefix: bool = True
+    # Turn off the dropout of the policy (and reference / value model): with dropout on,
+    # the old log-probs and the update's log-probs see different masks, so the first
+    # update's ratio is not 1.  TRL's defaults: False for GRPO, True for PPO and DPO.
+    disable_dropout: bool = False
 
     def validate(self):
         super().validate()
+        _check(isinstance(self.disable_dropout, bool), "disable_dropout",
+               f"must be a bool, got {self.disable_dropout!r}")
         _choice(self, "generation_backend", ("rlfuse", "hf"))
         _check(isinstance(self.share_prompt_prefix, bool), "share_prompt_prefix",
                f"must be a bool, got {self.share_prompt_prefix!r}")
@@ -334,6 +375,7 @@ class PPOConfig(_RolloutConfig):
     lam: float = 0.95
     whiten_rewards: bool = False
     value_model: str = "separate"
+    disable_dropout: bool = True
 
     def validate(self):
         super().validate()
@@ -360,9 +402,12 @@ class DPOConfig(TrainConfig):
     label_smoothing: float = 0.0
     max_length: Optional[int] = 1024
     max_prompt_length: Optional[int] = 512
+    disable_dropout: bool = True       # TRL's DPOConfig default
 
     def validate(self):
         super().validate()
+        _check(isinstance(self.disable_dropout, bool), "disable_dropout",
+               f"must be a bool, got {self.disable_dropout!r}")
         _real(self, "beta", lo=0.0, lo_open=True)
         from rlfuse.ops.preference import LOSS_TYPES
 
@@ -370,10 +415,18 @@ class DPOConfig(TrainConfig):
         _real(self, "label_smoothing", lo=0.0, hi=1.0)
         _check(self.label_smoothing < 0.5 or self.loss_type != "robust", "label_smoothing",
                "must be < 0.5 with loss_type='robust'")
+        _check(0.0 < self.label_smoothing < 1.0 or self.loss_type != "exo_pair",
+               "label_smoothing", f"must lie in (0, 1) with loss_type='exo_pair' (the loss "
+               f"takes log(label_smoothing); e.g. 1e-3), got {self.label_smoothing!r}")
         for name in ("max_length", "max_prompt_length"):
             v = getattr(self, name)
             _check(v is None or (_is_int(v) and v >= 1), name,
                    f"must be None or a positive int, got {v!r}")
+        if self.max_length is not None and self.max_prompt_length is not None:
+            _check(self.max_prompt_length < self.max_length, "max_prompt_length",
+                   f"must be < max_length ({self.max_length}), got {self.max_prompt_length} "
+                   "(a prompt of max_prompt_length tokens would leave no room for the "
+                   "completion, and DPO would train on nothing)")
 
 
 @dataclass

@@ -104,7 +104,7 @@ def run(algorithm: str = "grpo", overrides: dict | None = None, *, model_path=No
     """Run the embedded default (or, with ``model_path``, the same task on that model)."""
     from rlfuse.models.tiny import tiny_causal_lm, tiny_tokenizer
     from rlfuse.tasks import make_task
-    from rlfuse.trainers.base import dist_info, load_model_and_tokenizer
+    from rlfuse.trainers.base import check_output_dir, dist_info, load_model_and_tokenizer
     from rlfuse.trainers.sft import supervised_warmup
 
     if algorithm not in CONFIGS:
@@ -123,6 +123,8 @@ def run(algorithm: str = "grpo", overrides: dict | None = None, *, model_path=No
     if algorithm != "dpo":
         args.max_completion_length = max(args.max_completion_length, max_new)
 
+    if not resume:       # before the warm-up: a stale output_dir fails in seconds
+        check_output_dir(args.output_dir, args.overwrite_output_dir)
     os.makedirs(args.output_dir, exist_ok=True)
     sft_dir = os.path.join(args.output_dir, "sft_model")
     t0 = time.perf_counter()

@@ -69,18 +69,31 @@ class DPOTrainer(BaseTrainer):
     def _items_per_round(self):
         return self.args.per_device_train_batch_size * self.args.gradient_accumulation_steps
 
-    def encode(self, rows):
+    def encode(self, rows, idx=None):
         """``(input_ids, attention_mask, completion_mask, position_ids)`` of ``[2P, T]``:
-        chosen rows, then rejected rows."""
+        chosen rows, then rejected rows.  Raises ``ValueError`` naming the dataset row
+        (``idx``: the rows' dataset indices) when truncation to ``max_length`` left a
+        completion without tokens (the pair would train on nothing, or on one side only)."""
         a = self.args
         ex = ([{"prompt": r["prompt"], "solution": r["chosen"]} for r in rows]
               + [{"prompt": r["prompt"], "solution": r["rejected"]} for r in rows])
-        return encode_supervised(self.tokenizer, ex, max_length=a.max_length,
-                                 max_prompt_length=a.max_prompt_length, device=self.device)
+        out = encode_supervised(self.tokenizer, ex, max_length=a.max_length,
+                                max_prompt_length=a.max_prompt_length, device=self.device)
+        empty = (out[2].sum(1) == 0).nonzero()
+        if len(empty):
+            j = int(empty[0])
+            P = len(rows)
+            row = int(idx[j % P]) if idx is not None else j % P
+            side = "chosen" if j < P else "rejected"
+            raise ValueError(
+                f"train_dataset row {row}: the {side} completion has no tokens left after "
+                f"truncation to max_length={a.max_length} (max_prompt_length="
+                f"{a.max_prompt_length}): raise max_length, or set max_prompt_length below it")
+        return out
 
-    def sequence_logps(self, module, rows):
+    def sequence_logps(self, module, rows, idx=None):
         """(chosen [P], rejected [P], chosen lengths, rejected lengths)."""
-        ids, attn, comp, pos = self.encode(rows)
+        ids, attn, comp, pos = self.encode(rows, idx)
         if not isinstance(module, _LogprobModule) and not isinstance(
                 getattr(module, "module", None), _LogprobModule):
             module = _LogprobModule(module)
@@ -98,7 +111,7 @@ class DPOTrainer(BaseTrainer):
         out = torch.empty(N, 2, dtype=torch.float32, device=self.device)
         for i in range(0, N, mb):
             rows = [self.train_dataset[j] for j in range(i, min(N, i + mb))]
-            c, r, _, _ = self.sequence_logps(ref, rows)
+            c, r, _, _ = self.sequence_logps(ref, rows, list(range(i, i + len(rows))))
             out[i:i + len(rows), 0] = c
             out[i:i + len(rows), 1] = r
         return out
@@ -116,7 +129,7 @@ class DPOTrainer(BaseTrainer):
 
         a = self.args
         t0 = time.perf_counter()
-        c, r, lc, lr = self.sequence_logps(self.policy, rows)
+        c, r, lc, lr = self.sequence_logps(self.policy, rows, idx)
         self._time("policy_forward", t0)
         ref = self.ref_logps[idx] if self.ref_logps is not None else None
         t0 = time.perf_counter()

@@ -92,6 +92,9 @@ class GRPOTrainer(BaseTrainer):
         self.policy = self._wrap_distributed(_LogprobModule(self.model), runs=self.model)
         self._make_optimizer([p for p in self.model.parameters() if p.requires_grad])
 
+    def _resume_fields(self):
+        return super()._resume_fields() + ("num_generations", "num_iterations")
+
     def _items_per_round(self):
         a = self.args
         return a.per_device_train_batch_size * a.gradient_accumulation_steps // a.num_generations
@@ -141,7 +144,9 @@ class GRPOTrainer(BaseTrainer):
         mask = r.completion_mask
         kw = {}
         if a.loss_type == "dapo":
-            kw = dict(num_items_in_batch=global_tokens, dp_size=self.world_size)
+            # a round whose every completion is masked (mask_truncated_completions) has no
+            # tokens: its loss is 0, as PPO's (the guard keeps the divisor positive)
+            kw = dict(num_items_in_batch=max(global_tokens, 1.0), dp_size=self.world_size)
         elif a.loss_type == "dr_grpo":
             kw = dict(max_completion_length=a.max_completion_length)
         t0 = time.perf_counter()

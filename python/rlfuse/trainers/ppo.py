@@ -29,29 +29,52 @@ __all__ = ["PPOTrainer", "ValueModel"]
 
 class ValueModel(torch.nn.Module):
     """A causal LM's transformer body with a scalar head: ``values [B, T]``, where
-    ``values[:, t]`` is the value of the state after token ``t``."""
+    ``values[:, t]`` is the value of the state after token ``t``.
 
-    def __init__(self, backbone, hidden_size: int):
+    ``hidden_size``: the width of the body's output (``last_hidden_state``).  The head's
+    parameters are stored in ``dtype`` (default: the body's floating dtype), so a bfloat16
+    model keeps one parameter dtype (what FSDP2 needs within a root, and what the
+    optimizer sees for the rest of the model); the head's matmul always runs in float32
+    (hidden states and head parameters upcast), so values, and the value loss computed
+    from them, are float32 whatever the model's dtype."""
+
+    def __init__(self, backbone, hidden_size: int, dtype: torch.dtype | None = None):
         super().__init__()
         self.backbone = backbone
-        self.head = torch.nn.Linear(hidden_size, 1)
+        if dtype is None:
+            dtype = next((p.dtype for p in backbone.parameters() if p.is_floating_point()),
+                         torch.float32)
+        self.head = torch.nn.Linear(hidden_size, 1, dtype=dtype)
         torch.nn.init.zeros_(self.head.weight)
         torch.nn.init.zeros_(self.head.bias)
 
     @classmethod
     def from_causal_lm(cls, model):
-        """A value model whose body is a copy of ``model``'s (head initialised to 0)."""
+        """A value model whose body is a copy of ``model``'s (head initialised to 0).  The
+        head's width is the input width of ``model``'s lm_head (what the body outputs:
+        e.g. OPT with ``word_embed_proj_dim != hidden_size`` projects its hidden states
+        down before the lm_head), else ``config.hidden_size``."""
         import copy
 
         base = copy.deepcopy(model.base_model)
-        return cls(base, model.config.hidden_size)
+        width = None
+        out = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+        w = getattr(out, "weight", None)
+        if isinstance(w, torch.Tensor) and w.dim() == 2:
+            width = int(w.shape[1])
+        if width is None:
+            width = model.config.hidden_size
+        return cls(base, width)
 
     def forward(self, input_ids, attention_mask=None, position_ids=None):
         out = self.backbone(input_ids=input_ids, attention_mask=attention_mask,
                             position_ids=position_ids, use_cache=False)
         h = out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
+        w, b = self.head.weight, self.head.bias
+        v = torch.nn.functional.linear(h.to(torch.float32), w.to(torch.float32),
+                                       None if b is None else b.to(torch.float32))
         # a copy, not a view (FSDP2 hooks the outputs for backward and warns about views)
-        return self.head(h).squeeze(-1).to(torch.float32, copy=True)
+        return v.squeeze(-1).clone()
 
 
 class PPOTrainer(BaseTrainer):
@@ -110,6 +133,9 @@ class PPOTrainer(BaseTrainer):
 
     def _trainable_modules(self):
         return {"model": self.model, "value_model": self.value_model}
+
+    def _resume_fields(self):
+        return super()._resume_fields() + ("num_ppo_epochs",)
 
     def _items_per_round(self):
         return self.args.per_device_train_batch_size * self.args.gradient_accumulation_steps

@@ -1,0 +1,94 @@
+"""Fresh runs never mix with an earlier run's checkpoints; a checkpoint resumes only into
+a compatible trainer."""
+import json
+import os
+
+import pytest
+import torch
+
+from rlfuse.trainers import (ConfigError, DPOConfig, DPOTrainer, GRPOTrainer, copy_reference,
+                             latest_checkpoint)
+from tests.trainers.conftest import small_grpo_config
+
+
+def length_reward(prompts, completions, **kw):
+    return [float(len(c)) for c in completions]
+
+
+def _grpo(tmp_path, tok, rows, **kw):
+    from rlfuse.models.tiny import tiny_causal_lm
+
+    model = tiny_causal_lm(tok, hidden_size=32, num_layers=1, num_heads=2, seed=0)
+    cfg = small_grpo_config(tmp_path, report_to="none", save_steps=1, save_total_limit=2, **kw)
+    return GRPOTrainer(model, length_reward, args=cfg, train_dataset=rows, tokenizer=tok)
+
+
+def _ckpts(out):
+    return sorted(n for n in os.listdir(out) if n.startswith("checkpoint-"))
+
+
+def test_fresh_run_refuses_a_dir_with_checkpoints(tmp_path, tok, rows):
+    out = str(tmp_path / "out")
+    _grpo(tmp_path, tok, rows, max_steps=4).train()
+    assert _ckpts(out) == ["checkpoint-3", "checkpoint-4"]
+    metrics = open(os.path.join(out, "metrics.jsonl")).read()
+    with pytest.raises(ConfigError, match="output_dir.*overwrite_output_dir"):
+        _grpo(tmp_path, tok, rows, max_steps=2, seed=7).train()
+    # nothing of the earlier run was touched
+    assert _ckpts(out) == ["checkpoint-3", "checkpoint-4"]
+    assert open(os.path.join(out, "metrics.jsonl")).read() == metrics
+    # resume_from_checkpoint=True with checkpoints present is a resume, not a fresh start
+    res = _grpo(tmp_path, tok, rows, max_steps=5).train(resume_from_checkpoint=True)
+    assert res["global_step"] == 5
+
+
+def test_overwrite_output_dir_deletes_the_old_checkpoints(tmp_path, tok, rows):
+    out = str(tmp_path / "out")
+    _grpo(tmp_path, tok, rows, max_steps=4).train()
+    # run B (fresh, overwrite) keeps its own newest checkpoints, not the old run's
+    _grpo(tmp_path, tok, rows, max_steps=2, seed=7, overwrite_output_dir=True).train()
+    assert _ckpts(out) == ["checkpoint-1", "checkpoint-2"]
+    with open(os.path.join(latest_checkpoint(out), "trainer_state.json")) as f:
+        assert json.load(f)["config"]["seed"] == 7
+    steps = [json.loads(x)["step"] for x in open(os.path.join(out, "metrics.jsonl"))]
+    assert steps == [1, 2]
+
+
+def test_overwrite_output_dir_must_be_a_bool():
+    with pytest.raises(ConfigError, match="overwrite_output_dir"):
+        small_grpo_config(__import__("pathlib").Path("/tmp"), overwrite_output_dir="yes")
+
+
+def test_resume_refuses_another_algorithm(tmp_path, tok, tiny, rows):
+    pairs = [{"prompt": r["prompt"], "chosen": r["solution"], "rejected": "x"} for r in rows]
+    cfg = DPOConfig(output_dir=str(tmp_path / "out"), per_device_train_batch_size=4,
+                    max_steps=1, save_steps=1, progress=False, plot=False, report_to="none")
+    DPOTrainer(tiny, copy_reference(tiny), args=cfg, train_dataset=pairs, tokenizer=tok).train()
+    g = _grpo(tmp_path, tok, rows, max_steps=2)
+    with pytest.raises(ConfigError, match="written by a dpo trainer.*grpo"):
+        g.train(resume_from_checkpoint=True)
+
+
+@pytest.mark.parametrize("kw, field", [
+    (dict(seed=1), "seed"),
+    (dict(num_generations=2), "num_generations"),
+    (dict(gradient_accumulation_steps=1, per_device_train_batch_size=8),
+     "per_device_train_batch_size"),
+    (dict(num_iterations=2), "num_iterations"),
+])
+def test_resume_refuses_other_data_order_fields(tmp_path, tok, rows, kw, field):
+    _grpo(tmp_path, tok, rows, max_steps=1).train()
+    tr = _grpo(tmp_path, tok, rows, max_steps=2, **kw)
+    with pytest.raises(ConfigError, match=f"resume_from_checkpoint: .*{field}="):
+        tr.train(resume_from_checkpoint=True)
+
+
+def test_resume_refuses_another_dataset_size(tmp_path, tok, rows):
+    _grpo(tmp_path, tok, rows, max_steps=1).train()
+    tr = _grpo(tmp_path, tok, rows[:32], max_steps=2)
+    with pytest.raises(ConfigError, match="train_dataset of 64 rows"):
+        tr.train(resume_from_checkpoint=True)
+    # max_steps and the learning rate may change on resume
+    res = _grpo(tmp_path, tok, rows, max_steps=2, learning_rate=1e-4).train(
+        resume_from_checkpoint=True)
+    assert res["global_step"] == 2
