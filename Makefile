@@ -30,7 +30,7 @@ install: $(DEPS_STAMP)
 	$(VENV)/bin/rlfuse info
 
 demo: install
-	$(VENV)/bin/rlfuse train grpo
+	$(VENV)/bin/rlfuse train grpo --overwrite_output_dir true
 
 test: install
 	$(PY) -m pytest tests -q $(PYTEST_ARGS)
