@@ -970,3 +970,107 @@ def test_decode_loop_budget_needs_a_split_table():
     p = torch.zeros(8).data_ptr()
     with pytest.raises(ValueError, match="split_budget needs a split table"):
         DecodeLoop(2, 1, 0, [p, 3, 0, 0], [p] * 7, p)
+
+
+# -- step texts against their tokens: SentencePiece-style decoders, multi-token delimiters ---
+
+def _word_tokenizer(vocab_words, decoder, pre, delimiter_tokens=("\n",)):
+    from tokenizers import Tokenizer, models, processors
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<pad>": 0, "<s>": 1, "</s>": 2, "<unk>": 3}
+    for w in list(delimiter_tokens) + list(vocab_words):
+        vocab.setdefault(w, len(vocab))
+    bt = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    bt.pre_tokenizer, bt.decoder = pre, decoder
+    bt.post_processor = processors.TemplateProcessing(single="<s> $A",
+                                                      special_tokens=[("<s>", 1)])
+    return PreTrainedTokenizerFast(tokenizer_object=bt, pad_token="<pad>", bos_token="<s>",
+                                   eos_token="</s>", unk_token="<unk>",
+                                   clean_up_tokenization_spaces=False)
+
+
+def _biased(model, bias: dict):
+    def hook(mod, args, out):
+        out = out.clone()
+        for i, v in bias.items():
+            out[..., i] += v
+        return out
+
+    model.lm_head.register_forward_hook(hook)
+    return model
+
+
+def test_step_texts_keep_the_spaces_a_sentencepiece_decoder_strips():
+    """A Llama-2-style decoder strips a sequence's leading space, so a step decoded on its
+    own loses the space it has inside the completion: steps are decoded after their
+    context token, and a rollout's steps joined give the rollout's text."""
+    from tokenizers import decoders, pre_tokenizers
+
+    words = ["\u2581the", "\u2581a", "\u2581is", "\u2581=", "\u25811", "\u25812", "the", "a",
+             "is", "=", "1", "2"]
+    tok = _word_tokenizer(words, decoders.Sequence([decoders.Replace("\u2581", " "),
+                                                    decoders.Fuse(), decoders.Strip(" ", 1, 0)]),
+                          pre_tokenizers.Metaspace(replacement="\u2581", prepend_scheme="first"))
+    nl = tok.convert_tokens_to_ids("\n")
+    model = _biased(tiny_causal_lm(tok, hidden_size=32, num_layers=1, seed=2).eval(),
+                    {nl: 1.5, tok.eos_token_id: 0.5})
+    gen = HFStepModel(model, tok, max_new_tokens=40, seed=1)
+    assert gen._ctx_decode
+    roots = gen.root_states([0, 1], ["the a", "is"])
+    checked = 0
+    for row in gen.sample_rollouts(roots, 8, 4):
+        for c, comp in row:
+            cur = c
+            while cur is not None and cur.tail is not None:
+                cur = gen.continue_tail(cur.state, cur.tail)
+            if cur is None or cur.ended == "length":
+                continue
+            assert "".join(cur.state.steps) == comp
+            # the completion is what the whole sequence decodes to after its prompt
+            prompt_ids = roots[cur.state.problem].ids
+            whole = tok.decode(cur.state.ids, skip_special_tokens=True)
+            assert whole == tok.decode(prompt_ids, skip_special_tokens=True) + comp
+            checked += 1
+    assert checked >= 4
+    # and in a search: every terminal node's reward is reward_fn of its own completion
+    seen = {}
+    R = lambda p, c: seen.setdefault(c, float(len(seen) % 7) / 7)  # noqa: E731
+    res = StepSearch(model, tok, reward_fn=R, num_candidates=3, num_simulations=24, max_depth=4,
+                     sampling=dict(max_new_tokens_per_step=40)).run(["the a", "is"])
+    for r in res:
+        for n in r.nodes:
+            if n["terminal"]:
+                comp = "".join(p["step"] for p in r.path(n["id"]))
+                assert n["reward"] == seen[comp]
+
+
+def test_a_delimiter_several_tokens_spell_ends_the_step_where_its_text_does():
+    """With step_delimiter "\\n\\n" and tokens "\\n" and "\\n\\n", two "\\n" tokens spell the
+    delimiter without a stop token: the step ends there (its tokens, log-prob and cache
+    too), and no candidate's text differs from its own tokens."""
+    from tokenizers import Regex, decoders, pre_tokenizers
+
+    tok = _word_tokenizer(list("abcdefghij =0123456789"), decoders.Fuse(),
+                          pre_tokenizers.Split(Regex(r"\n\n|[\s\S]"), behavior="isolated"),
+                          delimiter_tokens=("\n\n", "\n"))
+    nl = tok.convert_tokens_to_ids("\n")
+    model = _biased(tiny_causal_lm(tok, hidden_size=32, num_layers=1, seed=1).eval(),
+                    {nl: 2.5, tok.convert_tokens_to_ids("\n\n"): 1.0, tok.eos_token_id: -3.0})
+    gen = HFStepModel(model, tok, step_delimiter="\n\n", max_new_tokens=12, seed=0)
+    root = gen.root_states([0], ["ab"])[0]
+    cands = gen.sample_steps([root], 16)[0]
+    cands += [c for c, _ in gen.sample_rollouts([root], 8, 3)[0] if c is not None]
+    short = 0
+    for c in cands:
+        own = c.state.ids[len(root.ids):]
+        assert len(own) == c.num_tokens
+        assert c.text == tok.decode(own, skip_special_tokens=True)
+        if c.ended == "delimiter":
+            assert c.text.endswith("\n\n") and "\n\n" not in tok.decode(own[:-1])
+            short += own[-1] == nl
+        with torch.no_grad():        # the model's own head (with its hook)
+            lg = model(input_ids=torch.tensor([c.state.ids])).logits[0].double()
+        lp = torch.log_softmax(lg[:-1], -1).gather(-1, torch.tensor(c.state.ids[1:])[:, None])
+        assert c.logprob == pytest.approx(float(lp[-c.num_tokens:].sum()), abs=2e-4)
+    assert short > 0          # steps that ended at a "\n" token, not at a stop token

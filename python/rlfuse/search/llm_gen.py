@@ -339,6 +339,7 @@ class HFStepModel(StepModel):
         self._stop_tab, self._eos_tab = self._table(self.stop_ids), self._table(self.eos_ids)
         self._texts: dict = {}
         self._steps_memo: dict = {}
+        self._ctx_decode = not _decodes_piecewise(tokenizer, texts, delim[0])
         self._decode_ids = _fast_decode(tokenizer, vocab)
         # False: the decoding loop in torch ops even where rlfuse._C.DecodeLoop applies
         self.step_kernel = True
@@ -617,25 +618,46 @@ class HFStepModel(StepModel):
             child.kv = KVSlice(d.layers, r, d.C - d.lens[r], d.C + n)
         return child
 
-    def _text(self, ids: list) -> str:
+    def _text(self, ids: list, ctx: Optional[int] = None) -> str:
         """``tokenizer.decode(ids, skip_special_tokens=True)``, memoised: sampled steps
         repeat across rollouts and searches, and a decode call costs several microseconds
-        of Python per step."""
-        return _memoised(self._texts, ids, self._decode_ids)
+        of Python per step.  ``ctx``: the token before ``ids``; with a tokenizer that does
+        not decode piece by piece (``_ctx_decode``: e.g. a SentencePiece decoder that strips
+        a sequence's leading space), the text ``ids`` add after it, so that joined step
+        texts equal the decode of the whole sequence."""
+        if ctx is None or not self._ctx_decode:
+            return _memoised(self._texts, tuple(ids), ids, self._decode_ids)
+        return _memoised(self._texts, (ctx, tuple(ids)), ids,
+                         lambda ids: self._decode_after(ctx, ids))
 
-    def _step_text(self, ids: list):
-        """(text, ended) of one step's token ids (the last may be a stop token), memoised
-        like :meth:`_text`."""
-        return _memoised(self._steps_memo, ids, self._step_text_of)
+    def _decode_after(self, ctx: int, ids: list) -> str:
+        dec = self._decode_ids
+        head, full = dec([ctx]), dec([ctx] + list(ids))
+        return full[len(head):] if full.startswith(head) else dec(ids)
 
-    def _step_text_of(self, ids: list):
+    def _step_text(self, ids: list, ctx: Optional[int] = None):
+        """(text, ended, n) of one step's token ids (the last may be a stop token), memoised
+        like :meth:`_text`: ``n`` is the step's length in tokens, ``len(ids)`` unless the
+        delimiter's text is complete before the last token (a delimiter several tokens
+        can spell, such as ``"\n\n"`` from two ``"\n"``): then the step is the shortest
+        prefix of ``ids`` whose text holds it."""
+        key = tuple(ids) if ctx is None or not self._ctx_decode else (ctx, tuple(ids))
+        return _memoised(self._steps_memo, key, ids, lambda ids: self._step_text_of(ids, ctx))
+
+    def _step_text_of(self, ids: list, ctx: Optional[int] = None):
         if ids and ids[-1] in self._eos:
-            return self._text(ids[:-1]), "eos"
-        text = self._text(ids)
-        cut = text.find(self.step_delimiter)
+            return self._text(ids[:-1], ctx), "eos", len(ids)
+        text = self._text(ids, ctx)
+        delim = self.step_delimiter
+        cut = text.find(delim)
         if ids and ids[-1] in self._stop_set and cut >= 0:
-            return text[:cut + len(self.step_delimiter)], "delimiter"
-        return text, "length"
+            if cut + len(delim) < len(text):      # text after the delimiter: where it ends
+                for j in range(1, len(ids)):
+                    head = self._text(ids[:j], ctx)
+                    if delim in head:
+                        return head, "delimiter", j
+            return text, "delimiter", len(ids)
+        return text, "length", len(ids)
 
     def _candidates(self, states, k: int, d: "_Decoded", first: torch.Tensor):
         """Candidates from the first ``first[r]`` tokens of every row."""
@@ -650,10 +672,13 @@ class HFStepModel(StepModel):
             for j in range(k):
                 r = i * k + j
                 n = first_l[r]
-                text, ended = self._step_text(rows[r][:n])
+                text, ended, m = self._step_text(rows[r][:n], st.ids[-1])
+                lp = sums[r]
+                if m < n:     # the delimiter's text ended before the stop token
+                    lp, n = float(d.lp[r, :m].double().sum()), m
                 child = self._child(st, d, r, n, ended == "delimiter")
                 child.steps = st.steps + (text,)
-                cands.append(Candidate(text, n, sums[r], ended, child))
+                cands.append(Candidate(text, n, lp, ended, child))
             out.append(cands)
         return out
 
@@ -691,6 +716,7 @@ class HFStepModel(StepModel):
         # and so are the memo lookups of _text and _step_text)
         eos, rows, text, step_text = self._eos, d.rows, self._text, self._step_text
         texts, steps_memo = self._texts, self._steps_memo
+        cm = self._ctx_decode          # memo keys with the context token: no inline lookups
         kv = (d.layers, d.C, d.lens) if self.kv_reuse else None
         if not self.kv_reuse:      # the tails keep the rows, not the batch's cache
             d = d._replace(layers=None)
@@ -699,19 +725,22 @@ class HFStepModel(StepModel):
             st, r1 = states[i], r0 + ks[i]
             done, row_out = st.completion, out[i]
             problem, prompt, steps, ids = st.problem, st.prompt, st.steps, st.ids
+            ctx = ids[-1]          # the token before the row's (see _text)
             for r in range(r0, r1):
                 n, row = lens[r], rows[r]
                 # the rollout's text: its tokens but EOS (only the last one can be EOS)
                 body = row[:n - 1] if n and row[n - 1] in eos else row[:n]
-                got = texts.get(tuple(body))
-                comp = done + (got if got is not None else text(body))
+                got = texts.get(tuple(body)) if not cm else None
+                comp = done + (got if got is not None else text(body, ctx))
                 if n <= 0:
                     row_out.append((None, comp))
                     continue
                 end, o = min(ends[r] or n, n, cap), r * W
                 seg = row[:end]
-                got = steps_memo.get(tuple(seg))
-                t, ended = got if got is not None else step_text(seg)
+                got = steps_memo.get(tuple(seg)) if not cm else None
+                t, ended, m = got if got is not None else step_text(seg, ctx)
+                if m < end:        # the delimiter's text ended before the stop token
+                    end, seg = m, seg[:m]
                 child = StepState(problem, prompt, steps + (t,), ids + seg)
                 c = Candidate(t, end, lpc[o + end] - lpc[o], ended, child)
                 if ended == "delimiter":
@@ -744,8 +773,10 @@ class HFStepModel(StepModel):
             else:       # no stop within max_new_tokens: a "length" step (terminal)
                 end = min(length, start + self.max_new_tokens)
         seg = row[start:end]
+        text, ended, m = self._step_text(seg, row[start - 1] if start else st.ids[-1])
+        if m < len(seg):           # the delimiter's text ended before the stop token
+            end, seg = start + m, seg[:m]
         n = end - start
-        text, ended = self._step_text(seg)
         child = StepState(st.problem, st.prompt, st.steps + (text,), st.ids + seg)
         c = Candidate(text, n, lpc[o + end] - lpc[o + start], ended, child)
         if ended == "delimiter":
@@ -766,9 +797,27 @@ class HFStepModel(StepModel):
         for r in range(len(rows)):
             st, n = states[r // repeats], lens[r]
             self.counters.add_generated(st.problem, n)
-            text = self._text(rows[r][:n])
+            text = self._text(rows[r][:n], st.ids[-1])
             out.append((st.completion + text, n))
         return out
+
+
+def _decodes_piecewise(tokenizer, texts: list, ctx: int) -> bool:
+    """Whether ``decode(a + b) == decode(a) + decode(b)`` for the step search's cuts: checked
+    for every token b after the context token ``ctx`` (a delimiter token, which every step
+    but the first follows; ``texts``: every token decoded on its own).  False for e.g.
+    Llama-2 / Mistral SentencePiece tokenizers, whose decoder strips the leading space of a
+    sequence (a step decoded on its own would lose the space it has in the completion)."""
+    special = set(tokenizer.all_special_ids)
+    dec = lambda batch: tokenizer.batch_decode(batch, skip_special_tokens=True)  # noqa: E731
+    head = dec([[ctx]])[0]
+    V = len(texts)
+    for i in range(0, V, 8192):
+        pairs = dec([[ctx, b] for b in range(i, min(i + 8192, V))])
+        for b, p in enumerate(pairs, i):
+            if p != head + ("" if b in special else texts[b]):
+                return False
+    return True
 
 
 def _per_state(max_steps, n: int) -> list:
@@ -781,10 +830,9 @@ def _per_state(max_steps, n: int) -> list:
     return out
 
 
-def _memoised(memo: dict, ids: list, make):
-    """``make(ids)`` through ``memo`` (keyed by the ids; cleared when it holds
-    ``_TEXT_MEMO`` entries)."""
-    key = tuple(ids)
+def _memoised(memo: dict, key, ids: list, make):
+    """``make(ids)`` through ``memo`` under ``key`` (cleared when it holds ``_TEXT_MEMO``
+    entries)."""
     got = memo.get(key)
     if got is None:
         if len(memo) >= _TEXT_MEMO:
