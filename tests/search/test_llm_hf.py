@@ -940,7 +940,7 @@ def test_a_pad_id_the_model_cannot_embed_is_replaced(tiny):
 
 
 @pytest.mark.parametrize("temp", [1.0, 0.0])
-def test_step_budgets_stop_rows_alike_in_both_loops(tiny, temp):
+def test_decode_loop_step_budgets_stop_rows_alike_in_both_loops(tiny, temp):
     """A row stops at the split-table token that spends its budget (its remaining steps),
     in the DecodeLoop kernel and in the torch loop alike, and not before."""
     model, tok = tiny
