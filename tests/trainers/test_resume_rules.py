@@ -92,3 +92,21 @@ def test_resume_refuses_another_dataset_size(tmp_path, tok, rows):
     res = _grpo(tmp_path, tok, rows, max_steps=2, learning_rate=1e-4).train(
         resume_from_checkpoint=True)
     assert res["global_step"] == 2
+
+
+def test_overwrite_refuses_to_delete_the_checkpoint_the_model_was_loaded_from(tmp_path, tok,
+                                                                             rows):
+    """overwrite_output_dir deletes the earlier run's checkpoints, but not the one this
+    run's model (or tokenizer) was just loaded from: that raises before anything goes."""
+    from rlfuse.models.tiny import tiny_causal_lm
+
+    out = tmp_path / "out"
+    src = out / "checkpoint-500"
+    tiny_causal_lm(tok, hidden_size=32, num_layers=1, num_heads=2, seed=0).save_pretrained(src)
+    tok.save_pretrained(src)
+    before = sorted(os.listdir(src))
+    cfg = small_grpo_config(tmp_path, report_to="none", save_steps=0, max_steps=1,
+                            overwrite_output_dir=True)
+    with pytest.raises(ConfigError, match="overwrite_output_dir would delete.*loaded from"):
+        GRPOTrainer(str(src), length_reward, args=cfg, train_dataset=rows).train()
+    assert sorted(os.listdir(src)) == before

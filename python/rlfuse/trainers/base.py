@@ -648,7 +648,8 @@ class BaseTrainer:
             grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
         bad_loss = not math.isfinite(loss_value)
         bad_grad = not bool(torch.isfinite(grad_norm))
-        flags = torch.tensor([float(bad_loss), float(bad_grad)])
+        # on the trainer's device: an NCCL group reduces device tensors only
+        flags = torch.tensor([float(bad_loss), float(bad_grad)], device=self.device)
         flags = _all_reduce_sum(flags, self.world_size)
         metrics["grad_norm"] = float(grad_norm)
         if flags.sum() > 0:
@@ -1062,7 +1063,8 @@ class BaseTrainer:
     def _resume_fields(self) -> tuple:
         """Config fields that fix the data order and the step <-> round mapping: a
         checkpoint resumes only with the same values."""
-        return ("seed", "per_device_train_batch_size", "gradient_accumulation_steps")
+        return ("seed", "per_device_train_batch_size", "gradient_accumulation_steps") + \
+            (("disable_dropout",) if hasattr(self.args, "disable_dropout") else ())
 
     def _check_resume_compatible(self, path, state):
         algo = state.get("algorithm")
@@ -1147,7 +1149,8 @@ class BaseTrainer:
         if self.rank == 0:
             try:
                 stale = check_output_dir(a.output_dir, a.overwrite_output_dir)
-            except ConfigError as exc:
+                self._refuse_deleting_sources(stale)
+            except Exception as exc:      # noqa: BLE001 (every rank must learn of it)
                 err, stale = exc, []
         flag = torch.tensor([1.0 if err is not None else 0.0], device=self.device)
         if float(_all_reduce_sum(flag, self.world_size)) > 0:
@@ -1160,6 +1163,26 @@ class BaseTrainer:
             if os.path.exists(self._metrics_path()):
                 os.remove(self._metrics_path())
         _barrier(self.world_size)
+
+    def _refuse_deleting_sources(self, stale: list) -> None:
+        """overwrite_output_dir deletes the earlier run's checkpoints: not one that holds
+        the model, reference, value model or tokenizer this run was loaded from."""
+        if not stale:
+            return
+        doomed = [os.path.realpath(os.path.join(self.args.output_dir, n)) for n in stale]
+        for name in ("model", "ref_model", "value_model", "tokenizer"):
+            obj = getattr(self, name, None)
+            src = getattr(obj, "name_or_path", None) or \
+                getattr(getattr(obj, "config", None), "_name_or_path", None)
+            if not isinstance(src, str) or not src or not os.path.exists(src):
+                continue
+            real = os.path.realpath(src)
+            for d in doomed:
+                if real == d or real.startswith(d + os.sep):
+                    raise ConfigError(
+                        f"output_dir: overwrite_output_dir would delete {d}, which holds the "
+                        f"{name} this run was loaded from ({src!r}); copy it elsewhere or "
+                        "use another output_dir")
 
     def train(self, resume_from_checkpoint=None) -> dict:
         """Run to ``max_steps`` (or ``num_train_epochs``).  ``resume_from_checkpoint``:
