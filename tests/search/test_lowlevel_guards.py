@@ -208,3 +208,22 @@ def test_tree_set_table_rejects_an_empty_table():
                 torch.zeros(4, dtype=torch.int32)):
         with pytest.raises(ValueError, match="set_table"):
             t.set_table(bad)
+
+
+def test_searches_take_numpy_scalars():
+    """numpy scalars (np.float32, np.int64) are real numbers: the searches and Phases take
+    them as floats."""
+    import numpy as np
+
+    import rlfuse.search as S
+
+    def fn(emb, act):
+        M = act.shape[0]
+        return S.RecurrentOutput(torch.zeros(M), torch.ones(M), torch.zeros(M, 3), torch.zeros(M))
+
+    root = S.Root(torch.zeros(2, 3), torch.zeros(2))
+    a = S.puct_search(root, fn, 4, pb_c_init=np.float32(1.25), pb_c_base=np.int64(19652),
+                      virtual_loss=np.float32(1.0), dirichlet_fraction=0.0)
+    b = S.puct_search(root, fn, 4, dirichlet_fraction=0.0)
+    assert torch.equal(a.root_visit_counts, b.root_visit_counts)
+    S.gumbel_search(root, fn, 4, value_scale=np.float32(0.1), maxvisit_init=np.float64(50))

@@ -34,6 +34,7 @@ Backends: ``cpu`` (rlfuse._C, OpenMP over trees), ``cuda`` (rlfuse._cuda, a warp
 from __future__ import annotations
 
 import math
+import numbers
 from typing import Any, NamedTuple
 
 import torch
@@ -483,7 +484,8 @@ class Phases:
         for name, v in (("c1", c1), ("c2", c2), ("virtual_loss", virtual_loss),
                         ("value_scale", value_scale), ("maxvisit_init", maxvisit_init)):
             # the kernels read them as float32
-            if not (isinstance(v, (int, float)) and abs(float(v)) <= _F32_MAX):
+            if isinstance(v, bool) or not isinstance(v, numbers.Real) or \
+                    not abs(float(v)) <= _F32_MAX:
                 raise ValueError(f"rlfuse.search Phases: {name} must be a finite number of "
                                  f"float32 range, got {v!r}")
         if bool((tree.next_free < 1).any()):
