@@ -34,8 +34,9 @@
 // stopped (the pad id, log-prob 0), the stop check against a lookup table, the row's
 // length at its first stop (and, optionally, at its first token of a second table: where
 // a rollout's first step ends; with a per-row budget of such tokens, a row also stops at
-// the one that spends it: a rollout ends at max_depth steps), and the position ids
-// advanced by one.
+// the one that spends it: a rollout ends at max_depth steps; with a step cap, at the
+// step_cap-th token since its last such token: a step ends at max_new_tokens), and the
+// position ids advanced by one.
 //
 // Compiled once (no ISA variants: kv_pack is memcpy / memset bound and the bookkeeping is
 // a pass over R rows; the sampling and log-prob rows go through the ISA dispatch).  The
@@ -181,6 +182,8 @@ struct Loop {
   int64_t* pos;          // [R] in/out: + 1
   int64_t* split_budget; // [R] in/out, or null: a row stops at the token in `split` that
                          // takes its budget to 0 (each such token takes one off)
+  int64_t* since;        // [R] in/out, or null: tokens since the row's last `split` token;
+  int64_t step_cap;      // with `since`: a row stops at its step_cap-th token without one
 };
 
 struct Step {
@@ -205,6 +208,9 @@ int64_t book_step(const Loop& s, int64_t t, const int64_t* ids, bool all_rows) {
       if (s.split && id >= 0 && id < s.n_split && s.split[id]) {
         if (!s.first_split[r]) s.first_split[r] = t + 1;
         if (s.split_budget && --s.split_budget[r] <= 0) stop = true;
+        if (s.since) s.since[r] = 0;
+      } else if (s.since && ++s.since[r] >= s.step_cap) {
+        stop = true;  // a step of step_cap tokens without a split token: where it ends
       }
       if (stop) {
         s.done[r] = 1;
@@ -324,10 +330,12 @@ void rlfuse_bind_kvpack(py::module_& m) {
                    "built in rlfuse.search.llm_gen): stop and split tables (pointer, size), "
                    "then done, cur, toks, lp, length, first_split (0: no split table), pos; "
                    "split_budget (0: none): int64 [R], a row stops at the split-table token "
-                   "that takes its budget to 0.")
+                   "that takes its budget to 0; since (0: none): int64 [R] tokens since the "
+                   "row's last split-table token, a row stopping at its step_cap-th.")
       .def(py::init([](int64_t R, int64_t width, int64_t pad_id,
                        const std::vector<uint64_t>& tables,
-                       const std::vector<uint64_t>& buffers, uint64_t split_budget) {
+                       const std::vector<uint64_t>& buffers, uint64_t split_budget,
+                       uint64_t since, int64_t step_cap) {
              if (R < 1 || width < 1)
                throw std::invalid_argument("DecodeLoop: needs R, width >= 1");
              if (tables.size() != 4 || buffers.size() != 7)
@@ -342,16 +350,21 @@ void rlfuse_bind_kvpack(py::module_& m) {
                    "DecodeLoop: needs a stop table, and first_split with a split table");
              if (split_budget != 0 && tables[2] == 0)
                throw std::invalid_argument("DecodeLoop: split_budget needs a split table");
+             if (since != 0 && (tables[2] == 0 || step_cap < 1))
+               throw std::invalid_argument(
+                   "DecodeLoop: since needs a split table and step_cap >= 1");
              auto i64 = [&](size_t i) { return reinterpret_cast<int64_t*>(buffers[i]); };
              return Loop{R, width, pad_id, reinterpret_cast<const uint8_t*>(tables[0]),
                          static_cast<int64_t>(tables[1]),
                          reinterpret_cast<const uint8_t*>(tables[2]),
                          static_cast<int64_t>(tables[3]), reinterpret_cast<uint8_t*>(buffers[0]),
                          i64(1), i64(2), reinterpret_cast<float*>(buffers[3]), i64(4),
-                         i64(5), i64(6), reinterpret_cast<int64_t*>(split_budget)};
+                         i64(5), i64(6), reinterpret_cast<int64_t*>(split_budget),
+                         reinterpret_cast<int64_t*>(since), step_cap};
            }),
            py::arg("R"), py::arg("width"), py::arg("pad_id"), py::arg("tables"),
-           py::arg("buffers"), py::arg("split_budget") = 0)
+           py::arg("buffers"), py::arg("split_budget") = 0, py::arg("since") = 0,
+           py::arg("step_cap") = 0)
       .def(
           "step",
           [](const Loop& s, uint64_t probs, uint64_t u, uint64_t argmax, uint64_t logits,

@@ -1074,3 +1074,34 @@ def test_a_delimiter_several_tokens_spell_ends_the_step_where_its_text_does():
         lp = torch.log_softmax(lg[:-1], -1).gather(-1, torch.tensor(c.state.ids[1:])[:, None])
         assert c.logprob == pytest.approx(float(lp[-c.num_tokens:].sum()), abs=2e-4)
     assert short > 0          # steps that ended at a "\n" token, not at a stop token
+
+
+@pytest.mark.parametrize("temp", [1.0, 0.0])
+def test_decode_loop_step_cap_ends_rows_at_an_over_long_step(tiny, temp):
+    """With a step cap, a row stops at the cap-th token since its last split-table token
+    (the terminal "length" step the tree makes), in both loops alike; a delimiter resets
+    the count.  A rollout's steps then never run past max_new_tokens_per_step, whatever
+    the other states in its batch have left."""
+    model, tok = tiny
+    runs = []
+    for kernel in (True, False):
+        gen = HFStepModel(_newline_biased(model, tok, bias=0.5), tok, max_new_tokens=4,
+                          temperature=temp, seed=3)
+        gen.step_kernel = kernel
+        roots = gen.root_states([0, 1], ["12+3=", "7="])
+        d = gen._decode(roots, 4, 30, gen._eos_tab, split=gen._stop_tab,
+                        budget=[3] * 8, step_cap=4)
+        splits = gen._stop_set
+        for row, n in zip(d.rows, d.length.tolist()):
+            run = 0
+            for t in row[:n]:
+                run = 0 if t in splits else run + 1
+                assert run <= 4
+            assert n == 30 or row[n - 1] in splits or run == 4
+        runs.append((d.rows, d.length.tolist(), d.stopped.tolist(), d.first_split))
+        # sample_rollouts: a state with 1 step left samples no more than max_new_tokens
+        rolled = gen.sample_rollouts(roots, 3, [1, 5])
+        assert all(len(c.state.ids) - len(roots[0].ids) <= 4 for c, _ in rolled[0]
+                   if c is not None)
+    assert runs[0] == runs[1]
+    assert any(n < 30 for n in runs[0][1])

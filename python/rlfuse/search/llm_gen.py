@@ -123,17 +123,20 @@ class StepModel:
         """``k`` sampled next steps for each state (duplicates are kept; the search merges)."""
         raise NotImplementedError
 
-    def rollout(self, states: Sequence[StepState], max_steps: int,
+    def rollout(self, states: Sequence[StepState], max_steps,
                 repeats: int = 1) -> list[tuple[str, int]]:
         """``repeats`` sampled completions to the end (EOS) for each state (state-major):
-        ``(the state's completion followed by the continuation, tokens generated)``."""
+        ``(the state's completion followed by the continuation, tokens generated)``; a
+        continuation has ``max_steps`` steps at most (an int, or one per state: the search
+        passes each state's steps left to ``max_depth``)."""
         raise NotImplementedError
 
     def sample_rollouts(self, states: Sequence[StepState], k,
-                        max_steps: int) -> list[list[tuple[Candidate, str]]]:
+                        max_steps) -> list[list[tuple[Candidate, str]]]:
         """``k`` (an int, or one count per state) sampled completions to the end for each
-        state, each split into its first step (a :class:`Candidate` whose ``tail`` points
-        at the rest of the rollout) and the full completion text."""
+        state, of ``max_steps`` steps at most (an int, or one per state), each split into
+        its first step (a :class:`Candidate` whose ``tail`` points at the rest of the
+        rollout) and the full completion text."""
         raise NotImplementedError
 
     def continue_tail(self, state: StepState, tail) -> Optional[Candidate]:
@@ -403,19 +406,23 @@ class HFStepModel(StepModel):
 
     def _decode(self, states: list[StepState], repeats, max_new_tokens: int,
                 stop: torch.Tensor, split: Optional[torch.Tensor] = None,
-                budget: Optional[list] = None) -> "_Decoded":
+                budget: Optional[list] = None, step_cap: int = 0) -> "_Decoded":
         """Sample ``repeats`` continuations per state (an int, or one count per state;
         state-major rows) until a token marked in the bool table ``stop`` (``_stop_tab``:
         step delimiters and EOS, ``_eos_tab``: EOS) or ``max_new_tokens``; ``budget`` (one
         int per row, with ``split``): a row also stops at its ``budget[r]``-th token marked
-        in ``split`` (a rollout's ``max_depth`` steps)."""
+        in ``split`` (a rollout's ``max_depth`` steps); ``step_cap`` (with ``split``): a row
+        also stops at its ``step_cap``-th token after its last ``split`` token (a step that
+        runs to ``max_new_tokens_per_step``, where the tree's step ends too)."""
         t0 = time.perf_counter()
         try:
-            return self._decode_impl(states, repeats, max_new_tokens, stop, split, budget)
+            return self._decode_impl(states, repeats, max_new_tokens, stop, split, budget,
+                                     step_cap)
         finally:
             self.counters.decode_seconds += time.perf_counter() - t0
 
-    def _decode_impl(self, states, repeats, max_new_tokens, stop, split, budget) -> "_Decoded":
+    def _decode_impl(self, states, repeats, max_new_tokens, stop, split, budget,
+                     step_cap=0) -> "_Decoded":
         need = [st for st in states if st.kv is None and len(st.ids) > 1]
         if need:
             self._prefill(need)
@@ -453,8 +460,10 @@ class HFStepModel(StepModel):
         if budget is not None and (split is None or len(budget) != R):
             raise ValueError("rlfuse.search.llm_gen: a step budget needs a split table and "
                              "one value per sampled row")
+        if step_cap and split is None:
+            raise ValueError("rlfuse.search.llm_gen: a step cap needs a split table")
         toks, length, stopped, lp, first = loop(kernel, cache, tok, pos, mask, C, R,
-                                                max_new_tokens, stop, split, budget)
+                                                max_new_tokens, stop, split, budget, step_cap)
         return _Decoded(toks, length, stopped, lp,
                         _KVLayers((layer.keys, layer.values) for layer in cache.layers), C,
                         row_lens, _rows(toks, length), first)
@@ -470,7 +479,7 @@ class HFStepModel(StepModel):
         return getattr(_backend.cpu_module(), "DecodeLoop", None)
 
     def _loop_kernel(self, kernel, cache, tok, pos, mask, C, R, max_new_tokens, stop, split,
-                     budget=None):
+                     budget=None, step_cap=0):
         """The decoding loop with one ``rlfuse._C.DecodeLoop`` call per step after the
         forward: with temperature > 0 and no nucleus, ``step_logits`` samples from the
         logits (softmax, CDF inversion at the loop's pre-drawn uniforms and raw log-probs
@@ -492,12 +501,14 @@ class HFStepModel(StepModel):
         stop = stop.contiguous()
         # steps left per row (decremented by the kernel at every split token)
         budget_t = torch.tensor(budget, dtype=torch.long) if budget is not None else None
+        since = torch.zeros(R, dtype=torch.long) if step_cap else None   # tokens this step
         loop = kernel(R, Tm, self.pad_id, [
             stop.data_ptr(), stop.shape[0], split.data_ptr() if split is not None else 0,
             split.shape[0] if split is not None else 0], [
             done.data_ptr(), cur.data_ptr(), toks.data_ptr(), lp.data_ptr(), length.data_ptr(),
             first.data_ptr() if first is not None else 0, pos.data_ptr()],
-            budget_t.data_ptr() if budget_t is not None else 0)
+            budget_t.data_ptr() if budget_t is not None else 0,
+            since.data_ptr() if since is not None else 0, step_cap)
         greedy, temp, top_p = self.temperature == 0, self.temperature, self.top_p
         fused = not greedy and top_p >= 1.0 and self.fused_step
         # the loop's uniforms, drawn at once: row t for step t (as _loop_torch)
@@ -545,7 +556,7 @@ class HFStepModel(StepModel):
                           dtype=torch.float32)
 
     def _loop_torch(self, kernel, cache, tok, pos, mask, C, R, max_new_tokens, stop, split,
-                    budget=None):
+                    budget=None, step_cap=0):
         """The decoding loop in torch ops (any device)."""
         from rlfuse.ops import token_logprobs
 
@@ -553,6 +564,7 @@ class HFStepModel(StepModel):
         done = torch.zeros(R, dtype=torch.bool, device=dev)
         ends = torch.zeros(R, dtype=torch.long, device=dev)   # t + 1 where a row stopped
         left = torch.tensor(budget, device=dev) if budget is not None else None
+        since = torch.zeros(R, dtype=torch.long, device=dev) if step_cap else None
         out_tok, out_lp = [], []
         draws = self._draws(max_new_tokens, R) if self.temperature != 0 else None
         for t in range(max_new_tokens):
@@ -573,10 +585,14 @@ class HFStepModel(StepModel):
                 nxt.masked_fill_(done, self.pad_id)    # rows that stopped: padding
             out_tok.append(nxt)
             newly = stop[nxt] & ~done
-            if left is not None:        # a row's budget-th split token stops it too
+            if left is not None or since is not None:
                 s_hit = split[nxt] & ~done
-                left -= s_hit.long()
-                newly |= s_hit & (left <= 0)
+                if left is not None:    # a row's budget-th split token stops it too
+                    left -= s_hit.long()
+                    newly |= s_hit & (left <= 0)
+                if since is not None:   # and its step_cap-th token without one
+                    since = torch.where(s_hit, 0, since + 1)
+                    newly |= ~s_hit & ~done & (since >= step_cap)
             ends.masked_fill_(newly, t + 1)
             done |= newly
             if bool(done.all()):
@@ -697,12 +713,14 @@ class HFStepModel(StepModel):
         out: list[list] = [[] for _ in states]
         if not live:
             return out
-        # a rollout ends at EOS or after its state's remaining steps (max_depth); a step
-        # after max_new_tokens tokens (a "length" step: terminal, scored on its own text)
+        # a rollout ends at EOS, after its state's remaining steps (max_depth), or at a
+        # step of max_new_tokens tokens without a delimiter (a "length" step: terminal,
+        # scored on its own text), where the tree's trace would end
         d = self._decode([states[i] for i in live], [ks[i] for i in live],
                          max(1, max(ms[i] for i in live)) * self.max_new_tokens,
                          self._eos_tab, split=self._stop_tab,
-                         budget=[max(ms[i], 1) for i in live for _ in range(ks[i])])
+                         budget=[max(ms[i], 1) for i in live for _ in range(ks[i])],
+                         step_cap=self.max_new_tokens)
         ends = d.first_split
         lens = d.length.tolist()
         cap = self.max_new_tokens
@@ -791,7 +809,8 @@ class HFStepModel(StepModel):
         ms = _per_state(max_steps, len(states))
         d = self._decode(list(states), repeats, max(1, max(ms)) * self.max_new_tokens,
                          self._eos_tab, split=self._stop_tab,
-                         budget=[max(m, 1) for m in ms for _ in range(repeats)])
+                         budget=[max(m, 1) for m in ms for _ in range(repeats)],
+                         step_cap=self.max_new_tokens)
         out = []
         lens, rows = d.length.tolist(), d.rows
         for r in range(len(rows)):
