@@ -529,3 +529,20 @@ def test_torch_compile_inductor():
     g_e = torch.autograd.grad(loss_e, (h, w))
     torch.testing.assert_close(loss, loss_e)
     torch.testing.assert_close(g, g_e)
+
+
+@pytest.mark.parametrize("backend", ["cpu", "torch"])
+@pytest.mark.parametrize("shape", [(0, 5), (2, 0, 5)])
+def test_empty_positions_are_served(backend, shape):
+    """No positions is valid input (an empty micro-batch): empty outputs and zero
+    gradients, as token_logprobs gives, not an error."""
+    if backend == "cpu":
+        pytest.importorskip("rlfuse._C")
+    h = torch.randn(*shape, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(7, 5, dtype=torch.float64, requires_grad=True)
+    ids = torch.zeros(shape[:-1], dtype=torch.long)
+    lp, ent = linear_token_logprobs(h, w, ids, return_entropy=True, backend=backend)
+    assert lp.shape == shape[:-1] and ent.shape == shape[:-1]
+    (lp.sum() + ent.sum()).backward()
+    assert h.grad.shape == h.shape
+    assert w.grad is not None and float(w.grad.abs().sum()) == 0.0

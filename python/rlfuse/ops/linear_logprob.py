@@ -526,10 +526,6 @@ def _check_args(hidden, weight, token_ids, bias, temperature, ignore_index):
         raise ValueError(f"{_OP}: hidden has an empty hidden dimension (H = 0)")
     if V == 0:
         raise ValueError(f"{_OP}: weight has an empty vocabulary dimension (V = 0)")
-    if hidden.numel() == 0:
-        raise ValueError(
-            f"{_OP}: hidden has no positions (shape {tuple(hidden.shape)}); pass at least one"
-        )
     _validate.shape_equals(_OP, "token_ids", token_ids, hidden.shape[:-1], "hidden.shape[:-1]")
     if bias is not None:
         _validate.tensor(_OP, "bias", bias)
