@@ -33,6 +33,16 @@ def _cmd_info(args) -> int:
     return 0
 
 
+def _positive_int(text: str) -> int:
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive int, got {text!r}") from None
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive int, got {v}")
+    return v
+
+
 def _cmd_bench(args) -> int:
     import torch
 
@@ -40,6 +50,9 @@ def _cmd_bench(args) -> int:
     from rlfuse.bench import harness
 
     names = sorted(bench.SUITES) if args.suite == "all" else [args.suite]
+    if args.device == "cuda" and not torch.cuda.is_available():
+        print("rlfuse bench: --device cuda, but torch sees no CUDA device", file=sys.stderr)
+        return 2
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -58,9 +71,14 @@ def _cmd_bench(args) -> int:
 
         report.run_all(args.out, names, meta, run_kwargs)
         return 0
+    failed = []
     for name in names:
-        suite = bench.load(name)
-        rows = suite.run(**run_kwargs)
+        try:                # a suite that fails is reported; the others still run
+            rows = bench.load(name).run(**run_kwargs)
+        except Exception as exc:  # noqa: BLE001
+            failed.append(name)
+            print(f"\n{name}: failed: {type(exc).__name__}: {exc}", file=sys.stderr)
+            continue
         print()
         print(harness.format_table(rows, bw))
         for r in rows:
@@ -69,7 +87,7 @@ def _cmd_bench(args) -> int:
         if args.out:
             for path in harness.write_outputs(args.out, name, rows, meta):
                 print(f"wrote {path}")
-    return 0
+    return 1 if failed else 0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -86,11 +104,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("suite", choices=sorted(SUITES) + ["all"], help="which benchmark")
     p.add_argument("--device", choices=["cpu", "cuda"], help="default: cuda if present")
     p.add_argument("--quick", action="store_true", help="small cases, few repeats")
-    p.add_argument("--repeat", type=int, default=None, help="timed repetitions per variant")
+    p.add_argument("--repeat", type=_positive_int, default=None,
+                   help="timed repetitions per variant")
     p.add_argument("--no-compile", action="store_true", help="skip torch.compile variants")
     p.add_argument("--backends", default=None,
                    help="also time these rlfuse backends, comma separated (e.g. cuda,triton)")
-    p.add_argument("--threads", type=int, default=None, help="torch/OpenMP threads")
+    p.add_argument("--threads", type=_positive_int, default=None, help="torch/OpenMP threads")
     p.add_argument("--out", default=None, help="write <suite>.json and <suite>.png here (all: also report.md)")
     p.set_defaults(func=_cmd_bench)
 
