@@ -272,6 +272,8 @@ def _log_metrics(self, mode, st, logps, old, adv2, mask, entropies, inputs, nanm
             metrics["cispo_clip_ratio"].append(global_mean(st["clip_frac_high"] * n_tok, n_tok))
         elif self.loss_type in ("grpo", "bnpo", "dr_grpo", "dapo", "luspo"):
             coef_1 = torch.exp(_log_ratio(self, lp, old, maskf))
+            if getattr(self.args, "delta", None) is not None:  # TRL clamps before it logs
+                coef_1 = coef_1.clamp(max=self.args.delta)
             low = ((coef_1 < 1 - self.epsilon_low) & (adv2 < 0)).float()
             high = ((coef_1 > 1 + self.epsilon_high) & (adv2 > 0)).float()
 
