@@ -277,3 +277,24 @@ def test_unpatch_restores_identity_and_rebinds_importers(verl):
 def test_unknown_version_refused(verl, monkeypatch):
     rv, ca, _ = verl
     assert_refuses_unknown_version(rv, "verl", "1.0.0", monkeypatch, lambda: ca.agg_loss)
+
+
+@pytest.mark.parametrize("name", ["vanilla", "gspo", "cispo"])
+def test_policy_loss_dtype_is_verls(verl, name):
+    """bf16 log-probs with float32 advantages and mask: verl's loss is float32 (type
+    promotion); the patched loss comes back in that dtype too, not rounded to bf16."""
+    rv, ca, _ = verl
+    g = torch.Generator().manual_seed(3)
+    B, T = 4, 9
+    lp = -(torch.rand(B, T, generator=g) * 2 + 0.05)
+    old = lp + 0.3 * torch.randn(B, T, generator=g)
+    adv = torch.randn(B, T, generator=g)
+    m = (torch.rand(B, T, generator=g) < 0.8).float()
+    cfg = _actor_config(clip_ratio=0.2, clip_ratio_c=3.0)
+    args = (old.bfloat16(), lp.bfloat16(), adv, m, "token-mean", cfg, None)
+    rv.unpatch()
+    want, _ = ca.get_policy_loss_fn(name)(*args)
+    with rv.patched():
+        got, _ = ca.get_policy_loss_fn(name)(*args)
+    assert got.dtype == want.dtype
+    torch.testing.assert_close(got, want, atol=2e-2, rtol=2e-2)

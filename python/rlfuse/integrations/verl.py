@@ -214,7 +214,12 @@ def _make_losses(ca, tf) -> dict:
             [st["clip_frac"], st["approx_kl"], lower]).tolist()
         metrics = {"actor/pg_clipfrac": clipfrac, "actor/ppo_kl": ppo_kl,
                    "actor/pg_clipfrac_lower": clipfrac_lower}
-        return _like(loss, log_prob), metrics
+        # verl's loss has the dtype torch's type promotion gives its floating inputs
+        dt = log_prob.dtype
+        for t in (old_log_prob, advantages, response_mask, rollout_is_weights):
+            if t is not None and t.is_floating_point():
+                dt = torch.promote_types(dt, t.dtype)
+        return loss.to(dt), metrics
 
     def vanilla(old_log_prob, log_prob, advantages, response_mask, loss_agg_mode="token-mean",
                 config=None, rollout_is_weights=None):
