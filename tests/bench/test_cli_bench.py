@@ -38,3 +38,17 @@ def test_bench_refuses_non_positive_counts(args, capsys):
         cli.main(["bench", "logprob", *args])
     assert e.value.code == 2
     assert "expected a positive int" in capsys.readouterr().err
+
+
+def test_a_variant_that_fails_in_a_timed_round_is_reported_not_raised():
+    calls = {"n": 0}
+
+    def flaky():
+        calls["n"] += 1
+        if calls["n"] > 3:          # passes the warm-up, fails later
+            raise RuntimeError("out of memory")
+
+    times, errors = harness.time_variants({"ok": lambda: None, "flaky": flaky}, warmup=2,
+                                          repeat=5)
+    assert times["ok"] is not None and times["flaky"] is None
+    assert errors["flaky"].startswith("RuntimeError: out of memory")

@@ -96,10 +96,16 @@ def time_variants(
             errors[name] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}"
     live = [n for n in fns if n not in errors]
     for _ in range(repeat):
-        for name in live:
+        for name in list(live):
             t0 = time.perf_counter()
-            fns[name]()
-            _sync(device)
+            try:
+                fns[name]()
+                _sync(device)
+            except Exception as exc:  # noqa: BLE001 (fails only later: reported, dropped)
+                errors[name] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}"
+                live.remove(name)
+                times[name].clear()
+                continue
             times[name].append(time.perf_counter() - t0)
     out = {n: (statistics.median(times[n]) * 1e3 if times[n] else None) for n in fns}
     return out, errors
