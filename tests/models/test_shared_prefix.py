@@ -82,12 +82,15 @@ _M64 = {}
 
 
 def _to64(model):
+    """A float64 copy of ``model``, cached while that very model lives (keyed by id, which
+    a later model can reuse once this one is freed: the entry keeps the model to check)."""
     key = id(model)
-    if key not in _M64:
+    hit = _M64.get(key)
+    if hit is None or hit[0] is not model:
         import copy
 
-        _M64[key] = copy.deepcopy(model).double().eval()
-    return _M64[key]
+        hit = _M64[key] = (model, copy.deepcopy(model).double().eval())
+    return hit[1]
 
 
 @pytest.mark.parametrize("kind", ["llama", "qwen2"])
