@@ -1066,6 +1066,11 @@ class BaseTrainer:
         return ("seed", "per_device_train_batch_size", "gradient_accumulation_steps") + \
             (("disable_dropout",) if hasattr(self.args, "disable_dropout") else ())
 
+    # Resume-checked fields that trainer_state.json records only from some version on, with
+    # the value the code before then ran as: a checkpoint whose config lacks the field was
+    # trained with it (before ``disable_dropout`` existed, dropout stayed on).
+    _UNRECORDED_RESUME_FIELDS = {"disable_dropout": False}
+
     def _check_resume_compatible(self, path, state):
         algo = state.get("algorithm")
         if algo is not None and algo != self.algorithm:
@@ -1073,22 +1078,33 @@ class BaseTrainer:
                 f"resume_from_checkpoint: {path} was written by a {algo} trainer; this is a "
                 f"{self.algorithm} trainer (use another output_dir for a different algorithm)")
         cfg = state.get("config") or {}
-        diffs = [f"{k}={cfg[k]!r} (this run: {getattr(self.args, k)!r})"
-                 for k in self._resume_fields()
-                 if k in cfg and cfg[k] != getattr(self.args, k)]
+        diffs, settings = [], []
+        for k in self._resume_fields():
+            now = getattr(self.args, k)
+            if k in cfg:
+                was, note = cfg[k], ""
+            elif cfg and k in self._UNRECORDED_RESUME_FIELDS:
+                was = self._UNRECORDED_RESUME_FIELDS[k]
+                note = "; not recorded: the checkpoint predates the field"
+            else:
+                continue
+            if was != now:
+                diffs.append(f"{k}={was!r} (this run: {now!r}{note})")
+                flag = str(was).lower() if isinstance(was, bool) else str(was)
+                settings.append(f"{k}={was!r} (--{k} {flag})")
         n = state.get("dataset_size")
         if n is not None and n != len(self.train_dataset):
             diffs.append(f"train_dataset of {n} rows (this run: {len(self.train_dataset)})")
+            settings.append(f"the same train_dataset ({n} rows)")
         if diffs:
             raise ConfigError(
                 f"resume_from_checkpoint: {path} was written with " + ", ".join(diffs)
-                + "; these fix the data order, so the run could not continue as the "
-                "interrupted one would: resume with the same values, or start a fresh run")
+                + "; these fix the data order and how the steps run, so the run could not "
+                "continue as the interrupted one would: to resume it pass "
+                + ", ".join(settings) + ", or start a fresh run")
 
-    def load_checkpoint(self, path: str):
-        """Restore models, optimizer, scheduler, RNG, step and data position."""
-        from safetensors.torch import load_model
-
+    def _checkpoint_state(self, path) -> dict:
+        """``path``'s trainer_state.json, once it is known to resume into this trainer."""
         with open(os.path.join(path, "trainer_state.json")) as f:
             state = json.load(f)
         if state.get("world_size", 1) != self.world_size:
@@ -1099,6 +1115,13 @@ class BaseTrainer:
             raise ValueError(f"checkpoint {path} was written with fsdp="
                              f"{bool(state.get('fsdp', False))}, this run has fsdp={self.fsdp} "
                              "(the optimizer states differ in layout)")
+        return state
+
+    def load_checkpoint(self, path: str):
+        """Restore models, optimizer, scheduler, RNG, step and data position."""
+        from safetensors.torch import load_model
+
+        state = self._checkpoint_state(path)
         if self.fsdp:
             self._load_full_state(path)
         else:
