@@ -193,3 +193,59 @@ def test_resume_refusal_names_the_settings_to_pass(tmp_path, tok, rows):
     assert "pass seed=0 (--seed 0), num_iterations=1 (--num_iterations 1), " \
         "the same train_dataset (64 rows), or start a fresh run" in msg
 
+
+# -- resuming another directory's checkpoint into output_dir ------------------------------
+def test_resume_from_another_dir_refuses_an_output_dir_with_checkpoints(tmp_path, tok, rows):
+    """Resuming run A's checkpoint into an output_dir holding run B's checkpoints would mix
+    them: refused as for a fresh run, nothing touched; overwrite_output_dir deletes B's."""
+    a = tmp_path / "a"
+    _grpo(a, tok, rows, max_steps=2).train()
+    src = str(a / "out" / "checkpoint-1")
+    _grpo(tmp_path, tok, rows, max_steps=3, seed=7).train()
+    out = str(tmp_path / "out")
+    assert _ckpts(out) == ["checkpoint-2", "checkpoint-3"]
+    metrics = open(os.path.join(out, "metrics.jsonl")).read()
+    with pytest.raises(ConfigError, match=r"output_dir: .*already holds checkpoints .*"
+                       r"checkpoint-3\), and resume_from_checkpoint=.*overwrite_output_dir"):
+        _grpo(tmp_path, tok, rows, max_steps=3).train(resume_from_checkpoint=src)
+    assert _ckpts(out) == ["checkpoint-2", "checkpoint-3"]
+    assert open(os.path.join(out, "metrics.jsonl")).read() == metrics
+    # an incompatible checkpoint is refused before overwrite_output_dir deletes anything
+    with pytest.raises(ConfigError, match="resume_from_checkpoint: .*seed=0"):
+        _grpo(tmp_path, tok, rows, max_steps=3, seed=7, overwrite_output_dir=True).train(
+            resume_from_checkpoint=src)
+    assert _ckpts(out) == ["checkpoint-2", "checkpoint-3"]
+    res = _grpo(tmp_path, tok, rows, max_steps=3, overwrite_output_dir=True).train(
+        resume_from_checkpoint=src)
+    assert res["global_step"] == 3
+    with open(os.path.join(out, "checkpoint-2", "trainer_state.json")) as f:
+        assert json.load(f)["config"]["seed"] == 0       # the resumed run's, not B's
+    steps = [json.loads(x)["step"] for x in open(os.path.join(out, "metrics.jsonl"))]
+    assert steps == [2, 3]
+    assert _ckpts(str(a / "out")) == ["checkpoint-1", "checkpoint-2"]   # the source stays
+
+
+def test_resume_from_another_dir_into_an_empty_output_dir(tmp_path, tok, rows):
+    a = tmp_path / "a"
+    _grpo(a, tok, rows, max_steps=1).train()
+    res = _grpo(tmp_path, tok, rows, max_steps=2).train(
+        resume_from_checkpoint=str(a / "out" / "checkpoint-1") + os.sep)
+    assert res["global_step"] == 2
+    assert _ckpts(str(tmp_path / "out")) == ["checkpoint-2"]
+
+
+def test_overwrite_never_deletes_the_checkpoint_resumed_from(tmp_path, tok, rows):
+    """A checkpoint kept inside one of output_dir's old checkpoints is not deleted by
+    overwrite_output_dir when the run resumes from it."""
+    a = tmp_path / "a"
+    _grpo(a, tok, rows, max_steps=1).train()
+    out = tmp_path / "out"
+    kept = out / "checkpoint-9" / "saved"
+    kept.mkdir(parents=True)
+    os.rename(a / "out" / "checkpoint-1", kept / "checkpoint-1")
+    before = sorted(os.listdir(kept / "checkpoint-1"))
+    with pytest.raises(ConfigError, match="overwrite_output_dir would delete .*checkpoint-9, "
+                       "which holds the checkpoint this run resumes from"):
+        _grpo(tmp_path, tok, rows, max_steps=2, overwrite_output_dir=True).train(
+            resume_from_checkpoint=str(kept / "checkpoint-1"))
+    assert sorted(os.listdir(kept / "checkpoint-1")) == before
