@@ -312,20 +312,28 @@ def stale_checkpoints(output_dir: str) -> list:
     return [n for _step, n in sorted(found)]
 
 
-def check_output_dir(output_dir: str, overwrite: bool):
-    """Raise :class:`ConfigError` naming ``output_dir`` when a fresh (not resumed) run would
-    start in a directory holding an earlier run's checkpoints and ``overwrite`` is False
+def check_output_dir(output_dir: str, overwrite: bool, resuming: str | None = None):
+    """Raise :class:`ConfigError` naming ``output_dir`` when a fresh (not resumed) run, or
+    a run resumed from a checkpoint of another directory (``resuming``), would start in a
+    directory holding an earlier run's checkpoints and ``overwrite`` is False
     (``transformers``' ``overwrite_output_dir`` rule: the two runs' checkpoints would mix,
     rotation would delete the new run's ones, and a later resume would pick the old run's
-    newest)."""
+    newest).  Returns the names of those checkpoints."""
     stale = stale_checkpoints(output_dir)
     if stale and not overwrite:
         shown = ", ".join(stale[-3:]) + (", ..." if len(stale) > 3 else "")
+        if resuming is None:
+            raise ConfigError(
+                f"output_dir: {output_dir!r} already holds checkpoints of an earlier run "
+                f"({shown}); pass resume_from_checkpoint=True (--resume) to continue that "
+                "run, set overwrite_output_dir=True (--overwrite_output_dir true) to delete "
+                "them and start afresh, or use another output_dir")
         raise ConfigError(
             f"output_dir: {output_dir!r} already holds checkpoints of an earlier run "
-            f"({shown}); pass resume_from_checkpoint=True (--resume) to continue that run, "
-            "set overwrite_output_dir=True (--overwrite_output_dir true) to delete them and "
-            "start afresh, or use another output_dir")
+            f"({shown}), and resume_from_checkpoint={resuming!r} is not one of them: this "
+            "run's checkpoints would mix with them; set overwrite_output_dir=True to delete "
+            "them, or use another output_dir (resume_from_checkpoint=True continues the run "
+            "that output_dir holds)")
     return stale
 
 
@@ -1066,6 +1074,11 @@ class BaseTrainer:
         return ("seed", "per_device_train_batch_size", "gradient_accumulation_steps") + \
             (("disable_dropout",) if hasattr(self.args, "disable_dropout") else ())
 
+    # Resume-checked fields that trainer_state.json records only from some version on, with
+    # the value the code before then ran as: a checkpoint whose config lacks the field was
+    # trained with it (before ``disable_dropout`` existed, dropout stayed on).
+    _UNRECORDED_RESUME_FIELDS = {"disable_dropout": False}
+
     def _check_resume_compatible(self, path, state):
         algo = state.get("algorithm")
         if algo is not None and algo != self.algorithm:
@@ -1073,22 +1086,33 @@ class BaseTrainer:
                 f"resume_from_checkpoint: {path} was written by a {algo} trainer; this is a "
                 f"{self.algorithm} trainer (use another output_dir for a different algorithm)")
         cfg = state.get("config") or {}
-        diffs = [f"{k}={cfg[k]!r} (this run: {getattr(self.args, k)!r})"
-                 for k in self._resume_fields()
-                 if k in cfg and cfg[k] != getattr(self.args, k)]
+        diffs, settings = [], []
+        for k in self._resume_fields():
+            now = getattr(self.args, k)
+            if k in cfg:
+                was, note = cfg[k], ""
+            elif cfg and k in self._UNRECORDED_RESUME_FIELDS:
+                was = self._UNRECORDED_RESUME_FIELDS[k]
+                note = "; not recorded: the checkpoint predates the field"
+            else:
+                continue
+            if was != now:
+                diffs.append(f"{k}={was!r} (this run: {now!r}{note})")
+                flag = str(was).lower() if isinstance(was, bool) else str(was)
+                settings.append(f"{k}={was!r} (--{k} {flag})")
         n = state.get("dataset_size")
         if n is not None and n != len(self.train_dataset):
             diffs.append(f"train_dataset of {n} rows (this run: {len(self.train_dataset)})")
+            settings.append(f"the same train_dataset ({n} rows)")
         if diffs:
             raise ConfigError(
                 f"resume_from_checkpoint: {path} was written with " + ", ".join(diffs)
-                + "; these fix the data order, so the run could not continue as the "
-                "interrupted one would: resume with the same values, or start a fresh run")
+                + "; these fix the data order and how the steps run, so the run could not "
+                "continue as the interrupted one would: to resume it pass "
+                + ", ".join(settings) + ", or start a fresh run")
 
-    def load_checkpoint(self, path: str):
-        """Restore models, optimizer, scheduler, RNG, step and data position."""
-        from safetensors.torch import load_model
-
+    def _checkpoint_state(self, path) -> dict:
+        """``path``'s trainer_state.json, once it is known to resume into this trainer."""
         with open(os.path.join(path, "trainer_state.json")) as f:
             state = json.load(f)
         if state.get("world_size", 1) != self.world_size:
@@ -1099,6 +1123,13 @@ class BaseTrainer:
             raise ValueError(f"checkpoint {path} was written with fsdp="
                              f"{bool(state.get('fsdp', False))}, this run has fsdp={self.fsdp} "
                              "(the optimizer states differ in layout)")
+        return state
+
+    def load_checkpoint(self, path: str):
+        """Restore models, optimizer, scheduler, RNG, step and data position."""
+        from safetensors.torch import load_model
+
+        state = self._checkpoint_state(path)
         if self.fsdp:
             self._load_full_state(path)
         else:
@@ -1140,16 +1171,17 @@ class BaseTrainer:
         except ImportError:
             pass
 
-    def _start_fresh(self):
-        """A fresh run: refuse an output_dir holding an earlier run's checkpoints unless
+    def _start_fresh(self, resuming: str | None = None):
+        """A fresh run, or one resumed from a checkpoint of another directory
+        (``resuming``): refuse an output_dir holding an earlier run's checkpoints unless
         ``overwrite_output_dir`` (then delete them), and drop the old metrics.jsonl.
         Rank 0 decides (every process raises the same error)."""
         a = self.args
         err = None
         if self.rank == 0:
             try:
-                stale = check_output_dir(a.output_dir, a.overwrite_output_dir)
-                self._refuse_deleting_sources(stale)
+                stale = check_output_dir(a.output_dir, a.overwrite_output_dir, resuming)
+                self._refuse_deleting_sources(stale, resuming)
             except Exception as exc:      # noqa: BLE001 (every rank must learn of it)
                 err, stale = exc, []
         flag = torch.tensor([1.0 if err is not None else 0.0], device=self.device)
@@ -1164,16 +1196,21 @@ class BaseTrainer:
                 os.remove(self._metrics_path())
         _barrier(self.world_size)
 
-    def _refuse_deleting_sources(self, stale: list) -> None:
+    def _refuse_deleting_sources(self, stale: list, resuming: str | None = None) -> None:
         """overwrite_output_dir deletes the earlier run's checkpoints: not one that holds
-        the model, reference, value model or tokenizer this run was loaded from."""
+        the model, reference, value model or tokenizer this run was loaded from, or the
+        checkpoint it resumes from (``resuming``)."""
         if not stale:
             return
         doomed = [os.path.realpath(os.path.join(self.args.output_dir, n)) for n in stale]
+        sources = []
         for name in ("model", "ref_model", "value_model", "tokenizer"):
             obj = getattr(self, name, None)
             src = getattr(obj, "name_or_path", None) or \
                 getattr(getattr(obj, "config", None), "_name_or_path", None)
+            sources.append((f"{name} this run was loaded from", src))
+        sources.append(("checkpoint this run resumes from", resuming))
+        for what, src in sources:
             if not isinstance(src, str) or not src or not os.path.exists(src):
                 continue
             real = os.path.realpath(src)
@@ -1181,8 +1218,7 @@ class BaseTrainer:
                 if real == d or real.startswith(d + os.sep):
                     raise ConfigError(
                         f"output_dir: overwrite_output_dir would delete {d}, which holds the "
-                        f"{name} this run was loaded from ({src!r}); copy it elsewhere or "
-                        "use another output_dir")
+                        f"{what} ({src!r}); copy it elsewhere or use another output_dir")
 
     def train(self, resume_from_checkpoint=None) -> dict:
         """Run to ``max_steps`` (or ``num_train_epochs``).  ``resume_from_checkpoint``:
@@ -1200,6 +1236,12 @@ class BaseTrainer:
         elif resume_from_checkpoint:
             ckpt = str(resume_from_checkpoint)
         if ckpt is not None:
+            if os.path.realpath(os.path.dirname(os.path.abspath(ckpt))) != \
+                    os.path.realpath(a.output_dir):
+                # another directory's checkpoint: output_dir gets the fresh-run rule, once
+                # the checkpoint is known to fit (nothing is deleted for one that does not)
+                self._checkpoint_state(ckpt)
+                self._start_fresh(resuming=ckpt)
             self.load_checkpoint(ckpt)
             self._print(f"resumed from {ckpt} at step {self.state['global_step']}")
         else:
