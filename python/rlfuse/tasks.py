@@ -19,18 +19,32 @@ import random
 import re
 from dataclasses import dataclass
 
-_INT = re.compile(r"\s*([+-]?\d+)")
+# The answer: ASCII digits with an optional sign, nothing but whitespace around them.  A
+# longer run of digits is no answer (Python refuses to convert more than 4300 digits by
+# default, and no task here has answers near that length).
+_ANSWER = re.compile(r"[+-]?[0-9]+")
+MAX_ANSWER_DIGITS = 4300
 
 
 def extract_answer(completion: str) -> int | None:
-    """The integer a completion answers: the one after its last ``=`` (or at its start when
-    it has none), or None when there is none."""
+    """The integer a completion answers, or None when it has none.
+
+    The answer is the text after the completion's last ``=`` (the whole completion when it
+    has no ``=``), which must be an integer in ASCII digits with an optional sign and
+    nothing else but whitespace: ``"17+5=22\\n22-8=14\\n"`` and ``" 85 "`` answer 14 and 85;
+    ``"=14.5"``, ``"=14 or 15"``, ``"=1,400"``, ``"85<eos>"`` (decode with
+    ``skip_special_tokens=True``) and non-ASCII digits answer nothing, and neither does a
+    solution cut off inside its last step (``"17+5=22\\n22-8"``: the last step has no
+    result yet), nor an integer of more than :data:`MAX_ANSWER_DIGITS` digits."""
     if not isinstance(completion, str):
         raise TypeError(f"completion must be a str, got {type(completion).__name__}")
-    text = completion.rstrip()
-    tail = text.rsplit("=", 1)[-1] if "=" in text else text
-    m = _INT.match(tail)
-    return int(m.group(1)) if m else None
+    tail = completion.rsplit("=", 1)[-1].strip()
+    if not _ANSWER.fullmatch(tail) or len(tail.lstrip("+-")) > MAX_ANSWER_DIGITS:
+        return None
+    try:
+        return int(tail)
+    except ValueError:       # a lower sys.set_int_max_str_digits limit
+        return None
 
 
 @dataclass(frozen=True)
@@ -42,12 +56,45 @@ class Task:
     def example(self, rng: random.Random) -> dict:
         raise NotImplementedError
 
-    def dataset(self, n: int, seed: int = 0) -> list[dict]:
-        """``n`` examples drawn from ``seed`` (the same seed gives the same list)."""
-        if not isinstance(n, int) or n < 0:
+    def dataset(self, n: int, seed: int = 0, *, exclude=()) -> list[dict]:
+        """``n`` examples drawn from ``seed`` (the same seed gives the same list).
+
+        ``exclude``: prompts (strings) or examples (dicts with a ``"prompt"``) that none of the
+        examples may have, e.g. the training set when drawing held-out problems: a draw with
+        an excluded prompt is skipped and the next one taken, so the list is the one without
+        ``exclude`` less those draws, topped up from the same stream.  ValueError when the
+        task has no prompt outside ``exclude`` (after ``max(100_000, 100 * n)`` skipped
+        draws in a row)."""
+        if isinstance(n, bool) or not isinstance(n, int) or n < 0:
             raise ValueError(f"n must be a non-negative int, got {n!r}")
+        if isinstance(exclude, (str, dict)):
+            raise TypeError("exclude must be a collection of prompts or examples, got a "
+                            f"single {type(exclude).__name__}")
+        banned = {e["prompt"] if isinstance(e, dict) else e for e in exclude}
         rng = random.Random(seed)
-        return [self.example(rng) for _ in range(n)]
+        if not banned:
+            return [self.example(rng) for _ in range(n)]
+        out, skipped, limit = [], 0, max(100_000, 100 * n)
+        while len(out) < n:
+            ex = self.example(rng)
+            if ex["prompt"] not in banned:
+                out.append(ex)
+                skipped = 0
+                continue
+            skipped += 1
+            if skipped >= limit:
+                raise ValueError(
+                    f"{type(self).__name__}.dataset: no prompt outside exclude in {limit} draws "
+                    f"({len(banned)} prompts excluded): the task has too few distinct "
+                    "problems for a disjoint set; exclude fewer or use a larger task")
+        return out
+
+    def steps(self, completion: str) -> list[str]:
+        """The completed steps of a (partial) solution, each with its delimiter; text after
+        the last delimiter (a step still being written, or a one-step solution's answer,
+        which ends at EOS) is not one."""
+        parts = completion.split(self.step_delimiter)
+        return [p + self.step_delimiter for p in parts[:-1]]
 
     def is_correct(self, completion: str, answer) -> bool:
         got = extract_answer(completion)
@@ -102,11 +149,6 @@ class ChainTask(Task):
             lines.append(f"{acc}{o}{x}={nxt}{self.step_delimiter}")
             acc = nxt
         return {"prompt": prompt, "solution": "".join(lines), "answer": str(acc)}
-
-    def steps(self, completion: str) -> list[str]:
-        """The completed steps of a (partial) solution, each with its delimiter."""
-        parts = completion.split(self.step_delimiter)
-        return [p + self.step_delimiter for p in parts[:-1]]
 
 
 TASKS = {"addition": AdditionTask, "chain": ChainTask}

@@ -27,3 +27,27 @@ def test_quick_search_llm_bench_reports_the_overhead_over_seeds():
     total, a, b = map(float, m.groups())
     assert 0 < total < 100 and min(a, b) - 0.1 <= total <= max(a, b) + 0.1
     assert "target >= 2x: met" in rows[3].notes["reuse"]
+
+
+@pytest.mark.parametrize("quick", [False, True])
+def test_search_llm_bench_problems_are_held_out_from_the_warmup(monkeypatch, quick):
+    """The bench searches the problems `rlfuse search` does: none is a warm-up prompt (the
+    full run's 32 seed-1000 problems held 13 of them before)."""
+    from rlfuse.bench import search_llm
+    from rlfuse.search import llm_demo
+    from rlfuse.tasks import ChainTask
+
+    seen = {}
+    monkeypatch.setattr(llm_demo, "default_model",
+                        lambda task, warmup_steps, seed: seen.update(warm=warmup_steps) or
+                        (None, None, []))
+    monkeypatch.setattr(search_llm, "_searches",
+                        lambda task, model, tok, problems, sims, quick: seen.update(
+                            problems=problems) or [])
+    search_llm.run("cpu", quick=quick)
+    n, warm = (8, 150) if quick else (32, 400)
+    assert seen["warm"] == warm and len(seen["problems"]) == n
+    warmup = {e["prompt"] for e in llm_demo.warmup_examples(ChainTask(), steps=warm, seed=0)}
+    assert not {p["prompt"] for p in seen["problems"]} & warmup
+    assert seen["problems"] == llm_demo.held_out_problems(ChainTask(), n, seed=1000,
+                                                          warmup_steps=warm)

@@ -64,7 +64,7 @@ def test_tasks_are_right_and_reproducible():
             assert eval(lhs) == int(rhs)  # noqa: S307
         assert chain.is_correct(ex["solution"], ex["answer"])
     assert tasks.extract_answer("3+4=7\n7-9=-2\n") == -2
-    assert tasks.extract_answer("85<eos>") == 85
+    assert tasks.extract_answer("85 ") == 85 and tasks.extract_answer("85<eos>") is None
     assert tasks.extract_answer("abc") is None
     assert add.reward(["1+1="] * 3, ["2", "3", ""], ["2", "2", "2"]) == [1.0, 0.0, 0.0]
     with pytest.raises(ValueError, match="answer"):

@@ -380,3 +380,25 @@ def test_cli_search_checks_its_arguments_before_the_warmup():
     for bad in (["--problems", "0"], ["--simulations", "-1"], ["--threads", "0"]):
         with pytest.raises(SystemExit, match="must be"):
             llm_demo.main(p.parse_args(bad))
+
+
+def test_cli_search_refuses_an_unknown_task_and_an_unusable_out(tmp_path, capsys, monkeypatch):
+    from rlfuse.cli import main
+    from rlfuse.search import llm_demo
+
+    with pytest.raises(SystemExit) as e:           # argparse: usage and exit status 2
+        main(["search", "--task", "foo"])
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert "invalid choice: 'foo'" in err and "Traceback" not in err
+
+    def no_warmup(*a, **k):
+        raise AssertionError("the warm-up ran before --out was checked")
+
+    monkeypatch.setattr(llm_demo, "default_model", no_warmup)
+    a_file = tmp_path / "f.txt"
+    a_file.write_text("x")
+    for out in (a_file, a_file / "sub"):
+        with pytest.raises(SystemExit, match="--out .* is not a usable directory"):
+            main(["search", "--out", str(out)])
+    assert a_file.read_text() == "x"

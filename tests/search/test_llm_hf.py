@@ -423,6 +423,17 @@ def test_cli_search_runs_and_writes_the_exports(tmp_path, capsys):
     assert summary["problems"] == 3 and summary["mcts"]["tokens"] > 0
 
 
+def test_cli_search_on_the_addition_task(tmp_path, capsys):
+    """`--task addition` (one-step solutions: the depth is the EOS step alone) runs to the
+    end."""
+    from rlfuse.cli import main
+
+    assert main(["search", "--task", "addition", "--problems", "2", "--simulations", "2",
+                 "--candidates", "2", "--parallel", "1", "--warmup-steps", "5"]) == 0
+    text = capsys.readouterr().out
+    assert "addition: 2 problems" in text and "mcts" in text and "beam" in text
+
+
 def _arch_model(arch, vocab):
     """A tiny random model of one of several Hugging Face architectures."""
     import transformers as T

@@ -1,6 +1,7 @@
 """Benchmark of the LLM step search (``rlfuse.search.llm``) on the embedded default.
 
 A tiny character-level Llama (hidden 64, 2 layers) is warmed up on ChainTask, then
+on problems held out from the warm-up's examples (``llm_demo.held_out_problems``):
 :func:`rlfuse.search.llm_demo.compare` runs MCTS (PUCT, rollout values, the task's verifier
 as terminal reward) and, at the same per-problem generated-token budget, best-of-N
 (verifier selection), majority vote and value-guided step-level beam search.
@@ -29,15 +30,17 @@ NAME = "search_llm"
 
 
 def run(device="cpu", quick=False, repeat=None, compile=True, backends=None) -> list[Row]:
-    from rlfuse.search.llm_demo import default_model
+    from rlfuse.search.llm_demo import default_model, held_out_problems
     from rlfuse.tasks import ChainTask
 
     # device: the tiny model's forward is launch-bound; the CPU is the target
     task = ChainTask()
     n_problems, sims, warm = (8, 8, 150) if quick else (32, 32, 400)
-    model, tok, _ = default_model(task=task, warmup_steps=warm)
+    model, tok, _ = default_model(task=task, warmup_steps=warm, seed=0)
+    # the problems are held out from the warm-up's examples (as in ``rlfuse search``)
+    problems = held_out_problems(task, n_problems, seed=1000, warmup_steps=warm, warmup_seed=0)
     with one_thread():
-        return _searches(task, model, tok, n_problems, sims, quick)
+        return _searches(task, model, tok, problems, sims, quick)
 
 
 @contextlib.contextmanager
@@ -57,10 +60,10 @@ def one_thread():
         torch.set_num_threads(n)
 
 
-def _searches(task, model, tok, n_problems, sims, quick) -> list[Row]:
+def _searches(task, model, tok, problems, sims, quick) -> list[Row]:
     from rlfuse.search.llm_demo import compare
 
-    problems = task.dataset(n_problems, seed=1000)
+    n_problems = len(problems)
     # one small search first so that lazy initialisation is not timed
     compare(model, tok, task, problems[:2], num_simulations=4, parallel=2)
     rep = compare(model, tok, task, problems, num_simulations=sims, num_candidates=4,

@@ -20,16 +20,31 @@ import torch
 
 from rlfuse.search.llm import StepSearch, beam_search, best_of_n, majority_vote
 
-__all__ = ["compare", "default_model", "mcts_search", "warmup"]
+__all__ = ["compare", "default_model", "held_out_problems", "mcts_search", "warmup",
+           "warmup_examples"]
+
+
+def warmup_examples(task, *, steps: int = 400, batch_size: int = 64, seed: int = 0) -> list[dict]:
+    """The examples :func:`warmup` trains on with these settings."""
+    return task.dataset(max(1000, steps * batch_size // 4), seed=seed)
+
+
+def held_out_problems(task, n: int, *, seed: int = 1000, warmup_steps: int = 400,
+                      warmup_seed: int = 0) -> list[dict]:
+    """``n`` problems drawn from ``seed`` whose prompts are not among the warm-up examples of
+    :func:`default_model` (``warmup_steps``, ``warmup_seed``): the evaluation set of
+    ``rlfuse search`` and ``rlfuse bench search_llm``."""
+    seen = warmup_examples(task, steps=warmup_steps, seed=warmup_seed) if warmup_steps else []
+    return task.dataset(n, seed=seed, exclude=seen)
 
 
 def warmup(model, tokenizer, task, *, steps: int = 400, batch_size: int = 64, lr: float = 3e-3,
            seed: int = 0) -> list[float]:
-    """Supervised warm-up on ``task``'s solutions through
+    """Supervised warm-up on ``task``'s solutions (:func:`warmup_examples`) through
     :func:`rlfuse.trainers.sft.supervised_warmup`; returns the loss of every step."""
     from rlfuse.trainers.sft import supervised_warmup
 
-    examples = task.dataset(max(1000, steps * batch_size // 4), seed=seed)
+    examples = warmup_examples(task, steps=steps, batch_size=batch_size, seed=seed)
     losses = supervised_warmup(model, tokenizer, examples, steps=steps, batch_size=batch_size,
                                learning_rate=lr, seed=seed)
     model.eval()
@@ -163,9 +178,22 @@ def main(args) -> int:
                              f"{getattr(args, name)}")
     if args.threads is not None and args.threads < 1:
         raise SystemExit(f"rlfuse search: --threads must be >= 1, got {args.threads}")
+    if args.out is not None:     # a path that cannot take the files fails now, not after the search
+        try:
+            os.makedirs(args.out, exist_ok=True)
+        except OSError as exc:
+            raise SystemExit(f"rlfuse search: --out {args.out!r} is not a usable directory: "
+                             f"{exc.strerror or exc}") from None
+        if not os.access(args.out, os.W_OK | os.X_OK):
+            raise SystemExit(f"rlfuse search: --out {args.out!r} is not writable")
     if args.threads:
         torch.set_num_threads(args.threads)
     task = make_task(args.task)
+    # held out: none of the default model's warm-up prompts (a model from a path brings its
+    # own training data, which is unknown here)
+    problems = held_out_problems(
+        task, args.problems, seed=args.seed + 1000,
+        warmup_steps=args.warmup_steps if args.model == "default" else 0, warmup_seed=args.seed)
     t0 = time.perf_counter()
     if args.model == "default":
         model, tok, losses = default_model(task=task, warmup_steps=args.warmup_steps,
@@ -177,7 +205,6 @@ def main(args) -> int:
 
         tok = AutoTokenizer.from_pretrained(args.model)
         model = AutoModelForCausalLM.from_pretrained(args.model).eval()
-    problems = task.dataset(args.problems, seed=args.seed + 1000)
     rep = compare(model, tok, task, problems, num_simulations=args.simulations,
                   num_candidates=args.candidates, parallel=args.parallel, seed=args.seed)
     print(f"{args.task}: {len(problems)} problems, {args.simulations} simulations, "
@@ -195,7 +222,9 @@ def main(args) -> int:
 
 
 def add_arguments(p) -> None:
-    p.add_argument("--task", default="chain", help="synthetic task (chain, addition)")
+    from rlfuse.tasks import TASKS
+
+    p.add_argument("--task", default="chain", choices=sorted(TASKS), help="synthetic task")
     p.add_argument("--model", default="default",
                    help="'default' (tiny model warmed up on the task) or a path to a HF model")
     p.add_argument("--simulations", type=int, default=32, help="simulations per problem")

@@ -11,13 +11,15 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 import time
 
 import torch
 
 from rlfuse.trainers.config import DPOConfig, GRPOConfig, PPOConfig
 
-__all__ = ["DEFAULTS", "DEMO", "evaluate", "run"]
+__all__ = ["DEFAULTS", "DEMO", "check_demo", "completion_length", "demo_data", "evaluate",
+           "run"]
 
 # Config fields of the embedded default (anything here can be overridden by the CLI).
 DEFAULTS = {
@@ -42,6 +44,75 @@ CONFIGS = {"grpo": GRPOConfig, "ppo": PPOConfig, "dpo": DPOConfig}
 DEMO = dict(task="addition", digits=2, hidden_size=64, num_layers=2, sft_steps=1200,
             sft_batch_size=32, sft_learning_rate=3e-3, train_size=4000, eval_size=200,
             threads=1)
+
+
+def check_demo(settings: dict) -> None:
+    """Raise :class:`~rlfuse.trainers.config.ConfigError` naming the setting when a demo
+    setting (:data:`DEMO`, or the CLI's ``--task --sft-steps --hidden-size --eval-size``)
+    is unknown or out of range; run before anything is created."""
+    import math
+    import numbers
+
+    from rlfuse.tasks import TASKS
+    from rlfuse.trainers.config import ConfigError
+
+    unknown = sorted(set(settings) - set(DEMO))
+    if unknown:
+        raise ConfigError(f"demo: unknown settings {unknown}; known: {sorted(DEMO)}")
+
+    def integer(name, low):
+        v = settings[name]
+        if isinstance(v, bool) or not isinstance(v, numbers.Integral) or v < low:
+            flag = name.replace("_", "-")
+            raise ConfigError(f"{name} (--{flag}) must be an int >= {low}, got {v!r}")
+
+    if settings["task"] not in TASKS:
+        raise ConfigError(f"task (--task) must be one of {sorted(TASKS)}, got "
+                          f"{settings['task']!r}")
+    for name, low in (("digits", 1), ("hidden_size", 1), ("num_layers", 1), ("sft_steps", 0),
+                      ("sft_batch_size", 1), ("train_size", 1), ("eval_size", 1)):
+        integer(name, low)
+    if settings["hidden_size"] % 8:
+        raise ConfigError("hidden_size (--hidden-size) must be a positive multiple of 8 (the "
+                          f"tiny model's 4 attention heads of an even width), got "
+                          f"{settings['hidden_size']}")
+    lr = settings["sft_learning_rate"]
+    if (isinstance(lr, bool) or not isinstance(lr, numbers.Real) or not math.isfinite(lr)
+            or lr <= 0):
+        raise ConfigError(f"sft_learning_rate must be a finite number > 0, got {lr!r}")
+    if settings["threads"] is not None:
+        integer("threads", 0)
+
+
+def demo_data(settings: dict, seed: int):
+    """``(task, train_rows, eval_rows)`` of the demo: ``train_size`` problems from ``seed +
+    1``, then ``eval_size`` held-out ones from ``seed + 2`` with none of the training
+    prompts (ConfigError when the task has too few distinct problems for that)."""
+    from rlfuse.tasks import make_task
+    from rlfuse.trainers.config import ConfigError
+
+    task_kw = {"digits": settings["digits"]} if settings["task"] == "addition" else {}
+    task = make_task(settings["task"], **task_kw)
+    train_rows = task.dataset(settings["train_size"], seed=seed + 1)
+    try:
+        eval_rows = task.dataset(settings["eval_size"], seed=seed + 2, exclude=train_rows)
+    except ValueError as exc:
+        raise ConfigError(f"eval_size: {exc}") from None
+    return task, train_rows, eval_rows
+
+
+def completion_length(configured: int, user_set: bool, needed: int):
+    """``(max_completion_length, warning or None)``: the demo's own default is raised to
+    ``needed`` (its longest solution + 2); a value the user set is kept, with a warning when
+    it is below ``needed``."""
+    if not user_set:
+        return max(configured, needed), None
+    if configured < needed:
+        return configured, (
+            f"max_completion_length={configured} is below the {needed} tokens the demo allows "
+            "this task's completions (its longest solution + 2): completions cut short earn "
+            "no reward; the value is kept")
+    return configured, None
 
 
 @torch.no_grad()
@@ -103,25 +174,25 @@ def run(algorithm: str = "grpo", overrides: dict | None = None, *, model_path=No
         resume: bool = False, demo: dict | None = None) -> dict:
     """Run the embedded default (or, with ``model_path``, the same task on that model)."""
     from rlfuse.models.tiny import tiny_causal_lm, tiny_tokenizer
-    from rlfuse.tasks import make_task
     from rlfuse.trainers.base import check_output_dir, dist_info, load_model_and_tokenizer
     from rlfuse.trainers.sft import supervised_warmup
 
     if algorithm not in CONFIGS:
         raise ValueError(f"algorithm must be one of {sorted(CONFIGS)}, got {algorithm!r}")
     settings = dict(DEMO, **(demo or {}))
+    check_demo(settings)
     values = dict(DEFAULTS[algorithm], **(overrides or {}))
     args = CONFIGS[algorithm].from_dict(values)      # validated before any model exists
     rank, _world, owns_pg = dist_info()
     say = print if rank == 0 else (lambda *a, **k: None)
     torch.manual_seed(args.seed)
-    task_kw = {"digits": settings["digits"]} if settings["task"] == "addition" else {}
-    task = make_task(settings["task"], **task_kw)
-    train_rows = task.dataset(settings["train_size"], seed=args.seed + 1)
-    eval_rows = task.dataset(settings["eval_size"], seed=args.seed + 2)
+    task, train_rows, eval_rows = demo_data(settings, args.seed)
     max_new = max(len(e["solution"]) for e in train_rows + eval_rows) + 2
     if algorithm != "dpo":
-        args.max_completion_length = max(args.max_completion_length, max_new)
+        args.max_completion_length, warning = completion_length(
+            args.max_completion_length, "max_completion_length" in (overrides or {}), max_new)
+        if warning and rank == 0:
+            print(f"rlfuse train: warning: {warning}", file=sys.stderr)
 
     if not resume:       # before the warm-up: a stale output_dir fails in seconds
         check_output_dir(args.output_dir, args.overwrite_output_dir)
