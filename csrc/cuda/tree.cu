@@ -54,7 +54,9 @@ __device__ __forceinline__ int warp_sum_int(int v) {
 }
 
 // Argmax candidate: tier 2 = selectable, 1 = pending (chosen only when no tier 2), 0 = none;
-// then the larger score; then the lower index.
+// then the larger score, NaN below every number; then the lower index.  A total order, so
+// that every lane of the xor butterfly ends with the same winner (the lanes' choices steer
+// their loads and __shfl_sync calls: they must agree).
 struct Cand {
   int tier;
   float score;
@@ -63,17 +65,45 @@ struct Cand {
 __device__ __forceinline__ bool better(const Cand& a, const Cand& b) {
   if (a.tier != b.tier) return a.tier > b.tier;
   if (a.tier == 0) return a.index < b.index;
-  if (a.score != b.score) return a.score > b.score;
+  const bool a_nan = isnan(a.score), b_nan = isnan(b.score);
+  if (a_nan != b_nan) return b_nan;
+  if (!a_nan && a.score != b.score) return a.score > b.score;
   return a.index < b.index;
 }
-__device__ __forceinline__ Cand warp_best(Cand c) {
+// The highest tier's first candidate (lowest index).
+__device__ __forceinline__ bool earlier(const Cand& a, const Cand& b) {
+  if (a.tier != b.tier) return a.tier > b.tier;
+  return a.index < b.index;
+}
+template <bool (*Ahead)(const Cand&, const Cand&)>
+__device__ __forceinline__ Cand warp_reduce(Cand c) {
   for (int o = 16; o > 0; o >>= 1) {
     Cand d{__shfl_xor_sync(kFull, c.tier, o), __shfl_xor_sync(kFull, c.score, o),
            __shfl_xor_sync(kFull, c.index, o)};
-    if (better(d, c)) c = d;
+    if (Ahead(d, c)) c = d;
   }
   return c;
 }
+// Each lane's best and first candidates (its actions offered in increasing order).
+struct Choice {
+  Cand best{0, -kInf, 0}, first{0, -kInf, 0};
+  __device__ explicit Choice(int64_t K) {
+    best.index = first.index = int(K);
+  }
+  __device__ void offer(const Cand& c) {
+    if (better(c, best)) best = c;
+    if (earlier(c, first)) first = c;
+  }
+  // The action of the CPU scan (tree.cpp pick()): it starts from the tier's first action and
+  // moves only to a strictly larger score, so a NaN there is kept, and a later NaN never wins;
+  // otherwise the argmax.  -1 when no action is valid.  The same in every lane.
+  __device__ int result() const {
+    Cand b = warp_reduce<better>(best);
+    const Cand f = warp_reduce<earlier>(first);
+    if (isnan(f.score)) b = f;  // (f is of b's tier)
+    return b.tier > 0 ? b.index : -1;
+  }
+};
 
 __device__ __forceinline__ void record(int64_t* status, int code, int64_t where) {
   if (status == nullptr) return;
@@ -118,16 +148,14 @@ __device__ int select_puct(const View& t, const SelectParams& p, const Node& r, 
   hi = warp_max(hi);
   const bool normalise = tree::qnorm_bounds(t, p, r.b, &lo, &hi);
   const float explore = tree::puct_exploration(p.c1, p.c2, tree::parent_visits(t, p, r.b, r.s));
-  Cand best{0, -kInf, int(K)};
+  Choice best(K);
   for (int64_t a = lane; a < K; a += kWarp) {
     const float n = float(t.edge_visits[r.e + a]);
     const float qn = normalise ? tree::min_max_normalise(r.q(a), lo, hi) : 0.0f;
-    const Cand c = r.cand(a, tree::puct_score(qn, t.prior[r.e + a], explore, n,
-                                               vl * r.inflight_child(a)));
-    if (better(c, best)) best = c;
+    best.offer(r.cand(a, tree::puct_score(qn, t.prior[r.e + a], explore, n,
+                                          vl * r.inflight_child(a))));
   }
-  best = warp_best(best);
-  return best.tier > 0 ? best.index : -1;
+  return best.result();
 }
 
 __device__ int select_gumbel(const View& t, const SelectParams& p, const Node& r, bool root,
@@ -166,7 +194,7 @@ __device__ int select_gumbel(const View& t, const SelectParams& p, const Node& r
     const float c = t.edge_visits[r.e + a] > 0 ? r.q(a) : v_mix;
     return scale * tree::min_max_normalise(c, lo, hi);
   };
-  Cand best{0, -kInf, int(K)};
+  Choice best(K);
   if (root) {
     float max_logit = -kInf;
     int sim = 0;
@@ -182,9 +210,8 @@ __device__ int select_gumbel(const View& t, const SelectParams& p, const Node& r
     const float* g = t.gumbel + r.b * K;
     for (int64_t a = lane; a < K; a += kWarp) {
       const int n = t.edge_visits[r.e + a] + int(r.inflight_child(a));
-      const Cand c = r.cand(a, tree::gumbel_root_score(g[a], logit[a] - max_logit, sigma(a),
-                                                       n == want));
-      if (better(c, best)) best = c;
+      best.offer(r.cand(a, tree::gumbel_root_score(g[a], logit[a] - max_logit, sigma(a),
+                                                   n == want)));
     }
   } else {
     float zmax = -kInf, total = 0;
@@ -202,12 +229,10 @@ __device__ int select_gumbel(const View& t, const SelectParams& p, const Node& r
     for (int64_t a = lane; a < K; a += kWarp) {
       const float pa = expf(logit[a] + sigma(a) - zmax) / zsum;
       const float n = float(t.edge_visits[r.e + a]) + vl * r.inflight_child(a);
-      const Cand c = r.cand(a, pa - n / (1.0f + total));
-      if (better(c, best)) best = c;
+      best.offer(r.cand(a, pa - n / (1.0f + total)));
     }
   }
-  best = warp_best(best);
-  return best.tier > 0 ? best.index : -1;
+  return best.result();
 }
 
 __global__ void select_kernel(View t, SelectParams p) {
