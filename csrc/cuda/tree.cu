@@ -15,7 +15,8 @@
 // backup, subtree: one thread per tree (paths are short; the work is sequential per tree).
 // Errors (tree full, no valid action, a non-finite recurrent output) are recorded in the
 // int64 status [code, tree or row] with the first code to arrive; the Python side reads it
-// once after the search.
+// once after the search.  A tree whose walk failed gets rows that expand and backup skip
+// (abandon_walks) for the rest of the step.
 
 #include <cstdint>
 
@@ -235,6 +236,22 @@ __device__ int select_gumbel(const View& t, const SelectParams& p, const Node& r
   return best.result();
 }
 
+// A walk that cannot finish (tree full, no valid action) ends tree b's step: its row and the
+// rows of the later walks are written as rows that expand and backup skip (not new, empty
+// path), so that no phase reads an earlier step's outputs; the error is in the status
+// (Phases.finish raises it).  A failed walk holds no virtual loss (finish_walk adds it).
+__device__ void abandon_walks(const View& t, const SelectParams& p, int64_t b, int64_t w) {
+  for (; w < p.W; ++w) {
+    const int64_t o = b * p.W + w;
+    p.out_node[o] = 0;
+    p.out_parent[o] = 0;
+    p.out_action[o] = 0;
+    p.out_store[o] = t.N;
+    p.out_new[o] = 0;
+    p.out_len[o] = 0;
+  }
+}
+
 __global__ void select_kernel(View t, SelectParams p) {
   const int lane = threadIdx.x % kWarp;
   const int64_t b = int64_t(blockIdx.x) * kWarpsPerBlock + threadIdx.x / kWarp;
@@ -254,7 +271,10 @@ __global__ void select_kernel(View t, SelectParams p) {
       const int a = p.rule == tree::kGumbel ? select_gumbel(t, p, r, depth == 0, lane)
                                             : select_puct(t, p, r, lane);
       if (a < 0) {
-        if (lane == 0) record(p.status, tree::kNoValidAction, b);
+        if (lane == 0) {
+          record(p.status, tree::kNoValidAction, b);
+          abandon_walks(t, p, b, w);
+        }
         return;
       }
       act = a;
@@ -264,7 +284,10 @@ __global__ void select_kernel(View t, SelectParams p) {
         if (lane == 0) c = tree::allocate_node(t, b, s, a);
         c = __shfl_sync(kFull, c, 0);
         if (c < 0) {
-          if (lane == 0) record(p.status, tree::kTreeFull, b);
+          if (lane == 0) {
+            record(p.status, tree::kTreeFull, b);
+            abandon_walks(t, p, b, w);
+          }
           return;
         }
         is_new = true;

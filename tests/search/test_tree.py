@@ -455,3 +455,30 @@ def test_nan_scores_are_chosen_as_the_specification_scans(backend, W, monkeypatc
         trees.append(_on_cpu(tree))
         trees[-1].prior = trees[-1].prior.nan_to_num(-1.0)
     _assert_same(*trees)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("capacity, W", [(1, 1), (2, 2)])
+def test_cuda_failed_walks_leave_rows_that_expand_and_backup_skip(capacity, W):
+    """A walk that finds its tree full ends the tree's step: its row and the later ones are
+    not new, with an empty path, so expand and backup leave the tree as the finished walks
+    made it (never reading path[-1] or an earlier step's outputs); finish raises."""
+    gpu = Tree(1, 3, capacity, torch.device("cuda"))
+    gpu.init_roots(torch.zeros(1, 3), torch.zeros(1))
+    ph = Phases(gpu, rule="puct", W=W, max_depth=4, backend="cuda")
+    sel = ph.select(W)
+    assert sel.new[-1].item() == 0 and ph.out_len[W - 1].item() == 0
+    assert sel.store[-1].item() == capacity
+    out = (torch.zeros(W), torch.ones(W), torch.zeros(W, 3), torch.full((W,), 5.0))
+    ph.expand(W, *(x.cuda() for x in out))
+    ph.backup(W)
+    with pytest.raises(RuntimeError, match="tree full"):
+        ph.finish()
+    cpu = Tree(1, 3, capacity)
+    cpu.init_roots(torch.zeros(1, 3), torch.zeros(1))
+    if W > 1:  # the walks that finished: a CPU step of W - 1 walks
+        rp = Phases(cpu, rule="puct", W=W - 1, max_depth=4, backend="cpu")
+        rp.select(W - 1)
+        rp.expand(W - 1, *(x[: W - 1] for x in out))
+        rp.backup(W - 1)
+    _assert_same(_on_cpu(gpu), cpu)

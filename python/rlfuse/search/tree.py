@@ -560,6 +560,11 @@ class Phases:
                              f"{self.W}] (the W this object was built for), got {w!r}")
 
     def select(self, w: int) -> Selection:
+        """The walks of a step, ``w`` per tree.  A walk that cannot finish (tree full, no
+        valid action) raises ``RuntimeError`` here on the CPU and reference backends; on
+        CUDA it is recorded and raised by :meth:`finish` (reading it here would wait for
+        the GPU every step), and that tree's rows for the rest of the step are not new and
+        have an empty path (``out_len`` 0), which expand and backup skip."""
         self._width(w)
         if self.mod is None:
             select_reference(self, w)
@@ -840,6 +845,8 @@ def backup_reference(ph: Phases, w: int) -> None:
         vis, val, inf = st["visits"][b], st["value"][b], st["inflight"][b]
         for i in range(w):
             o = b * w + i
+            if lens[o] < 2:  # no walk (CUDA: a failed one; see Phases.select)
+                continue
             path = paths[o * D:o * D + lens[o]]
             leaf = path[-1]
             g = st["raw_value"][b][leaf]
