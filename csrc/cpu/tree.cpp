@@ -1267,6 +1267,7 @@ void backup_tree_cpu(const View& t, const tree::BackupInputs& in, int64_t b) {
   for (int64_t w = 0; w < W; ++w) {
     const int32_t* path = in.path + (b * W + w) * D;
     const int32_t len = in.len[b * W + w];
+    if (len < 2) continue;  // no walk (as tree::backup_tree)
     const int32_t leaf = path[len - 1];
     float g = t.raw_value[base + leaf];
     float cnt = float(visits[leaf]);

@@ -169,7 +169,8 @@ RLFUSE_TREE_HD float gumbel_root_score(float g, float centred_logit, float sigma
 // loss (in-flight counts).  The means are updated as v += (g - v) / (n + 1), which keeps
 // v exact while every return equals it: (v * n + g) / (n + 1) drifts by an ulp, and the
 // min-max normalisation of Q (epsilon 1e-8) would blow that rounding up to a full-range
-// difference between equal actions.
+// difference between equal actions.  A row of fewer than 2 nodes (no finished walk has
+// one; CUDA: a failed walk's, out_len 0) is skipped.
 RLFUSE_TREE_HD void backup_tree(const View& t, const BackupInputs& in, int64_t b) {
   const int64_t N = t.N, K = t.K, W = in.W, D = in.path_stride;
   const int64_t base = b * N;
@@ -177,6 +178,7 @@ RLFUSE_TREE_HD void backup_tree(const View& t, const BackupInputs& in, int64_t b
   for (int64_t w = 0; w < W; ++w) {
     const int32_t* path = in.path + (b * W + w) * D;
     const int32_t len = in.len[b * W + w];
+    if (len < 2) continue;  // no walk (CUDA: one that failed, out_len 0)
     const int32_t leaf = path[len - 1];
     float g = t.raw_value[base + leaf];
     float cnt = float(t.visits[base + leaf]);

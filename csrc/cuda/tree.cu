@@ -15,7 +15,8 @@
 // backup, subtree: one thread per tree (paths are short; the work is sequential per tree).
 // Errors (tree full, no valid action, a non-finite recurrent output) are recorded in the
 // int64 status [code, tree or row] with the first code to arrive; the Python side reads it
-// once after the search.
+// once after the search.  A tree whose walk failed gets rows that expand and backup skip
+// (abandon_walks) for the rest of the step.
 
 #include <cstdint>
 
@@ -54,7 +55,9 @@ __device__ __forceinline__ int warp_sum_int(int v) {
 }
 
 // Argmax candidate: tier 2 = selectable, 1 = pending (chosen only when no tier 2), 0 = none;
-// then the larger score; then the lower index.
+// then the larger score, NaN below every number; then the lower index.  A total order, so
+// that every lane of the xor butterfly ends with the same winner (the lanes' choices steer
+// their loads and __shfl_sync calls: they must agree).
 struct Cand {
   int tier;
   float score;
@@ -63,17 +66,45 @@ struct Cand {
 __device__ __forceinline__ bool better(const Cand& a, const Cand& b) {
   if (a.tier != b.tier) return a.tier > b.tier;
   if (a.tier == 0) return a.index < b.index;
-  if (a.score != b.score) return a.score > b.score;
+  const bool a_nan = isnan(a.score), b_nan = isnan(b.score);
+  if (a_nan != b_nan) return b_nan;
+  if (!a_nan && a.score != b.score) return a.score > b.score;
   return a.index < b.index;
 }
-__device__ __forceinline__ Cand warp_best(Cand c) {
+// The highest tier's first candidate (lowest index).
+__device__ __forceinline__ bool earlier(const Cand& a, const Cand& b) {
+  if (a.tier != b.tier) return a.tier > b.tier;
+  return a.index < b.index;
+}
+template <bool (*Ahead)(const Cand&, const Cand&)>
+__device__ __forceinline__ Cand warp_reduce(Cand c) {
   for (int o = 16; o > 0; o >>= 1) {
     Cand d{__shfl_xor_sync(kFull, c.tier, o), __shfl_xor_sync(kFull, c.score, o),
            __shfl_xor_sync(kFull, c.index, o)};
-    if (better(d, c)) c = d;
+    if (Ahead(d, c)) c = d;
   }
   return c;
 }
+// Each lane's best and first candidates (its actions offered in increasing order).
+struct Choice {
+  Cand best{0, -kInf, 0}, first{0, -kInf, 0};
+  __device__ explicit Choice(int64_t K) {
+    best.index = first.index = int(K);
+  }
+  __device__ void offer(const Cand& c) {
+    if (better(c, best)) best = c;
+    if (earlier(c, first)) first = c;
+  }
+  // The action of the CPU scan (tree.cpp pick()): it starts from the tier's first action and
+  // moves only to a strictly larger score, so a NaN there is kept, and a later NaN never wins;
+  // otherwise the argmax.  -1 when no action is valid.  The same in every lane.
+  __device__ int result() const {
+    Cand b = warp_reduce<better>(best);
+    const Cand f = warp_reduce<earlier>(first);
+    if (isnan(f.score)) b = f;  // (f is of b's tier)
+    return b.tier > 0 ? b.index : -1;
+  }
+};
 
 __device__ __forceinline__ void record(int64_t* status, int code, int64_t where) {
   if (status == nullptr) return;
@@ -118,16 +149,14 @@ __device__ int select_puct(const View& t, const SelectParams& p, const Node& r, 
   hi = warp_max(hi);
   const bool normalise = tree::qnorm_bounds(t, p, r.b, &lo, &hi);
   const float explore = tree::puct_exploration(p.c1, p.c2, tree::parent_visits(t, p, r.b, r.s));
-  Cand best{0, -kInf, int(K)};
+  Choice best(K);
   for (int64_t a = lane; a < K; a += kWarp) {
     const float n = float(t.edge_visits[r.e + a]);
     const float qn = normalise ? tree::min_max_normalise(r.q(a), lo, hi) : 0.0f;
-    const Cand c = r.cand(a, tree::puct_score(qn, t.prior[r.e + a], explore, n,
-                                               vl * r.inflight_child(a)));
-    if (better(c, best)) best = c;
+    best.offer(r.cand(a, tree::puct_score(qn, t.prior[r.e + a], explore, n,
+                                          vl * r.inflight_child(a))));
   }
-  best = warp_best(best);
-  return best.tier > 0 ? best.index : -1;
+  return best.result();
 }
 
 __device__ int select_gumbel(const View& t, const SelectParams& p, const Node& r, bool root,
@@ -166,7 +195,7 @@ __device__ int select_gumbel(const View& t, const SelectParams& p, const Node& r
     const float c = t.edge_visits[r.e + a] > 0 ? r.q(a) : v_mix;
     return scale * tree::min_max_normalise(c, lo, hi);
   };
-  Cand best{0, -kInf, int(K)};
+  Choice best(K);
   if (root) {
     float max_logit = -kInf;
     int sim = 0;
@@ -182,9 +211,8 @@ __device__ int select_gumbel(const View& t, const SelectParams& p, const Node& r
     const float* g = t.gumbel + r.b * K;
     for (int64_t a = lane; a < K; a += kWarp) {
       const int n = t.edge_visits[r.e + a] + int(r.inflight_child(a));
-      const Cand c = r.cand(a, tree::gumbel_root_score(g[a], logit[a] - max_logit, sigma(a),
-                                                       n == want));
-      if (better(c, best)) best = c;
+      best.offer(r.cand(a, tree::gumbel_root_score(g[a], logit[a] - max_logit, sigma(a),
+                                                   n == want)));
     }
   } else {
     float zmax = -kInf, total = 0;
@@ -202,12 +230,26 @@ __device__ int select_gumbel(const View& t, const SelectParams& p, const Node& r
     for (int64_t a = lane; a < K; a += kWarp) {
       const float pa = expf(logit[a] + sigma(a) - zmax) / zsum;
       const float n = float(t.edge_visits[r.e + a]) + vl * r.inflight_child(a);
-      const Cand c = r.cand(a, pa - n / (1.0f + total));
-      if (better(c, best)) best = c;
+      best.offer(r.cand(a, pa - n / (1.0f + total)));
     }
   }
-  best = warp_best(best);
-  return best.tier > 0 ? best.index : -1;
+  return best.result();
+}
+
+// A walk that cannot finish (tree full, no valid action) ends tree b's step: its row and the
+// rows of the later walks are written as rows that expand and backup skip (not new, empty
+// path), so that no phase reads an earlier step's outputs; the error is in the status
+// (Phases.finish raises it).  A failed walk holds no virtual loss (finish_walk adds it).
+__device__ void abandon_walks(const View& t, const SelectParams& p, int64_t b, int64_t w) {
+  for (; w < p.W; ++w) {
+    const int64_t o = b * p.W + w;
+    p.out_node[o] = 0;
+    p.out_parent[o] = 0;
+    p.out_action[o] = 0;
+    p.out_store[o] = t.N;
+    p.out_new[o] = 0;
+    p.out_len[o] = 0;
+  }
 }
 
 __global__ void select_kernel(View t, SelectParams p) {
@@ -229,7 +271,10 @@ __global__ void select_kernel(View t, SelectParams p) {
       const int a = p.rule == tree::kGumbel ? select_gumbel(t, p, r, depth == 0, lane)
                                             : select_puct(t, p, r, lane);
       if (a < 0) {
-        if (lane == 0) record(p.status, tree::kNoValidAction, b);
+        if (lane == 0) {
+          record(p.status, tree::kNoValidAction, b);
+          abandon_walks(t, p, b, w);
+        }
         return;
       }
       act = a;
@@ -239,7 +284,10 @@ __global__ void select_kernel(View t, SelectParams p) {
         if (lane == 0) c = tree::allocate_node(t, b, s, a);
         c = __shfl_sync(kFull, c, 0);
         if (c < 0) {
-          if (lane == 0) record(p.status, tree::kTreeFull, b);
+          if (lane == 0) {
+            record(p.status, tree::kTreeFull, b);
+            abandon_walks(t, p, b, w);
+          }
           return;
         }
         is_new = true;

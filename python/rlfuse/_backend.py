@@ -13,6 +13,7 @@ environment variable override it.  Asking for a backend that cannot run here rai
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import importlib
 import importlib.util
@@ -195,6 +196,26 @@ def threads_for(work: int) -> int:
 
 def cuda_stream(device: torch.device) -> int:
     return torch.cuda.current_stream(device).cuda_stream
+
+
+@contextlib.contextmanager
+def cuda_launch(device: torch.device):
+    """Context of a call into rlfuse._cuda on tensors of ``device``; gives the handle of
+    that device's current stream (looked up at each call, so that a stream made current
+    after an object was built is used).
+
+    The extension's launchers take no device argument: they launch on the current CUDA
+    device, so ``device`` is made current for the call (tensors on cuda:1 while cuda:0 is
+    current would otherwise be read by kernels on the wrong device).  Every call site of
+    rlfuse._cuda goes through here (tests/reliability/test_device_guard.py)."""
+    with torch.cuda.device(device):
+        yield cuda_stream(device)
+
+
+def device_guard(device: torch.device):
+    """``torch.cuda.device(device)`` for a CUDA device (Triton launches on the current
+    device too), a no-op context otherwise (CPU tensors, the Triton interpreter)."""
+    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
 
 
 def info() -> dict:

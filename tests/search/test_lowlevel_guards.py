@@ -159,6 +159,35 @@ def test_phases_needs_initialised_roots():
         Phases(tree, rule="puct", W=1, max_depth=4, backend="cpu")
 
 
+@pytest.mark.parametrize("backend", ["cpu", "torch"])
+def test_expand_and_backup_skip_a_row_without_a_walk(backend):
+    """A row that is not new with out_len 0 is how the CUDA select leaves the walks of a
+    tree whose walk failed (tree full, no valid action; the error is raised by finish):
+    expand and backup must leave that tree alone, never read path[len - 1] = path[-1] or
+    an earlier step's path.  (The CPU and reference selects raise instead; their backup
+    skips such a row alike.)"""
+    from .test_tree import TREE_ARRAYS
+
+    tree = Tree(2, 3, 8)
+    tree.init_roots(torch.zeros(2, 3), torch.zeros(2))
+    ph = Phases(tree, rule="puct", W=1, max_depth=4, backend=backend)
+    out = (torch.zeros(2), torch.ones(2), torch.zeros(2, 3), torch.tensor([5.0, 7.0]))
+    ph.select(1)
+    ph.expand(1, *out)
+    ph.backup(1)
+    tree1 = {n: getattr(tree, n)[1].clone() for n in TREE_ARRAYS}
+    # tree 1's row as the CUDA select writes it for a failed walk; row 0 keeps its walk
+    ph.out_node[1], ph.out_parent[1], ph.out_action[1] = 0, 0, 0
+    ph.out_store[1], ph.out_new[1], ph.out_len[1] = tree.capacity, 0, 0
+    ph.out_new[0] = 0
+    ph.expand(1, *out)
+    ph.backup(1)
+    for n in TREE_ARRAYS:  # (unallocated rows hold anything, NaN too)
+        torch.testing.assert_close(getattr(tree, n)[1], tree1[n], rtol=0, atol=0,
+                                   equal_nan=True, msg=n)
+    assert tree.visits[0, 0] == 3  # row 0 was backed up again
+
+
 def test_phases_max_depth_beyond_the_capacity_is_the_same_search():
     """max_depth is clamped to the tree's capacity (no walk is deeper): 2**40 gives the
     search max_depth = capacity gives, with a path buffer of capacity + 1 per walk."""

@@ -404,3 +404,81 @@ def test_cuda_matches_cpu(W):
     sub = b.tree.subtree(b.action)
     ref = a.tree.subtree(a.action)
     assert torch.equal(sub.next_free.cpu(), ref.next_free)
+
+
+def _on_cpu(t: Tree):
+    """The arrays of a tree, on the CPU (for _assert_same)."""
+    from types import SimpleNamespace
+
+    return SimpleNamespace(capacity=t.capacity,
+                           **{n: getattr(t, n).cpu() for n in TREE_ARRAYS})
+
+
+def _nan_prior_tree(dev):
+    """Roots with NaN priors: tree 0 every valid one (every score is NaN), tree 1 two of
+    four (NaN scores after the first valid action's, which is a number)."""
+    nan = math.nan
+    t = Tree(2, 4, 16, dev)
+    t.init_roots(torch.zeros(2, 4), torch.zeros(2),
+                 invalid=torch.tensor([[True, False, False, False], [False] * 4]))
+    t.prior[:, 0] = torch.tensor([[0.0, nan, nan, nan], [0.1, nan, 0.7, nan]], device=dev)
+    return t
+
+
+@pytest.mark.parametrize("backend", ["cpu", "torch", pytest.param("cuda", marks=pytest.mark.gpu)])
+@pytest.mark.parametrize("W", [1, 3])
+def test_nan_scores_are_chosen_as_the_specification_scans(backend, W, monkeypatch):
+    """NaN scores: the specification's scan starts from the first valid action and moves
+    only to a strictly larger score (no comparison with NaN is true), so every score NaN
+    gives the first valid action, and a NaN after a number never wins.  On CUDA the lanes
+    of a warp must agree on the choice (they reduce a total order, NaN lowest, and take the
+    tier's first action when its score is NaN)."""
+    from rlfuse.search import tree as search_tree
+
+    # the CPU's sparse PUCT rule ranks unallocated actions by prior and passes over NaN
+    # priors (which expand never writes): the dense rule is the one checked here
+    monkeypatch.setattr(search_tree, "SPARSE_SELECT", False)
+    dev = torch.device("cuda" if backend == "cuda" else "cpu")
+    M = 2 * W
+    out = (torch.zeros(M), torch.ones(M), torch.zeros(M, 4), torch.full((M,), 0.5))
+    trees = []
+    for be, d in ((backend, dev), ("torch", torch.device("cpu"))):
+        tree = _nan_prior_tree(d)
+        ph = Phases(tree, rule="puct", W=W, max_depth=3, backend=be)
+        for step in range(4):
+            sel = ph.select(W)
+            if step == 0:  # the first valid action; the largest prior (0.7)
+                assert sel.action.view(2, W)[:, 0].tolist() == [1, 2]
+            ph.expand(W, *(x.to(d) for x in out))
+            ph.backup(W)
+        ph.finish()
+        trees.append(_on_cpu(tree))
+        trees[-1].prior = trees[-1].prior.nan_to_num(-1.0)
+    _assert_same(*trees)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("capacity, W", [(1, 1), (2, 2)])
+def test_cuda_failed_walks_leave_rows_that_expand_and_backup_skip(capacity, W):
+    """A walk that finds its tree full ends the tree's step: its row and the later ones are
+    not new, with an empty path, so expand and backup leave the tree as the finished walks
+    made it (never reading path[-1] or an earlier step's outputs); finish raises."""
+    gpu = Tree(1, 3, capacity, torch.device("cuda"))
+    gpu.init_roots(torch.zeros(1, 3), torch.zeros(1))
+    ph = Phases(gpu, rule="puct", W=W, max_depth=4, backend="cuda")
+    sel = ph.select(W)
+    assert sel.new[-1].item() == 0 and ph.out_len[W - 1].item() == 0
+    assert sel.store[-1].item() == capacity
+    out = (torch.zeros(W), torch.ones(W), torch.zeros(W, 3), torch.full((W,), 5.0))
+    ph.expand(W, *(x.cuda() for x in out))
+    ph.backup(W)
+    with pytest.raises(RuntimeError, match="tree full"):
+        ph.finish()
+    cpu = Tree(1, 3, capacity)
+    cpu.init_roots(torch.zeros(1, 3), torch.zeros(1))
+    if W > 1:  # the walks that finished: a CPU step of W - 1 walks
+        rp = Phases(cpu, rule="puct", W=W - 1, max_depth=4, backend="cpu")
+        rp.select(W - 1)
+        rp.expand(W - 1, *(x[: W - 1] for x in out))
+        rp.backup(W - 1)
+    _assert_same(_on_cpu(gpu), cpu)

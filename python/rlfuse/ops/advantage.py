@@ -691,18 +691,20 @@ def _gae_impl(rewards, values, mask, last_values, cu_seqlens, gamma, lam, zero, 
             if backend == "cuda":
                 m_k = None if mask is None else (mask != 0).view(torch.uint8)
                 rs, vs, ms = _strides2(r_k), _strides2(v_k), _strides2(m_k)
-                _backend.cuda_module().gae_fwd(
-                    _backend.DTYPE_CODES[acc], S, T, _ptr(cu_k), r_k.data_ptr(), rs[0], rs[1],
-                    _ptr(v_k), vs[0], vs[1], _ptr(m_k), ms[0], ms[1], _ptr(lv_k),
-                    lv_k.stride(0) if lv_k is not None else 0, float(gamma), float(lam),
-                    int(zero), adv.data_ptr(), ret.data_ptr() if want_returns else 0,
-                    _backend.cuda_stream(rewards.device),
-                )
+                with _backend.cuda_launch(rewards.device) as stream:
+                    _backend.cuda_module().gae_fwd(
+                        _backend.DTYPE_CODES[acc], S, T, _ptr(cu_k), r_k.data_ptr(), rs[0],
+                        rs[1], _ptr(v_k), vs[0], vs[1], _ptr(m_k), ms[0], ms[1], _ptr(lv_k),
+                        lv_k.stride(0) if lv_k is not None else 0, float(gamma), float(lam),
+                        int(zero), adv.data_ptr(), ret.data_ptr() if want_returns else 0,
+                        stream,
+                    )
             elif backend == "triton":
-                _backend.triton_kernels("advantage").gae(
-                    r_k, v_k, mask, lv_k, cu_k, S, T, float(gamma), float(lam), bool(zero),
-                    adv, ret if want_returns else None,
-                )
+                with _backend.device_guard(rewards.device):
+                    _backend.triton_kernels("advantage").gae(
+                        r_k, v_k, mask, lv_k, cu_k, S, T, float(gamma), float(lam), bool(zero),
+                        adv, ret if want_returns else None,
+                    )
             else:  # pragma: no cover - resolve() only returns known names
                 raise RuntimeError(f"{op}: unknown backend {backend!r}")
     if N == 0 or S == 0:
@@ -895,13 +897,14 @@ def _row_stats(x2, m2, backend, op, names):
         mean = _empty(R, dtype=torch.float64, device=x2.device)
         m2o = _empty(R, dtype=torch.float64, device=x2.device)
         xs, ms = _strides2(x2), _strides2(m_k)
-        _backend.cuda_module().masked_row_stats(
-            _backend.DTYPE_CODES[x2.dtype], R, C, x2.data_ptr(), xs[0], xs[1], _ptr(m_k),
-            ms[0], ms[1], cnt.data_ptr(), mean.data_ptr(), m2o.data_ptr(),
-            _backend.cuda_stream(x2.device),
-        )
+        with _backend.cuda_launch(x2.device) as stream:
+            _backend.cuda_module().masked_row_stats(
+                _backend.DTYPE_CODES[x2.dtype], R, C, x2.data_ptr(), xs[0], xs[1], _ptr(m_k),
+                ms[0], ms[1], cnt.data_ptr(), mean.data_ptr(), m2o.data_ptr(), stream,
+            )
     else:
-        cnt, mean, m2o = _backend.triton_kernels("advantage").row_stats(x2, m2)
+        with _backend.device_guard(x2.device):
+            cnt, mean, m2o = _backend.triton_kernels("advantage").row_stats(x2, m2)
     # Chan's combination of the rows, in float64 (fixed-size reductions: deterministic).
     n = cnt.double()
     N = float(n.sum())
@@ -926,12 +929,15 @@ def _apply_whiten(x2, m2, mean, scale, add_back, backend, out2):
     elif backend == "cuda":
         m_k = None if m2 is None else (m2 != 0).view(torch.uint8)
         xs, ms = _strides2(x2), _strides2(m_k)
-        _backend.cuda_module().masked_whiten_apply(
-            _backend.DTYPE_CODES[x2.dtype], R, C, x2.data_ptr(), xs[0], xs[1], _ptr(m_k), ms[0],
-            ms[1], mean, scale, add_back, out2.data_ptr(), _backend.cuda_stream(x2.device),
-        )
+        with _backend.cuda_launch(x2.device) as stream:
+            _backend.cuda_module().masked_whiten_apply(
+                _backend.DTYPE_CODES[x2.dtype], R, C, x2.data_ptr(), xs[0], xs[1], _ptr(m_k),
+                ms[0], ms[1], mean, scale, add_back, out2.data_ptr(), stream,
+            )
     elif backend == "triton":
-        _backend.triton_kernels("advantage").whiten_apply(x2, m2, mean, scale, add_back, out2)
+        with _backend.device_guard(x2.device):
+            _backend.triton_kernels("advantage").whiten_apply(x2, m2, mean, scale, add_back,
+                                                              out2)
     else:
         m = torch.ones_like(x2, dtype=torch.bool) if m2 is None else m2 != 0
         w = (x2.double() - mean) * scale + add_back
@@ -1187,14 +1193,16 @@ def _group_impl(scores, group_ids, group_size, method, mask, lengths, eps, std_f
                   std_floor=std_floor, norm_by_std=bool(norm_by_std), f_norm=f_norm,
                   batch_std=batch_std, alpha=alpha)
     if backend == "cuda":
-        _backend.cuda_module().group_stats(
-            B, s.data_ptr(), order.data_ptr(), seg.data_ptr(), counts.numel(), _ptr(lens),
-            params["method"], params["size_one"], eps, std_floor, int(norm_by_std), f_norm,
-            batch_std, alpha, x.data_ptr(), _backend.cuda_stream(dev),
-        )
+        with _backend.cuda_launch(dev) as stream:
+            _backend.cuda_module().group_stats(
+                B, s.data_ptr(), order.data_ptr(), seg.data_ptr(), counts.numel(), _ptr(lens),
+                params["method"], params["size_one"], eps, std_floor, int(norm_by_std), f_norm,
+                batch_std, alpha, x.data_ptr(), stream,
+            )
     else:
-        _backend.triton_kernels("advantage").group_stats(s, order, seg, lens, x, max_count,
-                                                         **params)
+        with _backend.device_guard(dev):
+            _backend.triton_kernels("advantage").group_stats(s, order, seg, lens, x, max_count,
+                                                             **params)
     if method == "reinforce_pp_baseline":
         w = torch.ones_like(x) if lens is None else lens
         w = torch.where(valid, w, torch.zeros_like(w))
@@ -1215,12 +1223,14 @@ def _group_impl(scores, group_ids, group_size, method, mask, lengths, eps, std_f
     if backend == "cuda":
         m_k = (mask != 0).view(torch.uint8)
         ms = _strides2(m_k)
-        _backend.cuda_module().broadcast_rows(
-            _backend.DTYPE_CODES[acc], B, mask.shape[1], out.data_ptr(), m_k.data_ptr(), ms[0],
-            ms[1], tok.data_ptr(), _backend.cuda_stream(dev),
-        )
+        with _backend.cuda_launch(dev) as stream:
+            _backend.cuda_module().broadcast_rows(
+                _backend.DTYPE_CODES[acc], B, mask.shape[1], out.data_ptr(), m_k.data_ptr(),
+                ms[0], ms[1], tok.data_ptr(), stream,
+            )
     else:
-        _backend.triton_kernels("advantage").broadcast_rows(out, mask, tok)
+        with _backend.device_guard(dev):
+            _backend.triton_kernels("advantage").broadcast_rows(out, mask, tok)
     return tok
 
 
@@ -1437,14 +1447,16 @@ def _token_rewards_impl(scores, mask, kl, cu_seqlens, T, kl_coef, backend):
     if backend == "cuda":
         m_k = None if mask is None else (mask != 0).view(torch.uint8)
         ks, ms = _strides2(kk), _strides2(m_k)
-        _backend.cuda_module().token_rewards(
-            _backend.DTYPE_CODES[acc], S, 0 if packed else T, _ptr(cu_k), sk.data_ptr(),
-            sk.stride(0), _ptr(kk), ks[0], ks[1], _ptr(m_k), ms[0], ms[1], kl_coef,
-            out.data_ptr(), _backend.cuda_stream(out.device),
-        )
+        with _backend.cuda_launch(out.device) as stream:
+            _backend.cuda_module().token_rewards(
+                _backend.DTYPE_CODES[acc], S, 0 if packed else T, _ptr(cu_k), sk.data_ptr(),
+                sk.stride(0), _ptr(kk), ks[0], ks[1], _ptr(m_k), ms[0], ms[1], kl_coef,
+                out.data_ptr(), stream,
+            )
     else:
-        _backend.triton_kernels("advantage").token_rewards(sk, mask, kk, cu_k, S, T, kl_coef,
-                                                           out)
+        with _backend.device_guard(out.device):
+            _backend.triton_kernels("advantage").token_rewards(sk, mask, kk, cu_k, S, T,
+                                                               kl_coef, out)
     return out
 
 

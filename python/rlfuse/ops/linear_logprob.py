@@ -31,7 +31,6 @@ registrations, so ``torch.compile(fullgraph=True)`` traces callers and ``opcheck
 from __future__ import annotations
 
 import os
-from contextlib import nullcontext as _nullcontext
 from typing import Optional
 
 import torch
@@ -147,12 +146,13 @@ def _rows_forward(backend, logits, ids, logp, ent, lse, inv_t, temperature, igno
         )
         return int(bad)
     if backend == "cuda":
-        _backend.cuda_module().token_logprobs_fwd(
-            logits.data_ptr(), _backend.DTYPE_CODES[logits.dtype], 1, c, 0, V, V,
-            ids.data_ptr(), _backend.INDEX_CODES[ids.dtype], logp.data_ptr(),
-            ent.data_ptr() if return_entropy else 0, lse.data_ptr(), inv_t, ignore_index,
-            _backend.cuda_stream(logits.device),
-        )
+        with _backend.cuda_launch(logits.device) as stream:
+            _backend.cuda_module().token_logprobs_fwd(
+                logits.data_ptr(), _backend.DTYPE_CODES[logits.dtype], 1, c, 0, V, V,
+                ids.data_ptr(), _backend.INDEX_CODES[ids.dtype], logp.data_ptr(),
+                ent.data_ptr() if return_entropy else 0, lse.data_ptr(), inv_t, ignore_index,
+                stream,
+            )
     elif backend == "triton":
         lp_t, ent_t, lse_t = _backend.triton_kernels("logprob").forward(
             logits.unsqueeze(0), ids, inv_t, ignore_index, return_entropy
@@ -189,9 +189,8 @@ def _rows_backward(backend, logits, ids, lse, ent, g_lp, g_ent, out, inv_t, temp
         if backend == "cpu":
             _backend.cpu_module().token_logprobs_bwd(*args, _backend.threads_for(c * V))
         else:
-            _backend.cuda_module().token_logprobs_bwd(
-                *args, _backend.cuda_stream(logits.device)
-            )
+            with _backend.cuda_launch(logits.device) as stream:
+                _backend.cuda_module().token_logprobs_bwd(*args, stream)
         return out
     if backend == "triton":
         # The Triton backward program loads each tile of x before storing the same tile
@@ -257,7 +256,7 @@ def _active_rows(ids: torch.Tensor, ignore_index: int) -> Optional[torch.Tensor]
 
 
 def _device_ctx(t: torch.Tensor):
-    return torch.cuda.device(t.device) if t.is_cuda else _nullcontext()
+    return _backend.device_guard(t.device)
 
 
 def _resolve_chunk(chunk_size: int, N: int, V: int, H: int, dtype, device, backend) -> int:

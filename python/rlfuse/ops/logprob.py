@@ -23,7 +23,6 @@ Three files hold this op: this module (reference, torch.library op, dispatch),
 
 from __future__ import annotations
 
-from contextlib import nullcontext as _nullcontext
 from typing import Optional
 
 import torch
@@ -186,17 +185,17 @@ def _token_logprobs_op(
                 )
         elif backend == "cuda":
             _check_ids_torch(ids, V, ignore_index)
-            with torch.cuda.device(logits.device):
+            with _backend.cuda_launch(logits.device) as stream:
                 _backend.cuda_module().token_logprobs_fwd(
                     logits.data_ptr(), _backend.DTYPE_CODES[logits.dtype], n_outer, n_inner,
                     s_outer, s_inner, V, ids.data_ptr(), _backend.INDEX_CODES[ids.dtype],
                     logp.data_ptr(), ent.data_ptr() if return_entropy else 0, lse.data_ptr(),
-                    inv_t, ignore_index, _backend.cuda_stream(logits.device),
+                    inv_t, ignore_index, stream,
                 )
         elif backend == "triton":
             _check_ids_torch(ids, V, ignore_index)
             view = logits.as_strided((n_outer, n_inner, V), (s_outer, s_inner, 1))
-            with torch.cuda.device(logits.device) if logits.is_cuda else _nullcontext():
+            with _backend.device_guard(logits.device):
                 lp_t, ent_t, lse_t = _backend.triton_kernels("logprob").forward(
                     view, ids, inv_t, ignore_index, return_entropy
                 )
@@ -250,7 +249,7 @@ def _token_logprobs_backward_op(
     inv_t = 1.0 / temperature
     if backend == "triton":
         view = logits.as_strided((n_outer, n_inner, V), (s_outer, s_inner, 1))
-        with torch.cuda.device(logits.device) if logits.is_cuda else _nullcontext():
+        with _backend.device_guard(logits.device):
             d = _backend.triton_kernels("logprob").backward(
                 view, ids, lse_f, ent_f, g_lp, g_ent, inv_t, ignore_index
             )
@@ -268,10 +267,8 @@ def _token_logprobs_backward_op(
         if backend == "cpu":
             _backend.cpu_module().token_logprobs_bwd(*args, _backend.threads_for(N * V))
         else:
-            with torch.cuda.device(logits.device):
-                _backend.cuda_module().token_logprobs_bwd(
-                    *args, _backend.cuda_stream(logits.device)
-                )
+            with _backend.cuda_launch(logits.device) as stream:
+                _backend.cuda_module().token_logprobs_bwd(*args, stream)
     return dlogits.view(shape)
 
 

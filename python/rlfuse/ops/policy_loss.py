@@ -707,11 +707,12 @@ def _kl_run(logp, ref_logp, grad_out, ints, floats, backend, backward: bool):
         if backend == "cpu":
             _backend.cpu_module().kl_penalty(ia, [kl_lr, kl_out])
         else:
-            _backend.cuda_module().kl_penalty(ia, [kl_lr, kl_out],
-                                              _backend.cuda_stream(logp.device))
+            with _backend.cuda_launch(logp.device) as stream:
+                _backend.cuda_module().kl_penalty(ia, [kl_lr, kl_out], stream)
     else:
-        _backend.triton_kernels("policy_loss").kl_penalty(
-            lp2, ref2, go2, out, kind, bool(straight), kl_lr, kl_out, bool(backward))
+        with _backend.device_guard(logp.device):
+            _backend.triton_kernels("policy_loss").kl_penalty(
+                lp2, ref2, go2, out, kind, bool(straight), kl_lr, kl_out, bool(backward))
     return out.view(shape)
 
 
@@ -1092,13 +1093,15 @@ def _policy_gpu(logp, old, adv, mask, ref, ent, isw, cfg, backend):
     if B > 0:
         if backend == "cuda":
             ia, fa = _policy_args(logp, old, adv, mask, ref, ent, isw, cfg, None, None, glp)
-            _backend.cuda_module().policy_loss_rows(
-                ia, fa, cpg_k.data_ptr(), xs.data_ptr() if xs is not None else 0,
-                rows.data_ptr(), _backend.cuda_stream(logp.device))
+            with _backend.cuda_launch(logp.device) as stream:
+                _backend.cuda_module().policy_loss_rows(
+                    ia, fa, cpg_k.data_ptr(), xs.data_ptr() if xs is not None else 0,
+                    rows.data_ptr(), stream)
         else:
-            _backend.triton_kernels("policy_loss").policy_rows(
-                logp, old, adv, mask, ref if cfg.kl_mode else None, ent, isw, cpg_k, xs, glp,
-                rows, cfg)
+            with _backend.device_guard(logp.device):
+                _backend.triton_kernels("policy_loss").policy_rows(
+                    logp, old, adv, mask, ref if cfg.kl_mode else None, ent, isw, cpg_k, xs,
+                    glp, rows, cfg)
         if cfg.seq_grad and glp.numel():
             # GSPO with the sequence-mean gradient (TRL / OpenRLHF): every token of row i also
             # gets c_i * (sum_u m_u dl_u/ds_i) * ds_i/dlogp_t, ds_i/dlogp_t = s_i / max(L_i, 1).
@@ -1601,11 +1604,13 @@ def _value_impl(values, old_values, returns, mask, counts, iparams, fparams, bac
     old = old_values if math.isfinite(cfg.clip) else None
     if B > 0:
         if backend == "cuda":
-            _backend.cuda_module().value_loss_rows(*args(gk, None, None), ck.data_ptr(),
-                                                   rows.data_ptr(), _backend.cuda_stream(dev))
+            with _backend.cuda_launch(dev) as stream:
+                _backend.cuda_module().value_loss_rows(*args(gk, None, None), ck.data_ptr(),
+                                                       rows.data_ptr(), stream)
         else:
-            _backend.triton_kernels("policy_loss").value_rows(
-                values, old, returns, mask_k, ck, gk, rows, cfg.clip_form, cfg.clip)
+            with _backend.device_guard(dev):
+                _backend.triton_kernels("policy_loss").value_rows(
+                    values, old, returns, mask_k, ck, gk, rows, cfg.clip_form, cfg.clip)
     r = rows.to(torch.float64)
     N = L.sum().to(torch.float64)
     inv = torch.where(N > 0, 1.0 / N.clamp(min=1), torch.zeros_like(N))

@@ -432,14 +432,16 @@ def _pref_run(c, r, rc, rr, lc, lr, pw, ints, floats, backend):
     if P == 0:
         return loss, stats, grad_c, grad_r
     if backend == "triton":
-        _backend.triton_kernels("preference").preference_loss(
-            c, r, rc, rr, lc, lr, pw, ints, floats, loss, grad_c, grad_r, stats)
+        with _backend.device_guard(dev):
+            _backend.triton_kernels("preference").preference_loss(
+                c, r, rc, rr, lc, lr, pw, ints, floats, loss, grad_c, grad_r, stats)
         return loss, stats, grad_c, grad_r
     ia, fa = _kernel_args(c, r, rc, rr, lc, lr, pw, ints, floats, loss, grad_c, grad_r, stats)
     if backend == "cpu":
         _backend.cpu_module().preference_loss_fwd(ia, fa)
     else:
-        _backend.cuda_module().preference_loss(ia, fa, _backend.cuda_stream(dev))
+        with _backend.cuda_launch(dev) as stream:
+            _backend.cuda_module().preference_loss(ia, fa, stream)
     return loss, stats, grad_c, grad_r
 
 

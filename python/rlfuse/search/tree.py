@@ -265,10 +265,11 @@ class Tree:
             mod = _backend.cpu_module()
             mod.tree_subtree(self.view(mod), dst.view(mod), actions.data_ptr(),
                              src_of.data_ptr(), _backend.num_threads())
-        elif self.device.type == "cuda" and _backend.available("cuda", self.device):
+        elif _backend.available("cuda", self.device):
             mod = _backend.cuda_module()
-            mod.tree_subtree(self.view(mod), dst.view(mod), actions.data_ptr(),
-                             src_of.data_ptr(), _backend.cuda_stream(self.device))
+            with _backend.cuda_launch(self.device) as stream:
+                mod.tree_subtree(self.view(mod), dst.view(mod), actions.data_ptr(),
+                                 src_of.data_ptr(), stream)
         else:
             subtree_reference(self, dst, actions, src_of)
         if self.payload is not None:
@@ -538,7 +539,8 @@ class Phases:
             # on a loaded machine), so they run on one.
             threads = (_backend.num_threads() if B * W * tree.num_actions >= THREAD_MIN_PAIRS
                        else 1)
-            self.arg = threads if self.backend == "cpu" else _backend.cuda_stream(dev)
+            # CUDA: the tree's device and its current stream, at each call (_cuda_call)
+            self.arg = threads if self.backend == "cpu" else None
 
     def selection(self, w: int) -> Selection:
         s = self._sel.get(w)
@@ -558,6 +560,11 @@ class Phases:
                              f"{self.W}] (the W this object was built for), got {w!r}")
 
     def select(self, w: int) -> Selection:
+        """The walks of a step, ``w`` per tree.  A walk that cannot finish (tree full, no
+        valid action) raises ``RuntimeError`` here on the CPU and reference backends; on
+        CUDA it is recorded and raised by :meth:`finish` (reading it here would wait for
+        the GPU every step), and that tree's rows for the rest of the step are not new and
+        have an empty path (``out_len`` 0), which expand and backup skip."""
         self._width(w)
         if self.mod is None:
             select_reference(self, w)
@@ -566,7 +573,7 @@ class Phases:
             if rc:
                 self._raise("select", rc, where)
         else:
-            self.mod.tree_select(self.view, self.cfg, w, self.arg)
+            self._cuda_call(self.mod.tree_select, self.view, self.cfg, w)
         return self.selection(w)
 
     def expand(self, w: int, reward, discount, logits, value, invalid=None, terminal=None):
@@ -575,11 +582,14 @@ class Phases:
         if self.mod is None:
             expand_reference(self, w, reward, discount, logits, value, invalid, terminal)
             return
-        out = self.mod.tree_expand(
-            self.view, self.cfg, w, reward.data_ptr(), discount.data_ptr(), logits.data_ptr(),
-            value.data_ptr(), 0 if invalid is None else invalid.data_ptr(),
-            0 if terminal is None else terminal.data_ptr(), self.arg)
-        if self.backend == "cpu" and out[0]:
+        args = (self.view, self.cfg, w, reward.data_ptr(), discount.data_ptr(),
+                logits.data_ptr(), value.data_ptr(), 0 if invalid is None else invalid.data_ptr(),
+                0 if terminal is None else terminal.data_ptr())
+        if self.backend != "cpu":
+            self._cuda_call(self.mod.tree_expand, *args)
+            return
+        out = self.mod.tree_expand(*args, self.arg)
+        if out[0]:
             self._raise("expand", out[0], out[1], "row")
 
     def expand_backup(self, w: int, reward, discount, logits, value, invalid=None,
@@ -629,8 +639,16 @@ class Phases:
         self._width(w)
         if self.mod is None:
             backup_reference(self, w)
-        else:
+        elif self.backend == "cpu":
             self.mod.tree_backup(self.view, self.cfg, w, self.arg)
+        else:
+            self._cuda_call(self.mod.tree_backup, self.view, self.cfg, w)
+
+    def _cuda_call(self, fn, *args) -> None:
+        """``fn(*args, stream)``: a launcher of rlfuse._cuda, on the tree's device and its
+        current stream (looked up at each call, not when this object was built)."""
+        with _backend.cuda_launch(self.tree.device) as stream:
+            fn(*args, stream)
 
     def finish(self) -> None:
         """Raise for an error a CUDA kernel recorded (checked once, at the end)."""
@@ -827,6 +845,8 @@ def backup_reference(ph: Phases, w: int) -> None:
         vis, val, inf = st["visits"][b], st["value"][b], st["inflight"][b]
         for i in range(w):
             o = b * w + i
+            if lens[o] < 2:  # no walk (CUDA: a failed one; see Phases.select)
+                continue
             path = paths[o * D:o * D + lens[o]]
             leaf = path[-1]
             g = st["raw_value"][b][leaf]
