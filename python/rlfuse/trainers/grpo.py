@@ -177,7 +177,9 @@ class GRPOTrainer(BaseTrainer):
             variant="gspo" if a.importance_sampling_level == "sequence" else "ppo",
             epsilon=a.epsilon, epsilon_high=a.epsilon_high, delta=a.delta,
             ref_logp=r.extra.get("ref_logp"), beta=a.beta, kl_kind=a.kl_estimator,
-            kl_ratio_weighted=a.use_bias_correction_kl, loss_agg_mode=a.loss_type,
+            # TRL applies the correction inside its KL term, which exists only for beta > 0
+            kl_ratio_weighted=a.use_bias_correction_kl and a.beta > 0,
+            loss_agg_mode=a.loss_type,
             semantics="trl", **kw)
         if a.loss_type != "dapo":
             loss = loss / GA
