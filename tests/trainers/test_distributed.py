@@ -11,13 +11,14 @@ from rlfuse.models.tiny import tiny_causal_lm, tiny_tokenizer
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
-def _launch(out, *args):
-    """Two processes over gloo running ``tests.trainers.ddp_worker OUT ARGS``; returns the
+def _launch(out, *args, worker="ddp_worker"):
+    """Two processes over gloo running ``tests.trainers.<worker> OUT ARGS``; returns the
     saved results of rank 0 and rank 1."""
     env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    os.makedirs(out, exist_ok=True)
     proc = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-         "-m", "tests.trainers.ddp_worker", out, *args],
+         "-m", f"tests.trainers.{worker}", out, *args],
         cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return torch.load(f"{out}/rank0.pt"), torch.load(f"{out}/rank1.pt")
@@ -97,3 +98,29 @@ def test_two_process_gloo_fsdp_matches_ddp_ppo_dpo(tmp_path, algo):
         assert torch.equal(a, b)
         torch.testing.assert_close(a, c, rtol=1e-5, atol=1e-6)
     assert any(not torch.equal(a, b) for a, b in zip(f0["params"], _initial_params()))
+
+
+def test_two_process_batch_std_is_over_every_process(tmp_path):
+    """scale_rewards="batch": the std is that of the rewards of both processes (TRL gathers
+    them first), so each rank's advantages are the one-process advantages of the whole
+    batch, whatever the split; with the std of its own rewards, each rank's would differ."""
+    from rlfuse.ops import group_advantages
+
+    r0, r1 = _launch(str(tmp_path / "bstd"), worker="batch_std_worker")
+    assert r0["world"] == r1["world"] == 2
+    rewards = torch.cat([r0["rewards"], r1["rewards"]])
+    got = torch.cat([r0["advantages"], r1["advantages"]]).double()
+    want = group_advantages(rewards.float(), group_size=4, method="batch_std",
+                            semantics="trl").double()
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+    # TRL's formula (float64): (r - nanmean of the group) / (nanstd of all rewards + 1e-4),
+    # 0 where the reward is missing
+    valid = ~torch.isnan(rewards)
+    mean = torch.stack([g[~torch.isnan(g)].mean() for g in rewards.view(-1, 4)])
+    trl = (rewards - mean.repeat_interleave(4)) / (rewards[valid].std() + 1e-4)
+    trl = torch.where(valid, trl, torch.zeros_like(trl))
+    torch.testing.assert_close(got, trl, rtol=1e-5, atol=1e-6)
+    local = torch.cat([group_advantages(r["rewards"].float(), group_size=4,
+                                        method="batch_std", semantics="trl").double()
+                       for r in (r0, r1)])
+    assert (local - trl).abs().max() > 0.1

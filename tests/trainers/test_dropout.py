@@ -27,7 +27,10 @@ def _gpt2(tok):        # GPT-2 configs default to dropout 0.1 (resid, embd, attn
 def _common(tmp_path, **kw):
     base = dict(output_dir=str(tmp_path / "out"), learning_rate=1e-3,
                 per_device_train_batch_size=8, max_completion_length=6, max_steps=1,
-                progress=False, plot=False, seed=0, report_to="none")
+                progress=False, plot=False, seed=0, report_to="none",
+                # a cut run (max_steps=2) resumed to 4 matches an uninterrupted 4-step run
+                # only with a schedule that does not depend on max_steps
+                lr_scheduler_type="constant")
     base.update(kw)
     return base
 

@@ -30,21 +30,29 @@ def _reference_grpo_loss(model64, ref64, r, adv, old, cfg, global_tokens, GA):
     per_tok = -torch.min(ratio * A, torch.clamp(ratio, lo, hi) * A)
     if cfg.beta:
         ref = completion_logprobs_logits(ref64, r, cfg.temperature)
-        per_tok = per_tok + cfg.beta * (torch.exp(ref - logp) - (ref - logp) - 1)
+        kl = torch.exp(ref - logp) - (ref - logp) - 1
+        if cfg.use_bias_correction_kl:      # TRL: per_token_kl * coef_1
+            kl = kl * ratio
+        per_tok = per_tok + cfg.beta * kl
     if cfg.loss_type == "dapo":
         return (per_tok * m).sum() / global_tokens
     assert cfg.loss_type == "grpo"
     return ((per_tok * m).sum(1) / m.sum(1).clamp(min=1)).mean() / GA
 
 
-@pytest.mark.parametrize("loss_type,grouped,share", [
-    ("dapo", False, True), ("grpo", False, True),
+@pytest.mark.parametrize("loss_type,grouped,share,bias_kl", [
+    ("dapo", False, True, None), ("grpo", False, True, None),
+    # the KL term without TRL's importance-sampling correction (default: with it)
+    ("dapo", False, True, False), ("grpo", False, True, False),
     # prompts repeated in runs (3 + 1 in the first micro-batch, 4 in the second): the
     # log-prob forwards encode each distinct prompt once (or not, share=False)
-    ("dapo", True, True), ("grpo", True, True), ("dapo", True, False)])
-def test_grpo_update_equals_plain_torch(tmp_path, tok, tiny, rows, loss_type, grouped, share):
+    ("dapo", True, True, None), ("grpo", True, True, None), ("dapo", True, False, None)])
+def test_grpo_update_equals_plain_torch(tmp_path, tok, tiny, rows, loss_type, grouped, share,
+                                        bias_kl):
+    kw = {} if bias_kl is None else dict(use_bias_correction_kl=bias_kl)
     cfg = small_grpo_config(tmp_path, beta=0.05, num_iterations=2, loss_type=loss_type,
-                            temperature=0.9, epsilon_high=0.28, share_prompt_prefix=share)
+                            temperature=0.9, epsilon_high=0.28, share_prompt_prefix=share, **kw)
+    assert cfg.use_bias_correction_kl is (True if bias_kl is None else bias_kl)
     ref = _perturbed(tiny)
     tr = GRPOTrainer(tiny, lambda prompts, completions, **kw: [0.0] * len(completions),
                      args=cfg, train_dataset=rows, tokenizer=tok, ref_model=ref)

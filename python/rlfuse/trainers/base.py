@@ -23,7 +23,8 @@ from dataclasses import dataclass, field
 import torch
 
 from rlfuse.models.generate import sample as lean_sample, supports as supports_lean_sampling
-from rlfuse.trainers.config import ConfigError, TrainConfig, report_integrations
+from rlfuse.trainers.config import (FORMER_DEFAULTS, ConfigError, TrainConfig, field_default,
+                                    report_integrations)
 
 __all__ = ["BaseTrainer", "NonFiniteError", "RewardFunctionError", "load_model_and_tokenizer",
            "latest_checkpoint", "check_output_dir"]
@@ -192,8 +193,9 @@ class Rollout:
 
 
 def encode_prompts(tokenizer, prompts, max_prompt_length, device):
-    """Left-padded prompt ids and mask (prompts longer than ``max_prompt_length`` keep
-    their last tokens, as TRL does)."""
+    """Left-padded prompt ids and mask.  ``max_prompt_length`` None keeps every prompt whole
+    (as TRL 1.16, which does not truncate prompts); an int keeps each prompt's last
+    ``max_prompt_length`` tokens (left truncation, an rlfuse option)."""
     rows = []
     for p in prompts:
         ids = tokenizer(p)["input_ids"]
@@ -519,8 +521,10 @@ class BaseTrainer:
         warm = a.warmup_steps
 
         def lr_lambda(step):
+            # transformers' schedules: the warm-up rises linearly from 0 (the first step's
+            # learning rate is 0) to 1 at step ``warm``
             if warm and step < warm:
-                return (step + 1) / (warm + 1)
+                return step / warm
             if a.lr_scheduler_type == "constant":
                 return 1.0
             frac = min(1.0, (step - warm) / max(1, total - warm))
@@ -1111,6 +1115,50 @@ class BaseTrainer:
                 "continue as the interrupted one would: to resume it pass "
                 + ", ".join(settings) + ", or start a fresh run")
 
+    def _former_default_changes(self, state) -> list:
+        """``(field, checkpoint value, this run's value)`` for each field whose default
+        changed to TRL's / transformers' (:data:`FORMER_DEFAULTS`) where the checkpoint ran
+        with the former default and this run has the new one (what resuming a checkpoint
+        written before the change with the defaults gives), and the field matters to this
+        run (``num_train_epochs`` with ``max_steps=-1``, ``use_bias_correction_kl`` with
+        ``beta > 0``)."""
+        cfg = state.get("config") or {}
+        a = self.args
+        out = []
+        for k, former in FORMER_DEFAULTS.items():
+            if not hasattr(a, k) or k not in cfg:
+                continue
+            was, now = cfg[k], getattr(a, k)
+            if was != former or now == was or now != field_default(type(a), k):
+                continue
+            if k == "num_train_epochs" and a.max_steps > 0:
+                continue
+            if k == "use_bias_correction_kl" and not getattr(a, "beta", 0) > 0:
+                continue
+            out.append((k, was, now))
+        return out
+
+    def _warn_former_defaults(self, path, state):
+        """Resuming ``path`` continues with this run's config; a checkpoint written before
+        the defaults changed ran with the former ones: say which differ now and how to keep
+        them (a ``RuntimeWarning`` on rank 0; the resume goes on)."""
+        changes = self._former_default_changes(state)
+        if not changes or self.rank != 0:
+            return
+        import warnings
+
+        def flag(v):
+            return "none" if v is None else str(v).lower() if isinstance(v, bool) else str(v)
+
+        was = ", ".join(f"{k}={w!r}" for k, w, _ in changes)
+        now = ", ".join(f"{k}={n!r}" for k, _, n in changes)
+        keep = ", ".join(f"{k}={w!r} (--{k} {flag(w)})" for k, w, _ in changes)
+        warnings.warn(
+            f"resume_from_checkpoint: {path} ran with {was}, rlfuse's former defaults; this "
+            f"run has {now}, the defaults now (TRL's / transformers'), so the run goes on "
+            f"with other settings than the interrupted one: to continue it as it ran pass "
+            f"{keep}", RuntimeWarning, stacklevel=3)
+
     def _checkpoint_state(self, path) -> dict:
         """``path``'s trainer_state.json, once it is known to resume into this trainer."""
         with open(os.path.join(path, "trainer_state.json")) as f:
@@ -1130,6 +1178,7 @@ class BaseTrainer:
         from safetensors.torch import load_model
 
         state = self._checkpoint_state(path)
+        self._warn_former_defaults(path, state)
         if self.fsdp:
             self._load_full_state(path)
         else:

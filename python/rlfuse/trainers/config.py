@@ -14,7 +14,8 @@ import typing
 from dataclasses import dataclass, field
 from typing import Optional, Union
 
-__all__ = ["TrainConfig", "GRPOConfig", "PPOConfig", "DPOConfig", "SFTConfig", "ConfigError"]
+__all__ = ["TrainConfig", "GRPOConfig", "PPOConfig", "DPOConfig", "SFTConfig", "ConfigError",
+           "FORMER_DEFAULTS"]
 
 
 class ConfigError(ValueError):
@@ -63,6 +64,25 @@ def _choice(obj, name, choices):
 
 
 _INTEGRATIONS = ("tensorboard",)
+
+# Defaults that changed when the configs took TRL 1.16's / transformers' (a checkpoint's
+# trainer_state.json records the config it ran with; resuming one that ran with a former
+# default under the new one warns: BaseTrainer._warn_former_defaults).
+FORMER_DEFAULTS = {
+    "num_train_epochs": 1.0,
+    "lr_scheduler_type": "constant",
+    "max_prompt_length": 512,
+    "max_completion_length": 256,
+    "use_bias_correction_kl": False,
+}
+
+
+def field_default(cls, name):
+    """The default of field ``name`` of the dataclass ``cls``."""
+    f = {f.name: f for f in dataclasses.fields(cls)}[name]
+    if f.default is not dataclasses.MISSING:
+        return f.default
+    return f.default_factory()
 
 
 def tensorboard_available() -> bool:
@@ -133,20 +153,22 @@ def load_yaml_fields(path, name: str = "path") -> dict:
 
 @dataclass
 class TrainConfig:
-    """Fields shared by every trainer (the ``transformers.TrainingArguments`` names)."""
+    """Fields shared by every trainer (the ``transformers.TrainingArguments`` names and,
+    where ``transformers`` has them, its defaults: ``num_train_epochs=3.0``,
+    ``lr_scheduler_type="linear"``)."""
 
     output_dir: str = "rlfuse_output"
     learning_rate: float = 1e-6
     per_device_train_batch_size: int = 8
     gradient_accumulation_steps: int = 1
     max_steps: int = -1
-    num_train_epochs: float = 1.0
+    num_train_epochs: float = 3.0
     max_grad_norm: Optional[float] = 1.0
     weight_decay: float = 0.0
     adam_beta1: float = 0.9
     adam_beta2: float = 0.999
     adam_epsilon: float = 1e-8
-    lr_scheduler_type: str = "constant"
+    lr_scheduler_type: str = "linear"
     warmup_steps: int = 0
     logging_steps: int = 1
     save_steps: int = 0
@@ -251,7 +273,11 @@ class TrainConfig:
                 return float(text)
             except ValueError:
                 raise ConfigError(f"{name}: expected a number, got {text!r}") from None
-        if base is list or typing.get_origin(base) is list:
+        is_list = [a is list or typing.get_origin(a) is list for a in (args or [tp])]
+        # a list field, or a field that takes a name or a list (loss_type, report_to)
+        # given in YAML flow syntax: "[sigmoid, sft]"
+        if (base is list or typing.get_origin(base) is list) or (
+                any(is_list) and text.lstrip().startswith("[")):
             import yaml
 
             try:
@@ -272,8 +298,10 @@ class TrainConfig:
 class _RolloutConfig(TrainConfig):
     """Generation settings shared by GRPO and PPO."""
 
-    max_prompt_length: Optional[int] = 512
-    max_completion_length: int = 256
+    # None: prompts are not truncated (TRL 1.16 has no prompt truncation); an int keeps
+    # each prompt's last max_prompt_length tokens (rlfuse).
+    max_prompt_length: Optional[int] = None
+    max_completion_length: int = 512
     temperature: float = 1.0
     top_p: float = 1.0
     top_k: Optional[int] = None
@@ -316,7 +344,8 @@ class _RolloutConfig(TrainConfig):
 
 @dataclass
 class GRPOConfig(_RolloutConfig):
-    """GRPO (TRL's ``GRPOConfig`` names and defaults, where TRL has them).
+    """GRPO (TRL's ``GRPOConfig`` names and defaults, where TRL has them, but for the
+    rlfuse choices listed in docs/trainers.md, "Defaults": logging and checkpoint settings).
 
     ``per_device_train_batch_size`` counts completions; each optimizer step uses
     ``per_device_train_batch_size * gradient_accumulation_steps`` completions per process,
@@ -334,7 +363,7 @@ class GRPOConfig(_RolloutConfig):
     importance_sampling_level: str = "token"
     num_iterations: int = 1
     kl_estimator: str = "k3"
-    use_bias_correction_kl: bool = False
+    use_bias_correction_kl: bool = True
     entropy_coef: float = 0.0
 
     def validate(self):
@@ -393,29 +422,55 @@ class PPOConfig(_RolloutConfig):
 
 @dataclass
 class DPOConfig(TrainConfig):
-    """DPO (TRL's ``DPOConfig`` names: ``beta``, ``loss_type``, ``label_smoothing``,
-    ``max_length``, ``max_prompt_length``)."""
+    """DPO (TRL's ``DPOConfig`` names and defaults: ``beta``, ``loss_type``,
+    ``loss_weights``, ``label_smoothing``, ``max_length``; rlfuse adds
+    ``max_prompt_length``, None by default: no prompt truncation, as TRL 1.16).
+
+    ``loss_type``: one type of :func:`rlfuse.ops.preference_loss` (``LOSS_TYPES`` or the
+    batch-sorted ``aot``, ``aot_unpaired``), or a list of them combined as TRL does,
+    ``sum_k loss_weights[k] * loss_k`` (``loss_weights`` default: 1 each)."""
 
     learning_rate: float = 1e-6
     beta: float = 0.1
-    loss_type: str = "sigmoid"
+    loss_type: Union[str, list] = "sigmoid"
+    loss_weights: Optional[list] = None
     label_smoothing: float = 0.0
     max_length: Optional[int] = 1024
-    max_prompt_length: Optional[int] = 512
+    max_prompt_length: Optional[int] = None
     disable_dropout: bool = True       # TRL's DPOConfig default
+
+    def loss_types(self) -> tuple:
+        """``loss_type`` as a tuple of type names."""
+        return (self.loss_type,) if isinstance(self.loss_type, str) else tuple(self.loss_type)
 
     def validate(self):
         super().validate()
         _check(isinstance(self.disable_dropout, bool), "disable_dropout",
                f"must be a bool, got {self.disable_dropout!r}")
         _real(self, "beta", lo=0.0, lo_open=True)
-        from rlfuse.ops.preference import LOSS_TYPES
+        from rlfuse.ops.preference import LOSS_TYPES, SORTED_TYPES
 
-        _choice(self, "loss_type", LOSS_TYPES)
+        known = LOSS_TYPES + SORTED_TYPES
+        lt = self.loss_type
+        if isinstance(lt, str):
+            _choice(self, "loss_type", known)
+        else:
+            _check(isinstance(lt, (list, tuple)) and len(lt) > 0
+                   and all(isinstance(t, str) for t in lt), "loss_type",
+                   f"must be a loss type or a non-empty list of them, got {lt!r}")
+            bad = [t for t in lt if t not in known]
+            _check(not bad, "loss_type", f"unknown type(s) {bad} (choose from {list(known)})")
+        types = self.loss_types()
+        lw = self.loss_weights
+        if lw is not None:
+            _check(isinstance(lw, (list, tuple)) and all(_is_real(w) for w in lw),
+                   "loss_weights", f"must be None or a list of finite numbers, got {lw!r}")
+            _check(len(lw) == len(types), "loss_weights",
+                   f"has {len(lw)} weights for {len(types)} loss types ({list(types)})")
         _real(self, "label_smoothing", lo=0.0, hi=1.0)
-        _check(self.label_smoothing < 0.5 or self.loss_type != "robust", "label_smoothing",
+        _check(self.label_smoothing < 0.5 or "robust" not in types, "label_smoothing",
                "must be < 0.5 with loss_type='robust'")
-        _check(0.0 < self.label_smoothing < 1.0 or self.loss_type != "exo_pair",
+        _check(0.0 < self.label_smoothing < 1.0 or "exo_pair" not in types,
                "label_smoothing", f"must lie in (0, 1) with loss_type='exo_pair' (the loss "
                f"takes log(label_smoothing); e.g. 1e-3), got {self.label_smoothing!r}")
         for name in ("max_length", "max_prompt_length"):

@@ -27,7 +27,8 @@ __all__ = ["DPOTrainer"]
 class DPOTrainer(BaseTrainer):
     """``DPOTrainer(model, ref_model=None, args=DPOConfig(...), train_dataset=...,
     tokenizer=None)``.  ``ref_model`` may be a model, a path, or None (a copy is loaded
-    from ``model``'s path; not needed for the reference-free ``sft``, ``simpo``, ``orpo``)."""
+    from ``model``'s path; not needed when every type of ``loss_type`` is one of the
+    reference-free ``sft``, ``simpo``, ``orpo``)."""
 
     config_class = DPOConfig
     algorithm = "dpo"
@@ -42,7 +43,7 @@ class DPOTrainer(BaseTrainer):
     def _check_more(self):
         from rlfuse.ops.preference import REFERENCE_FREE_TYPES
 
-        self._needs_ref = self.args.loss_type not in REFERENCE_FREE_TYPES
+        self._needs_ref = any(t not in REFERENCE_FREE_TYPES for t in self.args.loss_types())
         if self._needs_ref and self._ref_arg is None and not isinstance(self._model_arg, str):
             raise ConfigError(f"loss_type={self.args.loss_type!r} needs a reference model: "
                               "pass ref_model= (e.g. copy_reference(model)) or give model as "
@@ -135,8 +136,8 @@ class DPOTrainer(BaseTrainer):
         t0 = time.perf_counter()
         loss, stats = preference_loss(
             c, r, None if ref is None else ref[:, 0], None if ref is None else ref[:, 1],
-            loss_type=a.loss_type, beta=a.beta, label_smoothing=a.label_smoothing,
-            chosen_lengths=lc, rejected_lengths=lr)
+            loss_type=a.loss_type, loss_weights=a.loss_weights, beta=a.beta,
+            label_smoothing=a.label_smoothing, chosen_lengths=lc, rejected_lengths=lr)
         self._time("policy_loss_op", t0)
         return loss / a.gradient_accumulation_steps, stats
 

@@ -105,8 +105,6 @@ class GRPOTrainer(BaseTrainer):
     # -- one round ----------------------------------------------------------------
     def make_rollout(self, rows):
         """Generate, score and compute advantages (and old / reference log-probs)."""
-        from rlfuse.ops import group_advantages
-
         a = self.args
         G = a.num_generations
         r = self.generate([row["prompt"] for row in rows], G)
@@ -117,9 +115,7 @@ class GRPOTrainer(BaseTrainer):
         r.extra["rewards_per_func"] = per_func
         r.extra["n_none"] = torch.full((len(rewards),), float(n_none))
         t0 = time.perf_counter()
-        r.extra["advantages"] = group_advantages(
-            rewards.to(torch.float32), group_size=G, method=_SCALE_TO_METHOD[a.scale_rewards],
-            semantics="trl").to(self.device)
+        r.extra["advantages"] = self.advantages(rewards)
         self._time("advantages", t0)
         with torch.no_grad():
             if a.num_iterations > 1:
@@ -131,6 +127,32 @@ class GRPOTrainer(BaseTrainer):
                 r.extra["ref_logp"] = self.batched_logprobs(self.ref_model, r)
                 self._time("ref_logprobs", t0)
         return r
+
+    def advantages(self, rewards: torch.Tensor) -> torch.Tensor:
+        """This process's advantages ``[B]`` (on the trainer's device) from its rewards
+        ``[B]`` (NaN: no reward).  With ``scale_rewards="batch"`` and several processes the
+        std is that of every process's rewards (TRL gathers them first): the rewards are
+        gathered (every process holds the same number), the advantages of the whole batch
+        computed, and this process's slice kept, so the numbers do not depend on how the
+        batch is split over processes."""
+        from rlfuse.ops import group_advantages
+
+        a = self.args
+        method = _SCALE_TO_METHOD[a.scale_rewards]
+        x = rewards.to(torch.float32)
+        B = x.numel()
+        if method == "batch_std" and self.world_size > 1:
+            import torch.distributed as dist
+
+            parts = [torch.empty(B, dtype=torch.float32, device=self.device)
+                     for _ in range(self.world_size)]
+            dist.all_gather(parts, x.to(self.device))
+            x = torch.cat(parts).cpu()
+            adv = group_advantages(x, group_size=a.num_generations, method=method,
+                                   semantics="trl")
+            return adv[self.rank * B:(self.rank + 1) * B].to(self.device)
+        return group_advantages(x, group_size=a.num_generations, method=method,
+                                semantics="trl").to(self.device)
 
     def micro_batch_loss(self, r, global_tokens: float):
         """Loss of one micro-batch (already scaled for accumulation) and its stats."""
@@ -155,7 +177,9 @@ class GRPOTrainer(BaseTrainer):
             variant="gspo" if a.importance_sampling_level == "sequence" else "ppo",
             epsilon=a.epsilon, epsilon_high=a.epsilon_high, delta=a.delta,
             ref_logp=r.extra.get("ref_logp"), beta=a.beta, kl_kind=a.kl_estimator,
-            kl_ratio_weighted=a.use_bias_correction_kl, loss_agg_mode=a.loss_type,
+            # TRL applies the correction inside its KL term, which exists only for beta > 0
+            kl_ratio_weighted=a.use_bias_correction_kl and a.beta > 0,
+            loss_agg_mode=a.loss_type,
             semantics="trl", **kw)
         if a.loss_type != "dapo":
             loss = loss / GA
