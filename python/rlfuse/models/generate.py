@@ -29,8 +29,10 @@ Two things make it cheaper than ``generate`` besides the leaner loop:
 Per decode step it also spares the model two costs that do not change the numbers: a plain
 ``DynamicCache`` gets layers that append into buffers preallocated for the whole sequence
 (a view of the filled part is what attention reads) instead of concatenating the cache at
-every token, and models with full attention under SDPA or eager attention get the 4D
-padding mask ready-made, in the format ``transformers`` would build for them.
+every token, and models of the checked types whose layers all use full attention (under
+SDPA or eager attention) get the 4D padding mask ready-made, in the format
+``transformers`` would build for them; other models (ALiBi ones such as BLOOM, sliding
+windows, composite models, unchecked types) get the 2D mask and build their own.
 
 What it leaves out is the machinery ``generate`` runs around every token for features a
 trainer's rollout does not use: the logits-processor and stopping-criteria lists, the
@@ -169,23 +171,61 @@ def _BufferLayer(keys, values, capacity):
     return _BUFFER_LAYER(keys, values, capacity)
 
 
+# Model types whose decoder builds its attention mask from the 2D padding mask only through
+# transformers' masking utilities (``create_causal_mask``), which take a ready 4D mask as it
+# is, and uses the 2D mask for nothing else.  Each was checked to give ``generate``'s tokens
+# with the ready mask (transformers 5.23; eager and, where the model has it, SDPA; a few are
+# tested in tests/models/test_generate.py).  Not here, so they get the
+# 2D mask: BLOOM, MPT and Falcon with ``alibi=True`` (ALiBi biases built from the 2D mask),
+# composite models such as Gemma3ForConditionalGeneration, and every type not checked.
+_MASK4D_MODEL_TYPES = frozenset({
+    "apertus", "arcee", "codegen", "exaone4", "falcon", "gemma", "gemma2", "gemma3_text",
+    "glm", "gpt2", "gpt_bigcode", "gpt_neo", "gpt_neox", "gptj", "granite", "helium",
+    "hunyuan_v1_dense", "llama", "ministral", "mistral", "mixtral", "olmo", "olmo2", "olmoe",
+    "opt", "phi", "phi3", "qwen2", "qwen2_moe", "qwen3", "qwen3_moe", "seed_oss", "smollm3",
+    "stablelm", "starcoder2",
+})
+
+
+def _configs(cfg) -> list:
+    """``cfg`` and, for composite models, its text config."""
+    out = [cfg]
+    get_text = getattr(cfg, "get_text_config", None)
+    if callable(get_text):
+        try:
+            text = get_text()
+        except Exception:  # some configs raise when they have no text part
+            text = None
+        if text is not None and text is not cfg:
+            out.append(text)
+    return out
+
+
 def _decode_mask_kind(model) -> Optional[str]:
     """How to hand the decode steps a ready 4D padding mask: ``"bool"`` for SDPA,
     ``"additive"`` for eager attention (the formats ``transformers`` builds for them), or
-    None (let the model build its own: other attention kernels, sliding windows, chunked
-    or hybrid attention)."""
+    None: the 2D mask, from which the model builds its own.  A ready mask is given only
+    to ``transformers``' own models of a type in ``_MASK4D_MODEL_TYPES`` with full
+    attention in every layer (no ALiBi, no sliding windows, chunked or hybrid attention,
+    in the model's config or its text config)."""
     cfg = getattr(model, "config", None)
     impl = getattr(cfg, "_attn_implementation", None)
     if impl not in ("sdpa", "eager"):
         return None
-    layer_types = getattr(cfg, "layer_types", None) or []
-    if any(t != "full_attention" for t in layer_types):
+    if getattr(cfg, "model_type", None) not in _MASK4D_MODEL_TYPES or \
+            not type(model).__module__.startswith("transformers."):
         return None
-    if getattr(cfg, "sliding_window", None) and getattr(cfg, "use_sliding_window", True):
-        return None
-    for name in ("attention_chunk_size", "sliding_window_pattern", "attention_type"):
-        if getattr(cfg, name, None) not in (None, "global"):
+    for c in _configs(cfg):
+        if getattr(c, "alibi", False):
             return None
+        layer_types = getattr(c, "layer_types", None) or []
+        if any(t != "full_attention" for t in layer_types):
+            return None
+        if getattr(c, "sliding_window", None) and getattr(c, "use_sliding_window", True):
+            return None
+        for name in ("attention_chunk_size", "sliding_window_pattern", "attention_type"):
+            if getattr(c, name, None) not in (None, "global"):
+                return None
     return "bool" if impl == "sdpa" else "additive"
 
 
