@@ -212,8 +212,10 @@ def _decode_mask_kind(model) -> Optional[str]:
     impl = getattr(cfg, "_attn_implementation", None)
     if impl not in ("sdpa", "eager"):
         return None
+    from rlfuse.models.hf import _is_transformers_model
+
     if getattr(cfg, "model_type", None) not in _MASK4D_MODEL_TYPES or \
-            not type(model).__module__.startswith("transformers."):
+            not _is_transformers_model(model):
         return None
     for c in _configs(cfg):
         if getattr(c, "alibi", False):

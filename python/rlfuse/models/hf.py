@@ -87,6 +87,15 @@ _PACKED_MODEL_TYPES = frozenset({
 })
 
 
+def _is_transformers_model(m) -> bool:
+    """Whether ``m``'s class is ``transformers``' own (not remote code), looking through
+    wrapper classes that torch makes (FSDP2's ``FSDP<Model>``)."""
+    for cls in type(m).__mro__:
+        if not cls.__module__.startswith("torch."):
+            return cls.__module__.startswith("transformers.models.")
+    return False
+
+
 def packed_runs_natively(model) -> bool:
     """True when :func:`causal_lm_token_logprobs` runs a packed stream of ``model`` as one
     row (its sequences kept apart by the position ids): a ``transformers`` model of a type
@@ -98,7 +107,7 @@ def packed_runs_natively(model) -> bool:
     if getattr(cfg, "_attn_implementation", None) not in ("eager", "sdpa"):
         return False
     base = getattr(model, "base_model", model)
-    if not all(type(m).__module__.startswith("transformers.models.") for m in (model, base)):
+    if not (_is_transformers_model(model) and _is_transformers_model(base)):
         return False
     masking = sys.modules.get("transformers.masking_utils")
     return masking is not None and hasattr(masking, "find_packed_sequence_indices")
