@@ -133,11 +133,35 @@ def test_cdf_sampler_is_inverse_cdf_of_its_uniforms():
     probs = torch.softmax(torch.randn(64, 31), -1)
     g1, g2 = torch.Generator().manual_seed(3), torch.Generator().manual_seed(3)
     draws = _draw(probs.clone(), "cdf", g1)
-    u = torch.rand(64, 1, generator=g2, dtype=probs.dtype)
+    u = torch.rand(64, 1, generator=g2, dtype=torch.float64)
     cdf = probs.double().cumsum(-1)
-    ref = (cdf <= u.double() * cdf[:, -1:]).sum(-1).clamp(max=30)
-    # float32 cumsum vs float64: only a draw sitting on a boundary could differ
-    assert (draws != ref).sum() <= 1
+    ref = (cdf <= u * cdf[:, -1:]).sum(-1).clamp(max=30)
+    assert torch.equal(draws, ref)
+
+
+def test_cdf_sampler_reaches_tokens_below_float32_spacing():
+    # A float32 running sum rounds every cumulative probability to its spacing (6e-8 near
+    # 1): at V = 151936 (Qwen's vocabulary) thousands of tokens got an empty interval and
+    # could never be drawn, and the distribution moved by a total variation of ~1e-3.
+    # Uniforms at the middle of such tokens' exact (float64) intervals must draw them.
+    V = 151936
+    g = torch.Generator().manual_seed(0)
+    p = torch.softmax(torch.randn(V, generator=g) * 2, -1)
+    c32 = p.cumsum(-1)
+    eff32 = torch.diff(c32, prepend=torch.zeros(1)).double() / c32[-1].double()
+    exact = p.double() / p.double().sum()
+    assert 0.5 * (eff32 - exact).abs().sum() > 5e-4      # the float32 scheme's bias
+    starved = torch.nonzero((eff32 == 0) & (exact > 0)).squeeze(1)
+    assert starved.numel() > 1000
+    pick = starved[torch.randperm(starved.numel(), generator=g)[:16]]
+    c64 = p.double().cumsum(-1)
+    lo = torch.cat([torch.zeros(1, dtype=torch.float64), c64[:-1]])
+    u = (lo[pick] + c64[pick]) / 2 / c64[-1]
+    draws = _draw(p.expand(pick.numel(), -1), "cdf", None, u=u)
+    assert torch.equal(draws, pick)
+    # the same with the buffer sample() reuses across steps (stale contents ignored)
+    buf = torch.full((pick.numel(), V), 7.0, dtype=torch.float64)
+    assert torch.equal(_draw(p.expand(pick.numel(), -1), "cdf", None, u=u, buf=buf), pick)
 
 
 @pytest.mark.parametrize("temperature,top_k,top_p", [(0.6, 0, 1.0), (1.0, 5, 1.0),

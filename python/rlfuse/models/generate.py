@@ -20,11 +20,13 @@ Two things make it cheaper than ``generate`` besides the leaner loop:
   prompts, and its KV cache and last logits are repeated for the samples (GRPO's
   ``num_generations`` share one prefill);
 * ``sampler="cdf"`` draws a token by inverting the CDF of the row's probabilities with one
-  uniform number per row (a cumulative sum and a binary search), where
-  ``torch.multinomial`` draws an exponential variate per vocabulary entry.  The
-  distribution is the same (tested); the random stream is not.  ``sampler="multinomial"``
-  uses ``torch.multinomial`` as ``generate`` does: with the same seed and ``num_samples=1``
-  the tokens then equal ``generate``'s (tested).
+  uniform number per row (a cumulative sum and a binary search, both in float64: a float32
+  running sum rounds each cumulative probability to its spacing, ~6e-8 near 1, which at a
+  vocabulary of 152k moves the distribution by a total variation of ~1e-3 and gives some
+  tokens no chance at all), where ``torch.multinomial`` draws an exponential variate per
+  vocabulary entry.  The distribution is the same (tested); the random stream is not.
+  ``sampler="multinomial"`` uses ``torch.multinomial`` as ``generate`` does: with the same
+  seed and ``num_samples=1`` the tokens then equal ``generate``'s (tested).
 
 Per decode step it also spares the model two costs that do not change the numbers: a plain
 ``DynamicCache`` gets layers that append into buffers preallocated for the whole sequence
@@ -91,20 +93,41 @@ def warp_logits(logits: torch.Tensor, temperature: float = 1.0, top_k: int = 0,
     return logits
 
 
-def _draw(probs: torch.Tensor, sampler: str, generator) -> torch.Tensor:
+def _draw(probs: torch.Tensor, sampler: str, generator, u: Optional[torch.Tensor] = None,
+          buf: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """One token per row of ``probs`` ([B, V], need not sum to 1).  ``"cdf"``: the first
+    token whose cumulative probability exceeds ``u * total``, the running sum and the
+    scaled draw in float64 (float32 where the device has no float64: MPS); ``u``: the
+    uniforms ([B, 1] or [B]; drawn from ``generator`` when None); ``buf``: a [B, V]
+    buffer of that dtype to hold the sums (reused across a rollout's steps: a fresh one
+    per step costs more than the sum)."""
     if sampler == "multinomial":
         return torch.multinomial(probs, 1, generator=generator).squeeze(1)
-    cdf = probs.cumsum_(-1)
+    # A float32 running sum cannot hold a cumulative probability more finely than its
+    # spacing (6e-8 near 1): at V = 152k the rounding moves the distribution by a total
+    # variation of ~1e-3 and leaves some tokens no interval at all.  In float64 the sum's
+    # error is below 1e-11 (V * 2^-53).
+    dt = _cdf_dtype(probs.device)
+    if buf is None or buf.shape != probs.shape or buf.dtype != dt or buf.device != probs.device:
+        buf = torch.empty(probs.shape, dtype=dt, device=probs.device)
+    # (copy, then sum in place: cumsum(dtype=, out=) is several times slower on the CPU)
+    cdf = buf.copy_(probs).cumsum_(-1)
     if not bool(torch.isfinite(cdf[:, -1]).all()):
         # (torch.multinomial raises on these too)
         raise RuntimeError("sample: the model produced non-finite logits (NaN or inf "
                            "probabilities); no token can be drawn")
-    u = torch.rand(probs.shape[0], 1, generator=generator, device=probs.device,
-                   dtype=probs.dtype)
+    if u is None:
+        u = torch.rand(probs.shape[0], 1, generator=generator, device=probs.device, dtype=dt)
+    else:
+        u = u.reshape(probs.shape[0], 1).to(device=probs.device, dtype=dt, copy=True)
     # right=True: a uniform that lands on a plateau (a removed token) goes to the next
     # token with mass; the clamp guards the last entry against rounding in the sum
     idx = torch.searchsorted(cdf, u.mul_(cdf[:, -1:]), right=True)
     return idx.squeeze(1).clamp_(max=probs.shape[-1] - 1)
+
+
+def _cdf_dtype(device) -> torch.dtype:
+    return torch.float32 if torch.device(device).type == "mps" else torch.float64
 
 
 def _growing_cache(cache, capacity: int) -> bool:
@@ -346,13 +369,16 @@ def sample(model, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor
             step_mask = torch.zeros(step_mask.shape, dtype=dt, device=dev).masked_fill_(
                 ~step_mask, torch.finfo(dt).min)
     unfinished = torch.ones(B, dtype=torch.bool, device=dev)
+    cdf_buf = None          # the CDF sampler's float64 sums, one buffer for every step
     n = 0
     for t in range(max_new_tokens):
         # (the lean decoder's logits are a fresh float32 tensor: no copy needed)
         logits = last if dec is not None and t > 0 else last.to(dtype=torch.float32, copy=True)
         warp_logits(logits, temperature, top_k, top_p)
         probs = torch.softmax(logits, dim=-1)
-        nxt = _draw(probs, sampler, generator)
+        if sampler == "cdf" and cdf_buf is None:
+            cdf_buf = torch.empty(probs.shape, dtype=_cdf_dtype(dev), device=dev)
+        nxt = _draw(probs, sampler, generator, buf=cdf_buf)
         if eos is not None:
             nxt = torch.where(unfinished, nxt, torch.full_like(nxt, pad_token_id))
         ids[:, P + t] = nxt
