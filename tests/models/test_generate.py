@@ -133,11 +133,35 @@ def test_cdf_sampler_is_inverse_cdf_of_its_uniforms():
     probs = torch.softmax(torch.randn(64, 31), -1)
     g1, g2 = torch.Generator().manual_seed(3), torch.Generator().manual_seed(3)
     draws = _draw(probs.clone(), "cdf", g1)
-    u = torch.rand(64, 1, generator=g2, dtype=probs.dtype)
+    u = torch.rand(64, 1, generator=g2, dtype=torch.float64)
     cdf = probs.double().cumsum(-1)
-    ref = (cdf <= u.double() * cdf[:, -1:]).sum(-1).clamp(max=30)
-    # float32 cumsum vs float64: only a draw sitting on a boundary could differ
-    assert (draws != ref).sum() <= 1
+    ref = (cdf <= u * cdf[:, -1:]).sum(-1).clamp(max=30)
+    assert torch.equal(draws, ref)
+
+
+def test_cdf_sampler_reaches_tokens_below_float32_spacing():
+    # A float32 running sum rounds every cumulative probability to its spacing (6e-8 near
+    # 1): at V = 151936 (Qwen's vocabulary) thousands of tokens got an empty interval and
+    # could never be drawn, and the distribution moved by a total variation of ~1e-3.
+    # Uniforms at the middle of such tokens' exact (float64) intervals must draw them.
+    V = 151936
+    g = torch.Generator().manual_seed(0)
+    p = torch.softmax(torch.randn(V, generator=g) * 2, -1)
+    c32 = p.cumsum(-1)
+    eff32 = torch.diff(c32, prepend=torch.zeros(1)).double() / c32[-1].double()
+    exact = p.double() / p.double().sum()
+    assert 0.5 * (eff32 - exact).abs().sum() > 5e-4      # the float32 scheme's bias
+    starved = torch.nonzero((eff32 == 0) & (exact > 0)).squeeze(1)
+    assert starved.numel() > 1000
+    pick = starved[torch.randperm(starved.numel(), generator=g)[:16]]
+    c64 = p.double().cumsum(-1)
+    lo = torch.cat([torch.zeros(1, dtype=torch.float64), c64[:-1]])
+    u = (lo[pick] + c64[pick]) / 2 / c64[-1]
+    draws = _draw(p.expand(pick.numel(), -1), "cdf", None, u=u)
+    assert torch.equal(draws, pick)
+    # the same with the buffer sample() reuses across steps (stale contents ignored)
+    buf = torch.full((pick.numel(), V), 7.0, dtype=torch.float64)
+    assert torch.equal(_draw(p.expand(pick.numel(), -1), "cdf", None, u=u, buf=buf), pick)
 
 
 @pytest.mark.parametrize("temperature,top_k,top_p", [(0.6, 0, 1.0), (1.0, 5, 1.0),
@@ -220,6 +244,27 @@ def test_buffer_layer_appends_and_grows():
     assert layer.get_seq_length() == 11
 
 
+def _odd_model(kind, attn):
+    """Models that must build their own decode masks from the 2D mask: ALiBi (BLOOM,
+    Falcon with alibi=True) and a composite model whose sliding layers are declared in its
+    text config (Gemma3ForConditionalGeneration, window 4)."""
+    if kind == "bloom":
+        cfg = transformers.BloomConfig(vocab_size=V, hidden_size=32, n_layer=2, n_head=4)
+    elif kind == "falcon_alibi":
+        cfg = transformers.FalconConfig(vocab_size=V, hidden_size=32, num_hidden_layers=2,
+                                        num_attention_heads=4, alibi=True)
+    else:
+        tc = dict(vocab_size=V, hidden_size=32, intermediate_size=64, num_hidden_layers=4,
+                  num_attention_heads=4, num_key_value_heads=2, head_dim=8, sliding_window=4,
+                  layer_types=["sliding_attention"] * 3 + ["full_attention"])
+        vc = dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                  num_attention_heads=2, image_size=28, patch_size=14)
+        cfg = transformers.Gemma3Config(text_config=tc, vision_config=vc, mm_tokens_per_image=4)
+    torch.manual_seed(0)
+    return transformers.AutoModelForCausalLM.from_config(
+        cfg, attn_implementation=attn).float().eval()
+
+
 def test_decode_mask_kind():
     from rlfuse.models.generate import _decode_mask_kind
 
@@ -229,6 +274,56 @@ def test_decode_mask_kind():
                                      num_hidden_layers=1, num_attention_heads=4,
                                      num_key_value_heads=2, sliding_window=8)
     assert _decode_mask_kind(transformers.AutoModelForCausalLM.from_config(cfg)) is None
+    # ALiBi models and sliding layers declared in a text config get the 2D mask
+    for kind, attn in (("bloom", "eager"), ("falcon_alibi", "sdpa"),
+                       ("falcon_alibi", "eager"), ("gemma3", "sdpa")):
+        assert _decode_mask_kind(_odd_model(kind, attn)) is None, (kind, attn)
+
+
+@pytest.mark.parametrize("kind,attn", [("bloom", "eager"), ("falcon_alibi", "sdpa"),
+                                       ("falcon_alibi", "eager"), ("gemma3", "sdpa")])
+def test_alibi_and_text_config_sliding_models_equal_generate(kind, attn):
+    # these crashed (ALiBi built from a 4D mask) or broke past the window (a full 4D mask
+    # on sliding layers) when the decode steps were handed a ready 4D mask
+    model = _odd_model(kind, attn)
+    ids, mask = _prompts(P=6)
+    kw = dict(temperature=0.9, top_k=0)
+    torch.manual_seed(9)
+    ref = model.generate(input_ids=ids, attention_mask=mask, do_sample=True, max_new_tokens=10,
+                         num_return_sequences=2, eos_token_id=EOS, pad_token_id=0, **kw)
+    torch.manual_seed(9)
+    out = sample(model, ids, mask, num_samples=2, max_new_tokens=10, eos_token_id=EOS,
+                 pad_token_id=0, sampler="multinomial", **kw)
+    assert out.shape == ref.shape
+    assert torch.equal(out, ref)
+
+
+@pytest.mark.parametrize("kind,attn", [("gpt2", "sdpa"), ("opt", "eager"), ("falcon", "sdpa"),
+                                       ("gpt_neox", "eager")])
+def test_ready_4d_mask_types_equal_generate(kind, attn):
+    # a sample of the types given the ready 4D decode mask, run on the model's forward
+    from rlfuse.models.generate import _decode_mask_kind
+
+    common = dict(vocab_size=V, hidden_size=32, num_attention_heads=4)
+    cfg = {"gpt2": lambda: transformers.GPT2Config(n_layer=2, n_positions=128, **common),
+           "opt": lambda: transformers.OPTConfig(num_hidden_layers=2, ffn_dim=64,
+                                                 word_embed_proj_dim=16, **common),
+           "falcon": lambda: transformers.FalconConfig(num_hidden_layers=2, **common),
+           "gpt_neox": lambda: transformers.GPTNeoXConfig(num_hidden_layers=2,
+                                                          intermediate_size=64, **common),
+           }[kind]()
+    torch.manual_seed(0)
+    model = transformers.AutoModelForCausalLM.from_config(
+        cfg, attn_implementation=attn).float().eval()
+    assert _decode_mask_kind(model) == ("bool" if attn == "sdpa" else "additive")
+    ids, mask = _prompts()
+    torch.manual_seed(4)
+    ref = model.generate(input_ids=ids, attention_mask=mask, do_sample=True, max_new_tokens=12,
+                         num_return_sequences=2, eos_token_id=EOS, pad_token_id=0, top_k=0)
+    torch.manual_seed(4)
+    out = sample(model, ids, mask, num_samples=2, max_new_tokens=12, eos_token_id=EOS,
+                 pad_token_id=0, sampler="multinomial", lean=False)
+    assert torch.equal(out, ref)
 
 
 def test_sliding_window_model_equals_generate():

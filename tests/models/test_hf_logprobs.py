@@ -1,6 +1,8 @@
 """rlfuse.models.causal_lm_token_logprobs on tiny Llama / Qwen2 models built from configs
 (no downloads): agreement with log_softmax(model(...).logits), label shift for padded
-(left and right padding) and packed batches, gradients (tied embeddings included)."""
+(left and right padding) and packed batches, gradients (tied embeddings included); packed
+streams of models that mask causally over the whole stream (OPT, Falcon, BLOOM, MPT) equal
+their sequences run alone."""
 
 from __future__ import annotations
 
@@ -87,6 +89,81 @@ def test_packed_equals_padded(kind, how):
     torch.testing.assert_close(plp[0], lp[real], rtol=1e-5, atol=2e-5)
     # a sequence's first token is never scored from the previous sequence
     assert (plp[0, cu[:-1]] == 0).all()
+
+
+def _arch_model(kind: str):
+    """Tiny models of architectures that mask causally over the whole stream whatever the
+    position ids (OPT, Falcon, BLOOM, MPT) and of two that keep packed sequences apart."""
+    common = dict(vocab_size=V, hidden_size=32, num_attention_heads=4)
+    cfg = {
+        "opt": lambda: transformers.OPTConfig(num_hidden_layers=2, ffn_dim=64,
+                                              word_embed_proj_dim=16,
+                                              max_position_embeddings=64, **common),
+        "falcon": lambda: transformers.FalconConfig(num_hidden_layers=2, **common),
+        "falcon_alibi": lambda: transformers.FalconConfig(num_hidden_layers=2, alibi=True,
+                                                          **common),
+        "bloom": lambda: transformers.BloomConfig(vocab_size=V, hidden_size=32, n_layer=2,
+                                                  n_head=4),
+        "mpt": lambda: transformers.MptConfig(vocab_size=V, d_model=32, n_layers=2, n_heads=4),
+        "gpt2": lambda: transformers.GPT2Config(n_layer=2, n_positions=64, **common),
+        "llama": lambda: transformers.LlamaConfig(num_hidden_layers=2, intermediate_size=64,
+                                                  num_key_value_heads=2, **common),
+    }[kind]()
+    torch.manual_seed(0)
+    return transformers.AutoModelForCausalLM.from_config(
+        cfg, attn_implementation="eager").float().eval()
+
+
+@pytest.mark.parametrize("kind", ["opt", "falcon", "falcon_alibi", "bloom", "mpt", "gpt2",
+                                  "llama"])
+@pytest.mark.parametrize("how", ["cu_seqlens", "position_ids"])
+def test_packed_sequences_do_not_attend_to_each_other(kind, how):
+    # OPT, Falcon, BLOOM and MPT ignore the position ids when masking: their packed streams
+    # run as a padded batch, so each sequence's log-probs are those of the sequence alone
+    from rlfuse.models import packed_runs_natively
+
+    model = _arch_model(kind)
+    assert packed_runs_natively(model) == (kind in ("gpt2", "llama"))
+    g = torch.Generator().manual_seed(3)
+    seqs = [torch.randint(3, V, (n,), generator=g) for n in (4, 6, 3)]
+    other = torch.randint(3, V, (4,), generator=g)
+    lengths = torch.tensor([len(x) for x in seqs])
+    cu = torch.cat([torch.zeros(1, dtype=torch.long), lengths.cumsum(0)])
+    pos = torch.cat([torch.arange(int(n)) for n in lengths])[None]
+    kw = dict(cu_seqlens=cu) if how == "cu_seqlens" else dict(position_ids=pos)
+    with torch.no_grad():
+        lp = causal_lm_token_logprobs(model, torch.cat(seqs)[None], **kw)[0]
+        lp2 = causal_lm_token_logprobs(model, torch.cat([other] + seqs[1:])[None], **kw)[0]
+        alone = [causal_lm_token_logprobs(model, x[None], attention_mask=torch.ones(1, len(x)))[0]
+                 for x in seqs]
+    torch.testing.assert_close(lp, torch.cat(alone), rtol=1e-5, atol=2e-5)
+    torch.testing.assert_close(lp[4:], lp2[4:], rtol=1e-5, atol=2e-5)
+
+
+def test_packed_fallback_empty_sequences_cache_and_gradients():
+    # an empty sequence in cu_seqlens; use_cache=True on a native model (transformers looks
+    # for packed sequences only without a cache) also takes the padded route; gradients
+    # through the padded route equal those of the sequences run one by one
+    g = torch.Generator().manual_seed(5)
+    seqs = [torch.randint(3, V, (n,), generator=g) for n in (5, 3)]
+    cu = torch.tensor([0, 5, 5, 8])
+    stream = torch.cat(seqs)[None]
+    for kind, extra in (("bloom", {}), ("llama", dict(use_cache=True))):
+        model = _arch_model(kind)
+        lp = causal_lm_token_logprobs(model, stream, cu_seqlens=cu, **extra)[0]
+        w = torch.randn(lp.shape, generator=g)
+        (lp * w).sum().backward()
+        got = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+        model.zero_grad(set_to_none=True)
+        alone = torch.cat([causal_lm_token_logprobs(model, x[None],
+                                                    attention_mask=torch.ones(1, len(x)))[0]
+                           for x in seqs])
+        torch.testing.assert_close(lp.detach(), alone.detach(), rtol=1e-5, atol=2e-5)
+        (alone * w).sum().backward()
+        assert got
+        for n, p in model.named_parameters():
+            if p.grad is not None:
+                torch.testing.assert_close(got[n], p.grad, rtol=1e-4, atol=1e-6, msg=n)
 
 
 @pytest.mark.parametrize("kind", ["llama", "qwen2"])

@@ -15,6 +15,12 @@ def length_reward(prompts, completions, **kw):
     return [float(len(c)) for c in completions]
 
 
+def text_reward(prompts, completions, **kw):
+    # varies inside a group even when every completion runs to the length limit (the
+    # group's advantages are then nonzero whatever the sampled stream)
+    return [float(len(c)) + 0.1 * (sum(map(ord, c)) % 10) for c in completions]
+
+
 def _gpt2(tok):        # GPT-2 configs default to dropout 0.1 (resid, embd, attn)
     c = transformers.GPT2Config(n_embd=32, n_layer=1, n_head=2, n_positions=64,
                                 vocab_size=len(tok), bos_token_id=tok.bos_token_id,
@@ -65,8 +71,9 @@ def test_grpo_first_iteration_is_on_policy_without_dropout(tmp_path, tok, rows, 
     m = _gpt2(tok)
     cfg = GRPOConfig(**_common(tmp_path, num_generations=4, num_iterations=2, epsilon=1e-6,
                                disable_dropout=disable))
-    GRPOTrainer(m, length_reward, args=cfg, train_dataset=rows, tokenizer=tok).train()
+    GRPOTrainer(m, text_reward, args=cfg, train_dataset=rows, tokenizer=tok).train()
     h = _first(tmp_path)
+    assert h["reward_std"] > 0
     assert (h["clip_ratio"] == 0.0) == disable
 
 

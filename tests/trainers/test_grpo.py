@@ -250,3 +250,21 @@ def test_dapo_round_with_every_completion_masked(tmp_path, tok, tiny, rows):
     assert [h["completion_length"] for h in hist] == [0.0, 0.0]
     assert all(h["loss"] == 0.0 and h["grad_norm"] == 0.0 and h["skipped"] == 0 for h in hist)
     assert all(torch.equal(a, b) for a, b in zip(before, tiny.parameters()))
+
+
+@pytest.mark.parametrize("kind", ["bloom", "falcon_alibi"])
+def test_grpo_step_on_an_alibi_model(tmp_path, tok, rows, task, kind):
+    # the default generation backend (rlfuse.models.generate.sample) used to hand ALiBi
+    # models a ready 4D decode mask, and their first rollout crashed
+    import transformers
+
+    ids = dict(vocab_size=len(tok), pad_token_id=tok.pad_token_id,
+               bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)
+    c = (transformers.BloomConfig(hidden_size=32, n_layer=1, n_head=2, **ids) if kind == "bloom"
+         else transformers.FalconConfig(hidden_size=32, num_hidden_layers=1,
+                                        num_attention_heads=2, alibi=True, **ids))
+    torch.manual_seed(0)
+    m = transformers.AutoModelForCausalLM.from_config(c)
+    cfg = small_grpo_config(tmp_path, max_steps=1, save_steps=0, beta=0.0, report_to="none")
+    res = GRPOTrainer(m, task.reward, args=cfg, train_dataset=rows, tokenizer=tok).train()
+    assert res["global_step"] == 1

@@ -131,3 +131,17 @@ def test_ppo_value_head_sized_from_lm_head_input(tmp_path, tok, rows):
     cfg = _cfg(tmp_path, max_steps=1, num_ppo_epochs=1, kl_coef=0.0, report_to="none")
     res = PPOTrainer(m, _length_reward, args=cfg, train_dataset=rows, tokenizer=tok).train()
     assert res["global_step"] == 1
+
+
+def test_ppo_step_on_an_alibi_model(tmp_path, tok, rows):
+    # BLOOM (ALiBi from the 2D mask): the rollout used to crash on a ready 4D decode mask
+    import transformers
+
+    c = transformers.BloomConfig(hidden_size=32, n_layer=1, n_head=2, vocab_size=len(tok),
+                                 pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id,
+                                 eos_token_id=tok.eos_token_id)
+    torch.manual_seed(0)
+    m = transformers.AutoModelForCausalLM.from_config(c)
+    cfg = _cfg(tmp_path, max_steps=1, num_ppo_epochs=1, kl_coef=0.0, report_to="none")
+    res = PPOTrainer(m, _length_reward, args=cfg, train_dataset=rows, tokenizer=tok).train()
+    assert res["global_step"] == 1

@@ -2,6 +2,7 @@
 so ``import rlfuse`` never imports it."""
 
 from rlfuse.models.hf import (causal_lm_completion_logprobs, causal_lm_token_logprobs,
-                              scored_positions)
+                              packed_runs_natively, scored_positions)
 
-__all__ = ["causal_lm_completion_logprobs", "causal_lm_token_logprobs", "scored_positions"]
+__all__ = ["causal_lm_completion_logprobs", "causal_lm_token_logprobs", "packed_runs_natively",
+           "scored_positions"]

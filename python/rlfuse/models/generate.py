@@ -20,17 +20,21 @@ Two things make it cheaper than ``generate`` besides the leaner loop:
   prompts, and its KV cache and last logits are repeated for the samples (GRPO's
   ``num_generations`` share one prefill);
 * ``sampler="cdf"`` draws a token by inverting the CDF of the row's probabilities with one
-  uniform number per row (a cumulative sum and a binary search), where
-  ``torch.multinomial`` draws an exponential variate per vocabulary entry.  The
-  distribution is the same (tested); the random stream is not.  ``sampler="multinomial"``
-  uses ``torch.multinomial`` as ``generate`` does: with the same seed and ``num_samples=1``
-  the tokens then equal ``generate``'s (tested).
+  uniform number per row (a cumulative sum and a binary search, both in float64: a float32
+  running sum rounds each cumulative probability to its spacing, ~6e-8 near 1, which at a
+  vocabulary of 152k moves the distribution by a total variation of ~1e-3 and gives some
+  tokens no chance at all), where ``torch.multinomial`` draws an exponential variate per
+  vocabulary entry.  The distribution is the same (tested); the random stream is not.
+  ``sampler="multinomial"`` uses ``torch.multinomial`` as ``generate`` does: with the same
+  seed and ``num_samples=1`` the tokens then equal ``generate``'s (tested).
 
 Per decode step it also spares the model two costs that do not change the numbers: a plain
 ``DynamicCache`` gets layers that append into buffers preallocated for the whole sequence
 (a view of the filled part is what attention reads) instead of concatenating the cache at
-every token, and models with full attention under SDPA or eager attention get the 4D
-padding mask ready-made, in the format ``transformers`` would build for them.
+every token, and models of the checked types whose layers all use full attention (under
+SDPA or eager attention) get the 4D padding mask ready-made, in the format
+``transformers`` would build for them; other models (ALiBi ones such as BLOOM, sliding
+windows, composite models, unchecked types) get the 2D mask and build their own.
 
 What it leaves out is the machinery ``generate`` runs around every token for features a
 trainer's rollout does not use: the logits-processor and stopping-criteria lists, the
@@ -89,20 +93,41 @@ def warp_logits(logits: torch.Tensor, temperature: float = 1.0, top_k: int = 0,
     return logits
 
 
-def _draw(probs: torch.Tensor, sampler: str, generator) -> torch.Tensor:
+def _draw(probs: torch.Tensor, sampler: str, generator, u: Optional[torch.Tensor] = None,
+          buf: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """One token per row of ``probs`` ([B, V], need not sum to 1).  ``"cdf"``: the first
+    token whose cumulative probability exceeds ``u * total``, the running sum and the
+    scaled draw in float64 (float32 where the device has no float64: MPS); ``u``: the
+    uniforms ([B, 1] or [B]; drawn from ``generator`` when None); ``buf``: a [B, V]
+    buffer of that dtype to hold the sums (reused across a rollout's steps: a fresh one
+    per step costs more than the sum)."""
     if sampler == "multinomial":
         return torch.multinomial(probs, 1, generator=generator).squeeze(1)
-    cdf = probs.cumsum_(-1)
+    # A float32 running sum cannot hold a cumulative probability more finely than its
+    # spacing (6e-8 near 1): at V = 152k the rounding moves the distribution by a total
+    # variation of ~1e-3 and leaves some tokens no interval at all.  In float64 the sum's
+    # error is below 1e-11 (V * 2^-53).
+    dt = _cdf_dtype(probs.device)
+    if buf is None or buf.shape != probs.shape or buf.dtype != dt or buf.device != probs.device:
+        buf = torch.empty(probs.shape, dtype=dt, device=probs.device)
+    # (copy, then sum in place: cumsum(dtype=, out=) is several times slower on the CPU)
+    cdf = buf.copy_(probs).cumsum_(-1)
     if not bool(torch.isfinite(cdf[:, -1]).all()):
         # (torch.multinomial raises on these too)
         raise RuntimeError("sample: the model produced non-finite logits (NaN or inf "
                            "probabilities); no token can be drawn")
-    u = torch.rand(probs.shape[0], 1, generator=generator, device=probs.device,
-                   dtype=probs.dtype)
+    if u is None:
+        u = torch.rand(probs.shape[0], 1, generator=generator, device=probs.device, dtype=dt)
+    else:
+        u = u.reshape(probs.shape[0], 1).to(device=probs.device, dtype=dt, copy=True)
     # right=True: a uniform that lands on a plateau (a removed token) goes to the next
     # token with mass; the clamp guards the last entry against rounding in the sum
     idx = torch.searchsorted(cdf, u.mul_(cdf[:, -1:]), right=True)
     return idx.squeeze(1).clamp_(max=probs.shape[-1] - 1)
+
+
+def _cdf_dtype(device) -> torch.dtype:
+    return torch.float32 if torch.device(device).type == "mps" else torch.float64
 
 
 def _growing_cache(cache, capacity: int) -> bool:
@@ -169,23 +194,63 @@ def _BufferLayer(keys, values, capacity):
     return _BUFFER_LAYER(keys, values, capacity)
 
 
+# Model types whose decoder builds its attention mask from the 2D padding mask only through
+# transformers' masking utilities (``create_causal_mask``), which take a ready 4D mask as it
+# is, and uses the 2D mask for nothing else.  Each was checked to give ``generate``'s tokens
+# with the ready mask (transformers 5.23; eager and, where the model has it, SDPA; a few are
+# tested in tests/models/test_generate.py).  Not here, so they get the
+# 2D mask: BLOOM, MPT and Falcon with ``alibi=True`` (ALiBi biases built from the 2D mask),
+# composite models such as Gemma3ForConditionalGeneration, and every type not checked.
+_MASK4D_MODEL_TYPES = frozenset({
+    "apertus", "arcee", "codegen", "exaone4", "falcon", "gemma", "gemma2", "gemma3_text",
+    "glm", "gpt2", "gpt_bigcode", "gpt_neo", "gpt_neox", "gptj", "granite", "helium",
+    "hunyuan_v1_dense", "llama", "ministral", "mistral", "mixtral", "olmo", "olmo2", "olmoe",
+    "opt", "phi", "phi3", "qwen2", "qwen2_moe", "qwen3", "qwen3_moe", "seed_oss", "smollm3",
+    "stablelm", "starcoder2",
+})
+
+
+def _configs(cfg) -> list:
+    """``cfg`` and, for composite models, its text config."""
+    out = [cfg]
+    get_text = getattr(cfg, "get_text_config", None)
+    if callable(get_text):
+        try:
+            text = get_text()
+        except Exception:  # some configs raise when they have no text part
+            text = None
+        if text is not None and text is not cfg:
+            out.append(text)
+    return out
+
+
 def _decode_mask_kind(model) -> Optional[str]:
     """How to hand the decode steps a ready 4D padding mask: ``"bool"`` for SDPA,
     ``"additive"`` for eager attention (the formats ``transformers`` builds for them), or
-    None (let the model build its own: other attention kernels, sliding windows, chunked
-    or hybrid attention)."""
+    None: the 2D mask, from which the model builds its own.  A ready mask is given only
+    to ``transformers``' own models of a type in ``_MASK4D_MODEL_TYPES`` with full
+    attention in every layer (no ALiBi, no sliding windows, chunked or hybrid attention,
+    in the model's config or its text config)."""
     cfg = getattr(model, "config", None)
     impl = getattr(cfg, "_attn_implementation", None)
     if impl not in ("sdpa", "eager"):
         return None
-    layer_types = getattr(cfg, "layer_types", None) or []
-    if any(t != "full_attention" for t in layer_types):
+    from rlfuse.models.hf import _is_transformers_model
+
+    if getattr(cfg, "model_type", None) not in _MASK4D_MODEL_TYPES or \
+            not _is_transformers_model(model):
         return None
-    if getattr(cfg, "sliding_window", None) and getattr(cfg, "use_sliding_window", True):
-        return None
-    for name in ("attention_chunk_size", "sliding_window_pattern", "attention_type"):
-        if getattr(cfg, name, None) not in (None, "global"):
+    for c in _configs(cfg):
+        if getattr(c, "alibi", False):
             return None
+        layer_types = getattr(c, "layer_types", None) or []
+        if any(t != "full_attention" for t in layer_types):
+            return None
+        if getattr(c, "sliding_window", None) and getattr(c, "use_sliding_window", True):
+            return None
+        for name in ("attention_chunk_size", "sliding_window_pattern", "attention_type"):
+            if getattr(c, name, None) not in (None, "global"):
+                return None
     return "bool" if impl == "sdpa" else "additive"
 
 
@@ -304,13 +369,16 @@ def sample(model, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor
             step_mask = torch.zeros(step_mask.shape, dtype=dt, device=dev).masked_fill_(
                 ~step_mask, torch.finfo(dt).min)
     unfinished = torch.ones(B, dtype=torch.bool, device=dev)
+    cdf_buf = None          # the CDF sampler's float64 sums, one buffer for every step
     n = 0
     for t in range(max_new_tokens):
         # (the lean decoder's logits are a fresh float32 tensor: no copy needed)
         logits = last if dec is not None and t > 0 else last.to(dtype=torch.float32, copy=True)
         warp_logits(logits, temperature, top_k, top_p)
         probs = torch.softmax(logits, dim=-1)
-        nxt = _draw(probs, sampler, generator)
+        if sampler == "cdf" and cdf_buf is None:
+            cdf_buf = torch.empty(probs.shape, dtype=_cdf_dtype(dev), device=dev)
+        nxt = _draw(probs, sampler, generator, buf=cdf_buf)
         if eos is not None:
             nxt = torch.where(unfinished, nxt, torch.full_like(nxt, pad_token_id))
         ids[:, P + t] = nxt

@@ -22,17 +22,26 @@ for every *scored* position t, and 0 elsewhere.  The result is aligned with ``in
 
 Only the hidden states of scored positions go through the lm_head, so prompt and padding
 rows cost no matmul.  ``transformers`` is not imported by this module.
+
+A packed stream runs as one row (no attention mask, restarting position ids, from which
+``transformers``' masking utilities build the block-diagonal mask) only for the model
+types checked to do so (:func:`packed_runs_natively`); other models (OPT, Falcon, BLOOM,
+MPT, XGLM, ... build a plain causal mask over the whole stream, so its sequences would
+attend to each other) run the stream's sequences as a right-padded batch, and the numbers
+equal each sequence run alone.
 """
 
 from __future__ import annotations
 
+import sys
 from typing import Optional
 
 import torch
 
 from rlfuse import _validate
 
-__all__ = ["causal_lm_completion_logprobs", "causal_lm_token_logprobs", "scored_positions"]
+__all__ = ["causal_lm_completion_logprobs", "causal_lm_token_logprobs", "packed_runs_natively",
+           "scored_positions"]
 
 _OP = "causal_lm_token_logprobs"
 
@@ -62,8 +71,71 @@ def scored_positions(input_ids: torch.Tensor, *, attention_mask=None, completion
     return scored.reshape(input_ids.shape)
 
 
+# Model types whose forward, given a packed stream as one row with restarting position ids
+# and no attention mask, keeps the sequences apart (they pass the position ids to
+# transformers' masking utilities, which build the block-diagonal mask from them).  Each
+# was checked under eager attention and, where the model has it, SDPA (transformers 5.23;
+# sliding windows included for Mistral, Qwen2, Gemma 2/3 and GPT-Neo; a few are tested in
+# tests/models/test_hf_logprobs.py).  Not here: OPT, Falcon, BLOOM, MPT and XGLM, which
+# mask causally over the whole stream, and every type not checked.
+_PACKED_MODEL_TYPES = frozenset({
+    "apertus", "arcee", "codegen", "exaone4", "gemma", "gemma2", "gemma3_text", "glm", "gpt2",
+    "gpt_bigcode", "gpt_neo", "gpt_neox", "gptj", "granite", "helium", "hunyuan_v1_dense",
+    "llama", "ministral", "mistral", "mixtral", "olmo", "olmo2", "olmoe", "phi", "phi3",
+    "qwen2", "qwen2_moe", "qwen3", "qwen3_moe", "seed_oss", "smollm3", "stablelm",
+    "starcoder2",
+})
+
+
+def _is_transformers_model(m) -> bool:
+    """Whether ``m``'s class is ``transformers``' own (not remote code), looking through
+    wrapper classes that torch makes (FSDP2's ``FSDP<Model>``)."""
+    for cls in type(m).__mro__:
+        if not cls.__module__.startswith("torch."):
+            return cls.__module__.startswith("transformers.models.")
+    return False
+
+
+def packed_runs_natively(model) -> bool:
+    """True when :func:`causal_lm_token_logprobs` runs a packed stream of ``model`` as one
+    row (its sequences kept apart by the position ids): a ``transformers`` model of a type
+    checked to do so, under eager or SDPA attention, with a ``transformers`` that detects
+    packed position ids.  Otherwise the stream's sequences run as a padded batch."""
+    cfg = getattr(model, "config", None)
+    if getattr(cfg, "model_type", None) not in _PACKED_MODEL_TYPES:
+        return False
+    if getattr(cfg, "_attn_implementation", None) not in ("eager", "sdpa"):
+        return False
+    base = getattr(model, "base_model", model)
+    if not (_is_transformers_model(model) and _is_transformers_model(base)):
+        return False
+    masking = sys.modules.get("transformers.masking_utils")
+    return masking is not None and hasattr(masking, "find_packed_sequence_indices")
+
+
+def _packed_as_padded(base, ids2, pos, starts, kwargs):
+    """The base model's last hidden state ``[1, N, H]`` for a packed stream, computed on its
+    sequences as a right-padded ``[S, L]`` batch (each sequence as if run alone)."""
+    dev = ids2.device
+    T = ids2.size(1)
+    seq = starts.long().cumsum(0) - 1                         # [T] sequence of each token
+    first = torch.nonzero(starts).squeeze(1)                  # [S] start of each sequence
+    off = torch.arange(T, device=dev) - first[seq]            # [T] offset in its sequence
+    S, L = first.numel(), int(off.max()) + 1
+    ids = ids2.new_zeros(S, L)
+    ids[seq, off] = ids2[0]
+    am = torch.zeros(S, L, dtype=torch.long, device=dev)
+    am[seq, off] = 1
+    pp = torch.zeros(S, L, dtype=pos.dtype, device=dev)
+    pp[seq, off] = pos[0]
+    out = base(input_ids=ids, attention_mask=am, position_ids=pp, **kwargs)
+    hidden = out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
+    return hidden[seq, off].unsqueeze(0)
+
+
 def _layout(input_ids, attention_mask, completion_mask, position_ids, cu_seqlens):
-    """(scored [B, T] bool, input_ids [B, T], position_ids or None, attention_mask or None)."""
+    """(scored [B, T] bool, input_ids [B, T], position_ids or None, attention_mask or None,
+    sequence starts [T] bool for the packed layout or None)."""
     _validate.int_tensor(_OP, "input_ids", input_ids)
     # Packed: cu_seqlens, or position_ids without attention_mask on one stream ([N] or
     # [1, N]); a [B, T] batch with B > 1 is padded (its position_ids go to the model).
@@ -134,6 +206,7 @@ def _layout(input_ids, attention_mask, completion_mask, position_ids, cu_seqlens
             starts[1:] = p[1:] != p[:-1] + 1
         has_prev = ~starts.unsqueeze(0)
     else:
+        starts = None
         if attention_mask is not None:
             _validate.tensor(_OP, "attention_mask", attention_mask)
             _validate.shape_equals(_OP, "attention_mask", attention_mask, (B, T), "input_ids")
@@ -145,7 +218,7 @@ def _layout(input_ids, attention_mask, completion_mask, position_ids, cu_seqlens
         has_prev[:, 1:] = real[:, 1:] & real[:, :-1]
         pos = position_ids
     scored = has_prev if comp is None else has_prev & comp
-    return scored, ids2, pos, am
+    return scored, ids2, pos, am, starts
 
 
 def _check_no_logit_transform(model) -> None:
@@ -200,8 +273,10 @@ def causal_lm_token_logprobs(
         attention_mask: ``[B, T]`` (padded layout; left or right padding).
         completion_mask: shape of ``input_ids``; nonzero marks the tokens to score (e.g.
             the completion); default: every token that has a predecessor.
-        position_ids: packed layout: positions restarting at 0 for each sequence (HF builds
-            the block-diagonal attention from them); padded layout: passed to the model.
+        position_ids: packed layout: positions restarting at 0 for each sequence (where
+            :func:`packed_runs_natively`, ``transformers`` builds the block-diagonal
+            attention from them; otherwise the sequences run as a padded batch); padded
+            layout: passed to the model.
         cu_seqlens: packed layout: ``[S + 1]`` sequence boundaries (position ids are
             derived from it when not given).
         temperature, return_entropy, chunk_size, backend: as in
@@ -215,8 +290,8 @@ def causal_lm_token_logprobs(
     from rlfuse.ops.linear_logprob import linear_token_logprobs
 
     _check_no_logit_transform(model)
-    scored, ids2, pos, am = _layout(input_ids, attention_mask, completion_mask, position_ids,
-                                    cu_seqlens)
+    scored, ids2, pos, am, starts = _layout(input_ids, attention_mask, completion_mask,
+                                            position_ids, cu_seqlens)
     base = getattr(model, "base_model", None)
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     if base is None or base is model or head is None or not hasattr(head, "weight"):
@@ -226,8 +301,13 @@ def causal_lm_token_logprobs(
         )
     kwargs = dict(model_kwargs)
     kwargs.setdefault("use_cache", False)
-    out = base(input_ids=ids2, attention_mask=am, position_ids=pos, **kwargs)
-    hidden = out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
+    if starts is not None and not (packed_runs_natively(model) and not kwargs["use_cache"]
+                                   and kwargs.get("past_key_values") is None):
+        # (transformers looks for packed sequences only when it has no cache)
+        hidden = _packed_as_padded(base, ids2, pos, starts, kwargs)
+    else:
+        out = base(input_ids=ids2, attention_mask=am, position_ids=pos, **kwargs)
+        hidden = out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
     weight = head.weight
     bias = getattr(head, "bias", None)
     if hidden.dtype != weight.dtype:
