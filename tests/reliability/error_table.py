@@ -774,6 +774,9 @@ _SEARCH_ROWS = [
         "number of float32 range (the kernels read them as float32)", ValueError,
         lambda b: _phase("cpu", _rooted_tree(), virtual_loss=1e39),
         prefix="rlfuse.search Phases:"),
+    Row("Phases", "`c2` below 1e-6 with `rule='puct'` (the exploration term's log needs "
+        "c2 > 0)", ValueError, lambda b: _phase("cpu", _rooted_tree(), c2=0.0),
+        prefix="rlfuse.search Phases:"),
     Row("Phases", "a tree without its root (`next_free` 0: `Tree.init_roots` not called)",
         ValueError, lambda b: _phase("cpu", Tree(2, 3, 8)), prefix="rlfuse.search Phases:"),
     Row("Tree.set_table", "`table` not a 2-D tensor with at least one row and one column",

@@ -489,6 +489,11 @@ class Phases:
                     not abs(float(v)) <= _F32_MAX:
                 raise ValueError(f"rlfuse.search Phases: {name} must be a finite number of "
                                  f"float32 range, got {v!r}")
+        if rule == "puct" and not float(c2) >= 1e-6:
+            # log((N + c2 + 1) / c2) needs c2 > 0 (the reference would raise a math domain
+            # error, the kernels give NaN scores); puct_search's pb_c_base has the same bound
+            raise ValueError(f"rlfuse.search Phases: c2 must be >= 1e-6 with rule='puct', "
+                             f"got {c2!r}")
         if bool((tree.next_free < 1).any()):
             raise ValueError("rlfuse.search Phases: every tree needs its root (Tree.init_roots) "
                              "before a search")
