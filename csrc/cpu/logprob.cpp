@@ -51,6 +51,32 @@ inline int64_t read_id(const void* ids, int ids_dtype, int64_t r) {
 template <typename Acc>
 inline Acc neg_inf() { return -std::numeric_limits<Acc>::infinity(); }
 
+// Whether x[0:n] holds a NaN, in 16 lanes so that the loop vectorises.  Called only for
+// blocks without a finite value (see forward_rows), off the hot path: rows whose
+// vocabulary is masked with -inf up to late in the row go through it block after block.
+template <typename T, typename Acc>
+inline bool block_has_nan(const T* x, int64_t n) {
+  int32_t lane[kLanes] = {};
+  int64_t i = 0;
+  for (; i + kLanes <= n; i += kLanes) {
+    Acc staged[kLanes];
+    const Acc* v = staged;
+    if constexpr (std::is_same_v<T, Acc>) {
+      v = x + i;
+    } else {
+      load16(x + i, staged);
+    }
+    for (int j = 0; j < kLanes; ++j) lane[j] |= v[j] != v[j] ? 1 : 0;
+  }
+  int32_t nan = 0;
+  for (int j = 0; j < kLanes; ++j) nan |= lane[j];
+  for (; i < n; ++i) {
+    const Acc v = Acc(to_float(x[i]));
+    nan |= v != v ? 1 : 0;
+  }
+  return nan != 0;
+}
+
 // Max of the raw logits x[0:n] (temperature > 0, so max(x / T) = max(x) / T).  NaN is
 // ignored here; it reaches the sums below and propagates from there.
 template <typename T, typename Acc>
@@ -162,7 +188,13 @@ void forward_rows(const T* logits, RowGeom g, int64_t rows, int64_t V, const voi
         }
         m = bm;
       }
-      if (m == neg_inf<Acc>()) continue;  // everything so far is -inf (or NaN-only)
+      if (m == neg_inf<Acc>()) {
+        // Everything so far is -inf or NaN: no sums to add, but a NaN must still reach
+        // them (the lanes are not rescaled when the first finite max appears, so a NaN
+        // lane stays NaN).
+        if (block_has_nan<T, Acc>(x + b, n)) s[0] = std::numeric_limits<Acc>::quiet_NaN();
+        continue;
+      }
       block_sums<WithEnt>(x + b, n, c, m, s, w);
     }
     Acc S = 0, W = 0;

@@ -247,6 +247,37 @@ def test_target_at_neg_inf_and_nan_rows(backend, device):
     assert torch.isfinite(lp[2]) and torch.isfinite(ent[2])
 
 
+@pytest.mark.parametrize("backend,device", BACKENDS)
+def test_nan_in_leading_blocks_without_finite_values(backend, device):
+    """A NaN before the first finite logit makes the row NaN, however far into the row the
+    first finite value is (the CPU kernel walks rows in 2048-element blocks and skipped the
+    leading blocks that hold no finite value, NaN included)."""
+    V = 5000
+    logits = torch.randn(6, V, dtype=torch.float64)
+    logits[0, :2048] = float("nan")  # a whole leading block of NaN
+    logits[1, :2048] = float("-inf")  # a masked leading block with one NaN
+    logits[1, 7] = float("nan")
+    logits[2, :4096] = float("-inf")  # two masked blocks, the NaN in the second
+    logits[2, 3000] = float("nan")
+    logits[3, :4500] = float("-inf")  # a NaN in the last block, before its first finite value
+    logits[3, 4200] = float("nan")
+    logits[4, :4096] = float("-inf")  # masked leading blocks without NaN: finite results
+    logits[5, 2047] = float("nan")  # NaN next to finite values (always handled)
+    logits = logits.float().to(device)
+    ids = torch.full((6,), 4700, device=device)
+    x = logits.clone().requires_grad_()
+    lp, ent = token_logprobs(x, ids, return_entropy=True, backend=backend)
+    nan_rows = [0, 1, 2, 3, 5]
+    assert torch.isnan(lp[nan_rows]).all() and torch.isnan(ent[nan_rows]).all(), (lp, ent)
+    rlp, rent = _ref(logits, ids)
+    torch.testing.assert_close(lp[4].double().cpu(), rlp[4].cpu(), **tol(torch.float32))
+    torch.testing.assert_close(ent[4].double().cpu(), rent[4].cpu(), **tol(torch.float32))
+    (lp.sum() + ent.sum()).backward()
+    assert torch.isnan(x.grad[nan_rows]).all()
+    want = _ref_grads(logits[4:5], ids[4:5], 1.0, torch.ones(1), torch.ones(1))
+    torch.testing.assert_close(x.grad[4:5].double().cpu(), want.cpu(), **grad_tol(torch.float32))
+
+
 def test_probability_near_one_gradient():
     """p_y -> 1: the target gradient g (1 - p_y) must be as good as float32 allows, never
     the garbage of rounding p_y to low precision first (Liger #1329)."""
