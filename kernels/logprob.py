@@ -93,6 +93,14 @@ def _launch_params(logits3d: torch.Tensor):
 
 
 @triton.jit
+def _scaled(x, inv_temp):
+    """x * inv_temp rounded to fp32 on its own.  A plain product would be fused
+    into a following add or subtract (enable_fp_fusion, on by default); an explicit
+    fma with a zero addend is the rounded product and is never fused further."""
+    return tl.fma(x, inv_temp, 0.0)
+
+
+@triton.jit
 def _online_update(x, m, S, W, c, WITH_ENTROPY: tl.constexpr):
     """Fold a [LANES, R] fp32 tile into the per-lane running (m, S, W).
 
@@ -185,7 +193,10 @@ def _logprob_fwd_kernel(
         sc = tl.exp2(dm * c)
         S_tot = tl.sum(S * sc, axis=0)  # NaN if any lane is NaN
         log_s = tl.log(S_tot)
-        lse = tl.fma(M, inv_temp, log_s)  # one rounding (helps for |x| ~ 1e4)
+        # M * inv_temp rounded on its own, then log S added: the backward forms
+        # log p = x * inv_temp - lse from the same rounded product (_scaled), so that
+        # log p is exactly 0 at the maximum of a row whose S rounds to 1.
+        lse = _scaled(M, inv_temp) + log_s
 
         logp = tl.fma(x_id - M, inv_temp, -log_s)
         logp = tl.where(valid, logp, float("nan"))
@@ -308,9 +319,11 @@ def _logprob_bwd_kernel(
         i = r - o * n_inner
         x = tl.load(x_ptr + o * stride_o + i * stride_i + cols, mask=mask, other=0.0)
         lse = tl.load(lse_ptr + r)
-        # log p; fused so that x * inv_temp is not rounded before the
-        # subtraction (matters for |z| ~ 1e4, where ulp(z) ~ 5e-4)
-        t = tl.fma(x.to(tl.float32), inv_temp, -lse)
+        # log p = z - lse with z = x * inv_temp rounded first, as the forward
+        # rounded M * inv_temp into lse.  A fused x * inv_temp - lse would subtract
+        # lse from the exact product: up to half an ulp of lse off at the maximum,
+        # an error of ~0.1 in the gradient there at T = 1e-3.
+        t = _scaled(x.to(tl.float32), inv_temp) - lse
         p = tl.exp(t)
         d = tl.zeros([BLOCK_V], dtype=tl.float32)
         if HAS_GLP:

@@ -162,9 +162,12 @@ def _pref_kernel(
             # z-based types: value and d/dz
             v = (1.0 - eps) * sp_nz + eps * sp_z  # sigmoid (cDPO)
             dz = -(1.0 - eps) * sg_nz + eps * sg_z
-            hinge_on = 1.0 - z > 0.0
-            v = tl.where(code == 1, tl.where(hinge_on, 1.0 - z, 0.0), v)
-            dz = tl.where(code == 1, tl.where(hinge_on, -1.0, 0.0), dz)
+            # hinge: relu(1 - z); `h <= 0` is false for NaN, so a NaN z gives a NaN
+            # value and slope (as the sigmoid types do)
+            h = 1.0 - z
+            hinge_off = h <= 0.0
+            v = tl.where(code == 1, tl.where(hinge_off, 0.0, h), v)
+            dz = tl.where(code == 1, tl.where(hinge_off, 0.0, tl.where(h != h, h, -1.0)), dz)
             v = tl.where(code == 3, sg_z * (-sp_nz - log1m_eps) + sg_nz * (-sp_z - log_eps), v)
             dz = tl.where(code == 3, sg_z * sg_nz * (z + log_eps - log1m_eps), dz)
             kr = 1.0 / (1.0 - 2.0 * eps)

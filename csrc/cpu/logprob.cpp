@@ -51,6 +51,120 @@ inline int64_t read_id(const void* ids, int ids_dtype, int64_t r) {
 template <typename Acc>
 inline Acc neg_inf() { return -std::numeric_limits<Acc>::infinity(); }
 
+// Products a * s rounded to Acc on their own.  -std=gnu++17 implies -ffp-contract=fast,
+// so on the FMA builds (x86-64-v3/v4, any aarch64) GCC would fuse `x * inv_t - lse` into
+// one FMA, i.e. subtract lse from the exact product, while the forward rounded m * inv_t
+// before adding log S into lse.  At low temperature the two then disagree by up to half
+// an ulp of lse in log p, which the 1/T of the gradient turns into errors of ~0.1 where
+// p = 1 (T = 1e-3).  Rounding x / T first on both sides (as the CUDA kernels' mul_rn and
+// torch's x / T do) makes log p exactly 0 at the maximum when S rounds to 1.  An empty asm
+// that takes the product as a register operand hides it from the contraction and costs
+// no instruction; the vector form keeps the backward loop vectorised.
+template <typename Acc>
+inline Acc mul_rounded(Acc a, Acc s) {
+  Acc p = a * s;
+#if defined(__GNUC__) && defined(__SSE2__)
+  asm("" : "+x"(p));
+#elif defined(__GNUC__) && defined(__aarch64__)
+  asm("" : "+w"(p));
+#else
+  volatile Acc q = p;
+  p = q;
+#endif
+  return p;
+}
+
+// z[j] = mul_rounded(x[j], s) for kLanes (16) elements.
+template <typename Acc>
+inline void mul_rounded16(const Acc* __restrict x, Acc s, Acc* __restrict z) {
+  for (int j = 0; j < kLanes; ++j) z[j] = x[j] * s;
+#if defined(__GNUC__) && defined(__AVX512F__)
+  if constexpr (sizeof(Acc) == 4) {
+    __m512 v = _mm512_loadu_ps(z);
+    asm("" : "+v"(v));
+    _mm512_storeu_ps(z, v);
+  } else {
+    for (int k = 0; k < kLanes; k += 8) {
+      __m512d v = _mm512_loadu_pd(z + k);
+      asm("" : "+v"(v));
+      _mm512_storeu_pd(z + k, v);
+    }
+  }
+#elif defined(__GNUC__) && defined(__AVX__)
+  if constexpr (sizeof(Acc) == 4) {
+    for (int k = 0; k < kLanes; k += 8) {
+      __m256 v = _mm256_loadu_ps(z + k);
+      asm("" : "+x"(v));
+      _mm256_storeu_ps(z + k, v);
+    }
+  } else {
+    for (int k = 0; k < kLanes; k += 4) {
+      __m256d v = _mm256_loadu_pd(z + k);
+      asm("" : "+x"(v));
+      _mm256_storeu_pd(z + k, v);
+    }
+  }
+#elif defined(__x86_64__) || defined(__i386__)
+  // SSE-only builds (x86-64-v2): no FMA instruction, nothing can be fused.
+#elif defined(__GNUC__)
+  // Other targets: the products must be in memory before the barrier and are read
+  // back after it.
+  asm volatile("" : : "r"(z) : "memory");
+#endif
+}
+
+// p = 2^u and the u to use with it, for the backward.  float: vexp2_nonpos's polynomial
+// with u clamped at -127 instead of -126: the scale 2^n then has a zero exponent field
+// for n = -127, so p is exactly 0 for u < -126.5 (p < 2^-126.5, and -inf logits) with no
+// compare and select.  double: std::exp2, 0 below 2^-126 by a select.  u comes back
+// clamped (finite for -inf logits, so p u = 0); NaN propagates.
+inline float bwd_exp2(float& u) {
+  u = u < -127.0f ? -127.0f : u;
+  const float shifter = 12582912.0f;  // 1.5 * 2^23: adding it rounds to an integer
+  float t = u + shifter;
+  float n = t - shifter;
+  float f = u - n;  // [-0.5, 0.5]
+  float p = 1.535336196e-04f;
+  p = p * f + 1.339887502e-03f;
+  p = p * f + 9.618436918e-03f;
+  p = p * f + 5.550332367e-02f;
+  p = p * f + 2.402264774e-01f;
+  p = p * f + 6.931471825e-01f;
+  p = p * f + 1.0f;
+  int32_t ni = int32_t(float_to_bits(t) - float_to_bits(shifter));
+  return p * bits_to_float(uint32_t(ni + 127) << 23);
+}
+inline double bwd_exp2(double& u) {
+  u = u < -126.0 ? -126.0 : u;
+  return u <= -126.0 ? 0.0 : std::exp2(u);
+}
+
+// Whether x[0:n] holds a NaN, in 16 lanes so that the loop vectorises.  Called only for
+// blocks without a finite value (see forward_rows), off the hot path: rows whose
+// vocabulary is masked with -inf up to late in the row go through it block after block.
+template <typename T, typename Acc>
+inline bool block_has_nan(const T* x, int64_t n) {
+  int32_t lane[kLanes] = {};
+  int64_t i = 0;
+  for (; i + kLanes <= n; i += kLanes) {
+    Acc staged[kLanes];
+    const Acc* v = staged;
+    if constexpr (std::is_same_v<T, Acc>) {
+      v = x + i;
+    } else {
+      load16(x + i, staged);
+    }
+    for (int j = 0; j < kLanes; ++j) lane[j] |= v[j] != v[j] ? 1 : 0;
+  }
+  int32_t nan = 0;
+  for (int j = 0; j < kLanes; ++j) nan |= lane[j];
+  for (; i < n; ++i) {
+    const Acc v = Acc(to_float(x[i]));
+    nan |= v != v ? 1 : 0;
+  }
+  return nan != 0;
+}
+
 // Max of the raw logits x[0:n] (temperature > 0, so max(x / T) = max(x) / T).  NaN is
 // ignored here; it reaches the sums below and propagates from there.
 template <typename T, typename Acc>
@@ -162,7 +276,13 @@ void forward_rows(const T* logits, RowGeom g, int64_t rows, int64_t V, const voi
         }
         m = bm;
       }
-      if (m == neg_inf<Acc>()) continue;  // everything so far is -inf (or NaN-only)
+      if (m == neg_inf<Acc>()) {
+        // Everything so far is -inf or NaN: no sums to add, but a NaN must still reach
+        // them (the lanes are not rescaled when the first finite max appears, so a NaN
+        // lane stays NaN).
+        if (block_has_nan<T, Acc>(x + b, n)) s[0] = std::numeric_limits<Acc>::quiet_NaN();
+        continue;
+      }
       block_sums<WithEnt>(x + b, n, c, m, s, w);
     }
     Acc S = 0, W = 0;
@@ -175,7 +295,8 @@ void forward_rows(const T* logits, RowGeom g, int64_t rows, int64_t V, const voi
       m = S = std::numeric_limits<Acc>::quiet_NaN();
     }
     Acc log_s = std::log(S);
-    out_lse[r] = m * inv_t + log_s;
+    // m / T rounded before log S is added: the backward forms x / T - lse the same way.
+    out_lse[r] = mul_rounded(m, inv_t) + log_s;
     out_lp[r] = (Acc(to_float(x[y])) - m) * inv_t - log_s;
     if (WithEnt) out_ent[r] = log_s - Acc(kLn2) * (W / S);
   }
@@ -200,8 +321,10 @@ inline void store(T* d, Acc v) {
 }
 
 // d_v = -p_v (a + b (log p_v + H)), a = g_lp / T, b = g_ent / T, in log2 units:
-// u = (x / T - lse) log2(e) = log2 p (the difference is taken before the scaling, so
-// large logits keep their precision), d_v = -2^u (A0 + B1 u), A0 = a + b H, B1 = b ln 2.
+// u = (x / T - lse) log2(e) = log2 p, d_v = -2^u (A0 + B1 u), A0 = a + b H, B1 = b ln 2.
+// x / T is rounded before lse is subtracted (mul_rounded), as the forward rounded m / T
+// into lse, so log p is exactly 0 at the maximum of a row whose S rounds to 1; the
+// difference x / T - lse is then exact wherever p is not negligible.
 // The row is processed in chunks of kLanes that are loaded whole before any store,
 // so dlogits may alias the logits and the loops still vectorise.
 template <typename T, typename Acc>
@@ -229,13 +352,13 @@ void backward_rows(const T* logits, RowGeom g, int64_t rows, int64_t V, const vo
     const Acc B1 = b * Acc(kLn2);
     // The target element: g_lp (1 - p_y) formed directly (no cancellation), read before
     // the row is overwritten.
-    Acc uy = (Acc(to_float(x[y])) * inv_t - L) * log2e;
+    Acc uy = (mul_rounded(Acc(to_float(x[y])), inv_t) - L) * log2e;
     uy = uy < umin ? umin : uy;
     const Acc py = uy <= umin ? Acc(0) : vexp2_nonpos(uy);
     const Acc dy = a * (Acc(1) - py) - py * B1 * uy - py * b * H;
     int64_t v = 0;
     for (; v + kLanes <= V; v += kLanes) {
-      Acc staged[kLanes];
+      Acc staged[kLanes], z[kLanes];
       T out[kLanes];
       const Acc* xs = staged;
       if constexpr (std::is_same_v<T, Acc>) {
@@ -243,20 +366,17 @@ void backward_rows(const T* logits, RowGeom g, int64_t rows, int64_t V, const vo
       } else {
         load_chunk(x + v, staged);
       }
+      mul_rounded16(xs, inv_t, z);
       for (int j = 0; j < kLanes; ++j) {
-        Acc u = (xs[j] * inv_t - L) * log2e;
-        u = u < umin ? umin : u;
-        Acc p = vexp2_nonpos(u);
-        p = u <= umin ? Acc(0) : p;  // exact zeros below 2^-126 (and for -inf logits)
+        Acc u = (z[j] - L) * log2e;
+        const Acc p = bwd_exp2(u);
         store(&out[j], -p * (A0 + B1 * u));
       }
       store_chunk(out, d + v);
     }
     for (; v < V; ++v) {
-      Acc u = (Acc(to_float(x[v])) * inv_t - L) * log2e;
-      u = u < umin ? umin : u;
-      Acc p = vexp2_nonpos(u);
-      p = u <= umin ? Acc(0) : p;
+      Acc u = (mul_rounded(Acc(to_float(x[v])), inv_t) - L) * log2e;
+      const Acc p = bwd_exp2(u);
       store(&d[v], -p * (A0 + B1 * u));
     }
     store(&d[y], dy);

@@ -143,9 +143,11 @@ RLFUSE_PREF_HD A pair_term(int code, const Pair<A>& x, const Params<A>& p, A& dc
       if (code == kSigmoid) {  // cDPO: -(1-e) logsig(z) - e logsig(-z)
         v = (A(1) - eps) * softplus(-z) + eps * softplus(z);
         dz = -(A(1) - eps) * sigmoid(-z) + eps * sigmoid(z);
-      } else if (code == kHinge) {
-        v = A(1) - z > A(0) ? A(1) - z : A(0);
-        dz = A(1) - z > A(0) ? A(-1) : A(0);
+      } else if (code == kHinge) {  // relu(1 - z); a NaN z gives a NaN value and slope
+        const A h = A(1) - z;
+        const bool off = h <= A(0);  // false for NaN
+        v = off ? A(0) : h;
+        dz = off ? A(0) : (h != h ? h : A(-1));
       } else if (code == kExoPair) {  // q_w (log q_w - log(1-e)) + q_l (log q_l - log e)
         const A qw = sigmoid(z), ql = sigmoid(-z);
         const A lp = p_log1p(-eps), ln = p_log(eps);

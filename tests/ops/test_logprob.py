@@ -247,6 +247,37 @@ def test_target_at_neg_inf_and_nan_rows(backend, device):
     assert torch.isfinite(lp[2]) and torch.isfinite(ent[2])
 
 
+@pytest.mark.parametrize("backend,device", BACKENDS)
+def test_nan_in_leading_blocks_without_finite_values(backend, device):
+    """A NaN before the first finite logit makes the row NaN, however far into the row the
+    first finite value is (the CPU kernel walks rows in 2048-element blocks and skipped the
+    leading blocks that hold no finite value, NaN included)."""
+    V = 5000
+    logits = torch.randn(6, V, dtype=torch.float64)
+    logits[0, :2048] = float("nan")  # a whole leading block of NaN
+    logits[1, :2048] = float("-inf")  # a masked leading block with one NaN
+    logits[1, 7] = float("nan")
+    logits[2, :4096] = float("-inf")  # two masked blocks, the NaN in the second
+    logits[2, 3000] = float("nan")
+    logits[3, :4500] = float("-inf")  # a NaN in the last block, before its first finite value
+    logits[3, 4200] = float("nan")
+    logits[4, :4096] = float("-inf")  # masked leading blocks without NaN: finite results
+    logits[5, 2047] = float("nan")  # NaN next to finite values (always handled)
+    logits = logits.float().to(device)
+    ids = torch.full((6,), 4700, device=device)
+    x = logits.clone().requires_grad_()
+    lp, ent = token_logprobs(x, ids, return_entropy=True, backend=backend)
+    nan_rows = [0, 1, 2, 3, 5]
+    assert torch.isnan(lp[nan_rows]).all() and torch.isnan(ent[nan_rows]).all(), (lp, ent)
+    rlp, rent = _ref(logits, ids)
+    torch.testing.assert_close(lp[4].double().cpu(), rlp[4].cpu(), **tol(torch.float32))
+    torch.testing.assert_close(ent[4].double().cpu(), rent[4].cpu(), **tol(torch.float32))
+    (lp.sum() + ent.sum()).backward()
+    assert torch.isnan(x.grad[nan_rows]).all()
+    want = _ref_grads(logits[4:5], ids[4:5], 1.0, torch.ones(1), torch.ones(1))
+    torch.testing.assert_close(x.grad[4:5].double().cpu(), want.cpu(), **grad_tol(torch.float32))
+
+
 def test_probability_near_one_gradient():
     """p_y -> 1: the target gradient g (1 - p_y) must be as good as float32 allows, never
     the garbage of rounding p_y to low precision first (Liger #1329)."""
@@ -339,6 +370,80 @@ def test_every_isa_build(isa):
         )
     finally:
         c.set_isa(old)
+
+
+def _low_temperature_case(dtype):
+    """T = 1e-3: rows 0-3 have p = 1 at their target (the argmax, the runner-up far behind),
+    so the float64 gradient is below 1e-9; rows 4-7 have near ties (gaps of T / 2 to 4 T)
+    with the target on the top logit or the runner-up."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(8, 1000, generator=g, dtype=torch.float64) * 3
+    ids = x.argmax(-1)
+    for r in range(4, 8):
+        x[r, :5] = x[r].max() + 1.0 - torch.tensor([0.0, 0.5e-3, 1e-3, 2e-3, 4e-3]).double()
+    ids[4:6] = 0
+    ids[6:] = 1
+    x = x.to(dtype)
+    g_lp = torch.randn(8, generator=g)
+    g_ent = torch.randn(8, generator=g)
+    want = _ref_grads(x, ids, 1e-3, g_lp, g_ent)
+    return x, ids, g_lp, g_ent, want
+
+
+def _check_low_temperature_grads(got, want, dtype):
+    got = got.double().cpu()
+    # p = 1 rows: as float64 (before the fix, float32: 0.1 off at the target on FMA
+    # builds).  float64 resolves log p only to ulp(lse) ~ 2e-12, times 1 / T.
+    err = (got[:4] - want[:4]).abs().max()
+    assert err <= (1e-6 if dtype == torch.float32 else 1e-8), err
+    # near ties: a few ulp of z = x / T ~ 1e4 in float32 (~1e-3 relative in p; torch's
+    # float32 log_softmax is within a factor 3 of this)
+    scale = want[4:].abs().amax(-1, keepdim=True)
+    rel = 5e-3 if dtype == torch.float32 else 1e-11
+    assert ((got[4:] - want[4:]).abs() <= rel * scale).all()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("isa", ["x86-64-v2", "x86-64-v3", "x86-64-v4"])
+def test_low_temperature_gradient_every_isa(isa, dtype):
+    """The backward forms log p = x / T - lse with x / T rounded first, as the forward rounds
+    m / T into lse; a contracted x * (1/T) - lse (an FMA on the x86-64-v3/v4 builds) made the
+    gradient at a target with p = 1 -0.107 instead of 0 at T = 1e-3."""
+    c = _backend.cpu_module()
+    old = c.active_isa()
+    if not c.set_isa(isa):
+        pytest.skip(f"this CPU lacks {isa}")
+    try:
+        x, ids, g_lp, g_ent, want = _low_temperature_case(dtype)
+        got = _grads(x, ids, "cpu", 1e-3, g_lp.to(dtype), g_ent.to(dtype))
+        _check_low_temperature_grads(got, want, dtype)
+        # logits only (no entropy gradient): the target term alone
+        xx = x.clone().requires_grad_()
+        token_logprobs(xx, ids, temperature=1e-3).sum().backward()
+        assert xx.grad[:4].abs().max() <= (1e-6 if dtype == torch.float32 else 1e-8)
+    finally:
+        c.set_isa(old)
+
+
+@pytest.mark.skipif(not TRITON_ON_CPU, reason="emulates GPU fma under the Triton interpreter")
+def test_low_temperature_gradient_triton_with_gpu_fma(monkeypatch):
+    """The interpreter evaluates tl.fma(a, b, c) as a * b + c with two roundings; on a GPU
+    it is one rounding.  Emulating that, the Triton kernels must still pair the forward's
+    lse with the backward's x / T - lse (a fused lse = fma(M, 1/T, log S) with a fused
+    fma(x, 1/T, -lse) in the backward gave ~0.1 at a target with p = 1, T = 1e-3)."""
+    import numpy as np
+    from triton.runtime import interpreter
+
+    def fma_one_rounding(self, a, b, c):
+        if a.data.dtype == np.float32:  # exact product in float64, then one add
+            r = a.data.astype(np.float64) * b.data.astype(np.float64) + c.data.astype(np.float64)
+            return interpreter.TensorHandle(r.astype(np.float32), c.dtype.scalar)
+        return interpreter.TensorHandle(a.data * b.data + c.data, c.dtype.scalar)
+
+    monkeypatch.setattr(interpreter.InterpreterBuilder, "create_fma", fma_one_rounding)
+    x, ids, g_lp, g_ent, want = _low_temperature_case(torch.float32)
+    got = _grads(x, ids, "triton", 1e-3, g_lp, g_ent)
+    _check_low_temperature_grads(got, want, torch.float32)
 
 
 # ------------------------------------------------------------------ poisoned outputs

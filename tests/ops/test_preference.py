@@ -321,6 +321,36 @@ def test_nan_propagates_and_empty_batch(backend, device):
     assert g is None or g.shape == (0,)
 
 
+@pytest.mark.parametrize("backend,device", BACKENDS)
+@pytest.mark.parametrize("where", ["c", "r", "rc", "rr"])
+def test_hinge_nan_propagates(where, backend, device):
+    """relu(1 - z) of a NaN margin is NaN, its gradient too; the other pairs are untouched.
+    (The kernels' `1 - z > 0 ? 1 - z : 0` turned a NaN pair into loss 0, gradient 0.)"""
+    x = _inputs(P=5, device=device)
+    x["c"][2] = x["r"][2] + 10.0  # one pair with the hinge off (z > 1)
+
+    def run(inp):
+        c = inp["c"].clone().requires_grad_()
+        r = inp["r"].clone().requires_grad_()
+        loss, stats = preference_loss(c, r, inp["rc"], inp["rr"], loss_type="hinge",
+                                      beta=BETA, backend=backend)
+        loss.backward()
+        return loss, stats["losses"], c.grad, r.grad
+
+    _, clean_losses, clean_gc, clean_gr = run(x)
+    assert clean_losses[2] == 0 and clean_gc[2] == 0 and (clean_losses[[0, 1, 3, 4]] > 0).all()
+    bad = {k: v.clone() for k, v in x.items()}
+    bad[where][1] = float("nan")
+    loss, losses, gc, gr = run(bad)
+    assert torch.isnan(loss) and torch.isnan(losses[1])
+    keep = [0, 2, 3, 4]
+    torch.testing.assert_close(losses[keep], clean_losses[keep], rtol=0, atol=0)
+    torch.testing.assert_close(gc[keep], clean_gc[keep], rtol=0, atol=0)
+    torch.testing.assert_close(gr[keep], clean_gr[keep], rtol=0, atol=0)
+    if backend != "torch":  # torch.relu's backward passes the gradient through at NaN
+        assert torch.isnan(gc[1]) and torch.isnan(gr[1])
+
+
 # ------------------------------------------------------------------- kernels specifically
 @pytest.mark.parametrize("backend,device", KERNEL_BACKENDS)
 def test_kernel_outputs_fully_written_and_batch_invariant(backend, device):
