@@ -194,9 +194,11 @@ def _policy_rows_kernel(
             a_clip += tl.where(on & (cr != r), 1.0, 0.0)
         elif VARIANT == 3:  # SAPO
             tau = tl.where(pos, tau_pos, tau_neg)
-            sig = 1.0 / (1.0 + tl.exp(-(tau * (r - 1.0))))
+            e = tl.exp(-(tau * (r - 1.0)))
+            sig = 1.0 / (1.0 + e)
             P = -(4.0 / tau) * sig * a
-            dPdr = -4.0 * sig * (1.0 - sig) * a
+            # 1 - sig = e sig where sig >= 1/2 (no cancellation; e <= 1 there)
+            dPdr = -4.0 * sig * tl.where(sig < 0.5, 1.0 - sig, e * sig) * a
         else:  # GPG / REINFORCE
             P = -a * lp
             dPdl = -a

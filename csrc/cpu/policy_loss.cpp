@@ -427,7 +427,10 @@ RLFUSE_INLINE VF token(const TokParams<typename ElemOf<VF>::type>& p, VF m, VF l
     const VF e = exp_full(-(tau * (r - one)));
     const VF sig = one / (one + e);
     P = -q4 * sig * a;
-    dPdr = E(-4) * sig * (one - sig) * a;
+    // sig (1 - sig) with 1 - sig = e sig where sig >= 1/2 (1 - sig cancels there: it is 0
+    // in float32 once sig rounds to 1, though the slope is e); e <= 1 on that side
+    const VF rest = sel(sig < splat<VF>(E(0.5)), one - sig, e * sig);
+    dPdr = E(-4) * sig * rest * a;
   } else {  // GPG / REINFORCE: -A log pi
     P = -a * lp;
     dPdl = -a;

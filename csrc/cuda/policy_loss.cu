@@ -202,9 +202,11 @@ __global__ void __launch_bounds__(kThreads) policy_rows_kernel(PolicyParams<A> p
           acc.v[kRClipC] += cr == r ? A(0) : A(1);
         } else if (V == kSAPO) {
           const A tau = pos ? p.tp : p.tn;
-          const A sig = A(1) / (A(1) + exp_acc(-(tau * (r - A(1)))));
+          const A e = exp_acc(-(tau * (r - A(1))));
+          const A sig = A(1) / (A(1) + e);
           P = -(pos ? p.q4p : p.q4n) * sig * a;
-          dPdr = A(-4) * sig * (A(1) - sig) * a;
+          // 1 - sig = e sig where sig >= 1/2 (no cancellation; e <= 1 there)
+          dPdr = A(-4) * sig * (sig < A(0.5) ? A(1) - sig : e * sig) * a;
         } else {
           P = -a * lp;
           dPdl = -a;

@@ -958,8 +958,9 @@ def _policy_grads_torch(logp, old_logp, advantages, mask, ref_logp, is_weights,
     elif variant == "sapo":
         tau = torch.where(A > 0, torch.tensor(cfg.tau_pos, dtype=acc, device=A.device),
                           torch.tensor(cfg.tau_neg, dtype=acc, device=A.device))
-        sig = torch.sigmoid(tau * (r - 1))
-        dPdr = -4 * sig * (1 - sig) * A
+        z = tau * (r - 1)
+        # sigmoid(-z) for 1 - sigmoid(z): no cancellation where sigmoid(z) rounds to 1
+        dPdr = -4 * torch.sigmoid(z) * torch.sigmoid(-z) * A
     else:
         dPdl = -A
     dl = w * (dPdl + dPdr * drdl)
