@@ -618,7 +618,10 @@ def _custom_op(name: str):
 
 
 def _call(op, *args):
-    if _EAGER_DIRECT and not torch.compiler.is_compiling():
+    # The registered op also for meta / fake inputs or under a dispatch mode such as
+    # FakeTensorMode (its fake implementation gives the shapes; the kernels need storage).
+    if _EAGER_DIRECT and not _backend.library_op_needed(
+            *[a for a in args if isinstance(a, torch.Tensor)]):
         return _IMPLS[op](*args)
     return op(*args)
 

@@ -100,8 +100,10 @@ _LEN_DTYPES = tuple(_LEN_CODES) + (torch.int16, torch.int8, torch.uint8)
 _EAGER_AUTOGRAD_FUNCTION = True  # as in policy_loss: eager calls skip the custom-op dispatch
 
 
-def _use_library_op() -> bool:
-    return not _EAGER_AUTOGRAD_FUNCTION or torch.compiler.is_compiling()
+def _use_library_op(*tensors) -> bool:
+    """The registered op (not the eager autograd.Function): under torch.compile, a dispatch
+    mode such as FakeTensorMode, or for meta / fake / subclass inputs (_backend)."""
+    return not _EAGER_AUTOGRAD_FUNCTION or _backend.library_op_needed(*tensors)
 
 
 # ======================================================================================
@@ -602,7 +604,7 @@ def preference_loss(
     else:
         args = (chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps,
                 chosen_lengths, rejected_lengths, pair_weights, list(ints), list(floats), chosen)
-        if _use_library_op():
+        if _use_library_op(*args[:7]):
             loss, stats, _, _ = _preference_op(*args)
         else:
             loss, stats = _PreferenceFunction.apply(*args)
@@ -1073,8 +1075,9 @@ class _FusedFromHidden(torch.autograd.Function):
 def _fused_eligible(hidden, weight, bias, rc, rr, pw, token_weights, sorted_terms):
     """The fused path is exact only for per-pair terms (sft's batch coupling is handled) and
     constant reference / pair / token weights; it only pays when a gradient is needed."""
-    if not _FUSED_FROM_HIDDEN or sorted_terms or torch.compiler.is_compiling():
-        return False
+    if not _FUSED_FROM_HIDDEN or sorted_terms or _backend.library_op_needed(
+            hidden, weight, bias, rc, rr, pw, token_weights):
+        return False  # (also under torch.compile, FakeTensorMode, for meta / fake inputs)
     if not torch.is_grad_enabled():
         return False
     tensors = (hidden, weight, bias)
