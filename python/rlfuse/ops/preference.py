@@ -699,7 +699,8 @@ def preference_logps(
         packed  ``token_ids [N]`` (or ``[1, N]``), ``hidden [N, H]`` (or ``[1, N, H]``),
                 ``cu_seqlens [2P + 1]``: sequences 0..P-1 chosen, P..2P-1 rejected.
     A position counts when ``mask`` (if given) is nonzero and its id is not ``ignore_index``;
-    positions holding ``ignore_index`` cost no matmul (masked ones still do).
+    the others cost no matmul and give 0 in ``token_logprobs`` (a NaN hidden state there
+    stays out of the results and gradients; their ids are still checked).
 
     ``token_weights`` (shape of ``token_ids``) multiply each counted log-prob inside the
     sums (SparsePO-style masks, any per-token weights; differentiable if they require
@@ -715,12 +716,18 @@ def preference_logps(
     ignore_index = _validate.integer(op, "ignore_index", ignore_index)
     ids = _validate.ids_for_ignore_index(token_ids, ignore_index)
     m = _mask(op, mask, token_ids)
-    # (Masked positions are not turned into ignore_index, which would skip their matmul:
-    # results then depended on the thread count, tests/reliability/test_threads.py.)
-    lp = linear_token_logprobs(hidden, weight, ids, bias=bias, temperature=temperature,
+    # Masked positions go to linear_token_logprobs as ignore_index: no matmul for them, and a
+    # NaN there (padding) never reaches the gradients (as in the fused path).  Their ids are
+    # still checked, as the fused path checks every row's id.
+    ids_k = ids if m is None else ids.masked_fill(~m, ignore_index)
+    lp = linear_token_logprobs(hidden, weight, ids_k, bias=bias, temperature=temperature,
                                ignore_index=ignore_index, chunk_size=chunk_size,
                                backend=backend)
-    counted, w = _counted_and_weights(op, ids, m, token_ids, token_weights, ld_alpha,
+    if m is not None:
+        from rlfuse.ops.sequence import _check_masked_ids
+
+        _check_masked_ids(ids, m, weight.size(0), ignore_index, "linear_token_logprobs")
+    counted, w = _counted_and_weights(op, ids_k, m, token_ids, token_weights, ld_alpha,
                                       cu_seqlens, ignore_index, P, lp.dtype)
     values = lp if w is None else lp * w.to(lp.dtype)
     sums, counts = _sequence_sums(values, counted, cu_seqlens, op)
