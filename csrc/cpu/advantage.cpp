@@ -689,6 +689,109 @@ double row_sum_contig(const T* x, int64_t C, int64_t* inf_at) {
   return total;
 }
 
+// row_sum_contig of the row with 0 at the positions where keep[c] == 0: the same lanes, the
+// same order of additions and the same handling of a non-finite total, so the result is
+// bitwise that of row_sum_contig on a copy zeroed at those positions (and of the unmasked
+// sum where the values there are 0).  Values at dropped positions never enter the sum.
+template <typename T>
+double row_sum_kept(const T* x, const uint8_t* keep, int64_t C, int64_t* inf_at) {
+  constexpr int W = VecOf<T>::W;
+  constexpr int U = 4;
+  T acc[U * W] = {};  // acc[k * W + j]: lane j of row_sum_contig's accumulator k
+  int64_t c = 0;
+  for (; c + U * W <= C; c += U * W)
+    for (int j = 0; j < U * W; ++j) {
+      const T v = x[c + j];  // loaded unconditionally: a blend, not a masked load
+      acc[j] += keep[c + j] ? v : T(0);
+    }
+  double lane[W];
+  for (int j = 0; j < W; ++j)
+    lane[j] = double((acc[j] + acc[W + j]) + (acc[2 * W + j] + acc[3 * W + j]));
+  for (int h = W / 2; h >= 1; h /= 2)
+    for (int j = 0; j < h; ++j) lane[j] += lane[j + h];
+  double total = lane[0];
+  for (; c < C; ++c) total += keep[c] ? double(x[c]) : 0.0;
+  if (!std::isfinite(total)) {
+    bool has_nan = false;
+    for (int64_t i = 0; i < C; ++i) {
+      if (!keep[i]) continue;
+      if (std::isinf(x[i])) {
+        *inf_at = i;
+        return total;
+      }
+      has_nan |= std::isnan(x[i]);
+    }
+    if (!has_nan) {  // float32 lanes overflowed: the float64 sum
+      total = 0;
+      for (int64_t i = 0; i < C; ++i) total += keep[i] ? double(x[i]) : 0.0;
+    }
+  }
+  return total;
+}
+
+// Row sums of [B, C] token rewards over the positions the mask keeps (values at masked
+// positions are never read into the sum, so NaN or inf there is ignored).  First the mask
+// is read once, for every row, into `keep` ([B, C] contiguous 0/1 bytes, which the
+// broadcast then reads instead of the mask), `count` (kept positions) and `bad` (a value
+// other than 0/1); then the sums: row_sum_kept for contiguous rows (bitwise the unmasked
+// sum where the masked values are 0), a float64 running sum for strided ones.  (Two loops:
+// summing a row right after writing its kept bytes stalls on store-to-load forwarding.)
+template <typename T, typename M>
+void masked_row_sums(const GroupArgs& a, std::vector<double>& s, std::vector<int64_t>& inf_at,
+                     uint8_t* keep, std::vector<double>& count, std::vector<uint8_t>& bad) {
+  const T* sp = static_cast<const T*>(a.scores.p);
+  const M* m0 = static_cast<const M*>(a.mask.p);
+  const int64_t C = a.n_score_cols;
+  const int64_t ms1 = a.mask.s1;
+#pragma omp parallel num_threads(a.num_threads)
+  {
+#pragma omp for schedule(static)
+    for (int64_t b = 0; b < a.B; ++b) {
+      const M* m = m0 + b * a.mask.s0;
+      uint8_t* k = keep + b * C;
+      int64_t n = 0;
+      int not01 = 0;
+      if (ms1 == 1) {  // a plain loop: the compiler vectorises the mixed-width compares
+        for (int64_t c = 0; c < C; ++c) {
+          const M mv = m[c];
+          const bool on = mv != M(0);
+          not01 |= int(on) & int(mv != M(1));
+          k[c] = uint8_t(on);
+          n += on;
+        }
+      } else {
+        for (int64_t c = 0; c < C; ++c) {
+          const M mv = m[c * ms1];
+          not01 |= int(!mask_ok(mv));
+          k[c] = uint8_t(mv != M(0));
+          n += mv != M(0);
+        }
+      }
+      count[b] = double(n);
+      bad[b] = uint8_t(not01 != 0);
+    }
+    // (the implicit barrier: every row's bytes are written; each thread then sums the
+    // rows whose bytes it wrote itself, the same static schedule)
+#pragma omp for schedule(static)
+    for (int64_t b = 0; b < a.B; ++b) {
+      const T* row = sp + b * a.scores.s0;
+      const uint8_t* k = keep + b * C;
+      if (a.scores.s1 == 1) {
+        s[b] = row_sum_kept(row, k, C, &inf_at[b]);
+      } else {
+        double acc = 0;
+        for (int64_t c = 0; c < C; ++c) {
+          if (!k[c]) continue;
+          const T v = row[c * a.scores.s1];
+          if (std::isinf(v) && inf_at[b] < 0) inf_at[b] = c;
+          acc += double(v);
+        }
+        s[b] = acc;
+      }
+    }
+  }
+}
+
 template <typename M>
 void mask_row_counts(const GroupArgs& a, std::vector<double>& len, std::vector<uint8_t>& mask_bad) {
   const M* m0 = static_cast<const M*>(a.mask.p);
@@ -721,27 +824,49 @@ void group_typed(const GroupArgs& a, AdvStatus* st) {
   const T* sp = static_cast<const T*>(a.scores.p);
   AdvStatus best{0, 0, 0};
 
-  // 1. Sequence scores (a row sum for token-level rewards), in double.
+  // 1. Sequence scores (a row sum for token-level rewards, over the positions the mask
+  // keeps when there is a mask), in double.
   std::vector<double> s(B);
   std::vector<int64_t> inf_at(B, -1);
+  // [B, T] rewards with a mask: the mask is read here once (kept bytes, counts, bad rows)
+  const bool tok_mask = a.n_score_cols > 0 && a.mask.p != nullptr;
+  // The kept bytes live in a per-thread buffer reused across calls: a fresh B x T
+  // allocation page-faulted on every call (~2x the time of the whole op at 4096 x 512).
+  static thread_local std::vector<uint8_t> keep_buf;
+  uint8_t* keep = nullptr;
+  std::vector<double> keep_count;
+  std::vector<uint8_t> keep_bad;
+  if (tok_mask) {
+    const size_t need = size_t(B) * size_t(a.n_score_cols);
+    if (keep_buf.size() < need || keep_buf.size() > 4 * need + (size_t(1) << 20))
+      std::vector<uint8_t>(need).swap(keep_buf);  // grow, or shrink a much larger one
+    keep = keep_buf.data();
+    keep_count.assign(B, 0.0);
+    keep_bad.assign(B, 0);
+    with_mask(a.mask_code, [&](auto tag) {
+      using M = typename decltype(tag)::type;
+      masked_row_sums<T, M>(a, s, inf_at, keep, keep_count, keep_bad);
+    });
+  } else {
 #pragma omp parallel for schedule(static) num_threads(a.num_threads)
-  for (int64_t b = 0; b < B; ++b) {
-    if (a.n_score_cols == 0) {
-      const T v = sp[b * a.scores.s0];
-      s[b] = double(v);
-      if (std::isinf(v)) inf_at[b] = 0;
-    } else {
-      const T* row = sp + b * a.scores.s0;
-      if (a.scores.s1 == 1) {
-        s[b] = row_sum_contig(row, a.n_score_cols, &inf_at[b]);
+    for (int64_t b = 0; b < B; ++b) {
+      if (a.n_score_cols == 0) {
+        const T v = sp[b * a.scores.s0];
+        s[b] = double(v);
+        if (std::isinf(v)) inf_at[b] = 0;
       } else {
-        double acc = 0;
-        for (int64_t c = 0; c < a.n_score_cols; ++c) {
-          const T v = row[c * a.scores.s1];
-          if (std::isinf(v) && inf_at[b] < 0) inf_at[b] = c;
-          acc += double(v);
+        const T* row = sp + b * a.scores.s0;
+        if (a.scores.s1 == 1) {
+          s[b] = row_sum_contig(row, a.n_score_cols, &inf_at[b]);
+        } else {
+          double acc = 0;
+          for (int64_t c = 0; c < a.n_score_cols; ++c) {
+            const T v = row[c * a.scores.s1];
+            if (std::isinf(v) && inf_at[b] < 0) inf_at[b] = c;
+            acc += double(v);
+          }
+          s[b] = acc;
         }
-        s[b] = acc;
       }
     }
   }
@@ -762,6 +887,9 @@ void group_typed(const GroupArgs& a, AdvStatus* st) {
     len.assign(B, 1.0);
     if (a.lengths) {
       for (int64_t b = 0; b < B; ++b) len[b] = a.lengths[b];
+    } else if (tok_mask) {  // counted in step 1
+      len = keep_count;
+      mask_bad = keep_bad;
     } else if (has_mask) {
       with_mask(a.mask_code, [&](auto tag) {
         using M = typename decltype(tag)::type;
@@ -989,10 +1117,18 @@ void group_typed(const GroupArgs& a, AdvStatus* st) {
   for (int64_t b = 0; b < B; ++b) out[b] = valid[b] ? T(x[b]) : T(0);
   if (a.out_tok != nullptr) {
     std::vector<uint8_t> bad_rows(B, 0);
-    with_mask(a.mask_code, [&](auto tag) {
-      using M = typename decltype(tag)::type;
-      broadcast_rows<T, M>(a, out, bad_rows);
-    });
+    if (tok_mask) {  // broadcast over the kept bytes of step 1 (the same 0/1 pattern)
+      GroupArgs kb = a;
+      kb.mask = Strided{keep, a.n_score_cols, 1};
+      std::vector<uint8_t> unused(B, 0);
+      broadcast_rows<T, uint8_t>(kb, out, unused);
+      bad_rows = keep_bad;
+    } else {
+      with_mask(a.mask_code, [&](auto tag) {
+        using M = typename decltype(tag)::type;
+        broadcast_rows<T, M>(a, out, bad_rows);
+      });
+    }
     for (int64_t b = 0; b < B; ++b)
       if (bad_rows[b]) {
         with_mask(a.mask_code, [&](auto tag) {

@@ -10,9 +10,11 @@
 #include <vector>
 
 #include "cpu/advantage.h"
+#include "cpu/api_checks.h"
 
 namespace py = pybind11;
 using rlfuse::cpu::AdvStatus;
+using rlfuse::cpu::require_data;
 using rlfuse::cpu::Strided;
 
 namespace {
@@ -51,6 +53,9 @@ void rlfuse_bind_advantage(py::module_& m) {
          int64_t m_s1, int mask_code, uint64_t last_values, int64_t lv_s, double gamma,
          double lam, int zero_masked, uint64_t out_adv, uint64_t out_ret, uint64_t row_stats,
          int num_threads) {
+        // (padded rows; a packed stream's size is only known from cu_seqlens)
+        require_data("gae_fwd", "rewards", r, cu == 0 && n_seq > 0 && T > 0);
+        require_data("gae_fwd", "the advantages output", out_adv, cu == 0 && n_seq > 0 && T > 0);
         rlfuse::cpu::GaeArgs a{};
         a.dtype = dtype;
         a.lay = rlfuse::cpu::SeqLayout{n_seq, T, cu ? cptr(cu) : nullptr, cu_code};
@@ -95,6 +100,10 @@ void rlfuse_bind_advantage(py::module_& m) {
       [](int dtype, int64_t n_rows, int64_t n_cols, uint64_t x, int64_t x_s0, int64_t x_s1,
          uint64_t mask, int64_t m_s0, int64_t m_s1, int mask_code, uint64_t out_count,
          uint64_t out_mean, uint64_t out_m2, int num_threads) {
+        require_data("masked_row_stats", "x", x, n_rows > 0 && n_cols > 0);
+        require_data("masked_row_stats", "the count output", out_count, n_rows > 0);
+        require_data("masked_row_stats", "the mean output", out_mean, n_rows > 0);
+        require_data("masked_row_stats", "the M2 output", out_m2, n_rows > 0);
         rlfuse::cpu::RowStatsArgs a{};
         a.dtype = dtype;
         a.n_rows = n_rows;
@@ -132,6 +141,8 @@ void rlfuse_bind_advantage(py::module_& m) {
       [](int dtype, int64_t n_rows, int64_t n_cols, uint64_t x, int64_t x_s0, int64_t x_s1,
          uint64_t mask, int64_t m_s0, int64_t m_s1, int mask_code, double mean, double scale,
          double add_back, uint64_t out, int num_threads) {
+        require_data("masked_whiten_apply", "x", x, n_rows > 0 && n_cols > 0);
+        require_data("masked_whiten_apply", "the output", out, n_rows > 0 && n_cols > 0);
         rlfuse::cpu::WhitenArgs a{};
         a.dtype = dtype;
         a.n_rows = n_rows;
@@ -156,6 +167,8 @@ void rlfuse_bind_advantage(py::module_& m) {
          int size_one, double eps, double std_floor, int norm_by_std, double f_norm,
          int whiten_biased, uint64_t lengths, uint64_t mask, int64_t m_s0, int64_t m_s1,
          int mask_code, int64_t T, uint64_t out_sample, uint64_t out_tok, int num_threads) {
+        require_data("group_advantages", "scores", s, B > 0);
+        require_data("group_advantages", "the output", out_sample, B > 0);
         rlfuse::cpu::GroupArgs a{};
         a.dtype = dtype;
         a.B = B;
@@ -194,6 +207,8 @@ void rlfuse_bind_advantage(py::module_& m) {
       [](int dtype, int64_t n_seq, int64_t T, uint64_t cu, int cu_code, uint64_t scores,
          int64_t sc_s, uint64_t kl, int64_t kl_s0, int64_t kl_s1, uint64_t mask, int64_t m_s0,
          int64_t m_s1, int mask_code, double kl_coef, uint64_t out, int num_threads) {
+        require_data("token_rewards", "scores", scores, n_seq > 0);
+        require_data("token_rewards", "the output", out, cu == 0 && n_seq > 0 && T > 0);
         rlfuse::cpu::TokenRewardArgs a{};
         a.dtype = dtype;
         a.lay = rlfuse::cpu::SeqLayout{n_seq, T, cu ? cptr(cu) : nullptr, cu_code};

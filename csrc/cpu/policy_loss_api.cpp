@@ -10,6 +10,7 @@
 #include <string>
 #include <vector>
 
+#include "cpu/api_checks.h"
 #include "cpu/policy_loss.h"
 
 namespace py = pybind11;
@@ -33,6 +34,11 @@ void rlfuse_bind_policy_loss(py::module_& m) {
       "policy_loss_fwd",
       [](const std::vector<int64_t>& ia, const std::vector<double>& fa) {
         check_len("policy_loss_fwd", ia, kNumPolicyI, fa, kNumPolicyF);
+        rlfuse::cpu::require_data("policy_loss_fwd", "logp", uint64_t(ia[kLp]),
+                                  ia[kB] > 0 && ia[kT] > 0);
+        rlfuse::cpu::require_data("policy_loss_fwd", "the loss output", uint64_t(ia[kLossOut]));
+        rlfuse::cpu::require_data("policy_loss_fwd", "the stats output",
+                                  uint64_t(ia[kStatsOut]));
         std::array<int64_t, 3> err{0, -1, -1};
         {
           py::gil_scoped_release release;
@@ -47,6 +53,11 @@ void rlfuse_bind_policy_loss(py::module_& m) {
       "value_loss_fwd",
       [](const std::vector<int64_t>& ia, const std::vector<double>& fa) {
         check_len("value_loss_fwd", ia, kNumValueI, fa, kNumValueF);
+        rlfuse::cpu::require_data("value_loss_fwd", "values", uint64_t(ia[kVVal]),
+                                  ia[kVB] > 0 && ia[kVT] > 0);
+        rlfuse::cpu::require_data("value_loss_fwd", "the loss output", uint64_t(ia[kVLossOut]));
+        rlfuse::cpu::require_data("value_loss_fwd", "the stats output",
+                                  uint64_t(ia[kVStatsOut]));
         std::array<int64_t, 3> err{0, -1, -1};
         {
           py::gil_scoped_release release;
@@ -59,6 +70,10 @@ void rlfuse_bind_policy_loss(py::module_& m) {
       "kl_penalty",
       [](const std::vector<int64_t>& ia, const std::vector<double>& fa) {
         check_len("kl_penalty", ia, kNumKlI, fa, kNumKlF);
+        const bool work = ia[kKR] > 0 && ia[kKC] > 0;
+        rlfuse::cpu::require_data("kl_penalty", "logp", uint64_t(ia[kKLp]), work);
+        rlfuse::cpu::require_data("kl_penalty", "ref_logp", uint64_t(ia[kKRef]), work);
+        rlfuse::cpu::require_data("kl_penalty", "the output", uint64_t(ia[kKOut]), work);
         py::gil_scoped_release release;
         RLFUSE_ISA_CALL(kl_penalty_run, ia.data(), fa.data());
       },

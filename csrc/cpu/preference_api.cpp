@@ -9,6 +9,7 @@
 #include <string>
 #include <vector>
 
+#include "cpu/api_checks.h"
 #include "cpu/preference.h"
 
 namespace py = pybind11;
@@ -31,6 +32,12 @@ void rlfuse_bind_preference(py::module_& m) {
         for (int64_t k = 0; k < K; ++k)
           if (ia[kTypes + k] < 0 || ia[kTypes + k] >= kNumLossTypes)
             throw std::invalid_argument("rlfuse._C.preference_loss_fwd: bad loss-type code");
+        using rlfuse::cpu::require_data;
+        require_data("preference_loss_fwd", "chosen_logps", uint64_t(ia[kC]), ia[kP] > 0);
+        require_data("preference_loss_fwd", "rejected_logps", uint64_t(ia[kR]), ia[kP] > 0);
+        require_data("preference_loss_fwd", "the loss output", uint64_t(ia[kLossOut]));
+        require_data("preference_loss_fwd", "the stats output", uint64_t(ia[kStatsOut]),
+                     ia[kP] > 0);
         py::gil_scoped_release release;
         RLFUSE_ISA_CALL(preference_loss_fwd, ia.data(), fa.data());
       },

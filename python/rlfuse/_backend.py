@@ -177,6 +177,26 @@ def resolve(backend: str | None, device: torch.device, op: str) -> str:
     return chosen
 
 
+# Tensor types whose data the kernels may read through data_ptr().
+_PLAIN_TENSORS = (torch.Tensor, torch.nn.Parameter)
+
+
+def library_op_needed(*tensors) -> bool:
+    """Whether an op must go through its registered ``torch.library`` op instead of the eager
+    fast path that hands ``data_ptr()`` to the kernels: under ``torch.compile`` tracing, under
+    an active ``TorchDispatchMode`` (``FakeTensorMode`` among them: the outputs it allocates
+    have no storage), and for inputs without real storage, a ``meta`` tensor, a
+    ``FakeTensor`` or any other tensor subclass.  The registered op's fake implementation
+    then gives the output shapes where a kernel would have been handed a null pointer.
+    ``None`` entries are skipped.  About 0.1 us per tensor."""
+    if torch.compiler.is_compiling() or torch._C._len_torch_dispatch_stack():
+        return True
+    for t in tensors:
+        if t is not None and (type(t) not in _PLAIN_TENSORS or t.is_meta):
+            return True
+    return False
+
+
 def num_threads() -> int:
     """Threads for the CPU kernels: follows torch.set_num_threads."""
     return max(1, torch.get_num_threads())

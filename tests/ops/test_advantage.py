@@ -575,6 +575,82 @@ def test_group_token_level_rewards_input():
         group_advantages(bad, group_size=4)
 
 
+@pytest.mark.parametrize("backend,device", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("layout", ["contiguous", "strided"])
+@pytest.mark.parametrize("mask_dtype", [torch.bool, torch.int64, torch.float32])
+def test_group_token_rewards_masked_positions_never_used(backend, device, dtype, layout,
+                                                         mask_dtype):
+    """[B, T] token rewards with a mask: the row sums run over the kept positions only, so
+    NaN / inf / garbage at masked positions changes nothing (docs/ops/advantage.md); the
+    float64 reference on poisoned inputs, and bitwise the same result as zeros there."""
+    g = torch.Generator().manual_seed(11)
+    B, T = (8, 6) if _small(backend) else (24, 40)
+    m = _mask("holes", B, T, g)
+    m[3] = False  # a sample with no kept position: its score is 0
+    tok = torch.randn(B, T, generator=g, dtype=torch.float64)
+    tok[5, m[5]] = 0.0
+    poison = torch.full((B, T), float("nan"), dtype=torch.float64)
+    poison[1::3] = float("inf")
+    poison[2::3] = -1e30
+    bad = torch.where(m, tok, poison).to(dtype)
+    clean = torch.where(m, tok, torch.zeros_like(tok)).to(dtype)
+    if layout == "strided":  # [B, T] views with a token stride of 2 (scores and mask)
+        bad = torch.stack([bad, bad], -1)[..., 0]
+        clean = torch.stack([clean, clean], -1)[..., 0]
+        mk = torch.stack([m, m], -1)[..., 0].to(mask_dtype)
+    else:
+        mk = m.to(mask_dtype)
+    for method in ("grpo", "rloo", "reinforce_pp_baseline", "opo"):
+        want = group_advantages_reference(bad.double(), group_size=4, method=method, mask=mk)
+        want_clean = group_advantages_reference(clean.double(), group_size=4, method=method,
+                                                mask=mk)
+        torch.testing.assert_close(want, want_clean, rtol=0, atol=0)
+        assert torch.isfinite(want).all()
+        got = group_advantages(bad.to(device), group_size=4, method=method,
+                               mask=mk.to(device), backend=backend)
+        got_clean = group_advantages(clean.to(device), group_size=4, method=method,
+                                     mask=mk.to(device), backend=backend)
+        torch.testing.assert_close(got.double().cpu(), want, **_tol(dtype))
+        assert torch.equal(got, got_clean), method
+        # the per-sample scores: [B] in, the same advantages
+        per_sample = torch.where(m, tok, torch.zeros_like(tok)).sum(-1).to(dtype)
+        got_s = group_advantages(per_sample.to(device), group_size=4, method=method,
+                                 mask=mk.to(device), backend=backend)
+        torch.testing.assert_close(got.double().cpu(), got_s.double().cpu(), **_tol(dtype))
+    # inf at a kept position is still an error, named by its position
+    worse = bad.clone()
+    r, c = 6, int(m[6].nonzero()[0, 0])
+    worse[r, c] = float("inf")
+    with pytest.raises(ValueError, match=rf"position \({r}, {c}\) holds inf"):
+        group_advantages(worse.to(device), group_size=4, mask=mk.to(device), backend=backend)
+
+
+_EMPTY_ROWS_SCRIPT = r"""
+import sys, torch
+from rlfuse.ops import group_advantages
+backend, device = sys.argv[1], sys.argv[2]
+z = torch.zeros(4, 0, device=device)
+a = group_advantages(z, group_size=2, backend=backend)
+b = group_advantages(z, group_size=2, mask=torch.zeros(4, 0, device=device), backend=backend)
+print(tuple(a.shape), a.abs().sum().item(), tuple(b.shape))
+"""
+
+
+@pytest.mark.parametrize("backend,device", BACKENDS)
+def test_group_token_rewards_empty_rows(backend, device):
+    """[B, 0] token rewards sum to 0 (the CPU kernel used to read them as [B] scores from
+    an empty tensor's null pointer: SIGSEGV); in a fresh interpreter, so a crash fails here."""
+    import subprocess
+    import sys
+
+    root = __file__.rsplit("/tests/", 1)[0]
+    out = subprocess.run([sys.executable, "-c", _EMPTY_ROWS_SCRIPT, backend, device], cwd=root,
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, f"exit {out.returncode}: {out.stderr[-2000:]}"
+    assert out.stdout.split() == ["(4,)", "0.0", "(4,", "0)"]
+
+
 # ======================================================================================
 # Token rewards
 # ======================================================================================

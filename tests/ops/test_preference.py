@@ -873,3 +873,72 @@ def test_fused_from_hidden_torch_backend():
     want = _from_hidden(False, hidden, weight, bias, ids, {}, upstream=0.5, **lkw)
     got = _from_hidden(True, hidden, weight, bias, ids, {}, upstream=0.5, chunk_size=20, **lkw)
     _assert_same(got, want, rtol=1e-10, atol=1e-12)
+
+
+def _materialised_f64(hidden, weight, bias, ids, kw, **lkw):
+    """Plain torch float64: logits, log_softmax, the weighted counted sums per sequence and
+    preference_loss_reference; (loss, (grad_hidden, grad_weight, grad_bias), sums)."""
+    h, w, b = (t.detach().clone().requires_grad_() for t in (hidden, weight, bias))
+    lp = torch.log_softmax(h @ w.t() + b, -1).gather(-1, ids.clamp(min=0).unsqueeze(-1))[..., 0]
+    counted = kw["mask"] & (ids != -100)
+    v = torch.where(counted, lp * kw["token_weights"], torch.zeros_like(lp))
+    if "cu_seqlens" in kw:
+        cu = kw["cu_seqlens"]
+        sums = torch.stack([v[cu[i]:cu[i + 1]].sum() for i in range(cu.numel() - 1)])
+        n = torch.stack([counted[cu[i]:cu[i + 1]].sum() for i in range(cu.numel() - 1)])
+    else:
+        sums, n = v.sum(-1), counted.sum(-1)
+    P = sums.numel() // 2
+    loss, _ = preference_loss_reference(sums[:P], sums[P:], chosen_lengths=n[:P],
+                                        rejected_lengths=n[P:], **lkw)
+    loss.backward()
+    return loss.detach(), (h.grad, w.grad, b.grad), sums.detach()
+
+
+@pytest.mark.parametrize("layout", ["padded", "packed"])
+@pytest.mark.parametrize("poison", [float("nan"), float("inf"), 1e30])
+def test_masked_hidden_never_reaches_gradients_either_path(layout, poison):
+    """NaN / inf / huge hidden states at masked positions (padding): the two-pass path
+    (preference_logps + preference_loss) and the fused path give the loss and gradients of
+    the float64 materialised reference on clean inputs, finite, and bitwise the same results
+    as with zeros there; preference_logps alone too (docs/ops/preference.md)."""
+    hidden, weight, bias, ids, kw, rc, rr, pw = _fused_case(layout)
+    mask = kw["mask"]
+    clean = torch.where(mask.unsqueeze(-1), hidden, torch.zeros_like(hidden))
+    bad = torch.where(mask.unsqueeze(-1), hidden, torch.full_like(hidden, poison))
+    lkw = dict(loss_type=["sigmoid", "ipo", "sft"], loss_weights=[1.0, 0.3, 0.2], beta=BETA,
+               ref_chosen_logps=rc, ref_rejected_logps=rr, pair_weights=pw)
+    want_loss, want_grads, want_sums = _materialised_f64(clean, weight, bias, ids, kw, **lkw)
+    for fused in (False, True):
+        got = _from_hidden(fused, bad, weight, bias, ids, kw, **lkw)
+        for x in (got[0], *got[2]):
+            assert torch.isfinite(x).all()
+        assert (got[2][0][~mask] == 0).all()  # no hidden gradient at masked positions
+        torch.testing.assert_close(got[0], want_loss, rtol=1e-10, atol=1e-12)
+        for x, y in zip(got[2], want_grads):
+            torch.testing.assert_close(x, y, rtol=1e-10, atol=1e-12)
+        _assert_same(got, _from_hidden(fused, clean, weight, bias, ids, kw, **lkw),
+                     rtol=0, atol=0)
+    seq = preference_logps(bad, weight, ids, bias=bias, **kw)
+    seq_clean = preference_logps(clean, weight, ids, bias=bias, **kw)
+    for a, b in zip(seq, seq_clean):
+        assert torch.equal(a, b)
+    assert torch.isfinite(seq.token_logprobs).all() and (seq.token_logprobs[~mask] == 0).all()
+    P = rc.numel()
+    torch.testing.assert_close(seq.chosen, want_sums[:P], rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(seq.rejected, want_sums[P:], rtol=1e-10, atol=1e-12)
+
+
+def test_masked_ids_still_checked_two_pass():
+    """preference_logps skips masked rows but still checks their ids (as the fused path)."""
+    hidden, weight, bias, ids, kw, rc, rr, pw = _fused_case("padded")
+    mask = kw["mask"]
+    r, c = (~mask).nonzero()[0].tolist()
+    ids = ids.clone()
+    ids[r, c] = V + 1
+    with pytest.raises(ValueError, match=rf"position {r * ids.size(1) + c} \(flattened\) "
+                                         rf"holds {V + 1}"):
+        preference_logps(hidden, weight, ids, bias=bias, **kw)
+    with pytest.raises(ValueError, match=rf"holds {V + 1}"):
+        _from_hidden(True, hidden, weight, bias, ids, kw, ref_chosen_logps=rc,
+                     ref_rejected_logps=rr)

@@ -135,3 +135,90 @@ def test_bad_arguments():
     for fn, exc, word in cases:
         with pytest.raises(exc, match=word):
             fn()
+
+
+def _poisoned(x, mask, value=float("nan")):
+    """x with ``value`` at the masked positions (rows of the last dim of x)."""
+    return torch.where(mask.unsqueeze(-1), x, torch.full_like(x, value))
+
+
+@pytest.mark.parametrize("path", ["logits", "hidden"])
+@pytest.mark.parametrize("layout", ["padded", "packed"])
+@pytest.mark.parametrize("poison", [float("nan"), float("inf"), 1e30])
+def test_masked_positions_never_reach_results_or_gradients(path, layout, poison):
+    """NaN / inf / huge hidden states (or logits) at masked positions (padding) stay out of the
+    sums, the means and every gradient, weight.grad included (docs: masked positions never
+    contribute): float64 reference on clean inputs, and bitwise the same results as zeros
+    at the masked positions."""
+    g = torch.Generator().manual_seed(4)
+    B, T, V, H = 4, 9, 37, 12
+    hidden = torch.randn(B, T, H, generator=g, dtype=torch.float64)
+    weight = torch.randn(V, H, generator=g, dtype=torch.float64) * 0.4
+    ids = torch.randint(0, V, (B, T), generator=g)
+    mask = torch.rand(B, T, generator=g) > 0.35
+    mask[0, -3:] = False
+    mask[2] = False  # nothing counted
+    ids[1, 4] = -100  # an ignore_index position inside the mask
+    kw, want_kw = {}, {}
+    if layout == "packed":
+        cu = torch.tensor([0, 7, 7, 20, B * T])
+        kw, want_kw = dict(cu_seqlens=cu), dict(cu_seqlens=cu)
+        hidden, ids, mask = hidden.reshape(-1, H), ids.reshape(-1), mask.reshape(-1)
+    counted = mask & (ids != -100)
+
+    def run(h_in, dtype, value):
+        h = h_in.to(dtype).detach().requires_grad_()
+        w = weight.to(dtype).detach().requires_grad_()
+        if path == "hidden":
+            r = sequence_logprobs(ids, hidden=h, weight=w, mask=mask, return_entropy=True,
+                                  chunk_size=5, **kw)
+            (r.sum.sum() + r.mean.sum()).backward()
+            return r, (h.grad, w.grad)
+        lg = (h @ w.t()).detach()
+        lg = _poisoned(lg, mask, value)  # the logits path: poisoned logits rows
+        lg.requires_grad_()
+        r = sequence_logprobs(ids, logits=lg, mask=mask, return_entropy=True, **kw)
+        (r.sum.sum() + r.mean.sum()).backward()
+        return r, (lg.grad,)
+
+    clean = _poisoned(hidden, mask, 0.0)
+    bad = _poisoned(hidden, mask, poison)
+    # float64 reference: masked rows never enter (plain torch on the clean inputs)
+    h64 = clean.clone().requires_grad_()
+    w64 = weight.clone().requires_grad_()
+    lp = linear_token_logprobs_reference(h64, w64, ids.clamp(min=0))
+    s, m, n = reduce_sequences(lp, mask=counted, **want_kw)
+    (s.sum() + m.sum()).backward()
+    for dtype, tol in ((torch.float64, dict(rtol=1e-10, atol=1e-10)),
+                       (torch.float32, dict(rtol=1e-4, atol=1e-4))):
+        got, grads = run(bad, dtype, poison)
+        same, same_grads = run(clean, dtype, 0.0)
+        torch.testing.assert_close(got.sum.double(), s.detach(), **tol)
+        torch.testing.assert_close(got.mean.double(), m.detach(), **tol)
+        assert torch.equal(got.count, n)
+        for x in (got.sum, got.mean, got.token_logprobs, got.entropy, *grads):
+            assert torch.isfinite(x).all()
+        # masked positions: 0 log-prob and entropy, no gradient
+        assert (got.token_logprobs[~mask] == 0).all() and (got.entropy[~mask] == 0).all()
+        assert (grads[0][~mask] == 0).all()
+        if path == "hidden":
+            torch.testing.assert_close(grads[0].double(), h64.grad, **tol)
+            torch.testing.assert_close(grads[1].double(), w64.grad, **tol)
+        for x, y in zip((got.sum, got.mean, got.token_logprobs, got.entropy, *grads),
+                        (same.sum, same.mean, same.token_logprobs, same.entropy, *same_grads)):
+            assert torch.equal(x, y)
+
+
+@pytest.mark.parametrize("path", ["logits", "hidden"])
+def test_masked_positions_ids_still_checked(path):
+    """A masked position holding an id outside [0, V) (not ignore_index) raises as before,
+    naming the position, though the position is not computed."""
+    hidden, weight, ids, mask = _padded_batch()
+    ids = ids.clone()
+    ids[1, 5] = 97 + 3  # masked (row 1 has 3 counted tokens)
+    assert not mask[1, 5]
+    kw = dict(logits=hidden @ weight.t()) if path == "logits" else dict(hidden=hidden,
+                                                                        weight=weight)
+    with pytest.raises(ValueError, match=r"token_ids must lie in \[0, 97\).*position 16 "
+                                         r"\(flattened\) holds 100"):
+        sequence_logprobs(ids, mask=mask, **kw)

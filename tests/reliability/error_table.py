@@ -169,8 +169,8 @@ def _kl(**kw):
     return kl_penalty(F(2, 3), F(2, 3), **kw)
 
 
-def _seq(**kw):
-    return sequence_logprobs(I(2, 3), **kw)
+def _seq(token_ids=None, **kw):
+    return sequence_logprobs(I(2, 3) if token_ids is None else token_ids, **kw)
 
 
 _BACKEND_ROWS = [
@@ -271,6 +271,12 @@ _LOGPROB_ROWS = [
     Row("sequence_logprobs", "`cu_seqlens` not starting at 0, decreasing, or not ending at N",
         ValueError,
         lambda b: sequence_logprobs(I(6), logits=F(6, 5), cu_seqlens=torch.tensor([0, 4, 2, 6]))),
+    Row("sequence_logprobs", "a token id outside [0, V) that is not `ignore_index` at a "
+        "masked position (masked rows are not computed; their ids are still checked)",
+        ValueError,
+        lambda b: _seq(logits=F(2, 3, 5), token_ids=_with_value(I(2, 3), (1, 2), 7),
+                       mask=_with_value(torch.ones(2, 3), (1, 2), 0), backend=b),
+        data=True, prefix="token_logprobs:"),
     Row("reduce_sequences", "padded `values` not 2-D", ValueError,
         lambda b: reduce_sequences(F(6))),
     Row("reduce_sequences", "packed `values` (with `cu_seqlens`) not [N] or [1, N]", ValueError,
@@ -560,6 +566,11 @@ _PREFERENCE_ROWS = [
         lambda b: preference_logps(F(3, 2, 4), F(5, 4), I(3, 2))),
     Row("preference_logps", "`token_weights` shape != `token_ids.shape`", ValueError,
         lambda b: preference_logps(F(2, 3, 4), F(5, 4), I(2, 3), token_weights=F(2, 2))),
+    Row("preference_logps", "a token id outside [0, V) that is not `ignore_index` at a masked "
+        "position (masked rows are not computed; their ids are still checked)", ValueError,
+        lambda b: preference_logps(F(2, 3, 4), F(5, 4), _with_value(I(2, 3), (1, 2), -7),
+                                   mask=_with_value(torch.ones(2, 3), (1, 2), 0), backend=b),
+        data=True, prefix="linear_token_logprobs:"),
     Row("preference_loss_from_hidden", "`ref_chosen_logps` / `ref_rejected_logps` not [P]",
         ValueError,
         lambda b: preference_loss_from_hidden(F(2, 3, 4), F(5, 4), I(2, 3), ref_chosen_logps=F(2),

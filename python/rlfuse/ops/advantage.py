@@ -313,6 +313,8 @@ def group_advantages_reference(
     acc = _acc_dtype(scores)
     s = scores.detach().double()
     if s.dim() == 2:
+        if mask is not None:  # masked positions are never read (NaN / inf there is ignored)
+            s = torch.where(mask != 0, s, torch.zeros((), dtype=s.dtype, device=s.device))
         s = s.sum(-1)
     B = s.numel()
     valid = [not math.isnan(v) for v in s.tolist()]
@@ -618,7 +620,10 @@ def _custom_op(name: str):
 
 
 def _call(op, *args):
-    if _EAGER_DIRECT and not torch.compiler.is_compiling():
+    # The registered op also for meta / fake inputs or under a dispatch mode such as
+    # FakeTensorMode (its fake implementation gives the shapes; the kernels need storage).
+    if _EAGER_DIRECT and not _backend.library_op_needed(
+            *[a for a in args if isinstance(a, torch.Tensor)]):
         return _IMPLS[op](*args)
     return op(*args)
 
@@ -1120,6 +1125,8 @@ def _group_impl(scores, group_ids, group_size, method, mask, lengths, eps, std_f
         )
         return res
     sk = _kernel_value(scores, acc)
+    if sk.dim() == 2 and sk.shape[1] == 0:  # [B, 0] token rewards: every sum is 0
+        sk = torch.zeros(B, dtype=acc, device=sk.device)
     if backend == "cpu":
         ids_k = None
         if group_ids is not None:
@@ -1148,7 +1155,13 @@ def _group_impl(scores, group_ids, group_size, method, mask, lengths, eps, std_f
     # per-group reductions and the broadcast.
     code, seq, pos = _group_checks_torch(scores, mask)
     _raise_group_status(op, code, seq, pos, names, scores, mask)
-    s = sk.double() if sk.dim() == 1 else sk.double().sum(-1)
+    if sk.dim() == 1:
+        s = sk.double()
+    elif mask is None:
+        s = sk.double().sum(-1)
+    else:  # the row sums over the positions the mask keeps (as the CPU kernel)
+        s = torch.where(mask != 0, sk.double(), torch.zeros((), dtype=torch.float64,
+                                                            device=sk.device)).sum(-1)
     s = s.contiguous()
     dev = s.device
     if group_ids is not None:
@@ -1235,8 +1248,11 @@ def _group_impl(scores, group_ids, group_size, method, mask, lengths, eps, std_f
 
 
 def _group_checks_torch(scores, mask):
-    """(code, b, pos): infinite scores (code 4), mask not 0/1 (code 1)."""
+    """(code, b, pos): infinite scores (code 4; [B, T] scores only where the mask keeps the
+    position), mask not 0/1 (code 1)."""
     inf = torch.isinf(scores)
+    if scores.dim() == 2 and mask is not None:
+        inf = inf & (mask != 0)
     if bool(inf.any()):
         idx = int(inf.reshape(-1).nonzero()[0, 0])
         if scores.dim() == 2:

@@ -102,8 +102,10 @@ _INF = math.inf
 _EAGER_AUTOGRAD_FUNCTION = True
 
 
-def _use_library_op() -> bool:
-    return not _EAGER_AUTOGRAD_FUNCTION or torch.compiler.is_compiling()
+def _use_library_op(*tensors) -> bool:
+    """The registered op (not the eager autograd.Function): under torch.compile, a dispatch
+    mode such as FakeTensorMode, or for meta / fake / subclass inputs (_backend)."""
+    return not _EAGER_AUTOGRAD_FUNCTION or _backend.library_op_needed(*tensors)
 
 # ---- argument layouts shared with csrc/cpu/policy_loss.h (enum PolicyI / PolicyF / ...) ----
 _T4 = 4  # a tensor is (pointer, dtype code, row stride, token stride)
@@ -806,7 +808,7 @@ def kl_penalty(logp, ref_logp, kind="k3", *, clamp=None, semantics="rlfuse", bac
     kl_lr, kl_out = _kl_clamps(op, base, clamp, semantics)
     chosen = _backend.resolve(backend, logp.device, op)
     args = (logp, ref_logp, [_KL_CODES[base], int(straight)], [kl_lr, kl_out], chosen)
-    if _use_library_op():
+    if _use_library_op(logp, ref_logp):
         return _kl_penalty_op(*args)
     return _KlPenaltyFunction.apply(*args)
 
@@ -1440,7 +1442,7 @@ def policy_loss(
     cfg, counts = _policy_prepare(op, logp, old_logp, advantages, mask, ref_logp, entropy,
                                   is_weights, kw, need_grad)
     chosen = _backend.resolve(backend, logp.device, op)
-    if _use_library_op():
+    if _use_library_op(logp, old_logp, advantages, mask, ref_logp, entropy, is_weights, counts):
         ints, floats = cfg.to_lists()
         loss, stats, _, _ = _policy_loss_op(logp, old_logp, advantages, mask, ref_logp,
                                                entropy, is_weights, counts, ints, floats, chosen)
@@ -1759,7 +1761,7 @@ def value_loss(values, old_values, returns, mask, *, cliprange_value=None, loss_
     chosen = _backend.resolve(backend, values.device, op)
     ints, floats = cfg.to_lists()
     args = (values, old_values, returns, mask, counts, ints, floats, chosen)
-    if _use_library_op():
+    if _use_library_op(values, old_values, returns, mask, counts):
         loss, stats, _ = _value_loss_op(*args)
     else:
         loss, stats = _ValueLossFunction.apply(*args)

@@ -100,8 +100,10 @@ _LEN_DTYPES = tuple(_LEN_CODES) + (torch.int16, torch.int8, torch.uint8)
 _EAGER_AUTOGRAD_FUNCTION = True  # as in policy_loss: eager calls skip the custom-op dispatch
 
 
-def _use_library_op() -> bool:
-    return not _EAGER_AUTOGRAD_FUNCTION or torch.compiler.is_compiling()
+def _use_library_op(*tensors) -> bool:
+    """The registered op (not the eager autograd.Function): under torch.compile, a dispatch
+    mode such as FakeTensorMode, or for meta / fake / subclass inputs (_backend)."""
+    return not _EAGER_AUTOGRAD_FUNCTION or _backend.library_op_needed(*tensors)
 
 
 # ======================================================================================
@@ -604,7 +606,7 @@ def preference_loss(
     else:
         args = (chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps,
                 chosen_lengths, rejected_lengths, pair_weights, list(ints), list(floats), chosen)
-        if _use_library_op():
+        if _use_library_op(*args[:7]):
             loss, stats, _, _ = _preference_op(*args)
         else:
             loss, stats = _PreferenceFunction.apply(*args)
@@ -699,7 +701,8 @@ def preference_logps(
         packed  ``token_ids [N]`` (or ``[1, N]``), ``hidden [N, H]`` (or ``[1, N, H]``),
                 ``cu_seqlens [2P + 1]``: sequences 0..P-1 chosen, P..2P-1 rejected.
     A position counts when ``mask`` (if given) is nonzero and its id is not ``ignore_index``;
-    positions holding ``ignore_index`` cost no matmul (masked ones still do).
+    the others cost no matmul and give 0 in ``token_logprobs`` (a NaN hidden state there
+    stays out of the results and gradients; their ids are still checked).
 
     ``token_weights`` (shape of ``token_ids``) multiply each counted log-prob inside the
     sums (SparsePO-style masks, any per-token weights; differentiable if they require
@@ -715,12 +718,18 @@ def preference_logps(
     ignore_index = _validate.integer(op, "ignore_index", ignore_index)
     ids = _validate.ids_for_ignore_index(token_ids, ignore_index)
     m = _mask(op, mask, token_ids)
-    # (Masked positions are not turned into ignore_index, which would skip their matmul:
-    # results then depended on the thread count, tests/reliability/test_threads.py.)
-    lp = linear_token_logprobs(hidden, weight, ids, bias=bias, temperature=temperature,
+    # Masked positions go to linear_token_logprobs as ignore_index: no matmul for them, and a
+    # NaN there (padding) never reaches the gradients (as in the fused path).  Their ids are
+    # still checked, as the fused path checks every row's id.
+    ids_k = ids if m is None else ids.masked_fill(~m, ignore_index)
+    lp = linear_token_logprobs(hidden, weight, ids_k, bias=bias, temperature=temperature,
                                ignore_index=ignore_index, chunk_size=chunk_size,
                                backend=backend)
-    counted, w = _counted_and_weights(op, ids, m, token_ids, token_weights, ld_alpha,
+    if m is not None:
+        from rlfuse.ops.sequence import _check_masked_ids
+
+        _check_masked_ids(ids, m, weight.size(0), ignore_index, "linear_token_logprobs")
+    counted, w = _counted_and_weights(op, ids_k, m, token_ids, token_weights, ld_alpha,
                                       cu_seqlens, ignore_index, P, lp.dtype)
     values = lp if w is None else lp * w.to(lp.dtype)
     sums, counts = _sequence_sums(values, counted, cu_seqlens, op)
@@ -1075,8 +1084,9 @@ class _FusedFromHidden(torch.autograd.Function):
 def _fused_eligible(hidden, weight, bias, rc, rr, pw, token_weights, sorted_terms):
     """The fused path is exact only for per-pair terms (sft's batch coupling is handled) and
     constant reference / pair / token weights; it only pays when a gradient is needed."""
-    if not _FUSED_FROM_HIDDEN or sorted_terms or torch.compiler.is_compiling():
-        return False
+    if not _FUSED_FROM_HIDDEN or sorted_terms or _backend.library_op_needed(
+            hidden, weight, bias, rc, rr, pw, token_weights):
+        return False  # (also under torch.compile, FakeTensorMode, for meta / fake inputs)
     if not torch.is_grad_enabled():
         return False
     tensors = (hidden, weight, bias)

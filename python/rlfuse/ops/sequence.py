@@ -27,7 +27,7 @@ from typing import NamedTuple, Optional
 
 import torch
 
-from rlfuse import _validate
+from rlfuse import _backend, _validate
 
 __all__ = ["SequenceLogprobs", "reduce_sequences", "sequence_logprobs"]
 
@@ -52,6 +52,22 @@ def _mask_tensor(op: str, mask, shape, device) -> Optional[torch.Tensor]:
     if mask.device != device:
         raise ValueError(f"{op}: mask is on {mask.device} but the tokens are on {device}")
     return mask != 0
+
+
+def _check_masked_ids(ids: torch.Tensor, m: torch.Tensor, V: int, ignore_index: int,
+                      op: str) -> None:
+    """Raise as the token op ``op`` would for an out-of-range id at a masked position (the
+    op itself only saw ignore_index there).  Skipped where the values are not readable
+    (torch.compile tracing, FakeTensorMode, meta / fake tensors)."""
+    if _backend.library_op_needed(ids, m):
+        return
+    bad = (~m) & ((ids < 0) | (ids >= V)) & (ids != ignore_index)
+    if bool(bad.any()):
+        first = int(bad.reshape(-1).nonzero()[0, 0])
+        raise ValueError(
+            f"{op}: token_ids must lie in [0, {V}) or equal ignore_index={ignore_index}; "
+            f"position {first} (flattened) holds {int(ids.reshape(-1)[first])}"
+        )
 
 
 def _segments(op: str, cu_seqlens, n: int, device) -> torch.Tensor:
@@ -143,7 +159,10 @@ def sequence_logprobs(
         hidden, weight, bias: final hidden states ``[..., H]`` and the lm_head (uses
             :func:`linear_token_logprobs`, never materialising the logits).
         mask: optional, shape of ``token_ids``; nonzero = counted.  Positions holding
-            ``ignore_index`` are never counted.
+            ``ignore_index`` are never counted.  Masked positions go to the token op as
+            ``ignore_index``: they are not computed (no lm_head matmul), give 0 in
+            ``token_logprobs`` / ``entropy`` and no gradient, so NaN hidden states or
+            logits there (padding) stay out of every result; their ids are still checked.
         cu_seqlens: ``[S + 1]`` sequence boundaries of a packed stream.
         temperature, return_entropy, ignore_index, chunk_size, backend: as in the token ops
             (``chunk_size`` only for the ``hidden`` path).
@@ -169,27 +188,35 @@ def sequence_logprobs(
         )
     if (logits is None) == (hidden is None):
         raise ValueError(f"{_OP}: pass exactly one of logits= or hidden= (with weight=)")
+    ignore_index = _validate.integer(_OP, "ignore_index", ignore_index)
+    ids = _validate.ids_for_ignore_index(token_ids, ignore_index)
+    m = _mask_tensor(_OP, mask, token_ids.shape, token_ids.device)
+    # Masked positions go to the token ops as ignore_index: they never enter the forward or
+    # the backward (no matmul on the hidden= path, a zero gradient row on the logits= path),
+    # so a NaN there (padding) cannot reach the gradients.  Their ids are checked below.
+    ids_k = ids if m is None else ids.masked_fill(~m, ignore_index)
     if logits is not None:
         if weight is not None or bias is not None:
             raise ValueError(f"{_OP}: weight= and bias= go with hidden=, not with logits=")
         if chunk_size is not None:
             raise ValueError(f"{_OP}: chunk_size= applies to the hidden= path only")
         out = token_logprobs(
-            logits, token_ids, temperature=temperature, return_entropy=return_entropy,
+            logits, ids_k, temperature=temperature, return_entropy=return_entropy,
             ignore_index=ignore_index, backend=backend,
         )
     else:
         if weight is None:
             raise ValueError(f"{_OP}: weight= (the lm_head [V, H]) is required with hidden=")
         out = linear_token_logprobs(
-            hidden, weight, token_ids, bias=bias, temperature=temperature,
+            hidden, weight, ids_k, bias=bias, temperature=temperature,
             return_entropy=return_entropy, ignore_index=ignore_index, chunk_size=chunk_size,
             backend=backend,
         )
+    if m is not None:  # the ids of masked positions are checked as the token ops check theirs
+        _check_masked_ids(ids, m, logits.size(-1) if logits is not None else weight.size(0),
+                          ignore_index, "token_logprobs" if logits is not None
+                          else "linear_token_logprobs")
     lp, ent = out if return_entropy else (out, None)
-    counted = _validate.ids_for_ignore_index(token_ids, ignore_index) != ignore_index
-    m = _mask_tensor(_OP, mask, token_ids.shape, token_ids.device)
-    if m is not None:
-        counted = counted & m
+    counted = ids_k != ignore_index
     s, mean, count = reduce_sequences(lp, mask=counted, cu_seqlens=cu_seqlens, _op=_OP)
     return SequenceLogprobs(s, mean, count, lp, ent)
