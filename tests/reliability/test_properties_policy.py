@@ -172,18 +172,34 @@ def test_policy_loss_properties(backend):
             return
         (loss, stats), (rloss, rstats) = got, want
         rtol = _rtol(dtype, backend)
-        _close(loss, rloss, rtol, "loss")
+        # a value beyond the output dtype's range (the mean ratio at log-ratios near 90 is
+        # 8e38) is inf in the op: compare with the reference rounded to that dtype
+        _close(loss, rloss.to(loss.dtype), rtol, "loss")
         assert set(stats) == set(rstats)
         for k in stats:
-            _close(stats[k], rstats[k], rtol, k)
+            _close(stats[k], rstats[k].to(stats[k].dtype), rtol, k)
         wrt, rwrt = [lp] + ([ent] if with_ent else []), [lpr] + ([entr] if with_ent else [])
         grads = torch.autograd.grad(loss, wrt, allow_unused=True)
         rgrads = torch.autograd.grad(rloss, rwrt, allow_unused=True)
+        # a row holding a log-ratio whose exp overflows the computing precision (|x| >= 88
+        # in float32; docs/ops/policy_loss.md) has inf ratios or KL terms there, and a
+        # clipped token's zero slope times an infinite ratio is NaN, as in float32 autograd:
+        # such rows (a sequence ratio spans the row) are compared elsewhere only
+        lim = 700.0 if dtype == torch.float64 and backend != "triton" else 88.0
+        lpd, m = cast(t["logp"]).double(), t["mask"].bool()
+        big = torch.zeros_like(m)
+        if old is not None:
+            big |= (lpd - old.double()).abs() >= lim
+        if with_ref:
+            big |= (cast(t["ref"]).double() - lpd).abs() >= lim
+        keep = ~(big & m).any(-1, keepdim=True).expand_as(m)
         for name, g, r, x in zip(("dlogp", "dentropy"), grads, rgrads, wrt):
             g = torch.zeros_like(x) if g is None else g
             r = torch.zeros_like(x, dtype=torch.float64) if r is None else r
             assert g.dtype == dtype
-            _close(g, r.to(dtype), _gtol(dtype, backend), name)  # rounded as the op writes it
+            k = keep.to(g.device)
+            # rounded as the op writes it
+            _close(g[k], r.to(dtype)[keep], _gtol(dtype, backend), name)
 
     check()
 
