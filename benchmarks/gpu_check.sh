@@ -1,36 +1,54 @@
 #!/usr/bin/env bash
-# One call on the GPU machine (offline): build rlfuse with what is installed there,
-# run the GPU tests, print the GPU benchmark table.  Full logs go to $OUT when set.
-#   bash benchmarks/gpu_check.sh            (from the repository root)
+# One call on the GPU machine (offline): build rlfuse with what is installed there, run the
+# GPU-relevant tests, print the GPU benchmark tables.  Every phase has its own deadline
+# (the device lease is short); full logs go to $OUT when set.
+#   bash benchmarks/gpu_check.sh [TOTAL_SECONDS]      (from the repository root; default 560)
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT="${OUT:-/tmp/rlfuse-gpu-check}"
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
+START=$(date +%s)
+TOTAL="${1:-560}"
+left() { echo $(( TOTAL - ($(date +%s) - START) )); }
+# a phase's timeout: its share, at most what is left minus a reserve for the later phases
+budget() { local want=$1 reserve=$2 l; l=$(( $(left) - reserve )); (( l < want )) && want=$l; (( want < 5 )) && want=5; echo "$want"; }
 
 echo "== machine"
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
-python3 -c "import torch, triton; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'triton', triton.__version__)"
+nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.mem --format=csv,noheader || true
+python3 -c "import torch, triton; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'triton', triton.__version__, torch.cuda.get_device_name(0))"
 
-echo "== build (pip install --no-build-isolation --no-deps -e .)"
+echo "== build (pip install --no-build-isolation --no-deps -e ., sm_90 only)"
 t0=$(date +%s)
-if ! RLFUSE_CUDA=ON CMAKE_BUILD_PARALLEL_LEVEL=16 python3 -m pip install --no-build-isolation --no-deps -e . > "$OUT/build.log" 2>&1; then
+if ! RLFUSE_CUDA=ON CMAKE_BUILD_PARALLEL_LEVEL=16 CMAKE_ARGS="-DCMAKE_CUDA_ARCHITECTURES=90" \
+    timeout "$(budget 260 200)" python3 -m pip install --no-build-isolation --no-deps -e . \
+    > "$OUT/build.log" 2>&1; then
   tail -40 "$OUT/build.log"; echo "BUILD FAILED"; exit 1
 fi
 echo "built in $(( $(date +%s) - t0 ))s"
-python3 -m rlfuse info
+python3 -m rlfuse info 2>&1 | tee "$OUT/info.log" | tail -12
 
-echo "== tests (all; CUDA and compiled-Triton cases run here)"
-python3 -m pytest tests -q -p no:cacheprovider --maxfail=40 \
-  2>&1 | tee "$OUT/tests.log" | tail -25
-tests_rc=${PIPESTATUS[0]}
+echo "== tests (ops, reliability, search, models: CUDA and compiled-Triton cases run here)"
+t0=$(date +%s)
+timeout "$(budget 170 120)" python3 -m pytest tests/ops tests/reliability tests/search \
+  tests/models -q -p no:cacheprovider -n 12 --maxfail=60 -W ignore \
+  > "$OUT/tests.log" 2>&1
+tests_rc=$?
+grep -E "^(FAILED|ERROR)" "$OUT/tests.log" | head -40
+tail -3 "$OUT/tests.log"
+echo "tests took $(( $(date +%s) - t0 ))s, exit code $tests_rc"
 
-echo "== benchmark"
-python3 -m rlfuse bench logprob --device cuda --backends cuda,triton --out "$OUT" \
-  2>&1 | tee "$OUT/bench.log"
-for suite in losses advantages linear_logprob preference search; do
-  timeout 150 python3 -m rlfuse bench "$suite" --device cuda --quick --backends cuda,triton \
-    2>&1 | tee -a "$OUT/bench.log"
-done
-echo "tests exit code: $tests_rc"
+echo "== benchmarks"
+bench() {  # bench SECONDS SUITE ARGS...
+  local s=$1; shift
+  timeout "$(budget "$s" 5)" python3 -m rlfuse bench "$@" --device cuda --out "$OUT" \
+    > "$OUT/bench_$1.log" 2>&1
+  echo "-- $1 (exit $?)"; grep -v "^#" "$OUT/bench_$1.log" | tail -25
+}
+bench 110 linear_logprob --no-compile --backends cuda,triton
+bench 45 losses --quick --backends cuda,triton
+bench 45 advantages --quick --backends cuda,triton
+bench 45 logprob --quick --backends cuda,triton
+bench 40 search --quick --backends cuda
+echo "total $(( $(date +%s) - START ))s; tests exit code: $tests_rc"
 exit "$tests_rc"
