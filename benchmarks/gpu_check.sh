@@ -30,25 +30,36 @@ python3 -m rlfuse info 2>&1 | tee "$OUT/info.log" | tail -12
 
 echo "== tests (ops, reliability, search, models: CUDA and compiled-Triton cases run here)"
 t0=$(date +%s)
-timeout "$(budget 170 120)" python3 -m pytest tests/ops tests/reliability tests/search \
-  tests/models -q -p no:cacheprovider -n 12 --maxfail=60 -W ignore \
+# -v: every test's outcome is written as it ends ("[gw3] FAILED tests/..."), so a run cut
+# short by its deadline still names its failures (-q prints them only in the final summary,
+# which a killed run never reaches: 2026-11-28, 52 failures on the H200 lost that way)
+timeout "$(budget 300 120)" python3 -m pytest tests/ops tests/reliability tests/search \
+  tests/models -v -p no:cacheprovider -n 14 --maxfail=200 -W ignore -rfE \
   > "$OUT/tests.log" 2>&1
 tests_rc=$?
-grep -E "^(FAILED|ERROR)" "$OUT/tests.log" | head -40
+grep -E "(FAILED|ERROR) tests/" "$OUT/tests.log" | sed 's/^\[gw[0-9]*\] *\[ *[0-9]*%\] *//' \
+  | sort -u | cut -c1-200 | head -80
+grep -E "(FAILED|ERROR) tests/" "$OUT/tests.log" | sort -u > "$OUT/failed.txt"
 tail -3 "$OUT/tests.log"
 echo "tests took $(( $(date +%s) - t0 ))s, exit code $tests_rc"
 
 echo "== benchmarks"
+# (few files under $OUT: the device tool returns only a handful; no --out json / png)
 bench() {  # bench SECONDS SUITE ARGS...
   local s=$1; shift
-  timeout "$(budget "$s" 5)" python3 -m rlfuse bench "$@" --device cuda --out "$OUT" \
-    > "$OUT/bench_$1.log" 2>&1
-  echo "-- $1 (exit $?)"; grep -v "^#" "$OUT/bench_$1.log" | tail -25
+  timeout "$(budget "$s" 5)" python3 -m rlfuse bench "$@" --device cuda > "$OUT/bench.tmp" 2>&1
+  local rc=$?
+  cat "$OUT/bench.tmp" >> "$OUT/bench.log"; rm -f "$OUT/bench.tmp"
+  echo "-- $1 (exit $rc)"; grep -v "^#" "$OUT/bench.log" | tail -25
 }
 bench 110 linear_logprob --no-compile --backends cuda,triton
 bench 45 losses --quick --backends cuda,triton
 bench 45 advantages --quick --backends cuda,triton
 bench 45 logprob --quick --backends cuda,triton
 bench 40 search --quick --backends cuda
+if (( $(left) > 40 )); then   # where the small ops' GPU time goes (host launches, syncs)
+  timeout "$(budget 60 3)" python3 benchmarks/gpu_profile.py > "$OUT/profile.log" 2>&1
+  echo "-- profile (exit $?): $OUT/profile.log"
+fi
 echo "total $(( $(date +%s) - START ))s; tests exit code: $tests_rc"
 exit "$tests_rc"

@@ -217,7 +217,8 @@ def run(device: str = "cpu", quick: bool = False, repeat: int | None = None,
             for v, t in times.items():
                 if t:
                     notes[f"{v} expansions/s"] = f"{expansions / (t * 1e-3):,.0f}"
-            notes["rlfuse"] = "torch at 1 intra-op thread during the search"
+            # (a failed variant's error, from time_variants, keeps the key)
+            notes.setdefault("rlfuse", "torch at 1 intra-op thread during the search")
             rows.append(Row(op="search", case=f"B={B} A={A} sims={sims}", dtype="float32",
                             mode=mode, times_ms=times, bytes_moved=0.0, notes=notes))
     return rows
