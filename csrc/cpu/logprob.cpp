@@ -120,19 +120,7 @@ inline void mul_rounded16(const Acc* __restrict x, Acc s, Acc* __restrict z) {
 // clamped (finite for -inf logits, so p u = 0); NaN propagates.
 inline float bwd_exp2(float& u) {
   u = u < -127.0f ? -127.0f : u;
-  const float shifter = 12582912.0f;  // 1.5 * 2^23: adding it rounds to an integer
-  float t = u + shifter;
-  float n = t - shifter;
-  float f = u - n;  // [-0.5, 0.5]
-  float p = 1.535336196e-04f;
-  p = p * f + 1.339887502e-03f;
-  p = p * f + 9.618436918e-03f;
-  p = p * f + 5.550332367e-02f;
-  p = p * f + 2.402264774e-01f;
-  p = p * f + 6.931471825e-01f;
-  p = p * f + 1.0f;
-  int32_t ni = int32_t(float_to_bits(t) - float_to_bits(shifter));
-  return p * bits_to_float(uint32_t(ni + 127) << 23);
+  return vexp2_clamped(u, -127.0f);
 }
 inline double bwd_exp2(double& u) {
   u = u < -126.0 ? -126.0 : u;

@@ -111,8 +111,10 @@ inline double vexp(double x) { return std::exp(x); }
 // 9.7e-8, under one float ulp) and an exponent insert, branch-free so loops vectorise.
 // u is clamped at -126 (returns 2^-126 ~ 1.2e-38 there, invisible in a softmax sum,
 // whose maximum contributes 1); NaN propagates.  Slightly positive u (rounding) is fine.
-inline float vexp2_nonpos(float u) {
-  u = u < -126.0f ? -126.0f : u;
+// vexp2_clamped: the same with u clamped at `lo` (>= -127; at -127 the exponent field of
+// the scale is 0, so the result is exactly 0 there).
+inline float vexp2_clamped(float u, float lo) {
+  u = u < lo ? lo : u;
   const float shifter = 12582912.0f;  // 1.5 * 2^23: adding it rounds to an integer
   float t = u + shifter;
   float n = t - shifter;
@@ -127,6 +129,7 @@ inline float vexp2_nonpos(float u) {
   int32_t ni = int32_t(float_to_bits(t) - float_to_bits(shifter));
   return p * bits_to_float(uint32_t(ni + 127) << 23);
 }
+inline float vexp2_nonpos(float u) { return vexp2_clamped(u, -126.0f); }
 inline double vexp2_nonpos(double u) { return std::exp2(u); }
 
 // out[j] = float(src[j]) for 16 consecutive elements.  The raw bits are copied in one
