@@ -210,20 +210,6 @@ _MASK4D_MODEL_TYPES = frozenset({
 })
 
 
-def _configs(cfg) -> list:
-    """``cfg`` and, for composite models, its text config."""
-    out = [cfg]
-    get_text = getattr(cfg, "get_text_config", None)
-    if callable(get_text):
-        try:
-            text = get_text()
-        except Exception:  # some configs raise when they have no text part
-            text = None
-        if text is not None and text is not cfg:
-            out.append(text)
-    return out
-
-
 def _decode_mask_kind(model) -> Optional[str]:
     """How to hand the decode steps a ready 4D padding mask: ``"bool"`` for SDPA,
     ``"additive"`` for eager attention (the formats ``transformers`` builds for them), or
@@ -235,7 +221,7 @@ def _decode_mask_kind(model) -> Optional[str]:
     impl = getattr(cfg, "_attn_implementation", None)
     if impl not in ("sdpa", "eager"):
         return None
-    from rlfuse.models.hf import _is_transformers_model
+    from rlfuse.models.hf import _configs, _is_transformers_model
 
     if getattr(cfg, "model_type", None) not in _MASK4D_MODEL_TYPES or \
             not _is_transformers_model(model):

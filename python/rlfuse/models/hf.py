@@ -221,21 +221,25 @@ def _layout(input_ids, attention_mask, completion_mask, position_ids, cu_seqlens
     return scored, ids2, pos, am, starts
 
 
+def _configs(cfg) -> list:
+    """``cfg`` and, for composite models, its text config."""
+    out = [cfg]
+    get_text = getattr(cfg, "get_text_config", None)
+    if callable(get_text):
+        try:
+            text = get_text()
+        except Exception:  # some configs raise when they have no text part
+            text = None
+        if text is not None and text is not cfg:
+            out.append(text)
+    return out
+
+
 def _check_no_logit_transform(model) -> None:
     """Refuse models whose logits are transformed after the lm_head (soft-capping or a
     multiplier): the fused path computes ``hidden @ W.T + b`` only.  Both the top-level
     config and the text config of composite models are checked."""
-    cfg = getattr(model, "config", None)
-    configs = [cfg]
-    get_text = getattr(cfg, "get_text_config", None)
-    if callable(get_text):
-        try:
-            text_cfg = get_text()
-        except Exception:  # some configs raise when they have no text part
-            text_cfg = None
-        if text_cfg is not None and text_cfg is not cfg:
-            configs.append(text_cfg)
-    for c in configs:
+    for c in _configs(getattr(model, "config", None)):
         for name in ("final_logit_softcapping", "logit_softcapping"):
             if getattr(c, name, None) not in (None, 0, 0.0):
                 raise ValueError(
