@@ -12,6 +12,10 @@ from tests.helpers import HAS_CUDA, TRITON_ON_CPU
 # Backends that run on this machine (Triton under the interpreter on CPU tensors).
 BACKENDS = ["cpu", "torch"] + (["triton"] if TRITON_ON_CPU or HAS_CUDA else [])
 DEVICE = {"cpu": "cpu", "torch": "cpu", "triton": "cuda" if HAS_CUDA else "cpu"}
+# The backends that take the CPU tensors that the error-table rows and the thread cases
+# build: Triton only under the interpreter (compiled Triton needs CUDA tensors and refuses
+# CPU ones with a RuntimeError before any check runs).
+CPU_BACKENDS = [b for b in BACKENDS if DEVICE[b] == "cpu"]
 
 LAYOUTS = ("contiguous", "offset", "strided", "transposed")
 FLOATS = (torch.float32, torch.float64, torch.bfloat16, torch.float16)

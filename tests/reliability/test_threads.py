@@ -19,7 +19,7 @@ import torch
 from rlfuse import _backend
 from rlfuse.search import tree as search_tree
 from tests.reliability import _cases as C
-from tests.reliability._inputs import BACKENDS
+from tests.reliability._inputs import CPU_BACKENDS
 
 pytestmark = [
     pytest.mark.filterwarnings("ignore:Conversion of an array with ndim:DeprecationWarning"),
@@ -45,7 +45,7 @@ def restore_threads():
 
 
 @pytest.mark.parametrize("name,backend", [
-    (n, b) for n in C.CASES for b in BACKENDS if b in C.CASE_BACKENDS.get(n, BACKENDS)])
+    (n, b) for n in C.CASES for b in CPU_BACKENDS if b in C.CASE_BACKENDS.get(n, CPU_BACKENDS)])
 def test_concurrent_python_threads(name, backend, full_threads):
     size = "tiny" if backend == "triton" else "medium"
     want = C.digest(C.run(name, backend, size))
