@@ -1,12 +1,14 @@
 """Where the GPU time of the small ops goes (run on the GPU machine after the build):
 a traceback of the CUDA tree search if it fails, then per-call time and the profiler's top
-entries for policy_loss (ppo + k3) forward+backward and gae (whitened) at the bench's sizes."""
+entries for policy_loss (ppo + k3) forward+backward and gae (whitened) at the bench's sizes,
+then the aten ops and syncs per forward call of the small ops on the cuda and triton backends
+(tests/hostops.py; the counts tests/ops/test_gpu_host_ops.py pins, here on a GPU)."""
 import time
 import traceback
 
 import torch
 
-from rlfuse.ops import gae, policy_loss
+from rlfuse.ops import gae, group_advantages, policy_loss
 
 dev = torch.device("cuda")
 
@@ -69,3 +71,41 @@ r = torch.randn(1024, 4096, device=dev, generator=g)
 v = torch.randn(1024, 4096, device=dev, generator=g)
 m = torch.rand(1024, 4096, device=dev, generator=g) < 0.9
 profile("gae whiten B=1024 T=4096 (cuda)", lambda: gae(r, v, m, gamma=1.0, lam=0.95, whiten=True))
+
+
+def host_ops(dev, backends):
+    """Aten ops / syncs per forward call of the GPU paths (tests/hostops.py; pinned on the
+    Triton path by tests/ops/test_gpu_host_ops.py), on this device's tensors."""
+    import pathlib
+    import sys
+
+    sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
+    from tests.hostops import count_host_ops
+
+    g = torch.Generator(device="cpu").manual_seed(1)
+    B, T = 8, 64
+    x = (-torch.rand(B, T, generator=g)).to(dev).requires_grad_()
+    o, a, rf = (torch.randn(B, T, generator=g).to(dev) for _ in range(3))
+    mk = (torch.rand(B, T, generator=g) < 0.9).float().to(dev)
+    mi = mk.long()
+    ids = (torch.arange(B) // 4).to(dev)
+    calls = {
+        "policy_loss ppo+k3": lambda b: policy_loss(x, o, a, mk, ref_logp=rf, beta=0.04,
+                                                    backend=b),
+        "gae whiten": lambda b: gae(o, a, mi, gamma=1.0, lam=0.95, whiten=True, backend=b),
+        "group_advantages": lambda b: group_advantages(a, group_ids=ids, mask=mi,
+                                                       semantics="verl", backend=b),
+    }
+    for b in backends:
+        for name, fn in calls.items():
+            fn(b)
+            with count_host_ops() as c:
+                fn(b)
+            print(f"{b:7s} {name:20s} {c.summary()}")
+
+
+print("== host ops per forward call (compute = launches)")
+try:
+    host_ops(dev, ("cuda", "triton"))
+except Exception:
+    traceback.print_exc()

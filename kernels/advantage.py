@@ -24,6 +24,7 @@ are elementwise.  Under ``TRITON_INTERPRET=1`` the tiles are small so that tests
 multi-tile paths with tiny shapes.
 """
 
+import functools
 import os
 
 import torch
@@ -35,6 +36,14 @@ __all__ = ["gae", "row_stats", "whiten_apply", "group_stats", "broadcast_rows", 
 
 def _interpret() -> bool:
     return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+@functools.lru_cache(maxsize=64)
+def _params(values: tuple, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """A read-only device tensor of kernel parameters, made once per distinct value (a copy
+    of host data to a GPU waits for the stream: made per call, it would be a device sync).
+    For parameters that stay the same from call to call (gamma and lambda, eps, kl_coef)."""
+    return torch.tensor(values, dtype=dtype, device=device)
 
 
 def _block(n: int, cap_gpu: int = 1024, cap_interp: int = 16) -> int:
@@ -159,7 +168,7 @@ def gae(r, v, mask, lv, cu, S, T, gamma, lam, zero, adv, ret):
         lv if lv is not None else dummy, cu if cu is not None else dummy, adv,
         ret if ret is not None else dummy,
         T, r0, r1, v0, v1, m0, m1, lv.stride(0) if lv is not None else 0,
-        torch.tensor([gamma, gamma * lam], dtype=adv.dtype, device=adv.device),
+        _params((float(gamma), float(gamma * lam)), adv.dtype, adv.device),
         HAS_V=v is not None, HAS_M=mask is not None, HAS_LV=lv is not None,
         PACKED=cu is not None, ZERO=bool(zero), HAS_RET=ret is not None, BLOCK=block,
         num_warps=4,
@@ -343,8 +352,8 @@ def group_stats(s, order, seg, lens, x, max_count, *, method, size_one, eps, std
     block = max(2, triton.next_power_of_2(max(int(max_count), 1)))
     _group_kernel[(G,)](
         s, order, seg, lens if lens is not None else s, x,
-        torch.tensor([eps, max(std_floor, 0.0), f_norm, batch_std, alpha], dtype=torch.float64,
-                     device=s.device),
+        _params((float(eps), max(float(std_floor), 0.0), float(f_norm), float(batch_std),
+                 float(alpha)), torch.float64, s.device),
         METHOD=int(method), SIZE_ONE=int(size_one), NORM_BY_STD=bool(norm_by_std),
         HAS_LEN=lens is not None, HAS_FLOOR=std_floor >= 0, BLOCK=block,
         num_warps=4 if block >= 128 else 1,
@@ -435,6 +444,7 @@ def token_rewards(scores, mask, kl, cu, S, T, kl_coef, out):
     _token_rewards_kernel[(S,)](
         scores, mask if mask is not None else out, kl if kl is not None else out,
         cu if cu is not None else out, out, T, scores.stride(0), m0, m1, k0, k1,
-        torch.tensor([kl_coef], dtype=out.dtype, device=out.device), HAS_M=mask is not None, HAS_KL=kl is not None, PACKED=cu is not None,
+        _params((float(kl_coef),), out.dtype, out.device), HAS_M=mask is not None,
+        HAS_KL=kl is not None, PACKED=cu is not None,
         BLOCK=_block(lengths_max), num_warps=4,
     )

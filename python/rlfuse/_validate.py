@@ -1,7 +1,8 @@
 """Input checks shared by the ops.  Every message names the offending argument.
 
 Checks run in Python before any kernel, and touch metadata only (no device sync),
-so they are cheap and trace cleanly under torch.compile.
+so they are cheap and trace cleanly under torch.compile.  The helpers at the end serve the
+data checks of the GPU paths instead: small device tensors, read once per call.
 """
 
 from __future__ import annotations
@@ -83,3 +84,41 @@ def ids_for_ignore_index(ids: torch.Tensor, ignore_index: int) -> torch.Tensor:
         if not (info.min <= ignore_index <= info.max):
             return ids.to(torch.int64)
     return ids
+
+
+# ---- Data checks of the GPU paths -----------------------------------------------------
+# On a GPU every check of tensor values that decides on the host is a device sync, so the
+# GPU paths compute their checks as small device tensors, read them all in one go with the
+# results they need on the host (one sync per call), and only when a check fails look for
+# the first bad position (with torch, for the message naming it).
+
+
+def mask_flags(mask) -> list:
+    """0-d device tensors telling whether ``mask`` holds a value other than 0 and 1 (read
+    them with :func:`read`, judge them with :func:`mask_bad`): none for a bool mask (or
+    None); the min and max of an integer mask (one pass over it); for a floating mask, whether
+    m (m - 1) is nonzero anywhere (0 exactly for m in {0, 1}; nonzero, inf or NaN for any
+    other value)."""
+    if mask is None or mask.dtype == torch.bool or mask.numel() == 0:
+        return []
+    if mask.is_floating_point():
+        return [(mask * (mask - 1)).any()]
+    return list(mask.aminmax())
+
+
+def mask_bad(values) -> bool:
+    """Whether the host values of :func:`mask_flags` say the mask is not 0/1."""
+    if not values:
+        return False
+    if len(values) == 1:
+        return values[0] != 0
+    return values[0] < 0 or values[1] > 1
+
+
+def read(tensors) -> list:
+    """The host values of 0-d tensors, read in one go (one device sync on a GPU)."""
+    if not tensors:
+        return []
+    if len(tensors) == 1:
+        return [tensors[0].item()]
+    return torch.stack(tensors).tolist()

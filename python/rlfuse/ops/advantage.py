@@ -643,11 +643,16 @@ def _gae_impl(rewards, values, mask, last_values, cu_seqlens, gamma, lam, zero, 
     adv = _empty(rewards.shape, dtype=acc, device=rewards.device)
     ret = _empty(rewards.shape if want_returns else (0,), dtype=acc, device=rewards.device)
     S = cu_seqlens.numel() - 1 if packed else (rewards.shape[0] if rewards.dim() == 2 else 0)
-    if backend == "torch":
+
+    def check_inputs():  # raises, naming the first bad position (torch; syncs)
         code, seq, pos = _first_bad_torch(mask, [(2, rewards), (3, values)], cu_seqlens)
         if code == 0 and last_values is not None and not bool(torch.isfinite(last_values).all()):
             code, seq, pos = 4, int((~torch.isfinite(last_values)).nonzero()[0, 0]), 0
         _raise_status(op, code, seq, pos, names, tensors, cu_seqlens)
+
+    gpu_checks = None
+    if backend == "torch":
+        check_inputs()
         a, r = gae_reference(rewards, values, mask, gamma=gamma, lam=lam,
                              last_values=last_values, cu_seqlens=cu_seqlens,
                              semantics="zero_masked" if zero else "skip_masked")
@@ -688,10 +693,12 @@ def _gae_impl(rewards, values, mask, last_values, cu_seqlens, gamma, lam, zero, 
                               "cpu", a2)
                 whiten = False  # done
         else:
-            code, seq, pos = _first_bad_torch(mask, [(2, rewards), (3, values)], cu_seqlens)
-            if code == 0 and last_values is not None and not bool(torch.isfinite(last_values).all()):
-                code, seq, pos = 4, int((~torch.isfinite(last_values)).nonzero()[0, 0]), 0
-            _raise_status(op, code, seq, pos, names, tensors, cu_seqlens)
+            # GPU backends: the inputs are checked after the kernel, with one device sync
+            # (below, or in the whitening's read): a non-finite reward or value at a valid
+            # position makes the advantage there non-finite, so the advantages' sum is
+            # non-finite; the sums of last_values and the mask's values are read along.
+            gpu_checks = ([] if last_values is None else [last_values.sum(dtype=torch.float64)],
+                          check_inputs)
             cu_k = None if not packed else cu_seqlens.to(torch.int64).contiguous()
             if backend == "cuda":
                 m_k = None if mask is None else (mask != 0).view(torch.uint8)
@@ -717,7 +724,11 @@ def _gae_impl(rewards, values, mask, last_values, cu_seqlens, gamma, lam, zero, 
         ret.zero_()
     if whiten:
         m2d = None if mask is None else mask
-        adv = _whiten_impl(adv, m2d, True, True, _WHITEN_EPS, backend, op)
+        extra, on_bad = gpu_checks if gpu_checks is not None else ((), None)
+        adv = _whiten_impl(adv, m2d, True, True, _WHITEN_EPS, backend, op, extra, on_bad)
+    elif gpu_checks is not None:
+        finite = [adv.sum(dtype=torch.float64)] + gpu_checks[0]
+        _gpu_read([], mask, finite, gpu_checks[1])
     return adv, ret
 
 
@@ -871,8 +882,26 @@ def _rows_view(x: torch.Tensor) -> torch.Tensor:
     return x.reshape(math.prod(x.shape[:-1]), x.shape[-1])  # not -1: the last dim may be 0
 
 
-def _row_stats(x2, m2, backend, op, names):
-    """Per-row (count, mean, M2) and their combination (N, mean, M2), float64."""
+def _gpu_read(values, mask, finite=(), on_bad=None) -> list:
+    """The one host read (device sync) of a GPU call: the 0-d tensors ``values`` as floats,
+    with the checks: ``mask`` holds a value other than 0 and 1 (_validate.mask_flags), or a
+    0-d tensor of ``finite`` (a sum over valid elements) is not finite.  When a check fails,
+    ``on_bad`` looks for the bad input in torch and raises, naming its first position (a sum
+    may also overflow: then nothing is found and the call goes on)."""
+    flags = _validate.mask_flags(mask)
+    got = _validate.read(list(values) + list(finite) + flags)
+    nv, nf = len(values), len(finite)
+    if (not all(math.isfinite(v) for v in got[nv:nv + nf])
+            or _validate.mask_bad(got[nv + nf:])) and on_bad is not None:
+        on_bad()
+    return got[:nv]
+
+
+def _row_stats(x2, m2, backend, op, names, extra=(), on_bad=None):
+    """Per-row (count, mean, M2) and their combination (N, mean, M2), float64.
+
+    GPU backends: ``extra`` (0-d tensors that must be finite) are read with the moments, and
+    ``on_bad`` (the caller's own input checks, raising) runs first when a check fails."""
     R, C = x2.shape
     if backend == "cpu":
         m_k, code_m = _kernel_mask(m2)
@@ -887,16 +916,28 @@ def _row_stats(x2, m2, backend, op, names):
         )
         _raise_status(op, code, row, col, names, {1: m2, 2: x2})
         return cnt, mean, m2o, (N, gmean, gM2)
-    code, row, col = _first_bad_torch(m2, [(2, x2)])
-    _raise_status(op, code, row, col, names, {1: m2, 2: x2})
+
+    def check_x():  # raises, naming the first bad position (torch; syncs)
+        code, row, col = _first_bad_torch(m2, [(2, x2)])
+        _raise_status(op, code, row, col, names, {1: m2, 2: x2})
+
     if backend == "torch" or R * C == 0:
+        check_x()
         m = torch.ones_like(x2, dtype=torch.bool) if m2 is None else m2 != 0
         xd = torch.where(m, x2.double(), torch.zeros((), dtype=torch.float64, device=x2.device))
         cnt = m.sum(-1)
         mean = torch.where(cnt > 0, xd.sum(-1) / cnt.clamp_min(1), xd.new_zeros(R))
         d = torch.where(m, xd - mean.unsqueeze(-1), torch.zeros_like(xd))
         m2o = (d * d).sum(-1)
-    elif backend == "cuda":
+        # Chan's combination of the rows, in float64 (fixed-size reductions: deterministic).
+        n = cnt.double()
+        N = float(n.sum())
+        if N == 0:
+            return cnt, mean, m2o, (0.0, 0.0, 0.0)
+        gmean = float((n * mean).sum() / N)
+        gM2 = float((m2o + n * (mean - gmean) ** 2).sum())
+        return cnt, mean, m2o, (N, gmean, gM2)
+    if backend == "cuda":
         m_k = None if m2 is None else (m2 != 0).view(torch.uint8)
         cnt = _empty(R, dtype=torch.int64, device=x2.device)
         mean = _empty(R, dtype=torch.float64, device=x2.device)
@@ -910,13 +951,20 @@ def _row_stats(x2, m2, backend, op, names):
     else:
         with _backend.device_guard(x2.device):
             cnt, mean, m2o = _backend.triton_kernels("advantage").row_stats(x2, m2)
-    # Chan's combination of the rows, in float64 (fixed-size reductions: deterministic).
+    # GPU backends: the same combination on the device, read once with the checks (a
+    # non-finite x at a valid position makes the moments non-finite).
     n = cnt.double()
-    N = float(n.sum())
-    if N == 0:
-        return cnt, mean, m2o, (0.0, 0.0, 0.0)
-    gmean = float((n * mean).sum() / N)
-    gM2 = float((m2o + n * (mean - gmean) ** 2).sum())
+    N = n.sum()
+    gmean = torch.dot(n, mean) / N.clamp(min=1)  # rows without elements have mean 0
+    d = mean - gmean
+    gM2 = m2o.sum() + torch.dot(n, d * d)
+
+    def bad():
+        if on_bad is not None:
+            on_bad()
+        check_x()
+
+    N, gmean, gM2 = _gpu_read([N, gmean, gM2], m2, [gmean, gM2] + list(extra), bad)
     return cnt, mean, m2o, (N, gmean, gM2)
 
 
@@ -949,13 +997,13 @@ def _apply_whiten(x2, m2, mean, scale, add_back, backend, out2):
         out2.copy_(torch.where(m, w, torch.zeros_like(w)))
 
 
-def _whiten_impl(x, mask, shift_mean, unbiased, eps, backend, op):
+def _whiten_impl(x, mask, shift_mean, unbiased, eps, backend, op, extra=(), on_bad=None):
     acc = _acc_dtype(x)
     xk = _kernel_value(x, acc)
     x2 = _rows_view(xk)
     m2 = None if mask is None else _rows_view(mask)
     names = {1: "mask", 2: "x"}
-    _, _, _, (N, mean, M2) = _row_stats(x2, m2, backend, op, names)
+    _, _, _, (N, mean, M2) = _row_stats(x2, m2, backend, op, names, extra, on_bad)
     if N < 1 or (unbiased and N < 2):
         raise ValueError(f"{op}: the mask selects {int(N)} element(s); whitening needs at least "
                          f"{2 if unbiased else 1}")
@@ -1152,47 +1200,52 @@ def _group_impl(scores, group_ids, group_size, method, mask, lengths, eps, std_f
         _raise_group_status(op, code, seq, pos, names, scores, mask)
         return out if tok is None else tok
     # GPU backends: torch prepares the group layout and batch scalars; kernels do the
-    # per-group reductions and the broadcast.
-    code, seq, pos = _group_checks_torch(scores, mask)
-    _raise_group_status(op, code, seq, pos, names, scores, mask)
+    # per-group reductions and the broadcast.  One device sync: the checks (infinite scores,
+    # mask values, lonely samples) and the host values of the launch are read together.
+    f64 = torch.float64
+    dev = sk.device
     if sk.dim() == 1:
-        s = sk.double()
-    elif mask is None:
-        s = sk.double().sum(-1)
+        kept = sk
+        s = sk.to(f64).contiguous()
     else:  # the row sums over the positions the mask keeps (as the CPU kernel)
-        s = torch.where(mask != 0, sk.double(), torch.zeros((), dtype=torch.float64,
-                                                            device=sk.device)).sum(-1)
-    s = s.contiguous()
-    dev = s.device
+        if mask is not None:
+            kept = torch.where(mask if mask.dtype == torch.bool else mask != 0, sk, 0.0)
+        else:
+            kept = sk
+        s = kept.sum(-1, dtype=f64)
+    checks = [torch.isinf(kept).any()] + _validate.mask_flags(mask)
+    valid = s == s  # NaN marks a missing score
+    host = []  # (name, 0-d tensor) read with the checks
     if group_ids is not None:
-        _, gid, counts = torch.unique(group_ids.to(torch.int64), return_inverse=True,
-                                      return_counts=True)
-        order = torch.argsort(gid, stable=True)
+        # the groups in the order of their ids (as torch.unique), without unique's sync
+        sorted_ids, order = torch.sort(group_ids.to(torch.int64), stable=True)
+        gsorted = (torch.diff(sorted_ids, prepend=sorted_ids[:1]) != 0).cumsum(0)
+        seg = torch.searchsorted(gsorted, torch.arange(B + 1, device=dev))
+        host += [("last_group", gsorted[-1]), ("max_count", (seg[1:] - seg[:-1]).max())]
+
+        def group_of():
+            return torch.empty_like(order).scatter_(0, order, gsorted)
     else:
-        gid = torch.arange(B, device=dev) // group_size
-        counts = torch.full((B // group_size,), group_size, device=dev, dtype=torch.int64)
         order = torch.arange(B, device=dev)
-    seg = torch.zeros(counts.numel() + 1, dtype=torch.int64, device=dev)
-    seg[1:] = torch.cumsum(counts, 0)
-    valid = ~torch.isnan(s)
-    n_valid_g = torch.zeros(counts.numel(), dtype=torch.int64, device=dev).index_add_(
-        0, gid, valid.to(torch.int64))
+        seg = torch.arange(0, B + 1, group_size, device=dev)
+
+        def group_of():
+            return order // group_size
+    lonely = None
     if (size_one == "error" and method in ("grpo", "rloo", "grpo_passk")) or \
             (size_one == "self" and method == "grpo_passk"):
+        gid = group_of()
+        n_valid_g = torch.zeros(B, dtype=torch.int64, device=dev).index_add_(
+            0, gid, valid.to(torch.int64))
         lonely = (n_valid_g == 1)[gid] & valid
-        if bool(lonely.any()):
-            b = int(lonely.nonzero()[0, 0])
-            raise ValueError(f"{op}: {names[5]} (sample {b} is alone)")
-    good = s[valid]
-    n_valid = int(good.numel())
-    n_nonzero = int((good != 0).sum())
-    batch_std = 0.0
-    if method == "batch_std" and n_valid >= 2:
-        K = good[0]
-        d = good - K
-        md = d.sum() / n_valid
-        batch_std = float(torch.sqrt(((d - md) ** 2).sum() / (n_valid - 1)))
-    alpha = n_valid / max(n_nonzero, 1)
+        host.append(("lonely", lonely.any()))
+    if method in ("gpg", "batch_std"):
+        host += [("n_valid", valid.sum()), ("n_nonzero", (valid & (s != 0)).sum())]
+    if method == "batch_std":  # the unbiased std of the valid scores, relative to the first
+        first = valid.to(torch.uint8).argmax().reshape(1)
+        d = torch.where(valid, s - s.index_select(0, first), 0.0)
+        dc = torch.where(valid, d - d.sum() / valid.sum().clamp(min=1), 0.0)
+        host.append(("sq_dev", (dc * dc).sum()))
     lens = None
     if method == "opo" or (method == "reinforce_pp_baseline" and (mask is not None or
                                                                     lengths is not None)):
@@ -1200,15 +1253,38 @@ def _group_impl(scores, group_ids, group_size, method, mask, lengths, eps, std_f
             lens = lengths.to(torch.float64).contiguous()
         else:
             lens = (mask != 0).sum(-1).to(torch.float64).contiguous()
-    x = _empty(B, dtype=torch.float64, device=dev)
-    max_count = int(counts.max()) if counts.numel() else 0
+    w = None
+    if method == "reinforce_pp_baseline":
+        w = torch.ones_like(s) if lens is None else lens
+        w = torch.where(valid, w, torch.zeros_like(w))
+        host.append(("W", w.sum()))
+    got = _validate.read(checks + [t for _, t in host])
+    if got[0] or _validate.mask_bad(got[1:len(checks)]):
+        code, seq, pos = _group_checks_torch(scores, mask)
+        _raise_group_status(op, code, seq, pos, names, scores, mask)
+    hv = dict(zip((k for k, _ in host), got[len(checks):]))
+    if hv.get("lonely"):
+        b = int(lonely.nonzero()[0, 0])
+        raise ValueError(f"{op}: {names[5]} (sample {b} is alone)")
+    if group_ids is not None:
+        G, max_count = int(hv["last_group"]) + 1, int(hv["max_count"])
+        seg = seg[:G + 1]
+    else:
+        G, max_count = B // group_size, group_size
+    batch_std, alpha = 0.0, 1.0  # used by batch_std / gpg only: constants for the others
+    if method in ("gpg", "batch_std"):
+        n_valid = int(hv["n_valid"])
+        alpha = n_valid / max(int(hv["n_nonzero"]), 1)
+        if method == "batch_std" and n_valid >= 2:
+            batch_std = math.sqrt(hv["sq_dev"] / (n_valid - 1))
+    x = torch.zeros(B, dtype=torch.float64, device=dev)  # samples without a score: 0
     params = dict(method=_METHOD_CODES[method], size_one=_SIZE_ONE_CODES[size_one], eps=eps,
                   std_floor=std_floor, norm_by_std=bool(norm_by_std), f_norm=f_norm,
                   batch_std=batch_std, alpha=alpha)
     if backend == "cuda":
         with _backend.cuda_launch(dev) as stream:
             _backend.cuda_module().group_stats(
-                B, s.data_ptr(), order.data_ptr(), seg.data_ptr(), counts.numel(), _ptr(lens),
+                B, s.data_ptr(), order.data_ptr(), seg.data_ptr(), G, _ptr(lens),
                 params["method"], params["size_one"], eps, std_floor, int(norm_by_std), f_norm,
                 batch_std, alpha, x.data_ptr(), stream,
             )
@@ -1217,9 +1293,7 @@ def _group_impl(scores, group_ids, group_size, method, mask, lengths, eps, std_f
             _backend.triton_kernels("advantage").group_stats(s, order, seg, lens, x, max_count,
                                                              **params)
     if method == "reinforce_pp_baseline":
-        w = torch.ones_like(x) if lens is None else lens
-        w = torch.where(valid, w, torch.zeros_like(w))
-        W = float(w.sum())
+        W = hv["W"]
         if (W <= 0) if whiten_biased else (W <= 1):
             raise ValueError(f"{op}: {names[6]}")
         mean = (w * torch.where(valid, x, torch.zeros_like(x))).sum() / W
@@ -1229,7 +1303,7 @@ def _group_impl(scores, group_ids, group_size, method, mask, lengths, eps, std_f
         else:
             rstd = torch.rsqrt(m2 / (W - 1) + _WHITEN_EPS)
         x = (x - mean) * rstd
-    x = torch.where(valid, x, torch.zeros_like(x))
+        x = torch.where(valid, x, torch.zeros_like(x))
     out.copy_(x)
     if tok is None:
         return out

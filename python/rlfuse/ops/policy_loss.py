@@ -1075,24 +1075,93 @@ def _policy_cpu(logp, old, adv, mask, ref, ent, isw, cfg, loss, stats, glp, esca
     _raise_kernel_error("policy_loss", err, mask, adv)
 
 
-def _policy_gpu(logp, old, adv, mask, ref, ent, isw, cfg, backend):
-    """CUDA / Triton: counts and coefficients in torch, one row kernel, final sums in torch."""
+def _gpu_counts(L: torch.Tensor):
+    """(N, G, 1 / max(N, 1)) of the float64 token counts L_i: tokens, rows with at least one
+    token, and the factor of a mean over the tokens (0 tokens: their sum, 0)."""
+    N = L.sum()
+    return N, (L > 0).sum(dtype=torch.float64), N.clamp(min=1).reciprocal()
+
+
+def _gpu_coefs(L, N, G, inv_n, denom_kind: int, len_kind: int, num: float,
+               denom_const: float, count: Optional[torch.Tensor] = None):
+    """The coefficients c_i of :func:`_row_coefs` in few device ops (the GPU paths): a Python
+    float or a 0-d float64 tensor when every row has the same one, else a [B] float64 tensor.
+    ``count``: the global count (0-d, from the counts tensor) that multiplies a constant
+    denominator (as _PolicyConfig.with_counts, without reading it on the host).
+
+    Rows without tokens (and all rows when N or G is 0) may get any finite coefficient instead
+    of 0: every sum it multiplies, and every gradient entry of such a row, is 0."""
+    if denom_kind == _DEN_CONST and count is not None:
+        c = (count * denom_const).reciprocal()
+    elif denom_kind == _DEN_CONST:  # reciprocal, then times num: the rounding of _row_coefs
+        c = (1.0 / denom_const) * num if denom_const > 0 else 0.0
+    elif denom_kind == _DEN_TOKENS and denom_const == 1.0:
+        c = inv_n
+    else:
+        # N and G are counts: 0, or >= 1 (the clamp only replaces a zero denominator)
+        denom = (N if denom_kind == _DEN_TOKENS else G).clamp(min=1)
+        if denom_const != 1.0:
+            denom = denom * denom_const
+        c = denom.reciprocal()
+    if not isinstance(c, float) and num != 1.0:
+        c = c * num
+    if len_kind == _LEN_NONE:
+        return c
+    # torch.div: a true division also for a Python float c (c / x would be c * (1 / x))
+    if len_kind == _LEN_INV_EPS:
+        return torch.div(c, L + 1e-8)
+    return torch.div(c, L.clamp(min=1))  # _LEN_INV, _LEN_INV_CLAMP
+
+
+def _gpu_coef_rows(c, B: int, dtype, device) -> torch.Tensor:
+    """A coefficient of :func:`_gpu_coefs` as a contiguous [B] tensor of ``dtype``."""
+    if isinstance(c, float):
+        return torch.full((B,), c, dtype=dtype, device=device)
+    if c.dim() == 0:
+        return c.expand(B).to(dtype, copy=True)  # copy: contiguous even for dtype float64
+    return c.to(dtype)
+
+
+def _policy_gpu(logp, old, adv, mask, ref, ent, isw, cfg, backend, counts=None,
+                mask_in=None):
+    """CUDA / Triton: counts and coefficients in torch, one row kernel, final sums in torch.
+
+    Written for few device ops and one device sync: the kernel counts the non-finite
+    advantages under the mask (rows[:, 11]), a few ops check the mask values, and that flag
+    is read once, after everything is queued (with the global counts taken from ``counts``,
+    checked there too); only when it is set are the inputs checked again in torch, for the
+    message naming the first bad position.  ``mask`` is the kernels' view of ``mask_in`` (the
+    caller's mask, which the checks and messages use)."""
     B, T = logp.shape
     acc = _acc_dtype(logp)
+    f64 = torch.float64
     kacc = acc if backend == "cuda" else torch.float32
-    _check_values_torch("policy_loss", mask, adv)
-    m = mask != 0
-    L = m.sum(-1)
+    dev = logp.device
+    mask_in = mask if mask_in is None else mask_in
+    L = mask.sum(-1, dtype=f64)  # token counts, valid once the mask is checked (below)
+    N, G, inv_n = _gpu_counts(L)
     xs = None
     if cfg.variant == _VARIANT_CODES["gspo"]:
+        m = mask != 0
         lpk = logp.to(kacc)
         oldk = lpk if old is None else old.to(kacc)
         xs = (_where0(m, lpk - oldk).sum(-1) / L.clamp(min=1).to(kacc)).contiguous()
-    cpg = _row_coefs(L, cfg.pg_denom_kind, cfg.pg_len_kind, cfg.pg_num, cfg.pg_denom_const)
-    cen = _row_coefs(L, cfg.ent_denom_kind, cfg.ent_len_kind, cfg.ent_num, cfg.ent_denom_const)
-    cpg_k = cpg.to(kacc)
-    rows = torch.empty((B, _N_ROWSUMS + 2), dtype=kacc, device=logp.device)
-    glp = torch.empty((B, T) if cfg.need_grad else (0,), dtype=kacc, device=logp.device)
+    used = sorted({i for i in (cfg.pg_denom_from, cfg.ent_denom_from) if i >= 0})
+    if counts is None:
+        used = []
+    count = {i: counts[i] for i in used}
+    cpg = _gpu_coefs(L, N, G, inv_n, cfg.pg_denom_kind, cfg.pg_len_kind, cfg.pg_num,
+                     cfg.pg_denom_const, count.get(cfg.pg_denom_from))
+    cpg_k = _gpu_coef_rows(cpg, B, kacc, dev)
+    same_ent = (cfg.ent_denom_kind, cfg.ent_len_kind, cfg.ent_num, cfg.ent_denom_const,
+                cfg.ent_denom_from) == (cfg.pg_denom_kind, cfg.pg_len_kind, cfg.pg_num,
+                                        cfg.pg_denom_const, cfg.pg_denom_from)
+    cen = cpg
+    if ent is not None and not same_ent:
+        cen = _gpu_coefs(L, N, G, inv_n, cfg.ent_denom_kind, cfg.ent_len_kind, cfg.ent_num,
+                         cfg.ent_denom_const, count.get(cfg.ent_denom_from))
+    rows = torch.empty((B, _N_ROWSUMS + 2), dtype=kacc, device=dev)
+    glp = torch.empty((B, T) if cfg.need_grad else (0,), dtype=kacc, device=dev)
     if B > 0:
         if backend == "cuda":
             ia, fa = _policy_args(logp, old, adv, mask, ref, ent, isw, cfg, None, None, glp)
@@ -1108,34 +1177,50 @@ def _policy_gpu(logp, old, adv, mask, ref, ent, isw, cfg, backend):
         if cfg.seq_grad and glp.numel():
             # GSPO with the sequence-mean gradient (TRL / OpenRLHF): every token of row i also
             # gets c_i * (sum_u m_u dl_u/ds_i) * ds_i/dlogp_t, ds_i/dlogp_t = s_i / max(L_i, 1).
-            xsv = xs.to(torch.float64)
+            xsv = xs.to(f64)
             ind = xsv <= cfg.seq_lr_max
             s_row = torch.exp(xsv.clamp(max=cfg.seq_lr_max))
-            add = torch.where(ind, cpg * rows[:, _N_ROWSUMS].to(torch.float64) * s_row
-                              / L.clamp(min=1).to(torch.float64), torch.zeros_like(s_row))
+            add = torch.where(ind, cpg * rows[:, _N_ROWSUMS].to(f64) * s_row
+                              / L.clamp(min=1), torch.zeros_like(s_row))
             glp += torch.where(m, add.to(kacc).unsqueeze(1),
                                torch.zeros((), dtype=kacc, device=glp.device))
-    loss, stats = _finalize_rows(rows[:, :_N_ROWSUMS], L, cpg, cen, cfg, acc)
-    escale = (-cfg.ent_coef * cen).to(acc) if (cfg.need_grad and ent is not None) else \
-        torch.empty(0, dtype=acc, device=logp.device)
-    return loss, stats, glp.to(acc), escale
-
-
-def _finalize_rows(rows, L, cpg, cen, cfg, acc):
-    r = rows.to(torch.float64)
-    cp = cpg.to(rows.dtype).to(torch.float64)
-    ce = cen.to(rows.dtype).to(torch.float64)
-    N = L.sum().to(torch.float64)
-    G = (L > 0).sum().to(torch.float64)
-    pg = (cp * r[:, 0]).sum()
-    kl = (cp * r[:, 1]).sum()
-    en = (ce * r[:, 2]).sum()
-    loss = pg + cfg.beta * kl - cfg.ent_coef * en
-    inv = torch.where(N > 0, 1.0 / N.clamp(min=1), torch.zeros_like(N))
-    s = r.sum(0)
-    stats = torch.stack([pg, kl, en, s[3] * inv, s[4] * inv, s[5] * inv, s[6] * inv,
-                         s[7] * inv, s[8] * inv, s[9] * inv, s[2] * inv, N, G])
-    return loss.to(acc), stats.to(acc)
+    # Final sums in float64 over the rows: the coefficient-weighted ones (with c_i as the
+    # kernel saw it, rounded to kacc) as one matrix-vector product, the plain ones as one
+    # column sum (its last column is the kernel's count of non-finite advantages).
+    r = rows.to(f64)
+    colsum = r.sum(0)
+    wsum = cpg_k.to(f64) @ r[:, :3]  # pg, kl (and the entropy sum when e_i = c_i)
+    pg, kl = wsum[0:1], wsum[1:2]
+    en = wsum[2:3]
+    if cen is not cpg:
+        en = _gpu_coef_rows(cen, B, kacc, dev).to(f64) @ r[:, 2:3]
+    loss = pg
+    if cfg.kl_mode:
+        loss = torch.add(loss, kl, alpha=cfg.beta)
+    if ent is not None:
+        loss = torch.sub(loss, en, alpha=cfg.ent_coef)
+    means = colsum * inv_n
+    # _STATS order: pg, kl, entropy, clip, low, high, dual, approx_kl, ratio, kl_mean
+    # (row sums 3..9), entropy_mean (row sum 2), num_tokens, num_seqs
+    stats = torch.cat([pg, kl, en, means[3:10], means[2:3], N.reshape(1), G.reshape(1)])
+    escale = torch.empty(0, dtype=acc, device=dev)
+    if cfg.need_grad and ent is not None:
+        ce = cen.expand(B) if isinstance(cen, torch.Tensor) else torch.full(
+            (B,), cen, dtype=f64, device=dev)
+        escale = (ce * -cfg.ent_coef).to(acc)
+    # the one device sync: the global counts used, the kernel's count of non-finite
+    # advantages, and the mask check
+    flags = _validate.read([count[i] for i in used] + [colsum[_N_ROWSUMS + 1]]
+                           + _validate.mask_flags(mask_in))
+    for i, v in zip(used, flags):
+        _positive_count(v, i)
+    flags = flags[len(used):]
+    if flags[0] != 0 or _validate.mask_bad(flags[1:]):
+        _check_values_torch("policy_loss", mask_in, adv)  # raises, naming the first position
+    loss = loss.reshape(()).to(acc)
+    if loss._is_view():  # a slice of wsum (float64, no KL or entropy term): an output of its own
+        loss = loss.clone()
+    return loss, stats.to(acc), glp.to(acc), escale
 
 
 def _policy_impl(logp, old_logp, advantages, mask, ref_logp, entropy, is_weights, counts,
@@ -1151,7 +1236,7 @@ def _policy_run(logp, old_logp, advantages, mask, ref_logp, entropy, is_weights,
     where mask != 0 (empty tensors when no gradient is needed); every backend applies the
     aggregation coefficients to glp, so the backward only multiplies by the upstream
     gradient."""
-    if counts is not None:
+    if counts is not None and backend not in ("cuda", "triton"):  # GPU: read with its checks
         cfg = cfg.with_counts([float(v) for v in counts.tolist()])
     B, T = logp.shape
     acc = _acc_dtype(logp)
@@ -1182,7 +1267,8 @@ def _policy_run(logp, old_logp, advantages, mask, ref_logp, entropy, is_weights,
         _policy_cpu(logp, old_logp, adv, mask_k, ref_logp, entropy, isw, cfg, loss, stats,
                     glp, escale)
         return loss, stats, glp, escale
-    return _policy_gpu(logp, old_logp, adv, mask_k, ref_logp, entropy, isw, cfg, backend)
+    return _policy_gpu(logp, old_logp, adv, mask_k, ref_logp, entropy, isw, cfg, backend,
+                       counts, mask)
 
 
 @torch.library.custom_op("rlfuse::policy_loss", mutates_args=())
@@ -1588,7 +1674,10 @@ def _value_grad_torch(values, old_values, returns, mask, cfg: _ValueConfig):
 
 def _value_impl(values, old_values, returns, mask, counts, iparams, fparams, backend):
     cfg = _ValueConfig.from_lists(iparams, fparams)
-    if cfg.denom_from >= 0 and counts is not None:
+    count = None  # GPU backends: the global count, read with the checks
+    if cfg.denom_from >= 0 and counts is not None and backend in ("cuda", "triton"):
+        count = counts[cfg.denom_from]
+    elif cfg.denom_from >= 0 and counts is not None:
         cfg = dataclasses.replace(
             cfg, denom_const=cfg.denom_const * _positive_count(
                 float(counts.tolist()[cfg.denom_from]), cfg.denom_from, "value_loss"),
@@ -1605,7 +1694,6 @@ def _value_impl(values, old_values, returns, mask, counts, iparams, fparams, bac
                 g = _value_grad_torch(values, old_values, returns, mask, cfg).contiguous()
         return loss.contiguous(), stats.contiguous(), g
     mask_k = _mask_for_kernel(mask)
-    grad = torch.empty((B, T) if cfg.need_grad else (0,), dtype=acc, device=dev)
 
     def args(grad, loss, stats):
         ia = [0] * _VI_N
@@ -1622,17 +1710,19 @@ def _value_impl(values, old_values, returns, mask, counts, iparams, fparams, bac
         return ia, [cfg.clip, cfg.num, cfg.denom_const]
 
     if backend == "cpu":
+        grad = torch.empty((B, T) if cfg.need_grad else (0,), dtype=acc, device=dev)
         loss = torch.empty((), dtype=acc, device=dev)
         stats = torch.empty(_N_VSTATS, dtype=acc, device=dev)
         err = _backend.cpu_module().value_loss_fwd(*args(grad, loss, stats))
         _raise_kernel_error("value_loss", err, mask_k, None)
         return loss, stats, grad
-    _check_values_torch("value_loss", mask_k, None)
+    # GPU backends: as _policy_gpu (few device ops; the mask check read once, at the end)
+    f64 = torch.float64
     kacc = acc if backend == "cuda" else torch.float32
-    m = mask_k != 0
-    L = m.sum(-1)
-    c = _row_coefs(L, cfg.denom_kind, cfg.len_kind, cfg.num, cfg.denom_const)
-    ck = c.to(kacc)
+    L = mask_k.sum(-1, dtype=f64)
+    N, G, inv_n = _gpu_counts(L)
+    ck = _gpu_coef_rows(_gpu_coefs(L, N, G, inv_n, cfg.denom_kind, cfg.len_kind, cfg.num,
+                                   cfg.denom_const, count), B, kacc, dev)
     rows = torch.empty((B, 3), dtype=kacc, device=dev)
     gk = torch.empty((B, T) if cfg.need_grad else (0,), dtype=kacc, device=dev)
     old = old_values if math.isfinite(cfg.clip) else None
@@ -1645,12 +1735,16 @@ def _value_impl(values, old_values, returns, mask, counts, iparams, fparams, bac
             with _backend.device_guard(dev):
                 _backend.triton_kernels("policy_loss").value_rows(
                     values, old, returns, mask_k, ck, gk, rows, cfg.clip_form, cfg.clip)
-    r = rows.to(torch.float64)
-    N = L.sum().to(torch.float64)
-    inv = torch.where(N > 0, 1.0 / N.clamp(min=1), torch.zeros_like(N))
-    loss = 0.5 * (ck.to(torch.float64) * r[:, 0]).sum()
-    stats = torch.stack([r[:, 1].sum() * inv, r[:, 2].sum() * inv, N,
-                         (L > 0).sum().to(torch.float64)])
+    r = rows.to(f64)
+    loss = (ck.to(f64) @ r[:, 0]) * 0.5
+    means = r.sum(0) * inv_n  # clip fraction, values mean (row sums 1, 2)
+    stats = torch.cat([means[1:3], N.reshape(1), G.reshape(1)])
+    # one device sync (none for a bool mask without a global count tensor)
+    flags = _validate.read(([] if count is None else [count]) + _validate.mask_flags(mask))
+    if count is not None:
+        _positive_count(flags.pop(0), cfg.denom_from, "value_loss")
+    if _validate.mask_bad(flags):
+        _check_values_torch("value_loss", mask, None)  # raises, naming the first position
     return loss.to(acc), stats.to(acc), gk.to(acc)
 
 
