@@ -18,6 +18,7 @@ import re
 import shutil
 import sys
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 import torch
@@ -27,7 +28,7 @@ from rlfuse.trainers.config import (FORMER_DEFAULTS, ConfigError, TrainConfig, f
                                     report_integrations)
 
 __all__ = ["BaseTrainer", "NonFiniteError", "RewardFunctionError", "load_model_and_tokenizer",
-           "latest_checkpoint", "check_output_dir"]
+           "latest_checkpoint", "check_output_dir", "check_reference_is_separate"]
 
 _CKPT = re.compile(r"^checkpoint-(\d+)$")
 
@@ -260,11 +261,20 @@ def score_completions(reward_funcs, weights, prompts, completions, columns, *, s
             raise RewardFunctionError(
                 f"reward function {name!r} raised {type(exc).__name__}: {exc}{where}"
                 + (f" at step {step}" if step is not None else "")) from exc
-        vals = list(vals) if vals is not None else None
+        got = type(vals).__name__
+        if vals is not None and not isinstance(vals, (str, bytes, dict)):
+            try:
+                vals = list(vals)
+            except TypeError:          # a scalar, or another object that is not iterable
+                vals = None
+        else:
+            vals = None
         if vals is None or len(vals) != B:
             raise RewardFunctionError(
                 f"reward function {name!r} must return a list of {B} values (one per "
-                f"completion), got {None if vals is None else len(vals)}")
+                f"completion), got "
+                + (f"{len(vals)} values" if vals is not None else f"a {got}")
+                + (f" at step {step}" if step is not None else ""))
         for i, v in enumerate(vals):
             if v is None:
                 n_none += 1
@@ -339,6 +349,35 @@ def check_output_dir(output_dir: str, overwrite: bool, resuming: str | None = No
     return stale
 
 
+def check_reference_is_separate(model, ref_model) -> None:
+    """Raise :class:`ConfigError` naming ``ref_model`` when it is ``model`` itself or shares
+    a parameter (the same tensor, or the same storage) with it: the trainers freeze the
+    reference in place (``requires_grad=False``, eval mode), which would freeze the policy
+    too, and its log-probs would follow the policy.  Nothing is modified before the check."""
+    if not isinstance(model, torch.nn.Module) or not isinstance(ref_model, torch.nn.Module):
+        return
+    if ref_model is model:
+        shared = True
+    else:
+        def keys(m):
+            ids, ptrs = set(), set()
+            for t in m.parameters():
+                ids.add(id(t))
+                with contextlib.suppress(Exception):
+                    if t.device.type != "meta" and t.numel() > 0:
+                        ptrs.add((t.device, t.untyped_storage().data_ptr()))
+            return ids, ptrs
+
+        ids_m, ptrs_m = keys(model)
+        ids_r, ptrs_r = keys(ref_model)
+        shared = bool(ids_m & ids_r) or bool(ptrs_m & ptrs_r)
+    if shared:
+        raise ConfigError(
+            "ref_model must not be the model itself or share its parameters (the reference "
+            "is frozen in place and would freeze the policy with it); pass a copy, e.g. "
+            "rlfuse.trainers.copy_reference(model)")
+
+
 def _remove_dir(out, name):
     """Remove ``out/name``, renamed away first so a kill while deleting never leaves a
     partial ``checkpoint-N``."""
@@ -346,6 +385,60 @@ def _remove_dir(out, name):
     shutil.rmtree(doomed, ignore_errors=True)     # left by a kill while deleting
     os.rename(os.path.join(out, name), doomed)
     shutil.rmtree(doomed, ignore_errors=True)
+
+
+_TMP = re.compile(r"^\.tmp-checkpoint-(\d+)$")
+_DEL = re.compile(r"^\.del-checkpoint-(\d+)$")
+
+
+def _complete_tmp(path) -> bool:
+    """Whether a ``.tmp-checkpoint-N`` holds a whole checkpoint: its trainer_state.json,
+    the file rank 0 writes last, is present and parses."""
+    try:
+        with open(os.path.join(path, "trainer_state.json")) as f:
+            json.load(f)
+        return True
+    except (OSError, ValueError):
+        return False
+
+
+def clean_partial_checkpoints(output_dir: str) -> list:
+    """Tidy what a kill left in ``output_dir`` (rank 0, before a run reads it): returns
+    the names of the directories removed or promoted.
+
+    * ``.tmp-checkpoint-N`` next to ``.del-checkpoint-N`` and no ``checkpoint-N``: a kill
+      between the two renames of :meth:`BaseTrainer.save_checkpoint` replacing an
+      existing ``checkpoint-N`` (the old one renamed away, the new one fsynced but not yet
+      renamed in): the ``.tmp`` is the only copy of the newest state, so when it is whole it
+      becomes ``checkpoint-N``.
+    * every other ``.tmp-checkpoint-N``: a checkpoint whose writing was cut short (never
+      renamed into place, so the previous checkpoints are the run's state): removed.
+    * ``.del-checkpoint-N``: a checkpoint being deleted (rotation, overwrite, replacement)
+      when the kill came: removed."""
+    if not os.path.isdir(output_dir):
+        return []
+    names = os.listdir(output_dir)
+    done = []
+    for n in names:
+        m = _TMP.match(n)
+        if not m:
+            continue
+        step = m.group(1)
+        tmp = os.path.join(output_dir, n)
+        final = os.path.join(output_dir, f"checkpoint-{step}")
+        if (f".del-checkpoint-{step}" in names and not os.path.exists(final)
+                and _complete_tmp(tmp)):
+            os.rename(tmp, final)
+            _fsync_dir(output_dir)
+            done.append(f"{n} -> checkpoint-{step}")
+        else:
+            shutil.rmtree(tmp, ignore_errors=True)
+            done.append(n)
+    for n in names:
+        if _DEL.match(n):
+            shutil.rmtree(os.path.join(output_dir, n), ignore_errors=True)
+            done.append(n)
+    return done
 
 
 def _alias_groups(module) -> list:
@@ -464,7 +557,18 @@ class BaseTrainer:
                 local = int(os.environ.get("LOCAL_RANK", "0"))
                 return torch.device("cuda", local)
             return torch.device("cpu")
-        return torch.device(d)
+        try:
+            dev = torch.device(d)
+        except (RuntimeError, TypeError, ValueError) as exc:
+            raise ConfigError(f"device: {d!r} is not a torch device ({exc})") from None
+        if dev.type == "cuda" and not torch.cuda.is_available():
+            raise ConfigError(f"device: {d!r} asks for CUDA, which this torch build or "
+                              "machine does not have (use device='auto' or 'cpu')")
+        if dev.type == "cuda" and dev.index is not None and \
+                dev.index >= torch.cuda.device_count():
+            raise ConfigError(f"device: {d!r}, but only {torch.cuda.device_count()} CUDA "
+                              "device(s) are visible")
+        return dev
 
     def _check_dataset(self, ds):
         if ds is None:
@@ -476,6 +580,12 @@ class BaseTrainer:
                             "or a datasets.Dataset)") from None
         if n == 0:
             raise ValueError("train_dataset is empty")
+        if isinstance(ds, Mapping):
+            raise TypeError(
+                "train_dataset must be a sequence of rows (a list of dicts or a "
+                f"datasets.Dataset), got a {type(ds).__name__} (of columns?); e.g. "
+                "datasets.Dataset.from_dict(columns), or [dict(zip(columns, values)) for "
+                "values in zip(*columns.values())]")
         first = ds[0]
         if not isinstance(first, dict):
             raise TypeError(f"train_dataset rows must be dicts, got {type(first).__name__}")
@@ -641,8 +751,16 @@ class BaseTrainer:
 
     # -- the optimizer step ---------------------------------------------------------
     def _params(self):
-        return [p for m in self._trainable_modules().values() for p in m.parameters()
-                if p.requires_grad]
+        """The trained parameters, each once (by identity, in module order): a value model
+        built on the policy's own body shares those parameters, and listing them twice
+        would step them twice per update and count their gradients twice in the norm."""
+        seen, out = set(), []
+        for m in self._trainable_modules().values():
+            for p in m.parameters():
+                if p.requires_grad and id(p) not in seen:
+                    seen.add(id(p))
+                    out.append(p)
+        return out
 
     def _optimizer_step(self, loss_value: float, metrics: dict) -> bool:
         """Clip, check for non-finite loss / gradients (all processes agree), then step or
@@ -1017,10 +1135,17 @@ class BaseTrainer:
         _barrier(self.world_size)
         if self.rank == 0:
             _fsync_tree(tmp)
-            if os.path.exists(final):
-                shutil.rmtree(final)
+            old = os.path.join(out, f".del-checkpoint-{step}")
+            replacing = os.path.exists(final)
+            if replacing:
+                # renamed away, not deleted in place: a kill never leaves a partial
+                # checkpoint-N (between the renames, clean_partial_checkpoints promotes tmp)
+                shutil.rmtree(old, ignore_errors=True)
+                os.rename(final, old)
             os.rename(tmp, final)
             _fsync_dir(out)
+            if replacing:
+                shutil.rmtree(old, ignore_errors=True)
             self._rotate_checkpoints()
         _barrier(self.world_size)
         return final
@@ -1068,9 +1193,13 @@ class BaseTrainer:
         if limit is None:
             return
         out = self.args.output_dir
-        ckpts = sorted((int(m.group(1)), n) for n in os.listdir(out) if (m := _CKPT.match(n)))
+        names = os.listdir(out)
+        ckpts = sorted((int(m.group(1)), n) for n in names if (m := _CKPT.match(n)))
         for _step, name in ckpts[:-limit]:
             _remove_dir(out, name)
+        for n in names:         # left by a kill during an earlier deletion
+            if _DEL.match(n) and n[len(".del-"):] not in names:
+                shutil.rmtree(os.path.join(out, n), ignore_errors=True)
 
     def _resume_fields(self) -> tuple:
         """Config fields that fix the data order and the step <-> round mapping: a
@@ -1189,6 +1318,7 @@ class BaseTrainer:
                                                       weights_only=False))
         self.scheduler.load_state_dict(torch.load(os.path.join(path, "scheduler.pt"),
                                                   weights_only=False))
+        self._apply_optimizer_args(path)
         self._load_extra(path)
         rng = torch.load(os.path.join(path, f"rng_state_{self.rank}.pth"), weights_only=False)
         random.setstate(rng["python"])
@@ -1203,10 +1333,112 @@ class BaseTrainer:
             if k in state:
                 self.state[k] = state[k]
         self._perm = None
+        if self.rank == 0:
+            self._abandon_newer_checkpoints(path)
         # metrics after the checkpoint belong to the interrupted run: drop them
         if self.rank == 0 and os.path.exists(self._metrics_path()):
             keep = [h for h in self._read_metrics() if h.get("step", 0) <= self.state["global_step"]]
             self._write_metrics(keep)
+
+    def _abandon_newer_checkpoints(self, path):
+        """Resuming ``output_dir/checkpoint-K`` while ``output_dir`` holds newer
+        ``checkpoint-M`` (M > K) starts a new branch of the run from step K: the newer
+        checkpoints belong to the abandoned branch.  Left in place, rotation by step number
+        would delete the new branch's checkpoints before them and a later
+        ``resume_from_checkpoint=True`` would pick the abandoned branch's newest.  They are
+        moved (renamed, nothing is deleted) into ``output_dir/abandoned-from-step-K[-n]/``
+        with the abandoned branch's lines of metrics.jsonl (steps > K) as its
+        ``metrics.jsonl``; the caller then drops those lines from ``output_dir``'s
+        metrics.jsonl.  Kill-safe: the metrics are copied first (atomically), then the
+        checkpoints are moved newest first, each rename atomic, so after a kill every
+        ``checkpoint-*`` left is whole, and running the same resume again moves the rest.
+        A warning names the directory."""
+        out = self.args.output_dir
+        if os.path.realpath(os.path.dirname(os.path.abspath(path))) != os.path.realpath(out):
+            return
+        m = _CKPT.match(os.path.basename(os.path.normpath(path)))
+        if m is None:
+            return
+        k = int(m.group(1))
+        newer = sorted(((int(mm.group(1)), n) for n in os.listdir(out)
+                        if (mm := _CKPT.match(n)) and int(mm.group(1)) > k), reverse=True)
+        if not newer:
+            return
+        base = os.path.join(out, f"abandoned-from-step-{k}")
+        dest, i = base, 1
+        while os.path.exists(dest):
+            i += 1
+            dest = f"{base}-{i}"
+        os.makedirs(dest)
+        dropped = [h for h in self._read_metrics() if h.get("step", 0) > k]
+        if dropped:
+            tmp = os.path.join(dest, "metrics.jsonl.tmp")
+            with open(tmp, "w") as f:
+                for h in dropped:
+                    f.write(json.dumps(h) + "\n")
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, os.path.join(dest, "metrics.jsonl"))
+            _fsync_dir(dest)
+        for _step, name in newer:
+            os.rename(os.path.join(out, name), os.path.join(dest, name))
+        _fsync_dir(out)
+        import warnings
+
+        warnings.warn(
+            f"resume_from_checkpoint: {path} is not the newest checkpoint of {out!r}; the "
+            f"run goes on from step {k} and the newer checkpoints "
+            f"({', '.join(n for _s, n in reversed(newer))}) and their metrics.jsonl lines "
+            f"were moved to {dest} (delete it when it is not needed)",
+            RuntimeWarning, stacklevel=3)
+
+    def _apply_optimizer_args(self, path):
+        """After loading ``path``'s optimizer and scheduler (which restore the values the
+        checkpoint ran with), set this run's ``learning_rate``, ``weight_decay``,
+        ``adam_beta1/2`` and ``adam_epsilon`` in every parameter group and the schedule's
+        base learning rate, so the schedule continues from the restored step with this
+        run's values (and the next checkpoint's optimizer.pt agrees with its
+        trainer_state.json).  A ``RuntimeWarning`` (rank 0) names what changed."""
+        a = self.args
+        want = {"lr": float(a.learning_rate), "weight_decay": float(a.weight_decay),
+                "betas": (float(a.adam_beta1), float(a.adam_beta2)), "eps": float(a.adam_epsilon)}
+        names = {"lr": "learning_rate", "weight_decay": "weight_decay",
+                 "betas": "(adam_beta1, adam_beta2)", "eps": "adam_epsilon"}
+        sched = self.scheduler
+        changed = {}
+        base_lrs = list(sched.base_lrs)
+        for i, g in enumerate(self.optimizer.param_groups):
+            was_base = base_lrs[i] if i < len(base_lrs) else g.get("initial_lr", g["lr"])
+            if was_base != want["lr"]:
+                changed.setdefault("lr", (was_base, want["lr"]))
+            for k in ("weight_decay", "betas", "eps"):
+                was = tuple(g[k]) if k == "betas" else g[k]
+                if was != want[k]:
+                    changed.setdefault(k, (was, want[k]))
+        if not changed:
+            return
+        for i, g in enumerate(self.optimizer.param_groups):
+            g["weight_decay"] = want["weight_decay"]
+            g["betas"] = want["betas"]
+            g["eps"] = want["eps"]
+            if "lr" in changed:
+                g["initial_lr"] = want["lr"]
+                if i < len(base_lrs):
+                    base_lrs[i] = want["lr"]
+                # what LambdaLR computes at the restored step, with the new base
+                g["lr"] = want["lr"] * sched.lr_lambdas[i](sched.last_epoch)
+        if "lr" in changed:
+            sched.base_lrs = base_lrs
+            sched._last_lr = [g["lr"] for g in self.optimizer.param_groups]
+        if self.rank == 0:
+            import warnings
+
+            what = ", ".join(f"{names[k]} {w!r} -> {n!r}" for k, (w, n) in changed.items())
+            warnings.warn(
+                f"resume_from_checkpoint: {path} ran with other optimizer settings than this "
+                f"run ({what}); the optimizer continues with this run's values (the "
+                f"learning-rate schedule goes on from step {sched.last_epoch} with the new "
+                "base learning rate)", RuntimeWarning, stacklevel=3)
 
     # -- the loop -------------------------------------------------------------------
     def _seed_everything(self):
@@ -1276,6 +1508,8 @@ class BaseTrainer:
         a = self.args
         if self.rank == 0:
             os.makedirs(a.output_dir, exist_ok=True)
+            for what in clean_partial_checkpoints(a.output_dir):
+                self._print(f"{a.output_dir}: cleaned up {what} (left by an interrupted run)")
         _barrier(self.world_size)
         self._seed_everything()
         self._total = self.total_steps()

@@ -253,7 +253,8 @@ def run(algorithm: str = "grpo", overrides: dict | None = None, *, model_path=No
         from rlfuse.trainers.ppo import PPOTrainer
 
         trainer = PPOTrainer(model, task.reward, args=args, train_dataset=train_rows,
-                             tokenizer=tok, ref_model=copy_reference(model))
+                             tokenizer=tok,
+                             ref_model=copy_reference(model) if args.kl_coef > 0 else None)
     else:
         from rlfuse.trainers.dpo import DPOTrainer
 

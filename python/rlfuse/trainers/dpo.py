@@ -17,7 +17,7 @@ import time
 
 import torch
 
-from rlfuse.trainers.base import BaseTrainer, _LogprobModule
+from rlfuse.trainers.base import BaseTrainer, _LogprobModule, check_reference_is_separate
 from rlfuse.trainers.config import ConfigError, DPOConfig
 from rlfuse.trainers.sft import encode_supervised
 
@@ -48,6 +48,8 @@ class DPOTrainer(BaseTrainer):
             raise ConfigError(f"loss_type={self.args.loss_type!r} needs a reference model: "
                               "pass ref_model= (e.g. copy_reference(model)) or give model as "
                               "a path")
+        if self._needs_ref:
+            check_reference_is_separate(self._model_arg, self._ref_arg)
 
     def _setup_models(self):
         self.model.train()

@@ -17,7 +17,7 @@ import time
 
 import torch
 
-from rlfuse.trainers.base import BaseTrainer, _LogprobModule
+from rlfuse.trainers.base import BaseTrainer, _LogprobModule, check_reference_is_separate
 from rlfuse.trainers.config import ConfigError, GRPOConfig
 
 __all__ = ["GRPOTrainer"]
@@ -68,7 +68,10 @@ class GRPOTrainer(BaseTrainer):
             raise ConfigError("beta > 0 needs a reference model: pass ref_model= (e.g. "
                               "copy.deepcopy(model)) or give model as a path, or set beta=0")
         if a.beta == 0 and self._ref_arg is not None:
-            raise ConfigError("ref_model is given but beta == 0 (it would never be used)")
+            raise ConfigError("ref_model is given but beta == 0 (it would never be used): "
+                              "drop ref_model, or set beta > 0")
+        if a.beta > 0:
+            check_reference_is_separate(self._model_arg, self._ref_arg)
 
     def _setup_models(self):
         a = self.args

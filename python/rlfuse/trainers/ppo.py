@@ -20,7 +20,8 @@ import time
 
 import torch
 
-from rlfuse.trainers.base import BaseTrainer, position_ids_from_mask, _LogprobModule
+from rlfuse.trainers.base import (BaseTrainer, _LogprobModule, check_reference_is_separate,
+                                  position_ids_from_mask)
 from rlfuse.trainers.config import ConfigError, PPOConfig
 from rlfuse.trainers.grpo import _check_reward_funcs
 
@@ -106,6 +107,11 @@ class PPOTrainer(BaseTrainer):
         if a.kl_coef > 0 and self._ref_arg is None and not isinstance(self._model_arg, str):
             raise ConfigError("kl_coef > 0 needs a reference model: pass ref_model= (e.g. "
                               "copy_reference(model)) or give model as a path, or set kl_coef=0")
+        if a.kl_coef == 0 and self._ref_arg is not None:
+            raise ConfigError("ref_model is given but kl_coef == 0 (it would never be used): "
+                              "drop ref_model, or set kl_coef > 0")
+        if a.kl_coef > 0:
+            check_reference_is_separate(self._model_arg, self._ref_arg)
         if self._value_arg is not None and not isinstance(self._value_arg, torch.nn.Module):
             raise ConfigError(f"value_model must be a torch.nn.Module, got "
                               f"{type(self._value_arg).__name__}")
@@ -228,7 +234,9 @@ class PPOTrainer(BaseTrainer):
         m.update({
             "loss": loss,
             "reward": float(rew[valid].mean()) if valid.any() else float("nan"),
+            "reward_std": float(rew[valid].std()) if valid.sum() > 1 else 0.0,
             "rewards_none": int(r.extra["n_none"][0]) if len(rew) else 0,
+            "clipped_ratio": float(r.extra["truncated"].float().mean()),
             "kl": stats.get("kl", 0.0),
             "entropy": stats.get("entropy", 0.0),
             "pg_loss": stats.get("pg_loss", 0.0),
@@ -241,4 +249,9 @@ class PPOTrainer(BaseTrainer):
             "tokens_per_s": ntok * self.world_size / max(elapsed, 1e-9),
             "step_time": elapsed,
         })
+        for j, f in enumerate(self.reward_funcs):
+            col = r.extra["rewards_per_func"][:, j]
+            ok = ~torch.isnan(col)
+            name = getattr(f, "__name__", f"reward_{j}")
+            m[f"rewards/{name}"] = float(col[ok].mean()) if ok.any() else float("nan")
         return m

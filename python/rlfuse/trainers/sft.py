@@ -10,6 +10,8 @@ the solution and eos tokens only (mean negative log-likelihood over those tokens
 
 from __future__ import annotations
 
+import math
+import numbers
 import random
 
 import torch
@@ -75,8 +77,20 @@ def supervised_warmup(model, tokenizer, examples, *, steps: int, batch_size: int
     for name, v in (("steps", steps), ("batch_size", batch_size)):
         if not isinstance(v, int) or isinstance(v, bool) or v < 1:
             raise ValueError(f"{name} must be a positive int, got {v!r}")
-    if not isinstance(learning_rate, (int, float)) or not learning_rate > 0:
-        raise ValueError(f"learning_rate must be a positive number, got {learning_rate!r}")
+    def _number(v):
+        return isinstance(v, numbers.Real) and not isinstance(v, bool)
+
+    if not _number(learning_rate) or not math.isfinite(learning_rate) or not learning_rate > 0:
+        raise ValueError(f"learning_rate must be a finite positive number, got {learning_rate!r}")
+    if max_grad_norm is not None and (not _number(max_grad_norm)
+                                      or not math.isfinite(max_grad_norm)
+                                      or not max_grad_norm > 0):
+        raise ValueError(f"max_grad_norm must be None (no clipping) or a finite positive "
+                         f"number, got {max_grad_norm!r}")
+    if not _number(weight_decay) or not math.isfinite(weight_decay) or weight_decay < 0:
+        raise ValueError(f"weight_decay must be a finite number >= 0, got {weight_decay!r}")
+    if not isinstance(seed, numbers.Integral) or isinstance(seed, bool):
+        raise ValueError(f"seed must be an int, got {seed!r}")
     examples = list(examples)
     if not examples:
         raise ValueError("examples is empty")
