@@ -119,10 +119,12 @@ _LOW_TOL = 1e-2
 
 def check_agreement(fns: dict, want, notes: dict, skip=(), tol: dict | None = None) -> None:
     """Run each variant once and compare its result (a tensor or a tuple of tensors, in
-    the order of ``want``) with the float64 reference.  Named in ``notes``: a variant
-    beyond the tolerance of its result's dtype, and a variant whose result has a lower
-    precision dtype than rlfuse's (it did less precise work), each with its largest
-    error.  ``tol`` overrides the tolerance per result dtype."""
+    the order of ``want``; extra results are ignored) with the float64 reference, within
+    ``rtol = tol`` and ``atol = tol * max|reference|`` for the result's dtype.  Named in
+    ``notes``: a variant beyond that tolerance, and a variant whose result has a lower
+    precision dtype than rlfuse's (it did less precise work), each with its largest error.
+    ``tol`` overrides the tolerance per result dtype; variants in ``skip`` (different
+    work) and variants already in ``notes`` (failed) are not compared."""
     tols = {**_TOL, **(tol or {})}
     if not isinstance(want, (tuple, list)):
         want = (want,)
@@ -141,12 +143,14 @@ def check_agreement(fns: dict, want, notes: dict, skip=(), tol: dict | None = No
                 w_ = w_.to(g_.device)
                 err = (g_.detach().double() - w_).abs().max().item()
                 tl = tols.get(g_.dtype, _LOW_TOL)
-                close = torch.allclose(g_.detach().double(), w_, rtol=tl, atol=tl)
+                top = w_.abs().max().item() if w_.numel() else 0.0
+                close = torch.allclose(g_.detach().double(), w_, rtol=tl,
+                                       atol=tl * (top or 1.0))
                 less = g_.dtype.itemsize < bd.itemsize
                 if not close or less:
                     (worse if not close else lower).append(
                         f"{str(g_.dtype).replace('torch.', '')} result, max abs error "
-                        f"{err:.3g}")
+                        f"{err:.3g} (max |reference| {top:.3g})")
             if worse:
                 notes[f"{name} vs float64"] = "beyond tolerance: " + "; ".join(worse + lower)
             elif lower:
