@@ -78,14 +78,21 @@ def _cmd_bench(args) -> int:
         except Exception as exc:  # noqa: BLE001
             failed.append(name)
             print(f"\n{name}: failed: {type(exc).__name__}: {exc}", file=sys.stderr)
+            if args.out:
+                from rlfuse.bench import report
+
+                err = f"{type(exc).__name__}: {exc}"
+                print(f"wrote {report.save_error(args.out, name, err, meta)}")
             continue
         print()
         print(harness.format_table(rows, bw))
         for r in rows:
             for variant, err in r.notes.items():
                 print(f"  note: {r.case} {r.dtype} {r.mode} {variant}: {err}")
-        if args.out:
-            for path in harness.write_outputs(args.out, name, rows, meta):
+        if args.out:  # as ``bench all --out``: JSON, time and memory plots
+            from rlfuse.bench import report
+
+            for path in report.save_suite(args.out, name, rows, meta):
                 print(f"wrote {path}")
     return 1 if failed else 0
 

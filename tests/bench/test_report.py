@@ -48,7 +48,8 @@ def test_write_report_and_rebuild_from_json(tmp_path):
     assert "## logprob" in text and "test cpu" in text and "40.0 GB/s" in text
     assert "trl: ImportError: no trl" in text
     assert "## losses" in text and "RuntimeError: x" in text
-    res, meta = report.load_results(out)
+    res, meta, errs = report.load_results(out)
+    assert errs == {}
     assert meta["cpu"] == "test cpu"
     assert [r.times_ms for r in res["logprob"]] == [r.times_ms for r in rows]
     assert report.markdown_table(res["logprob"], 40.0) == report.markdown_table(rows, 40.0)

@@ -32,7 +32,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from rlfuse.bench.harness import Row, try_measure
+from rlfuse.bench.harness import Row, time_variants
 from rlfuse.ops import gae, group_advantages
 
 NAME = "advantages"
@@ -128,20 +128,10 @@ def _verl():
 
 # --------------------------------------------------------------------------------------
 def _timed(fns: dict, dev, repeat: int):
-    # One call of every variant first (compilation, allocator growth, thread pools), so that
-    # the first variant timed does not pay for the process warming up.
-    for fn in fns.values():
-        try:
-            fn()
-        except Exception:  # reported by try_measure below
-            pass
-    out, notes = {}, {}
-    for name, fn in fns.items():
-        t, err = try_measure(fn, dev, repeat=repeat)
-        out[name] = t
-        if err:
-            notes[name] = err
-    return out, notes
+    """Median ms per variant, interleaved (one call of each per round, after two warm-up
+    calls of each: compilation, allocator growth, thread pools); a variant that fails is
+    reported in the notes with time None."""
+    return time_variants(fns, dev, warmup=2, repeat=repeat)
 
 
 def _agree(got, want, name, notes, tol=1e-4):
@@ -158,6 +148,7 @@ def run(device: str = "cpu", quick: bool = False, repeat: int | None = None,
         compile: bool = True, backends: list[str] | None = None) -> list[Row]:
     dev = torch.device(device)
     gpu = dev.type == "cuda"
+    explicit_repeat = repeat
     repeat = repeat or (5 if quick else 10)
     verl = _verl()
     extra = [b for b in (backends or []) if b]
@@ -232,7 +223,8 @@ def run(device: str = "cpu", quick: bool = False, repeat: int | None = None,
         fns["eager"] = lambda: _grpo_eager(tok, mask, n)
         if compiled_grpo is not None:
             fns["compile"] = lambda: compiled_grpo(tok, mask, n)
-        t, notes = _timed(fns, dev, repeat if not quick else 3)
+        # --quick times the GRPO row 3 times unless --repeat says otherwise
+        t, notes = _timed(fns, dev, explicit_repeat or (3 if quick else repeat))
         ours = fns["rlfuse"]()
         for name in ("verl", "eager", "compile"):
             if name in fns and t.get(name) is not None:

@@ -111,6 +111,55 @@ def time_variants(
     return out, errors
 
 
+# tolerance against the float64 reference (abs and rel, as torch.allclose) by the
+# result's dtype: float32 math, or the rounding of a bf16 / fp16 result
+_TOL = {torch.float64: 1e-6, torch.float32: 1e-4}
+_LOW_TOL = 1e-2
+
+
+def check_agreement(fns: dict, want, notes: dict, skip=(), tol: dict | None = None) -> None:
+    """Run each variant once and compare its result (a tensor or a tuple of tensors, in
+    the order of ``want``; extra results are ignored) with the float64 reference, within
+    ``rtol = tol`` and ``atol = tol * max|reference|`` for the result's dtype.  Named in
+    ``notes``: a variant beyond that tolerance, and a variant whose result has a lower
+    precision dtype than rlfuse's (it did less precise work), each with its largest error.
+    ``tol`` overrides the tolerance per result dtype; variants in ``skip`` (different
+    work) and variants already in ``notes`` (failed) are not compared."""
+    tols = {**_TOL, **(tol or {})}
+    if not isinstance(want, (tuple, list)):
+        want = (want,)
+    base = None
+    for name, fn in fns.items():
+        if name in notes or name in skip:  # failed while timed: already reported
+            continue
+        try:
+            got = fn()
+            got = got if isinstance(got, (tuple, list)) else (got,)
+            dtypes = [g_.dtype for g_ in got]
+            if base is None:
+                base = dtypes  # rlfuse comes first
+            worse, lower = [], []
+            for g_, w_, bd in zip(got, want, base):
+                w_ = w_.to(g_.device)
+                err = (g_.detach().double() - w_).abs().max().item()
+                tl = tols.get(g_.dtype, _LOW_TOL)
+                top = w_.abs().max().item() if w_.numel() else 0.0
+                close = torch.allclose(g_.detach().double(), w_, rtol=tl,
+                                       atol=tl * (top or 1.0))
+                less = g_.dtype.itemsize < bd.itemsize
+                if not close or less:
+                    (worse if not close else lower).append(
+                        f"{str(g_.dtype).replace('torch.', '')} result, max abs error "
+                        f"{err:.3g} (max |reference| {top:.3g})")
+            if worse:
+                notes[f"{name} vs float64"] = "beyond tolerance: " + "; ".join(worse + lower)
+            elif lower:
+                notes[f"{name} vs float64"] = ("lower precision than rlfuse's: "
+                                               + "; ".join(lower))
+        except Exception as exc:  # noqa: BLE001 - informational
+            notes[f"{name} vs float64"] = f"{type(exc).__name__}: {str(exc)[:200]}"
+
+
 _BANDWIDTH: dict = {}
 
 

@@ -10,7 +10,8 @@ the gradients of ``sum(logp * adv)`` w.r.t. hidden and weight):
   liger-style   Liger-Kernel's LigerFusedLinearCrossEntropy scheme in plain torch (its
                 Triton kernels do not run on a CPU): chunks of next_pow2(N / ceil(V / H))
                 rows, logits + softmax gradient per chunk *in the forward*, grad_hidden and
-                grad_weight accumulated there, backward only scales.  It can do this only
+                grad_weight accumulated there (grad_weight in the weight's dtype, by addmm,
+                as Liger does by default), backward only scales.  It can do this only
                 because its loss is a scalar with a known upstream gradient; per-token
                 log-probs under an arbitrary later loss (what rlfuse returns) cannot.
   liger         the real LigerFusedLinearCrossEntropyLoss, on CUDA when installed.
@@ -19,8 +20,14 @@ Peak memory is measured in a fresh subprocess per variant: after one warm-up
 forward+backward (lazy imports, compilation), the peak RSS is reset (Linux clear_refs) and
 the peak RSS (CPU) or max_memory_allocated (CUDA) of a second forward+backward, minus the
 memory in use before it, is reported ("peak_extra_mb" in Row.notes).  It includes the
-returned gradients (grad_weight is V x H) for every variant alike.  "matmul_floor_ms" is the time of the three matmuls that
-any exact fused scheme needs at least (logits, grad_hidden, grad_weight).
+returned gradients (grad_weight is V x H) for every variant alike.  "matmul_floor_ms" is the
+time of the three matmuls that any exact fused scheme needs at least (logits, grad_hidden,
+grad_weight).
+
+Every variant's log-probs ("fwd") and gradients ("fwd+bwd") are compared with a float64
+reference computed from the same inputs; a variant beyond the tolerance is named in the
+row's notes with its largest error ("liger", whose loss has no per-token weights, is not
+compared).
 """
 
 from __future__ import annotations
@@ -32,7 +39,7 @@ import sys
 
 import torch
 
-from rlfuse.bench.harness import Row
+from rlfuse.bench.harness import Row, check_agreement, time_variants
 from rlfuse.ops import linear_token_logprobs
 
 NAME = "linear_logprob"
@@ -67,7 +74,9 @@ class _LigerStyle(torch.autograd.Function):
         inc = -(-V // H)
         chunk = 1 << max(0, (-(-N // inc) - 1).bit_length())  # next_pow2(ceil(N / inc))
         grad_h = torch.empty_like(hidden)
-        grad_w = torch.zeros(V, H, dtype=torch.float32, device=hidden.device)
+        # Liger's default: grad_weight accumulated in the weight's dtype (bf16 addmm for a
+        # bf16 model), not in float32
+        grad_w = torch.zeros(V, H, dtype=weight.dtype, device=hidden.device)
         loss = torch.zeros((), dtype=torch.float32, device=hidden.device)
         for s in range(0, N, chunk):
             e = min(N, s + chunk)
@@ -83,8 +92,8 @@ class _LigerStyle(torch.autograd.Function):
             d.mul_(a[:, None])
             d = d.to(hidden.dtype)
             grad_h[s:e] = d @ weight
-            grad_w.addmm_(d.t().float(), hc.float())
-        ctx.save_for_backward(grad_h, grad_w.to(weight.dtype))
+            grad_w.addmm_(d.t(), hc)
+        ctx.save_for_backward(grad_h, grad_w)
         return loss
 
     @staticmethod
@@ -223,31 +232,29 @@ def measure_memory(name, N, H, V, dtype, device, timeout=900) -> tuple[float | N
 def interleaved(fns: dict, device, *, warmup: int = 1, repeat: int = 3):
     """Median ms per variant, timing the variants round-robin (one call of each per
     round) so that load from other processes on a shared machine hits all of them alike.
-    A variant that raises reports its error instead (time None)."""
-    import statistics
-    import time
+    A variant that raises, in its warm-up or in a timed round, reports its error instead
+    (time None) and is dropped from later rounds (:func:`harness.time_variants`)."""
+    return time_variants(fns, device, warmup=warmup, repeat=repeat)
 
-    from rlfuse.bench.harness import _sync
 
-    errors, samples = {}, {k: [] for k in fns}
-    for k, fn in fns.items():
-        try:
-            for _ in range(warmup):
-                fn()
-            _sync(device)
-        except Exception as exc:  # a peer or torch.compile may fail on some setups
-            errors[k] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}"
-    for _ in range(repeat):
-        for k, fn in fns.items():
-            if k in errors:
-                continue
-            t0 = time.perf_counter()
-            fn()
-            _sync(device)
-            samples[k].append(time.perf_counter() - t0)
-    times = {k: (None if k in errors else statistics.median(v) * 1e3)
-             for k, v in samples.items()}
-    return times, errors
+def reference(hidden, weight, ids, adv, chunk: int = 1024):
+    """float64 log-probs and the gradients of ``-sum(logp * adv)`` w.r.t. hidden and
+    weight, computed in row chunks (the float64 logits of one chunk at a time)."""
+    h64, w64, a64 = hidden.double(), weight.double(), adv.double()
+    lp = torch.empty(h64.size(0), dtype=torch.float64, device=h64.device)
+    gh = torch.empty_like(h64)
+    gw = torch.zeros_like(w64)
+    for s in range(0, h64.size(0), chunk):
+        e = min(h64.size(0), s + chunk)
+        logsm = torch.log_softmax(h64[s:e] @ w64.t(), -1)
+        lp[s:e] = logsm.gather(-1, ids[s:e, None]).squeeze(-1)
+        # d(-sum a * logp)/d logits = a * (softmax - onehot)
+        d = logsm.exp_()
+        d.scatter_add_(-1, ids[s:e, None], -torch.ones_like(lp[s:e, None]))
+        d.mul_(a64[s:e, None])
+        gh[s:e] = d @ w64
+        gw.addmm_(d.t(), h64[s:e])
+    return lp, gh, gw
 
 
 def run(device: str = "cpu", quick: bool = False, repeat: int | None = None,
@@ -255,7 +262,7 @@ def run(device: str = "cpu", quick: bool = False, repeat: int | None = None,
     dev = torch.device(device)
     cases = (GPU_QUICK if quick else GPU_CASES) if dev.type == "cuda" else (
         CPU_QUICK if quick else CPU_CASES)
-    repeat = repeat or (5 if quick else 3)
+    repeat = repeat or 5
     compiled = torch.compile(eager_logprobs, dynamic=False) if compile else None
     extra = [b for b in (backends or []) if b]
     rows: list[Row] = []
@@ -269,12 +276,24 @@ def run(device: str = "cpu", quick: bool = False, repeat: int | None = None,
         d = torch.randn(N, V, device=dev).to(dtype) * 1e-3
 
         # forward only (no_grad): one matmul + the row kernel vs materialised
-        names = ["rlfuse", "eager"] + (["compile"] if compile else [])
-        fns = {n: forward_fn(n, hidden, weight, ids, compiled) for n in names}
+        ref_lp, ref_gh, ref_gw = reference(hidden, weight, ids, adv)
+        names = ["rlfuse"] + [f"rlfuse[{b}]" for b in extra] + ["eager"]
+        names += ["compile"] if compile else []
+        fns = {}
+        for n in names:
+            if n.startswith("rlfuse["):
+                fns[n] = (lambda b=n[7:-1]: linear_token_logprobs(hidden, weight, ids,
+                                                                  backend=b))
+            else:
+                fns[n] = forward_fn(n, hidden, weight, ids, compiled)
         fns["_floor"] = lambda: hh @ weight.t()
         with torch.no_grad():
             times, notes = interleaved(fns, dev, repeat=repeat)
-        notes["matmul_floor_ms"] = round(times.pop("_floor"), 2)
+            check_agreement(fns, ref_lp, notes, skip=("_floor",))
+        floor = times.pop("_floor")
+        if floor is not None:
+            notes["matmul_floor_ms"] = round(floor, 2)
+        del ref_lp
         rows.append(Row(NAME, case, dt, "fwd", times, 0.0, notes))
 
         # forward + backward
@@ -299,8 +318,11 @@ def run(device: str = "cpu", quick: bool = False, repeat: int | None = None,
 
         fns["_floor"] = floor
         times, notes = interleaved(fns, dev, repeat=repeat)
-        notes["matmul_floor_ms"] = round(times.pop("_floor"), 2)
-        del d
+        check_agreement(fns, (ref_gh, ref_gw), notes, skip=("_floor", "liger"))
+        floor = times.pop("_floor")
+        if floor is not None:
+            notes["matmul_floor_ms"] = round(floor, 2)
+        del d, ref_gh, ref_gw
         peak = {}
         for name in names:
             if name.startswith("rlfuse["):

@@ -15,6 +15,10 @@ token-mean aggregation, float32, CPU B=64, T=4096.
   surrogate, ``dapo`` normalisation, its metrics), run on a stand-in trainer.
 
 Other rows: forward only (no gradient), GSPO (sequence ratio), and the clipped value loss.
+
+Every variant's result (the gradient in "fwd+bwd" rows, the loss in the "fwd" row) is
+compared with the eager chain run in float64 on the same inputs; a variant beyond the
+tolerance is named in the row's notes with its largest error.
 """
 
 from __future__ import annotations
@@ -24,7 +28,7 @@ from collections import defaultdict
 
 import torch
 
-from rlfuse.bench.harness import Row, try_measure
+from rlfuse.bench.harness import Row, check_agreement, time_variants
 from rlfuse.ops import policy_loss, value_loss
 
 NAME = "losses"
@@ -182,16 +186,17 @@ def run(device: str = "cpu", quick: bool = False, repeat: int | None = None,
         n = B * T
 
         def timed(fns):
-            out, notes = {}, {}
-            for name, fn in fns.items():
-                ms, err = try_measure(fn, dev, repeat=repeat, warmup=3)
-                out[name] = ms
-                if err:
-                    notes[name] = err
-            return out, notes
+            # interleaved rounds; a variant that fails is reported in the notes (time None)
+            return time_variants(fns, dev, warmup=3, repeat=repeat)
 
         def fb(f):
             return lambda: torch.autograd.grad(f(x), x)
+
+        d64 = {k: v.double() for k, v in t.items()}
+
+        def ref_grad(f, z):
+            z64 = z.detach().double().requires_grad_()
+            return torch.autograd.grad(f(z64, d64), z64)[0]
 
         def rl(z, backend=None):
             return policy_loss(z, old, adv, mask, ref_logp=ref, beta=BETA, kl_kind="k3",
@@ -209,6 +214,8 @@ def run(device: str = "cpu", quick: bool = False, repeat: int | None = None,
         if trl is not None:
             fns["trl"] = fb(lambda z: trl(z, old, adv, mask, ref))
         ms, notes = timed(fns)
+        check_agreement(fns, ref_grad(lambda z, d: eager_ppo_k3(
+            z, d["old"], d["adv"], d["mask"], d["ref"])[0], lp), notes)
         # read logp, old, adv, mask, ref; write d logp
         rows.append(Row("ppo+k3", case, "float32", "fwd+bwd", ms, 24 * n, notes))
 
@@ -216,7 +223,7 @@ def run(device: str = "cpu", quick: bool = False, repeat: int | None = None,
         def nograd(f):
             def g():
                 with torch.no_grad():
-                    f()
+                    return f()
             return g
 
         fns = {"rlfuse": nograd(lambda: rl(lp))}
@@ -224,6 +231,8 @@ def run(device: str = "cpu", quick: bool = False, repeat: int | None = None,
         if c_ppo is not None:
             fns["compile"] = nograd(lambda: c_ppo(lp, old, adv, mask, ref))
         ms, notes = timed(fns)
+        check_agreement(fns, eager_ppo_k3(d64["lp"], d64["old"], d64["adv"], d64["mask"],
+                                          d64["ref"])[0], notes)
         rows.append(Row("ppo+k3", case, "float32", "fwd", ms, 20 * n, notes))
 
         # GSPO
@@ -234,6 +243,8 @@ def run(device: str = "cpu", quick: bool = False, repeat: int | None = None,
         if c_gspo is not None:
             fns["compile"] = fb(lambda z: c_gspo(z, old, adv, mask))
         ms, notes = timed(fns)
+        check_agreement(fns, ref_grad(lambda z, d: eager_gspo(z, d["old"], d["adv"],
+                                                              d["mask"]), lp), notes)
         rows.append(Row("gspo", case, "float32", "fwd+bwd", ms, 20 * n, notes))
 
         # value loss
@@ -250,6 +261,8 @@ def run(device: str = "cpu", quick: bool = False, repeat: int | None = None,
         if verl is not None:
             fns["verl"] = fbv(lambda z: verl[1](z, ov, ret, mask))
         ms, notes = timed(fns)
+        check_agreement(fns, ref_grad(lambda z, d: eager_value(
+            z, d["old_values"], d["returns"], d["mask"]), t["values"]), notes)
         rows.append(Row("value", case, "float32", "fwd+bwd", ms, 20 * n, notes))
         del t, x, v
     return rows

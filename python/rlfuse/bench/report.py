@@ -12,8 +12,13 @@ measured peak memory.  ``DIR/report.md`` then gathers, per suite, one markdown t
 * for memory-bound ops (rows with ``bytes_moved``), rlfuse's effective GB/s and its share of
   the copy bandwidth measured on the machine at the start of the run;
 
-followed by the notes (failed variants, differing outputs).  ``python -m rlfuse.bench.report
-DIR`` rebuilds ``report.md`` and the memory plots from the JSON files alone.
+followed by the notes (failed variants, outputs that differ from the float64 reference,
+and the suites' numeric notes such as ``matmul_floor_ms``).  A suite that fails writes
+``DIR/<suite>.error.json`` (the error and the run's metadata) and removes the
+``<suite>.json`` and plots an earlier run left in DIR, so a rebuilt report never shows a
+stale table as current; a suite that succeeds removes an earlier ``<suite>.error.json``.
+``python -m rlfuse.bench.report DIR`` rebuilds ``report.md`` and the memory plots from the
+JSON files alone, failures included.
 """
 
 from __future__ import annotations
@@ -81,8 +86,10 @@ def _notes(rows: list[Row]) -> list[str]:
     out = []
     for r in rows:
         for k, v in (r.notes or {}).items():
-            if k == "peak_extra_mb" or isinstance(v, (int, float, dict)):
+            if k == "peak_extra_mb" or isinstance(v, dict):
                 continue
+            if isinstance(v, (int, float)) and not isinstance(v, bool):
+                v = format(v, "g")
             out.append(f"- {r.op} {r.case} {r.dtype} {r.mode}: {k}: {v}")
     return out
 
@@ -128,6 +135,35 @@ def write_report(out_dir: str, results: dict, meta: dict, errors: dict | None = 
     return path
 
 
+def _remove(out_dir: str, files) -> None:
+    for f in files:
+        try:
+            os.remove(os.path.join(out_dir, f))
+        except FileNotFoundError:
+            pass
+
+
+def save_suite(out_dir: str, name: str, rows: list[Row], meta: dict) -> list[str]:
+    """Write a suite's ``<name>.json``, ``<name>.png`` and ``<name>_memory.png`` (where
+    it measured memory), dropping an earlier run's ``<name>.error.json`` and plots."""
+    _remove(out_dir, [f"{name}.error.json", f"{name}_memory.png"])
+    written = write_outputs(out_dir, name, rows, meta)
+    mem = memory_plot(out_dir, name, rows, meta)
+    return written + ([mem] if mem else [])
+
+
+def save_error(out_dir: str, name: str, error: str, meta: dict) -> str:
+    """Record a suite that failed: ``<name>.error.json``, and remove the ``<name>.json``
+    and plots of an earlier run, which would otherwise pass for this run's results."""
+    os.makedirs(out_dir, exist_ok=True)
+    _remove(out_dir, [f"{name}.json", f"{name}.png", f"{name}_memory.png"])
+    path = os.path.join(out_dir, f"{name}.error.json")
+    with open(path + ".tmp", "w") as f:
+        json.dump({"meta": meta, "error": error}, f, indent=1)
+    os.replace(path + ".tmp", path)
+    return path
+
+
 def run_all(out_dir: str, names, meta: dict, run_kwargs: dict, echo=print) -> str:
     """Run the named suites, write their JSON/PNG files and ``report.md``."""
     from rlfuse import bench
@@ -140,24 +176,33 @@ def run_all(out_dir: str, names, meta: dict, run_kwargs: dict, echo=print) -> st
         except Exception as exc:  # one broken suite must not lose the others' results
             errors[name] = f"{type(exc).__name__}: {exc}"
             echo(f"\n{name}: failed\n{traceback.format_exc(limit=3)}")
+            echo(f"wrote {save_error(out_dir, name, errors[name], meta)}")
             continue
         results[name] = rows
         echo("\n" + format_table(rows, meta.get("copy_bandwidth_gbps")))
-        for path in write_outputs(out_dir, name, rows, meta):
+        for path in save_suite(out_dir, name, rows, meta):
             echo(f"wrote {path}")
-        memory_plot(out_dir, name, rows, meta)
     path = write_report(out_dir, results, meta, errors)
     echo(f"wrote {path}")
     return path
 
 
-def load_results(out_dir: str) -> tuple[dict, dict]:
-    """(suite -> rows, meta) from the ``<suite>.json`` files in ``out_dir``."""
+def load_results(out_dir: str) -> tuple[dict, dict, dict]:
+    """(suite -> rows, meta, suite -> error) from the ``<suite>.json`` and
+    ``<suite>.error.json`` files in ``out_dir``."""
     from rlfuse import bench
 
-    results, meta = {}, {}
+    results, meta, errors = {}, {}, {}
     for name in bench.SUITES:
         path = os.path.join(out_dir, f"{name}.json")
+        epath = os.path.join(out_dir, f"{name}.error.json")
+        if os.path.exists(epath) and (not os.path.exists(path)
+                                      or os.path.getmtime(epath) >= os.path.getmtime(path)):
+            with open(epath) as f:
+                data = json.load(f)
+            meta = meta or data.get("meta", {})
+            errors[name] = data.get("error", "failed")
+            continue
         if not os.path.exists(path):
             continue
         with open(path) as f:
@@ -166,14 +211,14 @@ def load_results(out_dir: str) -> tuple[dict, dict]:
         results[name] = [Row(**{k: d[k] for k in ("op", "case", "dtype", "mode", "times_ms",
                                                   "bytes_moved", "notes")})
                          for d in data["rows"]]
-    return results, meta
+    return results, meta, errors
 
 
 if __name__ == "__main__":
     if len(sys.argv) != 2:
         print("usage: python -m rlfuse.bench.report DIR   (rebuild DIR/report.md from JSON)")
         sys.exit(2)
-    res, m = load_results(sys.argv[1])
+    res, m, errs = load_results(sys.argv[1])
     for n, rws in res.items():
         memory_plot(sys.argv[1], n, rws, m)
-    print(write_report(sys.argv[1], res, m))
+    print(write_report(sys.argv[1], res, m, errs))

@@ -14,6 +14,11 @@ MCTS (PUCT, the mctx rules, one node object per node, one tree after another) ru
 fewer trees and its time is scaled to the full batch (it is linear in the number of
 trees).  Every row's notes give
 the expansions per second.
+
+mctx runs on JAX (XLA), which keeps its own CPU thread pool: ``--threads`` (torch's
+intra-op threads) does not limit it, so on a machine with more cores than ``--threads``
+the mctx column may use more of them than rlfuse does (the benchmark does not limit
+JAX's threads).
 """
 
 from __future__ import annotations

@@ -42,7 +42,23 @@ def run(device="cpu", quick=False, repeat=None, compile=True, backends=None) -> 
     # the problems are held out from the warm-up's examples (as in ``rlfuse search``)
     problems = held_out_problems(task, n_problems, seed=1000, warmup_steps=warm, warmup_seed=0)
     with one_thread():
-        return _searches(task, model, tok, problems, sims, quick)
+        rows = _searches(task, model, tok, problems, sims, quick)
+    return label_cpu(rows, device)
+
+
+def label_cpu(rows: list[Row], device) -> list[Row]:
+    """The search always runs on the CPU; on a run for another device its rows say so in
+    the case (and a note), so that they are not read as that device's figures."""
+    import torch
+
+    dev = torch.device(device) if device else torch.device("cpu")
+    if dev.type == "cpu":
+        return rows
+    for r in rows:
+        r.case = f"{r.case} (CPU)"
+        r.notes["device"] = (f"run on the CPU, not on the requested {dev.type} device (the "
+                             "tiny model's forward is launch-bound: the CPU is the target)")
+    return rows
 
 
 @contextlib.contextmanager
