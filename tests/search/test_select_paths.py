@@ -248,9 +248,9 @@ _PATHS = {"dense": (1, False), "dense_lockstep": (4, False), "sparse": (1, True)
 
 
 def _nan_tree(K: int, B: int, N: int, seed: int):
-    """B roots over K actions (capacity N), tree b's first valid action at a different index (0, 1, 3,
-    17, 40, 63, 70, each capped at K - 2) and with the largest prior logit (so that it is
-    visited first), the others random."""
+    """B roots over K actions (capacity N), tree b's first valid action at a different
+    index (0, 1, 3, 17, 40, 63, 70, each capped at K - 2) and with the largest prior logit
+    (so that it is visited first), the others random."""
     g = torch.Generator().manual_seed(seed)
     tree = Tree(B, K, N)
     inv = torch.zeros(B, K, dtype=torch.bool)

@@ -441,8 +441,9 @@ def test_nan_scores_are_chosen_as_the_specification_scans(backend, group, sparse
     and a NaN after a number never wins.  On the CPU every select path follows it (the
     16-lane argmaxes check the first valid action's score; the sparse rule's memo, which
     ranks priors, leaves a node with a NaN prior to the dense rule;
-    tests/search/test_select_paths.py covers K above 16 and every ISA level); on CUDA the lanes of a warp must agree on the choice (they reduce a total
-    order, NaN lowest, and take the tier's first action when its score is NaN)."""
+    tests/search/test_select_paths.py covers K above 16 and every ISA level); on CUDA the
+    lanes of a warp must agree on the choice (they reduce a total order, NaN lowest, and
+    take the tier's first action when its score is NaN)."""
     from rlfuse.search import tree as search_tree
 
     monkeypatch.setattr(search_tree, "SELECT_GROUP", group)
