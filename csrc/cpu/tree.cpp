@@ -11,7 +11,9 @@
 // tests/search/test_select_paths.py): sparse PUCT (only allocated children scored, the best
 // unallocated action from a per-search memo), the walks of SelectParams::group trees in
 // lockstep and in stages (select_trees, puct_walks, gumbel_walks), 16-lane Gumbel passes,
-// expand rows in groups of four.
+// expand rows in groups of four.  NaN scores follow the scan's rule in every path: the first
+// valid action wins when its score is NaN, a NaN after it never wins (a maximum passes over
+// NaN, so the vectorised argmaxes check the first valid action's score).
 #include "rlfuse/common.h"
 #include "tree.h"
 
@@ -119,9 +121,22 @@ int64_t pick_scores(const NodeRef& r, float* sc, bool pending) {
   return pick(r, [&](int64_t a) { return sc[a]; });
 }
 
+// The first valid action of a row, -1 when there is none.  With nothing pending it is
+// where the scan of pick() starts, and it keeps it when its score is NaN (no comparison
+// with NaN is true), whatever the scores after it; a maximum cannot tell that (NaN never
+// wins one), so the vectorised argmaxes below check this action's score first.  (A NaN
+// after it never wins either way.)
+inline int64_t first_valid(const uint8_t* inv, int64_t K) {
+  int64_t a = 0;
+  while (a < K && inv[a]) ++a;
+  return a < K ? a : -1;
+}
+
 // The choice when no simulation of the step is in flight (nothing is pending): sc[] holds
 // the scores with the invalid actions already at -inf.
 int64_t pick_masked(const NodeRef& r, float* sc) {
+  const int64_t f = first_valid(r.t.invalid + r.e, r.t.K);
+  if (f >= 0 && sc[f] != sc[f]) return f;  // a NaN first valid score (the scan's rule)
   const int64_t a = first_argmax(sc, r.t.K);
   return a >= 0 ? a : pick_scores(r, sc, false);  // every valid score is -inf
 }
@@ -189,7 +204,8 @@ inline V lanes_min(V v) {
 // Running first argmax in kLanes lanes (lane j sees actions j, j + kLanes, ...): a strict
 // > keeps the lowest index within a lane, and result() takes the lowest index among the
 // lanes that hold the maximum, so the answer is the first index of the maximum, as a scan
-// would give.  -1 when every score is -inf (or NaN).
+// would give.  -1 when every score is -inf (or NaN).  NaN scores never win here: the
+// callers check the first valid action's score (first_valid).
 struct LaneArgmax {
   vf16 best = splat(-kInf);
   vi16 idx = splat(int32_t(-1));
@@ -213,6 +229,46 @@ struct LaneArgmax {
     if (m[0] == -kInf) return -1;
     return lanes_min((best == m) ? idx : splat(std::numeric_limits<int32_t>::max()))[0];
   }
+};
+
+// Whether some of the floats seen is NaN, 16 at a time, in intrinsics per ISA level (GCC
+// lowers a compare of 16-float vectors lane by lane where the registers are narrower; one
+// unordered compare covers two registers' worth).
+struct NanFlag {
+#if defined(__AVX512F__)
+  __mmask16 m = 0;
+  void add(vf16 x) {
+    __m512 v;
+    std::memcpy(&v, &x, sizeof(v));
+    m |= _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q);
+  }
+  bool any16() const { return m != 0; }
+#elif defined(__AVX__)
+  __m256 m = _mm256_setzero_ps();
+  void add(vf16 x) {
+    __m256 h[2];
+    std::memcpy(h, &x, sizeof(h));
+    m = _mm256_or_ps(m, _mm256_cmp_ps(h[0], h[1], _CMP_UNORD_Q));
+  }
+  bool any16() const { return _mm256_movemask_ps(m) != 0; }
+#elif defined(__SSE2__)
+  __m128 m = _mm_setzero_ps();
+  void add(vf16 x) {
+    __m128 h[4];
+    std::memcpy(h, &x, sizeof(h));
+    m = _mm_or_ps(m, _mm_or_ps(_mm_cmpunord_ps(h[0], h[1]), _mm_cmpunord_ps(h[2], h[3])));
+  }
+  bool any16() const { return _mm_movemask_ps(m) != 0; }
+#else
+  bool m = false;
+  void add(vf16 x) {
+    for (int j = 0; j < kLanes; ++j) m |= x[j] != x[j];
+  }
+  bool any16() const { return m; }
+#endif
+  bool tail = false;
+  void add(float x) { tail |= x != x; }
+  bool any() const { return tail || any16(); }
 };
 
 // Min / max of the node's value and its visited children's Q (mctx's parent_siblings
@@ -279,7 +335,9 @@ float puct_explore(const View& t, const tree::SelectParams& p, const NodeRef& r,
 // scored one by one, with the arithmetic of the dense rule; the answer is the dense
 // rule's, bit for bit.  Cases where that argument could fail fall back to the dense rule:
 // two unallocated priors so close that explore * prior may round to the same float,
-// tiny products, a non-finite score, many children.
+// tiny products, a non-finite score, a NaN prior (a NaN score wins when it is the node's
+// first valid action's, whatever the others: a ranking by prior cannot tell), many
+// children.
 // ---------------------------------------------------------------------------------------
 constexpr int64_t kDense = -2;  // "score this node densely"
 constexpr int32_t kMemoUnknown = -2, kMemoNone = -1, kMemoAmbiguous = -3;
@@ -333,7 +391,8 @@ inline int allocated_actions(const int32_t* child, int64_t K, int limit, int32_t
 
 // The valid action without a child with the largest prior (lowest index on ties), from
 // the memo or recomputed into it; kMemoNone when there is none, kMemoAmbiguous when some
-// lower-indexed candidate's prior is within 2^-20 of it (or the prior is tiny but not 0).
+// lower-indexed candidate's prior is within 2^-20 of it (or the prior is tiny but not 0),
+// or some prior of the node is NaN.
 int32_t best_unallocated(const View& t, const tree::SelectParams& p, const NodeRef& r) {
   const int32_t* ch = t.child + r.e;
   int32_t* slot = p.memo + r.base + r.s;
@@ -345,17 +404,27 @@ int32_t best_unallocated(const View& t, const tree::SelectParams& p, const NodeR
   const float* prior = t.prior + r.e;
   const uint8_t* inv = t.invalid + r.e;
   LaneArgmax best;
+  NanFlag nan;
   int64_t a0 = 0;
   for (; a0 + kLanes <= K; a0 += kLanes) {
     const vi16 cand = (load16<vi16>(ch + a0) < 0) &
                       (__builtin_convertvector(load16<vb16>(inv + a0), vi16) == 0);
-    best.update(cand ? load16<vf16>(prior + a0) : splat(-kInf), lane_ids() + int32_t(a0));
+    const vf16 pr = load16<vf16>(prior + a0);
+    best.update(cand ? pr : splat(-kInf), lane_ids() + int32_t(a0));
+    nan.add(pr);
   }
-  for (int64_t a = a0; a < K; ++a)
+  for (int64_t a = a0; a < K; ++a) {
     best.update(int(a - a0), ch[a] < 0 && !inv[a] ? prior[a] : -kInf, int32_t(a));
+    nan.add(prior[a]);
+  }
   const int64_t u = best.result();
   int32_t out = int32_t(u);
-  if (u < 0) {
+  if (nan.any()) {
+    // a NaN prior (written by a low-level caller; expand writes none): its score wins
+    // whenever it is the first valid action's, which may change as children are allocated
+    // and become pending; the node is scored densely for the rest of the search
+    out = kMemoAmbiguous;
+  } else if (u < 0) {
     out = kMemoNone;
   } else {
     const float pu = prior[u];
@@ -582,6 +651,12 @@ int64_t select_puct(const View& t, const tree::SelectParams& p, const NodeRef& r
       const float score = puct_score_real(qn, prior[a], explore, n);
       best.update(int(a - a0), inv[a] ? -kInf : score, int32_t(a));
     }
+    const int64_t f = first_valid(inv, K);
+    if (f >= 0) {  // a NaN first valid score wins (the scan's rule)
+      const float qf = normalise ? tree::min_max_normalise(eq[f], lo, hi) : 0.0f;
+      const float sf = puct_score_real(qf, prior[f], explore, float(ev[f]));
+      if (sf != sf) return f;
+    }
     const int64_t a = best.result();
     if (a >= 0) return a;
     // every valid score is -inf (or no action is valid): the general rule
@@ -709,6 +784,8 @@ int64_t gumbel_root_real(const View& t, const tree::SelectParams& p, const NodeR
     sc[a] = inv[a] ? -kInf : score;
     best.update(int(a - a0), sc[a], int32_t(a));
   }
+  const int64_t f = first_valid(inv, K);
+  if (f >= 0 && sc[f] != sc[f]) return f;  // a NaN first valid score wins (the scan's rule)
   const int64_t a = best.result();
   return a >= 0 ? a : pick_scores(r, sc, false);  // every valid score is -inf
 }
@@ -769,6 +846,8 @@ int64_t gumbel_interior_pick(const View& t, const NodeRef& r, float* sc, float z
     sc[a] = inv[a] ? -kInf : score;
     best.update(int(a - a0), sc[a], int32_t(a));
   }
+  const int64_t f = first_valid(inv, K);
+  if (f >= 0 && sc[f] != sc[f]) return f;  // a NaN first valid score wins (the scan's rule)
   const int64_t a = best.result();
   return a >= 0 ? a : pick_scores(r, sc, false);  // every valid score is -inf
 }

@@ -7,9 +7,13 @@ simulations per step with virtual loss, and action counts around the 16-lane wid
 
 from __future__ import annotations
 
+import math
+import platform
+
 import pytest
 import torch
 
+from rlfuse import _backend
 from rlfuse.search import Phases, RecurrentOutput, Root, Tree, gumbel_search, puct_search
 from rlfuse.search import tree as tree_mod
 from rlfuse.search.mcts import _simulate
@@ -126,7 +130,8 @@ def test_fast_select_paths_match_reference(rule, W, monkeypatch):
 def test_sparse_memo_holds_the_best_unallocated_action(monkeypatch):
     """After a PUCT search, every memo entry that still names an unallocated action is the
     valid unallocated action with the largest prior (lowest index on ties); entries marked
-    ambiguous (-3) have a lower-indexed candidate within 2^-20; both kinds occur here."""
+    ambiguous (-3) have a lower-indexed candidate within 2^-20 (or a tiny prior, or a NaN
+    prior in the row, which this environment has not); both kinds occur here."""
     monkeypatch.setattr(tree_mod, "SPARSE_SELECT", True)
     A, B, sims = 37, 6, 40
     env = TieEnv(A, seed=11)
@@ -152,7 +157,8 @@ def test_sparse_memo_holds_the_best_unallocated_action(monkeypatch):
                 best = int(pr.argmax())
                 p = float(pr[best])
                 near = cand[:best] & (tree.prior[b, n, :best] >= p - p * 2.0 ** -20)
-                assert bool(near.any()) or 0.0 < p < 1e-30
+                assert (bool(near.any()) or 0.0 < p < 1e-30
+                        or bool(tree.prior[b, n].isnan().any()))
                 n_ambiguous += 1
             elif bool(cand[code]):
                 assert code == int(pr.argmax()), (b, n)
@@ -222,3 +228,120 @@ def test_fast_select_paths_on_a_kept_subtree(A, monkeypatch):
     assert bool((trees[1].tree.next_free > 31).any())  # some trees kept nodes
     _assert_identical(trees[0].tree, trees[1].tree)
     assert torch.equal(trees[0].action, trees[1].action)
+
+
+# --------------------------------------------------------------------------------------
+# NaN scores: the specification's scan (tree._pick) keeps a node's first valid action when
+# its score is NaN, whatever the scores after it; every CPU path at every ISA level must
+# choose so (docs/search.md).  NaN is written into the tree's arrays, as low-level callers
+# may: a prior (its score is NaN whether the action has a child or not) or a visited
+# child's Q (children_values, which the reference reads, and children_q, which the kernels
+# read).
+# --------------------------------------------------------------------------------------
+_ISAS = (["x86-64-v2", "x86-64-v3", "x86-64-v4"]
+         if platform.machine().lower() in ("x86_64", "amd64") else ["baseline"])
+# the CPU select paths (SELECT_GROUP, SPARSE_SELECT): the dense 16-lane argmax one tree at
+# a time and in lockstep; the sparse rule (memo of the best unallocated prior) one tree at
+# a time and in lockstep (with K <= 64 the branch-free small-node scoring of puct_walks)
+_PATHS = {"dense": (1, False), "dense_lockstep": (4, False), "sparse": (1, True),
+          "sparse_lockstep": (4, True)}
+
+
+def _nan_tree(K: int, B: int, N: int, seed: int):
+    """B roots over K actions (capacity N), tree b's first valid action at a different
+    index (0, 1, 3, 17, 40, 63, 70, each capped at K - 2) and with the largest prior logit
+    (so that it is visited first), the others random."""
+    g = torch.Generator().manual_seed(seed)
+    tree = Tree(B, K, N)
+    inv = torch.zeros(B, K, dtype=torch.bool)
+    logits = torch.randn(B, K, generator=g)
+    for b in range(B):
+        f = min((0, 1, 3, 17, 40, 63, 70)[b % 7], K - 2)
+        inv[b, :f] = True
+        logits[b, f] = 4.0
+    tree.init_roots(logits, torch.randn(B, generator=g) * 0.1, inv)
+    return tree
+
+
+def _copy_tree(t: Tree) -> Tree:
+    u = Tree(t.batch_size, t.num_actions, t.capacity)
+    for name in tree_mod._ARRAYS:
+        getattr(u, name).copy_(getattr(t, name))
+    return u
+
+
+def _nan_steps(fast: Tree, ref: Tree, W: int, steps: int, seed: int):
+    """steps of select / expand / backup on the CPU and reference backends (one new
+    Phases each: a fresh memo), the selections compared at every step."""
+    pf = Phases(fast, rule="puct", W=W, max_depth=6, backend="cpu")
+    pr = Phases(ref, rule="puct", W=W, max_depth=6, backend="torch")
+    g = torch.Generator().manual_seed(seed)
+    M, K = fast.batch_size * W, fast.num_actions
+    for step in range(steps):
+        a, b = pf.select(W), pr.select(W)
+        for name in ("action", "parent", "node", "new"):
+            assert torch.equal(getattr(a, name), getattr(b, name)), (step, name)
+        out = (torch.randn(M, generator=g) * 0.5, torch.full((M,), 0.9),
+               torch.randn(M, K, generator=g), torch.randn(M, generator=g) * 0.5)
+        for ph in (pf, pr):
+            ph.expand(W, *out)
+            ph.backup(W)
+    for name in ("children", "visits", "children_visits", "next_free"):
+        assert torch.equal(getattr(fast, name), getattr(ref, name)), name
+    return pf
+
+
+def _nan_case(kind: str, K: int, W: int):
+    B = 7
+    fast = _nan_tree(K, B, 1 + 9 * W, seed=K)  # room for 5 + 4 steps
+    if kind == "root":  # unallocated: the sparse rule's memo and the dense argmax
+        for b in range(B):
+            fast.prior[b, 0, int((fast.invalid[b, 0] == 0).nonzero()[0])] = math.nan
+        return fast, _copy_tree(fast)
+    ref = _copy_tree(fast)
+    _nan_steps(fast, ref, W, 5, seed=K + 1)  # no NaN yet: the backends agree
+    expanded = (torch.arange(fast.capacity)[None] < fast.next_free[:, None]) & (
+        fast.flags & 1).bool()
+    hit = 0
+    for t in (fast, ref):
+        for b, n in expanded.nonzero().tolist():
+            valid = (t.invalid[b, n] == 0).nonzero()
+            if len(valid) == 0:
+                continue
+            f = int(valid[0])
+            if kind == "prior":  # with or without a child
+                t.prior[b, n, f] = math.nan
+                hit += 1
+            elif t.children_visits[b, n, f] > 0:  # "q": a visited child
+                t.children_values[b, n, f] = math.nan
+                t.children_q[b, n, f] = math.nan
+                hit += 1
+    assert hit > 0
+    return fast, ref
+
+
+@pytest.mark.parametrize("path", list(_PATHS))
+@pytest.mark.parametrize("isa", _ISAS)
+def test_nan_first_valid_score_on_every_path_and_isa(isa, path, monkeypatch):
+    """A NaN score at a node's first valid action (its prior, or a visited child's Q), with
+    numbers after it: every CPU path chooses as the reference (the first valid action), at
+    every ISA level the build has, for K in the 16-lane tail only (5), vectors and a tail
+    with the children mask (37) and above 64 actions (80), one simulation per step and three
+    (virtual loss, the sparse rule with simulations in flight).  The fast paths used to take
+    the best number after it."""
+    C = _backend.cpu_module()
+    old = C.active_isa()
+    if not C.set_isa(isa):
+        pytest.skip(f"this CPU (or build) lacks {isa}")
+    group, sparse = _PATHS[path]
+    monkeypatch.setattr(tree_mod, "SELECT_GROUP", group)
+    monkeypatch.setattr(tree_mod, "SPARSE_SELECT", sparse)
+    try:
+        for K in (5, 37, 80):
+            for kind, W in (("root", 1), ("prior", 3), ("q", 1)):
+                fast, ref = _nan_case(kind, K, W)
+                ph = _nan_steps(fast, ref, W, 4, seed=K + 2)
+                if sparse and kind == "root":  # a NaN prior: the roots are scored densely
+                    assert (ph.memo.view(fast.batch_size, -1)[:, 0] == -3).all()
+    finally:
+        C.set_isa(old)

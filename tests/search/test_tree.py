@@ -416,30 +416,40 @@ def _on_cpu(t: Tree):
 
 def _nan_prior_tree(dev):
     """Roots with NaN priors: tree 0 every valid one (every score is NaN), tree 1 two of
-    four (NaN scores after the first valid action's, which is a number)."""
+    four (NaN scores after the first valid action's, which is a number), trees 2 and 3 the
+    first valid action's only (a NaN score first, numbers after it; tree 3 has larger
+    priors on its invalid actions)."""
     nan = math.nan
-    t = Tree(2, 4, 16, dev)
-    t.init_roots(torch.zeros(2, 4), torch.zeros(2),
-                 invalid=torch.tensor([[True, False, False, False], [False] * 4]))
-    t.prior[:, 0] = torch.tensor([[0.0, nan, nan, nan], [0.1, nan, 0.7, nan]], device=dev)
+    t = Tree(4, 4, 16, dev)
+    t.init_roots(torch.zeros(4, 4), torch.zeros(4),
+                 invalid=torch.tensor([[True, False, False, False], [False] * 4, [False] * 4,
+                                       [True, True, False, False]]))
+    t.prior[:, 0] = torch.tensor([[0.0, nan, nan, nan], [0.1, nan, 0.7, nan],
+                                  [nan, 0.2, 0.7, 0.1], [0.5, 0.9, nan, 0.3]], device=dev)
     return t
 
 
-@pytest.mark.parametrize("backend", ["cpu", "torch", pytest.param("cuda", marks=pytest.mark.gpu)])
+@pytest.mark.parametrize("backend,group,sparse", [
+    ("cpu", 1, False), ("cpu", 4, False), ("cpu", 1, True), ("cpu", 4, True),
+    ("torch", 4, True), pytest.param("cuda", 4, True, marks=pytest.mark.gpu)])
 @pytest.mark.parametrize("W", [1, 3])
-def test_nan_scores_are_chosen_as_the_specification_scans(backend, W, monkeypatch):
+def test_nan_scores_are_chosen_as_the_specification_scans(backend, group, sparse, W,
+                                                          monkeypatch):
     """NaN scores: the specification's scan starts from the first valid action and moves
     only to a strictly larger score (no comparison with NaN is true), so every score NaN
-    gives the first valid action, and a NaN after a number never wins.  On CUDA the lanes
-    of a warp must agree on the choice (they reduce a total order, NaN lowest, and take the
-    tier's first action when its score is NaN)."""
+    gives the first valid action, a NaN first valid score wins over the numbers after it,
+    and a NaN after a number never wins.  On the CPU every select path follows it (the
+    16-lane argmaxes check the first valid action's score; the sparse rule's memo, which
+    ranks priors, leaves a node with a NaN prior to the dense rule;
+    tests/search/test_select_paths.py covers K above 16 and every ISA level); on CUDA the
+    lanes of a warp must agree on the choice (they reduce a total order, NaN lowest, and
+    take the tier's first action when its score is NaN)."""
     from rlfuse.search import tree as search_tree
 
-    # the CPU's sparse PUCT rule ranks unallocated actions by prior and passes over NaN
-    # priors (which expand never writes): the dense rule is the one checked here
-    monkeypatch.setattr(search_tree, "SPARSE_SELECT", False)
+    monkeypatch.setattr(search_tree, "SELECT_GROUP", group)
+    monkeypatch.setattr(search_tree, "SPARSE_SELECT", sparse)
     dev = torch.device("cuda" if backend == "cuda" else "cpu")
-    M = 2 * W
+    M = 4 * W
     out = (torch.zeros(M), torch.ones(M), torch.zeros(M, 4), torch.full((M,), 0.5))
     trees = []
     for be, d in ((backend, dev), ("torch", torch.device("cpu"))):
@@ -447,8 +457,8 @@ def test_nan_scores_are_chosen_as_the_specification_scans(backend, W, monkeypatc
         ph = Phases(tree, rule="puct", W=W, max_depth=3, backend=be)
         for step in range(4):
             sel = ph.select(W)
-            if step == 0:  # the first valid action; the largest prior (0.7)
-                assert sel.action.view(2, W)[:, 0].tolist() == [1, 2]
+            if step == 0:  # first valid; the largest prior (0.7); the first valid, twice
+                assert sel.action.view(4, W)[:, 0].tolist() == [1, 2, 0, 2]
             ph.expand(W, *(x.to(d) for x in out))
             ph.backup(W)
         ph.finish()
