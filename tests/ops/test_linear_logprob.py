@@ -529,11 +529,16 @@ def test_auto_chunk_size():
             chunks = -(-N // C)
             assert N - (chunks - 1) * C > 0
     assert LL.auto_chunk_size(4096, 32000, 1024, 4, "cpu") == 256
-    # with ignored rows the [C, H] buffer of gathered rows shares the budget
+    # with ignored rows the [C, H] buffer of gathered rows keeps to the budget too; it only
+    # binds when H > V (so LLM vocabularies chunk as without ignored rows)
+    budget = LL._CPU_BUDGET_BYTES
     for N, V, H in ((8192, 64, 2048), (4096, 32000, 1024), (10**5, 8000, 8192)):
         C = LL.auto_chunk_size(N, V, H, 4, "cpu", gather_rows=True)
-        assert C % 64 == 0 and C * (V + H) * 4 <= max(LL._CPU_BUDGET_BYTES, 64 * (V + H) * 4)
+        assert C % 64 == 0 and C * V * 4 <= max(budget, 64 * V * 4)
+        assert C * H * 4 <= max(budget, 64 * H * 4)
     assert LL.auto_chunk_size(8192, 64, 2048, 4, "cpu") == 8192  # C x V alone is small
+    assert LL.auto_chunk_size(8192, 64, 2048, 4, "cpu", gather_rows=True) == 4096
+    assert LL.auto_chunk_size(4096, 32000, 1024, 4, "cpu", gather_rows=True) == 256
 
 
 # ------------------------------------------------------------------ torch.library / compile

@@ -112,10 +112,11 @@ def auto_chunk_size(N: int, V: int, H: int, elem_size: int, device, n_buffers: i
                     gather_rows: bool = False) -> int:
     """Rows per chunk when ``chunk_size=None``.
 
-    The chunk buffer(s) ``n_buffers x C x V x elem_size``, plus the ``C x H x elem_size``
-    buffer of gathered hidden rows when some rows are ignored (``gather_rows``), stay
-    within a budget (32 MiB on the CPU, 512 MiB on a GPU, and at most 1/8 of the free
-    memory); C is a multiple of 64
+    The chunk buffer(s) ``n_buffers x C x V x elem_size`` stay within a budget (32 MiB on
+    the CPU, 512 MiB on a GPU, and at most 1/8 of the free memory), and so does the
+    ``C x H x elem_size`` buffer of gathered hidden rows when some rows are ignored
+    (``gather_rows``; it only binds when H > n_buffers x V, so for LLM vocabularies the
+    chunks are those of the path without ignored rows); C is a multiple of 64
     rows (>= 64, so the matmuls keep BLAS-efficient shapes; H does not move the optimum
     much because each matmul is already K=H deep), at most N, and the N rows are spread
     evenly over the chunks so that the last one is not a sliver.
@@ -126,8 +127,10 @@ def auto_chunk_size(N: int, V: int, H: int, elem_size: int, device, n_buffers: i
     free = _free_bytes(device)
     if free:
         budget = min(budget, free // 8)
-    per_row = (V * n_buffers + (max(int(H), 1) if gather_rows else 0)) * elem_size
-    rows = max(_ROW_MULTIPLE, budget // per_row // _ROW_MULTIPLE * _ROW_MULTIPLE)
+    rows = budget // (V * elem_size * n_buffers)
+    if gather_rows:
+        rows = min(rows, budget // (max(int(H), 1) * elem_size))
+    rows = max(_ROW_MULTIPLE, rows // _ROW_MULTIPLE * _ROW_MULTIPLE)
     if rows >= N:
         return N
     n_chunks = -(-N // rows)
