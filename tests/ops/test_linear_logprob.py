@@ -8,9 +8,12 @@ import os
 import subprocess
 import sys
 import textwrap
+import weakref
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
 
 from rlfuse.ops import linear_logprob as LL
 from rlfuse.ops import linear_token_logprobs, linear_token_logprobs_reference, token_logprobs
@@ -333,6 +336,67 @@ def test_poisoned_allocations(monkeypatch):
         _close(got[k], want[k], rtol=1e-4, atol=2e-5)
 
 
+# ------------------------------------------------------------------ ignored rows, chunk by chunk
+# Rows whose id is ignore_index are skipped; the active rows are gathered one chunk (C = 8)
+# at a time.  True = ignored.  The patterns put ignored rows before the first chunk of active
+# rows, between every two chunks, inside chunks and after the last one; the last chunk may
+# be full, partial or a single row.
+_A, _I = False, True
+_IGNORED_PATTERNS = {
+    "between_chunks": [_I] + [_A] * 8 + [_I, _I] + [_A] * 8 + [_I] + [_A] * 8 + [_I] * 3
+                      + [_A] + [_I],
+    "inside_chunks": [_A, _I] * 20,
+    "last_row_only": [_A] * 16 + [_I],
+    "first_row_only": [_I] + [_A] * 17,
+    "one_active_row": [_I] * 10 + [_A] + [_I] * 5,
+}
+
+
+@pytest.mark.parametrize("backend,device", BACKENDS)
+@pytest.mark.parametrize("pattern", list(_IGNORED_PATTERNS))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_ignored_rows_at_chunk_boundaries(backend, device, pattern, dtype):
+    """Values and all three gradients against the float64 reference when ignored rows sit
+    at / inside the chunk boundaries of the active rows; ignored rows give exactly 0; and
+    the gathered chunks compute exactly what the active rows alone give (same chunks)."""
+    C, H, V = 8, 13, 50
+    ignored = torch.tensor(_IGNORED_PATTERNS[pattern])
+    N = ignored.numel()
+    hidden, weight, b, ids = _inputs((N,), H, V, dtype, device, ignore_frac=0.0)
+    ids[ignored.to(ids.device)] = -100
+    g_lp, g_ent = torch.randn(N, device=device), torch.randn(N, device=device)
+    got = _run(hidden, weight, b, ids, g_lp, g_ent, temperature=0.9, chunk_size=C,
+               backend=backend)
+    want = _ref(hidden, weight, b, ids, g_lp, g_ent, temperature=0.9)
+    tol = F64 if dtype == torch.float64 and backend != "triton" else dict(rtol=1e-4, atol=2e-5)
+    for k in range(5):  # logp, entropy, grad hidden, weight, bias
+        _close(got[k], want[k], **tol)
+    ig = ignored.to(got[0].device)
+    assert (got[0][ig] == 0).all() and (got[1][ig] == 0).all() and (got[2][ig] == 0).all()
+    # the active rows alone, contiguous: the same [c, H] chunks reach the same GEMMs
+    act = ~ignored.to(hidden.device)
+    alone = _run(hidden[act], weight, b, ids[act], g_lp[act], g_ent[act], temperature=0.9,
+                 chunk_size=C, backend=backend)
+    for k in range(3):
+        assert torch.equal(got[k][act], alone[k]), k
+    assert torch.equal(got[3], alone[3]) and torch.equal(got[4], alone[4])
+
+
+@pytest.mark.parametrize("backend,device", BACKENDS)
+def test_ignored_rows_non_contiguous_hidden(backend, device):
+    """The chunk gather reads rows of a strided (transposed) hidden correctly."""
+    H, V, N = 11, 40, 30
+    hidden, weight, b, ids = _inputs((N,), H, V, torch.float64, device, ignore_frac=0.3)
+    ht = hidden.t().contiguous().t()  # [N, H] with strides (1, N)
+    assert not ht.is_contiguous()
+    g_lp = torch.randn(N, device=device)
+    got = _run(ht, weight, b, ids, g_lp, None, chunk_size=4, backend=backend)
+    want = _ref(hidden, weight, b, ids, g_lp, None)
+    tol = F64 if backend != "triton" else dict(rtol=1e-4, atol=2e-5)
+    for k in (0, 2, 3, 4):
+        _close(got[k], want[k], **tol)
+
+
 # ------------------------------------------------------------------ memory
 _MEM_SCRIPT = textwrap.dedent("""
     import json, sys, torch
@@ -381,6 +445,81 @@ def test_peak_memory_is_chunk_times_vocab():
     assert d["materialised"] > nv / 2, d
 
 
+class _AllocationLog(TorchDispatchMode):
+    """Watches every storage that aten ops create inside the two linear_token_logprobs ops
+    (their bodies run under the mode, so nothing they allocate is hidden from it).  Per op
+    call: the peak bytes of those storages alive at once, the op's output bytes, and the
+    storages that are not outputs."""
+
+    def __init__(self):
+        super().__init__()
+        self.calls = []
+        self._known = None
+
+    def _track(self, out):
+        for t in tree_flatten(out)[0]:
+            if not isinstance(t, torch.Tensor):
+                continue
+            st = t.untyped_storage()
+            ptr, n = st.data_ptr(), st.nbytes()
+            if n and ptr not in self._known and ptr not in self._live:
+                self._live[ptr] = n
+                self._allocs.append((ptr, n))
+                weakref.finalize(t, self._live.pop, ptr, None)
+        self._peak = max(self._peak, sum(self._live.values()))
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        impl = {torch.ops.rlfuse.linear_token_logprobs.default: LL._linear_forward,
+                torch.ops.rlfuse.linear_token_logprobs_backward.default: LL._linear_backward}
+        if func in impl:
+            self._known = {a.untyped_storage().data_ptr() for a in tree_flatten((args, kwargs))[0]
+                           if isinstance(a, torch.Tensor)}
+            self._live, self._allocs, self._peak = {}, [], 0
+            with self:
+                out = impl[func](*args, **kwargs)
+            outs = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in out}
+            others = [n for p, n in self._allocs if p not in outs]
+            self.calls.append(dict(op=func.__name__, peak=self._peak,
+                                   outputs=sum(outs.values()), others=others))
+            self._known = None
+            return out
+        out = func(*args, **kwargs)
+        if self._known is not None:
+            self._track(out)
+        return out
+
+
+@pytest.mark.parametrize("backend,device", BACKENDS)
+@pytest.mark.parametrize("ignored", ["none", "one_row", "half"])
+def test_ignored_rows_need_no_rows_by_hidden_buffers(backend, device, ignored):
+    """Extra memory of the forward and the backward (peak of what the op allocates, less
+    its outputs) is the [C, V] chunk buffer(s), the [C, H] buffer of gathered rows and O(N)
+    vectors, whatever the ignored rows: no [M, H] copy of the active hidden rows and no
+    [M, H] scratch grad_hidden (the old code had both; ~N x H x 4 bytes each here)."""
+    N, H, V, C = (256, 256, 64, 64) if _small(backend, device) else (512, 256, 96, 64)
+    hidden, weight, b, ids = _inputs((N,), H, V, torch.float32, device, ignore_frac=0.0)
+    if ignored == "one_row":
+        ids[N // 3] = -100
+    elif ignored == "half":
+        ids[::2] = -100
+    h, w, bb = (t.clone().requires_grad_() for t in (hidden, weight, b))
+    log = _AllocationLog()
+    with log:
+        lp, ent = linear_token_logprobs(h, w, ids, bias=bb, return_entropy=True,
+                                        chunk_size=C, backend=backend)
+        (lp.sum() - 0.5 * ent.sum()).backward()
+    assert [c["op"] for c in log.calls] == [
+        "linear_token_logprobs.default", "linear_token_logprobs_backward.default"]
+    n_buf = 2 if backend == "cuda" else 1
+    rows = N * H * 4
+    bound = (n_buf * C * V + (C * H if ignored != "none" else 0)) * 4 + 16 * N * 8 + 8 * V * 8
+    for call in log.calls:
+        extra = call["peak"] - call["outputs"]
+        assert C * V * 4 <= extra <= bound, (call["op"], extra, bound, rows)
+        assert max(call["others"]) < rows / 2, (call["op"], max(call["others"]), rows)
+
+
 def test_auto_chunk_size():
     for N, V, esize in ((4096, 32000, 4), (100, 151936, 2), (10**6, 128256, 2), (5, 10, 4)):
         C = LL.auto_chunk_size(N, V, 1024, esize, "cpu")
@@ -390,6 +529,16 @@ def test_auto_chunk_size():
             chunks = -(-N // C)
             assert N - (chunks - 1) * C > 0
     assert LL.auto_chunk_size(4096, 32000, 1024, 4, "cpu") == 256
+    # with ignored rows the [C, H] buffer of gathered rows keeps to the budget too; it only
+    # binds when H > V (so LLM vocabularies chunk as without ignored rows)
+    budget = LL._CPU_BUDGET_BYTES
+    for N, V, H in ((8192, 64, 2048), (4096, 32000, 1024), (10**5, 8000, 8192)):
+        C = LL.auto_chunk_size(N, V, H, 4, "cpu", gather_rows=True)
+        assert C % 64 == 0 and C * V * 4 <= max(budget, 64 * V * 4)
+        assert C * H * 4 <= max(budget, 64 * H * 4)
+    assert LL.auto_chunk_size(8192, 64, 2048, 4, "cpu") == 8192  # C x V alone is small
+    assert LL.auto_chunk_size(8192, 64, 2048, 4, "cpu", gather_rows=True) == 4096
+    assert LL.auto_chunk_size(4096, 32000, 1024, 4, "cpu", gather_rows=True) == 256
 
 
 # ------------------------------------------------------------------ torch.library / compile

@@ -4,27 +4,34 @@
                           return_entropy=False, ignore_index=-100, chunk_size=None,
                           fp32_grad_accum=True, backend=None)
 
-returns exactly what ``token_logprobs(hidden @ weight.T + bias, token_ids, ...)`` returns,
-but never holds more than one chunk of ``C`` rows of logits (``[C, V]``) at a time:
+returns what ``token_logprobs(torch.addmm(bias, hidden, weight.T), token_ids, ...)``
+returns (``hidden`` flattened to [N, H]; ``hidden @ weight.T`` without a bias): the bias
+is added inside the GEMM, so each logit is rounded once to the input dtype, not once for
+the product and again for the sum.
+The logits are computed one chunk of ``C`` rows at a time (``[C, V]``), never all at once:
 
-forward, per chunk of C rows (all leading dims of ``hidden`` flattened to N rows):
-    buf[:c] = hidden[chunk] @ weight.T (+ bias)        one BLAS / cuBLAS matmul into a
+forward, per chunk of C rows (all leading dims of ``hidden`` flattened to N rows; rows
+whose id is ignore_index are skipped, and when there are any, each chunk's rows are
+gathered into a [C, H] buffer allocated once per call, never all active rows at once):
+    buf[:c] = addmm(bias, hidden[chunk], weight.T)     one BLAS / cuBLAS matmul into a
                                                        buffer allocated once per call
     logp, entropy, lse = row kernel of token_logprobs  (C++ / CUDA / Triton / torch)
     saved for backward: hidden, weight, bias, ids, lse, entropy  (O(N), never O(N x V))
 
 backward (the upstream gradients g_lp, g_ent are only known here), per chunk:
-    buf[:c] = hidden[chunk] @ weight.T (+ bias)        recomputed
+    buf[:c] = addmm(bias, hidden[chunk], weight.T)     recomputed
     dlogits = (g_lp (onehot - p) - g_ent p (log p + H)) / T
                                                        written over buf in place (CPU and
                                                        Triton); a second buffer on CUDA,
                                                        whose kernel takes __restrict__ ptrs
-    grad_hidden[chunk]  = dlogits @ weight
     grad_weight        += dlogits.T @ hidden[chunk]    (float32 accumulator for bf16/fp16
                                                         weights when fp32_grad_accum)
     grad_bias          += dlogits.sum(0)               (float32)
+    grad_hidden[chunk]  = dlogits @ weight             (with ignored rows: into the [C, H]
+                                                        buffer, then index_copy_ into the
+                                                        chunk's rows of grad_hidden)
 
-The three ops (forward, backward) are ``torch.library.custom_op``s with fake and autograd
+The two ops (forward, backward) are ``torch.library.custom_op``s with fake and autograd
 registrations, so ``torch.compile(fullgraph=True)`` traces callers and ``opcheck`` passes.
 """
 
@@ -71,12 +78,16 @@ def linear_token_logprobs_reference(
     return_entropy: bool = False,
     ignore_index: int = -100,
 ):
-    """``token_logprobs_reference(hidden @ weight.T + bias, ...)`` (materialises [..., V]).
+    """``token_logprobs_reference(torch.addmm(bias, hidden, weight.T), ...)`` (materialises
+    [..., V]; ``hidden @ weight.T`` without a bias).
 
-    Differentiable with plain torch autograd; the tests run it in float64."""
-    logits = hidden @ weight.t()
-    if bias is not None:
-        logits = logits + bias
+    The logits are formed as the op forms them: the bias added inside the GEMM, one
+    rounding to the input dtype.  Differentiable with plain torch autograd; the tests run
+    it in float64."""
+    H = hidden.size(-1)
+    h2 = hidden.reshape(-1, H)
+    logits = h2 @ weight.t() if bias is None else torch.addmm(bias, h2, weight.t())
+    logits = logits.view(*hidden.shape[:-1], weight.size(0))
     return token_logprobs_reference(
         logits, token_ids, temperature=temperature, return_entropy=return_entropy,
         ignore_index=ignore_index,
@@ -97,11 +108,15 @@ def _free_bytes(device: torch.device) -> Optional[int]:
     return None
 
 
-def auto_chunk_size(N: int, V: int, H: int, elem_size: int, device, n_buffers: int = 1) -> int:
+def auto_chunk_size(N: int, V: int, H: int, elem_size: int, device, n_buffers: int = 1,
+                    gather_rows: bool = False) -> int:
     """Rows per chunk when ``chunk_size=None``.
 
     The chunk buffer(s) ``n_buffers x C x V x elem_size`` stay within a budget (32 MiB on
-    the CPU, 512 MiB on a GPU, and at most 1/8 of the free memory); C is a multiple of 64
+    the CPU, 512 MiB on a GPU, and at most 1/8 of the free memory), and so does the
+    ``C x H x elem_size`` buffer of gathered hidden rows when some rows are ignored
+    (``gather_rows``; it only binds when H > n_buffers x V, so for LLM vocabularies the
+    chunks are those of the path without ignored rows); C is a multiple of 64
     rows (>= 64, so the matmuls keep BLAS-efficient shapes; H does not move the optimum
     much because each matmul is already K=H deep), at most N, and the N rows are spread
     evenly over the chunks so that the last one is not a sliver.
@@ -112,8 +127,10 @@ def auto_chunk_size(N: int, V: int, H: int, elem_size: int, device, n_buffers: i
     free = _free_bytes(device)
     if free:
         budget = min(budget, free // 8)
-    per_row = V * elem_size * n_buffers
-    rows = max(_ROW_MULTIPLE, budget // per_row // _ROW_MULTIPLE * _ROW_MULTIPLE)
+    rows = budget // (V * elem_size * n_buffers)
+    if gather_rows:
+        rows = min(rows, budget // (max(int(H), 1) * elem_size))
+    rows = max(_ROW_MULTIPLE, rows // _ROW_MULTIPLE * _ROW_MULTIPLE)
     if rows >= N:
         return N
     n_chunks = -(-N // rows)
@@ -226,6 +243,24 @@ def _chunk_logits(buf, h, weight, bias):
     return out
 
 
+def _row_buffer(idx, C, H, hidden):
+    """The [C, H] buffer that receives each chunk's gathered rows when rows are ignored
+    (allocated once per call; the backward reuses it for the chunk's grad_hidden)."""
+    if idx is None:
+        return None
+    return torch.empty((min(C, idx.numel()), H), dtype=hidden.dtype, device=hidden.device)
+
+
+def _chunk_rows(h2, idx, s, e, hbuf):
+    """Active rows s:e of ``h2``: a view when no row is ignored, else gathered into
+    ``hbuf`` (never all M active rows at once)."""
+    if idx is None:
+        return h2[s:e]
+    out = hbuf[: e - s]
+    torch.index_select(h2, 0, idx[s:e], out=out)
+    return out
+
+
 def _add_param_grads(d, hc, grad_w, partial_w, grad_b, b_dtype):
     """grad_w += d.T @ hc (through the weight-dtype ``partial_w`` into a float32
     ``grad_w`` when given), grad_b += d.sum(0); a None gradient is skipped."""
@@ -259,31 +294,22 @@ def _device_ctx(t: torch.Tensor):
     return _backend.device_guard(t.device)
 
 
-def _resolve_chunk(chunk_size: int, N: int, V: int, H: int, dtype, device, backend) -> int:
+def _resolve_chunk(chunk_size: int, N: int, V: int, H: int, dtype, device, backend,
+                   gather_rows: bool) -> int:
     if chunk_size > 0:
         return min(chunk_size, max(N, 1))
     esize = torch.empty((), dtype=dtype).element_size()
-    return auto_chunk_size(N, V, H, esize, device, 2 if _uses_second_buffer(backend) else 1)
+    return auto_chunk_size(N, V, H, esize, device, 2 if _uses_second_buffer(backend) else 1,
+                           gather_rows)
 
 
 # --------------------------------------------------------------------------------------
 # torch.library ops
 # --------------------------------------------------------------------------------------
-@torch.library.custom_op("rlfuse::linear_token_logprobs", mutates_args=())
-def _linear_op(
-    hidden: torch.Tensor,
-    weight: torch.Tensor,
-    token_ids: torch.Tensor,
-    bias: Optional[torch.Tensor],
-    temperature: float,
-    ignore_index: int,
-    return_entropy: bool,
-    chunk_size: int,
-    fp32_grad_accum: bool,
-    backend: str,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    # fp32_grad_accum only matters for the backward; it is an input so that the autograd
-    # context receives it (traceably) from the call.
+def _linear_forward(hidden, weight, token_ids, bias, temperature, ignore_index,
+                    return_entropy, chunk_size, fp32_grad_accum, backend):
+    """The body of the forward op, with its arguments (a plain function, so that a
+    TorchDispatchMode can see every tensor it allocates: the memory test)."""
     lead = hidden.shape[:-1]
     H = hidden.size(-1)
     V = weight.size(0)
@@ -300,22 +326,24 @@ def _linear_op(
             _check_ids(ids, V, ignore_index)
         idx = _active_rows(ids, ignore_index)
         if idx is None:
-            h_use, ids_use, lp_u, ent_u, lse_u = h2, ids, logp, ent, lse
+            ids_use, lp_u, ent_u, lse_u = ids, logp, ent, lse
         else:  # ignored rows (prompt, padding) cost no matmul at all
-            h_use, ids_use = h2.index_select(0, idx), ids.index_select(0, idx)
+            ids_use = ids.index_select(0, idx)
             n_active = idx.numel()
             lp_u = torch.empty(n_active, dtype=out_dtype, device=dev)
             lse_u = torch.empty(n_active, dtype=out_dtype, device=dev)
             ent_u = torch.empty(n_active if return_entropy else 0, dtype=out_dtype, device=dev)
         M = ids_use.numel()
         if M > 0:
-            C = _resolve_chunk(chunk_size, M, V, H, hidden.dtype, dev, backend)
+            C = _resolve_chunk(chunk_size, M, V, H, hidden.dtype, dev, backend,
+                               idx is not None)
             inv_t = 1.0 / temperature
             with _device_ctx(hidden):
                 buf = torch.empty((C, V), dtype=hidden.dtype, device=dev)
+                hbuf = _row_buffer(idx, C, H, hidden)
                 for s in range(0, M, C):
                     e = min(M, s + C)
-                    logits = _chunk_logits(buf, h_use[s:e], weight, bias)
+                    logits = _chunk_logits(buf, _chunk_rows(h2, idx, s, e, hbuf), weight, bias)
                     bad = _rows_forward(
                         backend, logits, ids_use[s:e], lp_u[s:e],
                         ent_u[s:e] if return_entropy else ent_u, lse_u[s:e], inv_t,
@@ -336,6 +364,25 @@ def _linear_op(
     return logp.view(lead), ent_out, lse.view(lead)
 
 
+@torch.library.custom_op("rlfuse::linear_token_logprobs", mutates_args=())
+def _linear_op(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    token_ids: torch.Tensor,
+    bias: Optional[torch.Tensor],
+    temperature: float,
+    ignore_index: int,
+    return_entropy: bool,
+    chunk_size: int,
+    fp32_grad_accum: bool,
+    backend: str,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    # fp32_grad_accum only matters for the backward; it is an input so that the autograd
+    # context receives it (traceably) from the call.
+    return _linear_forward(hidden, weight, token_ids, bias, temperature, ignore_index,
+                           return_entropy, chunk_size, fp32_grad_accum, backend)
+
+
 @_linear_op.register_fake
 def _(hidden, weight, token_ids, bias, temperature, ignore_index, return_entropy, chunk_size,
       fp32_grad_accum, backend):
@@ -345,26 +392,10 @@ def _(hidden, weight, token_ids, bias, temperature, ignore_index, return_entropy
     return hidden.new_empty(lead, dtype=dt), ent, hidden.new_empty(lead, dtype=dt)
 
 
-@torch.library.custom_op("rlfuse::linear_token_logprobs_backward", mutates_args=())
-def _linear_backward_op(
-    hidden: torch.Tensor,
-    weight: torch.Tensor,
-    token_ids: torch.Tensor,
-    bias: Optional[torch.Tensor],
-    lse: torch.Tensor,
-    entropy: torch.Tensor,
-    grad_logp: Optional[torch.Tensor],
-    grad_entropy: Optional[torch.Tensor],
-    temperature: float,
-    ignore_index: int,
-    chunk_size: int,
-    fp32_grad_accum: bool,
-    need_hidden: bool,
-    need_weight: bool,
-    need_bias: bool,
-    backend: str,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(grad_hidden, grad_weight, grad_bias); a gradient not asked for is an empty tensor."""
+def _linear_backward(hidden, weight, token_ids, bias, lse, entropy, grad_logp, grad_entropy,
+                     temperature, ignore_index, chunk_size, fp32_grad_accum, need_hidden,
+                     need_weight, need_bias, backend):
+    """The body of the backward op, with its arguments (see :func:`_linear_forward`)."""
     H = hidden.size(-1)
     V = weight.size(0)
     dev = hidden.device
@@ -399,26 +430,25 @@ def _linear_backward_op(
         grad_h.zero_()  # ignored rows (and everything when there is no upstream gradient)
     if work:
         if idx is None:
-            h_use, ids_use, lse_u, ent_u, glp_u, gent_u = h2, ids, lse_f, ent_f, g_lp, g_ent
-            gh_use = gh2
-        else:  # only the active rows are recomputed
-            h_use, ids_use, lse_u = h2.index_select(0, idx), ids.index_select(0, idx), \
-                lse_f.index_select(0, idx)
+            ids_use, lse_u, ent_u, glp_u, gent_u = ids, lse_f, ent_f, g_lp, g_ent
+        else:  # only the active rows are recomputed (their O(N) vectors gathered here,
+            # their hidden rows one chunk at a time)
+            ids_use, lse_u = ids.index_select(0, idx), lse_f.index_select(0, idx)
             ent_u = ent_f.index_select(0, idx) if g_ent is not None else lse_u
             glp_u = g_lp.index_select(0, idx) if g_lp is not None else None
             gent_u = g_ent.index_select(0, idx) if g_ent is not None else None
-            gh_use = (torch.empty((idx.numel(), H), dtype=hidden.dtype, device=dev)
-                      if need_hidden else None)
         M = ids_use.numel()
         if M > 0:
-            C = _resolve_chunk(chunk_size, M, V, H, hidden.dtype, dev, backend)
+            C = _resolve_chunk(chunk_size, M, V, H, hidden.dtype, dev, backend,
+                               idx is not None)
             inv_t = 1.0 / temperature
             with _device_ctx(hidden):
                 buf = torch.empty((C, V), dtype=hidden.dtype, device=dev)
                 dbuf = torch.empty_like(buf) if _uses_second_buffer(backend) else buf
+                hbuf = _row_buffer(idx, C, H, hidden)
                 for s in range(0, M, C):
                     e = min(M, s + C)
-                    hc = h_use[s:e]
+                    hc = _chunk_rows(h2, idx, s, e, hbuf)
                     logits = _chunk_logits(buf, hc, weight, bias)
                     d = _rows_backward(
                         backend, logits, ids_use[s:e], lse_u[s:e],
@@ -427,17 +457,50 @@ def _linear_backward_op(
                         None if gent_u is None else gent_u[s:e],
                         dbuf[: e - s], inv_t, temperature, ignore_index,
                     )
-                    if need_hidden:
-                        torch.mm(d, weight, out=gh_use[s:e])
-                    _add_param_grads(d, hc, grad_w if need_weight else None, partial_w,
-                                     grad_b if need_bias else None, b_dtype)
-        if need_hidden and idx is not None:
-            gh2.index_copy_(0, idx, gh_use)
+                    if idx is None:
+                        if need_hidden:
+                            torch.mm(d, weight, out=gh2[s:e])
+                        _add_param_grads(d, hc, grad_w if need_weight else None, partial_w,
+                                         grad_b if need_bias else None, b_dtype)
+                    else:
+                        # the parameter gradients read the gathered rows first, then the
+                        # same [C, H] buffer takes the chunk's grad_hidden, scattered
+                        # into its rows of grad_h
+                        _add_param_grads(d, hc, grad_w if need_weight else None, partial_w,
+                                         grad_b if need_bias else None, b_dtype)
+                        if need_hidden:
+                            torch.mm(d, weight, out=hc)
+                            gh2.index_copy_(0, idx[s:e], hc)
     if need_weight and grad_w.dtype != weight.dtype:
         grad_w = grad_w.to(weight.dtype)
     if need_bias and bias is not None and grad_b.dtype != bias.dtype:
         grad_b = grad_b.to(bias.dtype)
     return grad_h, grad_w, grad_b
+
+
+@torch.library.custom_op("rlfuse::linear_token_logprobs_backward", mutates_args=())
+def _linear_backward_op(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    token_ids: torch.Tensor,
+    bias: Optional[torch.Tensor],
+    lse: torch.Tensor,
+    entropy: torch.Tensor,
+    grad_logp: Optional[torch.Tensor],
+    grad_entropy: Optional[torch.Tensor],
+    temperature: float,
+    ignore_index: int,
+    chunk_size: int,
+    fp32_grad_accum: bool,
+    need_hidden: bool,
+    need_weight: bool,
+    need_bias: bool,
+    backend: str,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(grad_hidden, grad_weight, grad_bias); a gradient not asked for is an empty tensor."""
+    return _linear_backward(hidden, weight, token_ids, bias, lse, entropy, grad_logp,
+                            grad_entropy, temperature, ignore_index, chunk_size,
+                            fp32_grad_accum, need_hidden, need_weight, need_bias, backend)
 
 
 @_linear_backward_op.register_fake
