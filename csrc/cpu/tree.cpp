@@ -201,19 +201,191 @@ inline V lanes_min(V v) {
   return v;
 }
 
+// Lane-wise comparisons (-1 / 0 lanes, false on NaN as the operators), selects and
+// reductions of the kLanes-wide vectors.  With AVX-512 (one register) and without x86
+// SIMD they are the vector-extension operators; below AVX-512, GCC 12 lowers a compare or
+// a select of 16-float vectors one lane at a time, so there they are intrinsics on two
+// 8-lane (AVX2) or four 4-lane (SSE4.1) parts.  The reductions see no NaN (their callers
+// never let one in); which of +0 / -0 comes out of a maximum is not specified.
+#if defined(__AVX512F__) || !defined(__SSE4_1__)
+inline vi16 v_gt(vf16 a, vf16 b) { return a > b; }
+inline vi16 v_lt(vf16 a, vf16 b) { return a < b; }
+inline vi16 v_ge(vf16 a, vf16 b) { return a >= b; }
+inline vi16 v_eq(vf16 a, vf16 b) { return a == b; }
+inline vi16 v_gt(vi16 a, vi16 b) { return a > b; }
+inline vi16 v_eq(vi16 a, vi16 b) { return a == b; }
+inline vf16 v_sel(vi16 m, vf16 a, vf16 b) { return m ? a : b; }
+inline vi16 v_sel(vi16 m, vi16 a, vi16 b) { return m ? a : b; }
+inline vi16 v_valid(const uint8_t* inv) {
+  return __builtin_convertvector(load16<vb16>(inv), vi16) == 0;
+}
+inline float v_hmax(vf16 v) { return lanes_max(v)[0]; }
+inline float v_hmin(vf16 v) { return lanes_min(v)[0]; }
+inline int32_t v_hmin(vi16 v) { return lanes_min(v)[0]; }
+#else
+#if defined(__AVX2__)
+constexpr int kParts = 2;
+typedef __m256 PF;
+typedef __m256i PI;
+inline PF p_gt(PF a, PF b) { return _mm256_cmp_ps(a, b, _CMP_GT_OQ); }
+inline PF p_lt(PF a, PF b) { return _mm256_cmp_ps(a, b, _CMP_LT_OQ); }
+inline PF p_ge(PF a, PF b) { return _mm256_cmp_ps(a, b, _CMP_GE_OQ); }
+inline PF p_eq(PF a, PF b) { return _mm256_cmp_ps(a, b, _CMP_EQ_OQ); }
+inline PI p_gt(PI a, PI b) { return _mm256_cmpgt_epi32(a, b); }
+inline PI p_eq(PI a, PI b) { return _mm256_cmpeq_epi32(a, b); }
+inline PF p_sel(PF m, PF a, PF b) { return _mm256_blendv_ps(b, a, m); }
+inline PI p_sel(PI m, PI a, PI b) { return _mm256_blendv_epi8(b, a, m); }
+inline PI p_int(PF m) { return _mm256_castps_si256(m); }
+inline PF p_and(PF a, PF b) { return _mm256_and_ps(a, b); }
+inline PI p_addi(PI a, PI b) { return _mm256_add_epi32(a, b); }
+// first, first + 1, ...
+inline PI p_ids(int32_t first) {
+  return _mm256_add_epi32(_mm256_set1_epi32(first), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+}
+#else
+constexpr int kParts = 4;
+typedef __m128 PF;
+typedef __m128i PI;
+inline PF p_gt(PF a, PF b) { return _mm_cmpgt_ps(a, b); }
+inline PF p_lt(PF a, PF b) { return _mm_cmplt_ps(a, b); }
+inline PF p_ge(PF a, PF b) { return _mm_cmpge_ps(a, b); }
+inline PF p_eq(PF a, PF b) { return _mm_cmpeq_ps(a, b); }
+inline PI p_gt(PI a, PI b) { return _mm_cmpgt_epi32(a, b); }
+inline PI p_eq(PI a, PI b) { return _mm_cmpeq_epi32(a, b); }
+inline PF p_sel(PF m, PF a, PF b) { return _mm_blendv_ps(b, a, m); }
+inline PI p_sel(PI m, PI a, PI b) { return _mm_blendv_epi8(b, a, m); }
+inline PI p_int(PF m) { return _mm_castps_si128(m); }
+inline PF p_and(PF a, PF b) { return _mm_and_ps(a, b); }
+inline PI p_addi(PI a, PI b) { return _mm_add_epi32(a, b); }
+inline PI p_ids(int32_t first) {
+  return _mm_add_epi32(_mm_set1_epi32(first), _mm_setr_epi32(0, 1, 2, 3));
+}
+#endif
+// the parts of a vector (as floats or as ints) and back
+struct FParts {
+  PF p[kParts];
+};
+struct IParts {
+  PI p[kParts];
+};
+template <typename V>
+inline FParts fparts(V v) {
+  FParts x;
+  std::memcpy(x.p, &v, sizeof(x.p));
+  return x;
+}
+template <typename V>
+inline IParts iparts(V v) {
+  IParts x;
+  std::memcpy(x.p, &v, sizeof(x.p));
+  return x;
+}
+template <typename V, typename X>
+inline V join(const X& x) {
+  V v;
+  std::memcpy(&v, x.p, sizeof(v));
+  return v;
+}
+#define RLFUSE_PARTWISE(ret, name, T, P, split, expr)  \
+  inline ret name(T a, T b) {                           \
+    const P x = split(a), y = split(b);                 \
+    P r;                                                \
+    for (int i = 0; i < kParts; ++i) r.p[i] = expr;     \
+    return join<ret>(r);                                \
+  }
+RLFUSE_PARTWISE(vi16, v_gt, vf16, FParts, fparts, p_gt(x.p[i], y.p[i]))
+RLFUSE_PARTWISE(vi16, v_lt, vf16, FParts, fparts, p_lt(x.p[i], y.p[i]))
+RLFUSE_PARTWISE(vi16, v_ge, vf16, FParts, fparts, p_ge(x.p[i], y.p[i]))
+RLFUSE_PARTWISE(vi16, v_eq, vf16, FParts, fparts, p_eq(x.p[i], y.p[i]))
+RLFUSE_PARTWISE(vi16, v_gt, vi16, IParts, iparts, p_gt(x.p[i], y.p[i]))
+RLFUSE_PARTWISE(vi16, v_eq, vi16, IParts, iparts, p_eq(x.p[i], y.p[i]))
+#undef RLFUSE_PARTWISE
+inline vf16 v_sel(vi16 m, vf16 a, vf16 b) {
+  const FParts mm = fparts(m), x = fparts(a), y = fparts(b);
+  FParts r;
+  for (int i = 0; i < kParts; ++i) r.p[i] = p_sel(mm.p[i], x.p[i], y.p[i]);
+  return join<vf16>(r);
+}
+inline vi16 v_sel(vi16 m, vi16 a, vi16 b) {
+  const IParts mm = iparts(m), x = iparts(a), y = iparts(b);
+  IParts r;
+  for (int i = 0; i < kParts; ++i) r.p[i] = p_sel(mm.p[i], x.p[i], y.p[i]);
+  return join<vi16>(r);
+}
+// the valid lanes (inv[j] == 0) of 16 invalid flags
+inline vi16 v_valid(const uint8_t* inv) {
+  IParts r;
+#if defined(__AVX2__)
+  const __m128i b = _mm_loadu_si128(reinterpret_cast<const __m128i*>(inv));
+  r.p[0] = _mm256_cmpeq_epi32(_mm256_cvtepu8_epi32(b), _mm256_setzero_si256());
+  r.p[1] = _mm256_cmpeq_epi32(_mm256_cvtepu8_epi32(_mm_srli_si128(b, 8)), _mm256_setzero_si256());
+#else
+  const __m128i b = _mm_loadu_si128(reinterpret_cast<const __m128i*>(inv));
+  const __m128i z = _mm_setzero_si128();
+  r.p[0] = _mm_cmpeq_epi32(_mm_cvtepu8_epi32(b), z);
+  r.p[1] = _mm_cmpeq_epi32(_mm_cvtepu8_epi32(_mm_srli_si128(b, 4)), z);
+  r.p[2] = _mm_cmpeq_epi32(_mm_cvtepu8_epi32(_mm_srli_si128(b, 8)), z);
+  r.p[3] = _mm_cmpeq_epi32(_mm_cvtepu8_epi32(_mm_srli_si128(b, 12)), z);
+#endif
+  return join<vi16>(r);
+}
+// the parts folded into one 4-lane register, then across its lanes
+inline __m128 fold_max(vf16 v) {
+  const FParts x = fparts(v);
+#if defined(__AVX2__)
+  const __m256 m = _mm256_max_ps(x.p[0], x.p[1]);
+  return _mm_max_ps(_mm256_castps256_ps128(m), _mm256_extractf128_ps(m, 1));
+#else
+  return _mm_max_ps(_mm_max_ps(x.p[0], x.p[1]), _mm_max_ps(x.p[2], x.p[3]));
+#endif
+}
+inline __m128 fold_min(vf16 v) {
+  const FParts x = fparts(v);
+#if defined(__AVX2__)
+  const __m256 m = _mm256_min_ps(x.p[0], x.p[1]);
+  return _mm_min_ps(_mm256_castps256_ps128(m), _mm256_extractf128_ps(m, 1));
+#else
+  return _mm_min_ps(_mm_min_ps(x.p[0], x.p[1]), _mm_min_ps(x.p[2], x.p[3]));
+#endif
+}
+inline float v_hmax(vf16 v) {
+  __m128 x = fold_max(v);
+  x = _mm_max_ps(x, _mm_movehl_ps(x, x));
+  return _mm_cvtss_f32(_mm_max_ss(x, _mm_shuffle_ps(x, x, 1)));
+}
+inline float v_hmin(vf16 v) {
+  __m128 x = fold_min(v);
+  x = _mm_min_ps(x, _mm_movehl_ps(x, x));
+  return _mm_cvtss_f32(_mm_min_ss(x, _mm_shuffle_ps(x, x, 1)));
+}
+inline int32_t v_hmin(vi16 v) {
+  const IParts x = iparts(v);
+#if defined(__AVX2__)
+  const __m256i m = _mm256_min_epi32(x.p[0], x.p[1]);
+  __m128i y = _mm_min_epi32(_mm256_castsi256_si128(m), _mm256_extracti128_si256(m, 1));
+#else
+  __m128i y = _mm_min_epi32(_mm_min_epi32(x.p[0], x.p[1]), _mm_min_epi32(x.p[2], x.p[3]));
+#endif
+  y = _mm_min_epi32(y, _mm_shuffle_epi32(y, 0x4E));
+  y = _mm_min_epi32(y, _mm_shuffle_epi32(y, 0xB1));
+  return _mm_cvtsi128_si32(y);
+}
+#endif
+
 // Running first argmax in kLanes lanes (lane j sees actions j, j + kLanes, ...): a strict
 // > keeps the lowest index within a lane, and result() takes the lowest index among the
 // lanes that hold the maximum, so the answer is the first index of the maximum, as a scan
 // would give.  -1 when every score is -inf (or NaN).  NaN scores never win here: the
 // callers check the first valid action's score (first_valid).
 struct LaneArgmax {
+#if defined(__AVX512F__) || !defined(__SSE4_1__)
   vf16 best = splat(-kInf);
   vi16 idx = splat(int32_t(-1));
   // scores of actions a0 .. a0 + kLanes - 1
   void update(vf16 s, vi16 ids) {
-    const vi16 take = s > best;
-    best = take ? s : best;
-    idx = take ? ids : idx;
+    const vi16 take = v_gt(s, best);
+    best = v_sel(take, s, best);
+    idx = v_sel(take, ids, idx);
   }
   // one score (the tail of K): action a in lane j
   void update(int j, float s, int32_t a) {
@@ -222,12 +394,55 @@ struct LaneArgmax {
       idx[j] = a;
     }
   }
-  // (in log steps across the lanes: the maximum is exact in any order, and only its value
-  // matters here; then the lowest index among the lanes that hold it)
+  // scores of actions a0 .. a0 + kLanes - 1
+  void update_at(vf16 s, int32_t a0) { update(s, lane_ids() + a0); }
+  vf16 best16() const { return best; }
+  vi16 idx16() const { return idx; }
+#else
+  // (kept in the parts, which stay in registers across the passes)
+  FParts best = fparts(splat(-kInf));
+  IParts idx = iparts(splat(int32_t(-1)));
+  void update(vf16 s, vi16 ids) {
+    const FParts x = fparts(s);
+    const IParts i = iparts(ids);
+    for (int k = 0; k < kParts; ++k) {
+      const PF take = p_gt(x.p[k], best.p[k]);
+      best.p[k] = p_sel(take, x.p[k], best.p[k]);
+      idx.p[k] = p_sel(p_int(take), i.p[k], idx.p[k]);
+    }
+  }
+  // scores of actions a0 .. a0 + kLanes - 1 (the indices made in the parts)
+  void update_at(vf16 s, int32_t a0) {
+    const FParts x = fparts(s);
+    for (int k = 0; k < kParts; ++k) {
+      const PF take = p_gt(x.p[k], best.p[k]);
+      best.p[k] = p_sel(take, x.p[k], best.p[k]);
+      idx.p[k] = p_sel(p_int(take), p_ids(a0 + k * (kLanes / kParts)), idx.p[k]);
+    }
+  }
+  // one score (the tail of K): action a in lane j, as a vector update with the other
+  // lanes at -inf (which never win)
+  void update(int j, float s, int32_t a) {
+    float sv[kLanes];
+    int32_t av[kLanes];
+    for (int l = 0; l < kLanes; ++l) {
+      sv[l] = -kInf;
+      av[l] = 0;
+    }
+    sv[j] = s;
+    av[j] = a;
+    update(load16<vf16>(sv), load16<vi16>(av));
+  }
+  vf16 best16() const { return join<vf16>(best); }
+  vi16 idx16() const { return join<vi16>(idx); }
+#endif
+  // (the maximum is exact in any order, and only its value matters here; then the lowest
+  // index among the lanes that hold it)
   int64_t result() const {
-    const vf16 m = lanes_max(best);
-    if (m[0] == -kInf) return -1;
-    return lanes_min((best == m) ? idx : splat(std::numeric_limits<int32_t>::max()))[0];
+    const vf16 b = best16();
+    const float m = v_hmax(b);
+    if (m == -kInf) return -1;
+    return v_hmin(v_sel(v_eq(b, splat(m)), idx16(), splat(std::numeric_limits<int32_t>::max())));
   }
 };
 
@@ -275,14 +490,28 @@ struct NanFlag {
 // bounds), in kLanes lanes.
 void visited_bounds(const int32_t* ev, const float* eq, int64_t K, float nv, float* lo_out,
                     float* hi_out) {
-  vf16 lo16 = splat(nv), hi16 = splat(nv);
   int64_t a0 = 0;
+#if defined(__AVX512F__) || !defined(__SSE4_1__)
+  vf16 lo16 = splat(nv), hi16 = splat(nv);
   for (; a0 + kLanes <= K; a0 += kLanes) {
     const vf16 q = load16<vf16>(eq + a0);
-    const vi16 vis = load16<vi16>(ev + a0) > 0;
-    lo16 = (vis & (q < lo16)) ? q : lo16;
-    hi16 = (vis & (q > hi16)) ? q : hi16;
+    const vi16 vis = v_gt(load16<vi16>(ev + a0), splat(int32_t(0)));
+    lo16 = v_sel(vis & v_lt(q, lo16), q, lo16);
+    hi16 = v_sel(vis & v_gt(q, hi16), q, hi16);
   }
+#else
+  // (the running bounds kept in the parts, which stay in registers)
+  FParts lo_p = fparts(splat(nv)), hi_p = fparts(splat(nv));
+  for (; a0 + kLanes <= K; a0 += kLanes) {
+    const FParts q = fparts(load16<vf16>(eq + a0));
+    const FParts vis = fparts(v_gt(load16<vi16>(ev + a0), splat(int32_t(0))));
+    for (int k = 0; k < kParts; ++k) {
+      lo_p.p[k] = p_sel(p_and(vis.p[k], p_lt(q.p[k], lo_p.p[k])), q.p[k], lo_p.p[k]);
+      hi_p.p[k] = p_sel(p_and(vis.p[k], p_gt(q.p[k], hi_p.p[k])), q.p[k], hi_p.p[k]);
+    }
+  }
+  const vf16 lo16 = join<vf16>(lo_p), hi16 = join<vf16>(hi_p);
+#endif
   float lo = nv, hi = nv;
   for (int j = 0; j < kLanes; ++j) {
     lo = lo16[j] < lo ? lo16[j] : lo;
@@ -407,10 +636,9 @@ int32_t best_unallocated(const View& t, const tree::SelectParams& p, const NodeR
   NanFlag nan;
   int64_t a0 = 0;
   for (; a0 + kLanes <= K; a0 += kLanes) {
-    const vi16 cand = (load16<vi16>(ch + a0) < 0) &
-                      (__builtin_convertvector(load16<vb16>(inv + a0), vi16) == 0);
+    const vi16 cand = v_gt(splat(int32_t(0)), load16<vi16>(ch + a0)) & v_valid(inv + a0);
     const vf16 pr = load16<vf16>(prior + a0);
-    best.update(cand ? pr : splat(-kInf), lane_ids() + int32_t(a0));
+    best.update_at(v_sel(cand, pr, splat(-kInf)), int32_t(a0));
     nan.add(pr);
   }
   for (int64_t a = a0; a < K; ++a) {
@@ -433,9 +661,9 @@ int32_t best_unallocated(const View& t, const tree::SelectParams& p, const NodeR
     // a lower-indexed candidate within 2^-20 of it (16 lanes at a time)
     vi16 hit = splat(int32_t(0));
     for (a0 = 0; a0 < u && a0 + kLanes <= K; a0 += kLanes)
-      hit |= (load16<vi16>(ch + a0) < 0) &
-             (__builtin_convertvector(load16<vb16>(inv + a0), vi16) == 0) &
-             (lane_ids() + int32_t(a0) < int32_t(u)) & (load16<vf16>(prior + a0) >= near);
+      hit |= v_gt(splat(int32_t(0)), load16<vi16>(ch + a0)) & v_valid(inv + a0) &
+             v_gt(splat(int32_t(u)), lane_ids() + int32_t(a0)) &
+             v_ge(load16<vf16>(prior + a0), splat(near));
     bool any = false;
     for (int j = 0; j < kLanes; ++j) any |= hit[j] != 0;
     for (int64_t a = a0; a < u; ++a) any |= ch[a] < 0 && !inv[a] && prior[a] >= near;
@@ -640,10 +868,9 @@ int64_t select_puct(const View& t, const tree::SelectParams& p, const NodeRef& r
       const vf16 n = __builtin_convertvector(load16<vi16>(ev + a0), vf16);
       const vf16 qn = normalise ? (load16<vf16>(eq + a0) - lo) / d : splat(0.0f);
       // puct_score_real, lane by lane
-      const vf16 score = ((n > 0.0f) ? qn : splat(0.0f)) +
+      const vf16 score = v_sel(v_gt(n, splat(0.0f)), qn, splat(0.0f)) +
                          explore * load16<vf16>(prior + a0) / (n + 1.0f);
-      const vi16 bad = __builtin_convertvector(load16<vb16>(inv + a0), vi16) != 0;
-      best.update(bad ? splat(-kInf) : score, lane_ids() + int32_t(a0));
+      best.update_at(v_sel(v_valid(inv + a0), score, splat(-kInf)), int32_t(a0));
     }
     for (int64_t a = a0; a < K; ++a) {
       const float n = float(ev[a]);
@@ -684,24 +911,45 @@ float gumbel_sigma(const View& t, const tree::SelectParams& p, const NodeRef& r,
   const float* prior = t.prior + r.e;
   const float* eq = t.edge_q + r.e;
   // sums and maxima in 16 independent lanes (vectorised), then across the lanes
-  vf16 sn16 = splat(0.0f), mn16 = splat(0.0f), sp16 = splat(0.0f), sw16 = splat(0.0f);
   int64_t a0 = 0;
+#if defined(__AVX512F__) || !defined(__SSE4_1__)
+  vf16 sn16 = splat(0.0f), mn16 = splat(0.0f), sp16 = splat(0.0f), sw16 = splat(0.0f);
   for (; a0 + kLanes <= K; a0 += kLanes) {
     const vf16 n = __builtin_convertvector(load16<vi16>(ev + a0), vf16);
     vf16 pr = load16<vf16>(prior + a0);
-    pr = pr > kTiny ? pr : splat(kTiny);
-    const vi16 vis = n > 0.0f;
+    pr = v_sel(v_gt(pr, splat(kTiny)), pr, splat(kTiny));
+    const vi16 vis = v_gt(n, splat(0.0f));
     sn16 += n;
-    mn16 = n > mn16 ? n : mn16;
-    sp16 = vis ? sp16 + pr : sp16;
+    mn16 = v_sel(v_gt(n, mn16), n, mn16);
+    sp16 = v_sel(vis, sp16 + pr, sp16);
     // pr * q + sw: one fused multiply-add where the ISA level has it, as the scalar form
-    sw16 = vis ? pr * load16<vf16>(eq + a0) + sw16 : sw16;
+    sw16 = v_sel(vis, pr * load16<vf16>(eq + a0) + sw16, sw16);
   }
+#else
+  // the same lane by lane in the parts (which stay in registers across the pass)
+  const FParts zero = fparts(splat(0.0f)), tiny = fparts(splat(kTiny));
+  FParts sn_p = zero, mn_p = zero, sp_p = zero, sw_p = zero;
+  for (; a0 + kLanes <= K; a0 += kLanes) {
+    const FParts n = fparts(__builtin_convertvector(load16<vi16>(ev + a0), vf16));
+    const FParts pr0 = fparts(load16<vf16>(prior + a0));
+    const FParts q = fparts(load16<vf16>(eq + a0));
+    for (int k = 0; k < kParts; ++k) {
+      const PF pr = p_sel(p_gt(pr0.p[k], tiny.p[k]), pr0.p[k], tiny.p[k]);
+      const PF vis = p_gt(n.p[k], zero.p[k]);
+      sn_p.p[k] = sn_p.p[k] + n.p[k];
+      mn_p.p[k] = p_sel(p_gt(n.p[k], mn_p.p[k]), n.p[k], mn_p.p[k]);
+      sp_p.p[k] = p_sel(vis, sp_p.p[k] + pr, sp_p.p[k]);
+      sw_p.p[k] = p_sel(vis, pr * q.p[k] + sw_p.p[k], sw_p.p[k]);
+    }
+  }
+  const vf16 sn16 = join<vf16>(sn_p), mn16 = join<vf16>(mn_p), sp16 = join<vf16>(sp_p),
+             sw16 = join<vf16>(sw_p);
+#endif
   float sn[kLanes], sp[kLanes], sw[kLanes];
   std::memcpy(sn, &sn16, sizeof(sn));
   std::memcpy(sp, &sp16, sizeof(sp));
   std::memcpy(sw, &sw16, sizeof(sw));
-  float sum_n = 0, max_n = lanes_max(mn16)[0], sum_p = 0, wq = 0;  // (visits: no -0)
+  float sum_n = 0, max_n = v_hmax(mn16), sum_p = 0, wq = 0;  // (visits: no -0)
   for (int j = 0; j < kLanes; ++j) {  // the sums in lane order
     sum_n += sn[j];
     sum_p += sp[j];
@@ -719,14 +967,15 @@ float gumbel_sigma(const View& t, const tree::SelectParams& p, const NodeRef& r,
   const float v_mix = sum_n > 0 ? (raw + sum_n * (wq / sum_p)) / (sum_n + 1.0f) : raw;
   vf16 lo16 = splat(kInf), hi16 = splat(-kInf);
   for (a0 = 0; a0 + kLanes <= K; a0 += kLanes) {
-    const vf16 c = load16<vi16>(ev + a0) > 0 ? load16<vf16>(eq + a0) : splat(v_mix);
+    const vf16 c = v_sel(v_gt(load16<vi16>(ev + a0), splat(int32_t(0))), load16<vf16>(eq + a0),
+                         splat(v_mix));
     std::memcpy(sigma + a0, &c, sizeof(c));
-    lo16 = c < lo16 ? c : lo16;
-    hi16 = c > hi16 ? c : hi16;
+    lo16 = v_sel(v_lt(c, lo16), c, lo16);
+    hi16 = v_sel(v_gt(c, hi16), c, hi16);
   }
   // (across the lanes in log steps: of equal +0 / -0 either may come out, which changes
   // no value below: sigma only feeds sums with the logits before exp and comparisons)
-  float lo = lanes_min(lo16)[0], hi = lanes_max(hi16)[0];
+  float lo = v_hmin(lo16), hi = v_hmax(hi16);
   for (int64_t a = a0; a < K; ++a) {
     const float c = ev[a] > 0 ? eq[a] : v_mix;
     sigma[a] = c;
@@ -751,12 +1000,29 @@ int64_t gumbel_root_real(const View& t, const tree::SelectParams& p, const NodeR
   vf16 mx16 = splat(-kInf);
   vi16 sim16 = splat(int32_t(0));
   int64_t a0 = 0;
+#if defined(__AVX512F__) || !defined(__SSE4_1__)
   for (; a0 + kLanes <= K; a0 += kLanes) {
     const vf16 lg = load16<vf16>(logit + a0);
-    mx16 = lg > mx16 ? lg : mx16;
+    mx16 = v_sel(v_gt(lg, mx16), lg, mx16);
     sim16 += load16<vi16>(ev + a0);
   }
-  float max_logit = lanes_max(mx16)[0];  // (+0 / -0: a centred logit of either sign)
+#else
+  {
+    FParts mx_p = fparts(mx16);
+    IParts sim_p = iparts(sim16);
+    for (; a0 + kLanes <= K; a0 += kLanes) {
+      const FParts lg = fparts(load16<vf16>(logit + a0));
+      const IParts n = iparts(load16<vi16>(ev + a0));
+      for (int k = 0; k < kParts; ++k) {
+        mx_p.p[k] = p_sel(p_gt(lg.p[k], mx_p.p[k]), lg.p[k], mx_p.p[k]);
+        sim_p.p[k] = p_addi(sim_p.p[k], n.p[k]);
+      }
+    }
+    mx16 = join<vf16>(mx_p);
+    sim16 = join<vi16>(sim_p);
+  }
+#endif
+  float max_logit = v_hmax(mx16);  // (+0 / -0: a centred logit of either sign)
   int64_t sim = 0;
   for (int j = 0; j < kLanes; ++j) sim += sim16[j];
   for (int64_t a = a0; a < K; ++a) {
@@ -772,12 +1038,11 @@ int64_t gumbel_root_real(const View& t, const tree::SelectParams& p, const NodeR
     // tree::gumbel_root_score, lane by lane
     vf16 s = load16<vf16>(g + a0) + (load16<vf16>(logit + a0) - max_logit) +
              load16<vf16>(sigma + a0);
-    s = s > -1e9f ? s : splat(-1e9f);
-    const vi16 bad = (load16<vi16>(ev + a0) != want) |
-                     (__builtin_convertvector(load16<vb16>(inv + a0), vi16) != 0);
-    s = bad ? splat(-kInf) : s;
+    s = v_sel(v_gt(s, splat(-1e9f)), s, splat(-1e9f));
+    const vi16 ok = v_eq(load16<vi16>(ev + a0), splat(want)) & v_valid(inv + a0);
+    s = v_sel(ok, s, splat(-kInf));
     std::memcpy(sc + a0, &s, sizeof(s));
-    best.update(s, lane_ids() + int32_t(a0));
+    best.update_at(s, int32_t(a0));
   }
   for (int64_t a = a0; a < K; ++a) {
     const float score = tree::gumbel_root_score(g[a], logit[a] - max_logit, sigma[a], ev[a] == want);
@@ -802,12 +1067,12 @@ float gumbel_interior_exps(const View& t, const NodeRef& r, const float* sigma, 
   vi16 tot16 = splat(int32_t(0));
   int64_t a0 = 0;
   for (; a0 + kLanes <= K; a0 += kLanes) {
-    const vi16 ok = __builtin_convertvector(load16<vb16>(inv + a0), vi16) == 0;
+    const vi16 ok = v_valid(inv + a0);
     const vf16 z = load16<vf16>(logit + a0) + load16<vf16>(sigma + a0);
-    zm16 = (ok & (z > zm16)) ? z : zm16;
-    tot16 += ok ? load16<vi16>(ev + a0) : splat(int32_t(0));
+    zm16 = v_sel(ok & v_gt(z, zm16), z, zm16);
+    tot16 += ok & load16<vi16>(ev + a0);
   }
-  float zmax = lanes_max(zm16)[0];  // (+0 / -0: exp(z - zmax) is the same)
+  float zmax = v_hmax(zm16);  // (+0 / -0: exp(z - zmax) is the same)
   int64_t tot = 0;
   for (int j = 0; j < kLanes; ++j) tot += tot16[j];
   for (int64_t a = a0; a < K; ++a) {
@@ -837,9 +1102,9 @@ int64_t gumbel_interior_pick(const View& t, const NodeRef& r, float* sc, float z
   for (; a0 + kLanes <= K; a0 += kLanes) {
     const vf16 n = __builtin_convertvector(load16<vi16>(ev + a0), vf16);
     vf16 s = load16<vf16>(sc + a0) / zsum - n / den;
-    s = __builtin_convertvector(load16<vb16>(inv + a0), vi16) != 0 ? splat(-kInf) : s;
+    s = v_sel(v_valid(inv + a0), s, splat(-kInf));
     std::memcpy(sc + a0, &s, sizeof(s));
-    best.update(s, lane_ids() + int32_t(a0));
+    best.update_at(s, int32_t(a0));
   }
   for (int64_t a = a0; a < K; ++a) {
     const float score = sc[a] / zsum - float(ev[a]) / den;
